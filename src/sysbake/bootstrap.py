@@ -1,0 +1,244 @@
+"""Bootstrap stage: a Debian/Ubuntu root filesystem from mmdebstrap (debootstrap fallback).
+
+The default mirror is the host's own apt sources: we read them (one-line and deb822
+formats) and hand mmdebstrap explicit source lines, so the stage key records exactly
+which archive was used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sysbake import log, proc
+from sysbake.errors import BuildError, CommandError
+
+# Packages every system-container base needs to boot systemd as PID 1.
+BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus")
+EATMYDATA_HOOKS = Path("/usr/share/mmdebstrap/hooks/eatmydata")
+_ROLE_SUFFIXES = {"updates": "-updates", "security": "-security"}
+
+
+@dataclass(frozen=True)
+class AptSource:
+    """One `deb` entry of the host's apt sources."""
+
+    uri: str
+    suite: str
+    components: tuple[str, ...]
+
+
+def _parse_one_line(text: str) -> Iterable[AptSource]:
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line.startswith("deb "):
+            continue
+        line = re.sub(r"\[[^\]]*\]", " ", line)  # drop [arch=... signed-by=...]
+        parts = line.split()
+        if len(parts) >= 3:
+            yield AptSource(parts[1].rstrip("/"), parts[2], tuple(parts[3:]))
+
+
+def _parse_deb822(text: str) -> Iterable[AptSource]:
+    for stanza in re.split(r"\n\s*\n", text):
+        fields: dict[str, str] = {}
+        key = ""
+        for raw in stanza.splitlines():
+            if raw.startswith("#"):
+                continue
+            if raw[:1] in (" ", "\t") and key:
+                fields[key] += " " + raw.strip()
+            elif ":" in raw:
+                key, _, value = raw.partition(":")
+                key = key.strip().lower()
+                fields[key] = value.strip()
+        if "deb" not in fields.get("types", "").split():
+            continue
+        if fields.get("enabled", "yes").lower() == "no":
+            continue
+        for uri in fields.get("uris", "").split():
+            for suite in fields.get("suites", "").split():
+                yield AptSource(uri.rstrip("/"), suite, tuple(fields.get("components", "").split()))
+
+
+def host_apt_sources(etc: Path = Path("/etc/apt")) -> list[AptSource]:
+    """The host's `deb` sources, in apt's reading order."""
+    found: list[AptSource] = []
+    main = etc / "sources.list"
+    if main.is_file():
+        found.extend(_parse_one_line(main.read_text(errors="replace")))
+    parts = etc / "sources.list.d"
+    if parts.is_dir():
+        for f in sorted(parts.iterdir()):
+            if f.suffix == ".list":
+                found.extend(_parse_one_line(f.read_text(errors="replace")))
+            elif f.suffix == ".sources":
+                found.extend(_parse_deb822(f.read_text(errors="replace")))
+    return found
+
+
+def _role(suite: str) -> tuple[str, str]:
+    """('bookworm', 'security') for 'bookworm-security'; ('bookworm', 'archive') otherwise."""
+    for role, suffix in _ROLE_SUFFIXES.items():
+        if suite.endswith(suffix):
+            return suite[: -len(suffix)], role
+    if suite.endswith("/updates"):
+        return suite[: -len("/updates")], "security"
+    return suite, "archive"
+
+
+def host_distro(os_release: Path = Path("/etc/os-release")) -> str:
+    try:
+        text = os_release.read_text()
+    except OSError:
+        return ""
+    m = re.search(r'^ID="?([a-z]+)"?', text, re.M)
+    return m.group(1) if m else ""
+
+
+def source_lines(
+    *,
+    distro: str,
+    suite: str,
+    components: tuple[str, ...],
+    mirror: str,
+    snapshot: str,
+    security: bool,
+    sources: list[AptSource] | None = None,
+    this_distro: str | None = None,
+) -> list[str]:
+    """The apt source lines for the bootstrap: from `mirror` when given, else from the
+    host's apt sources (same archive, the requested suite, plus -updates/-security)."""
+    comps = " ".join(components)
+    if mirror:
+        uri = mirror.replace("{snapshot}", snapshot) if snapshot else mirror
+        return [f"deb {uri.rstrip('/')} {suite} {comps}"]
+    if (this_distro if this_distro is not None else host_distro()) != distro:
+        raise BuildError(
+            f"bootstrap.mirror: required for {distro} (the host's apt sources are not {distro}'s)"
+        )
+    uris: dict[str, str] = {}
+    for src in sources if sources is not None else host_apt_sources():
+        _, role = _role(src.suite)
+        uris.setdefault(role, src.uri)
+    if "archive" not in uris:
+        raise BuildError("bootstrap.mirror: not set and no usable entry in the host's apt sources")
+    lines = [f"deb {uris['archive']} {suite} {comps}"]
+    if security and suite not in ("sid", "unstable", "experimental"):
+        if "updates" in uris:
+            lines.append(f"deb {uris['updates']} {suite}-updates {comps}")
+        if "security" in uris:
+            lines.append(f"deb {uris['security']} {suite}-security {comps}")
+    return lines
+
+
+def host_architecture() -> str:
+    out = proc.run(["dpkg", "--print-architecture"], what="dpkg").stdout
+    return out.decode().strip()
+
+
+@dataclass(frozen=True)
+class BootstrapPlan:
+    """Everything mmdebstrap is given; `key_inputs` is what the stage key hashes."""
+
+    suite: str
+    variant: str
+    architecture: str
+    components: tuple[str, ...]
+    packages: tuple[str, ...]
+    sources: tuple[str, ...]
+    keyring: str
+    snapshot: str
+    hooks: tuple[Path, ...]
+
+    def key_inputs(self) -> dict[str, object]:
+        return {
+            "suite": self.suite,
+            "variant": self.variant,
+            "architecture": self.architecture,
+            "components": list(self.components),
+            "packages": list(self.packages),
+            "sources": list(self.sources),
+            "keyring": self.keyring,
+            "snapshot": self.snapshot,
+        }
+
+
+def mmdebstrap_command(plan: BootstrapPlan, target: Path, debs: Path) -> list[str]:
+    """The mmdebstrap command line; run it inside a private mount namespace so the .deb
+    cache bind mount (and mmdebstrap's own mounts) vanish if we are killed."""
+    cache = shlex.quote(str(debs))
+    cmd = [
+        "mmdebstrap",
+        "--mode=root",
+        f"--variant={plan.variant}",
+        f"--architectures={plan.architecture}",
+        f"--components={','.join(plan.components)}",
+        f"--include={','.join(plan.packages)}",
+        # The persistent .deb cache: apt downloads into it and mmdebstrap must not empty it.
+        "--skip=download/empty",
+        "--skip=essential/unlink",
+        f'--setup-hook=mkdir -p "$1"/var/cache/apt/archives && '
+        f'mount -o bind {cache} "$1"/var/cache/apt/archives',
+        '--customize-hook=umount "$1"/var/cache/apt/archives',
+    ]
+    if EATMYDATA_HOOKS.is_dir():
+        cmd.append(f"--hook-dir={EATMYDATA_HOOKS}")
+    if plan.snapshot:
+        cmd.append('--aptopt=Acquire::Check-Valid-Until "false"')
+    if plan.keyring:
+        cmd.append(f"--keyring={plan.keyring}")
+    for hook in plan.hooks:
+        cmd.append(f"--customize-hook={shlex.quote(str(hook))} \"$1\"")
+    cmd += [plan.suite, str(target), *plan.sources]
+    return ["unshare", "--mount", "--propagation", "private", *cmd]
+
+
+def _explain_failure(tail: str) -> str:
+    """The most telling line of mmdebstrap's output for the one-line error."""
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    for pattern in (r"Unable to locate package", r"does not have a Release file",
+                    r"Failed to fetch", r"Could not resolve", r"Connection refused",
+                    r"No space left", r"^E:"):
+        for line in lines:
+            if re.search(pattern, line):
+                return re.sub(r"^(E|W|I): ", "", line)
+    return lines[-1] if lines else "no output"
+
+
+def run_bootstrap(plan: BootstrapPlan, target: Path, debs: Path) -> None:
+    """Bootstrap `plan` into the (non-existing or empty) directory `target`."""
+    debs.mkdir(parents=True, exist_ok=True)
+    if proc.which("mmdebstrap") is None:
+        _debootstrap(plan, target, debs)
+        return
+    cmd = mmdebstrap_command(plan, target, debs)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("APT_", "DEBIAN_"))}
+    try:
+        proc.run(cmd, what="mmdebstrap", stream=log.debug_enabled(), env=env)
+    except CommandError as exc:
+        detail = _explain_failure(exc.tail or str(exc))
+        raise BuildError(f"bootstrap {plan.suite}: {detail}") from exc
+
+
+def _debootstrap(plan: BootstrapPlan, target: Path, debs: Path) -> None:
+    # Fallback only: debootstrap knows one mirror, no hooks, and its own variants.
+    proc.require("debootstrap", "debootstrap")
+    if not plan.sources:
+        raise BuildError("bootstrap: no apt source")
+    uri = plan.sources[0].split()[1]
+    variant = plan.variant if plan.variant in ("minbase", "buildd") else "minbase"
+    cmd = ["debootstrap", f"--variant={variant}", f"--arch={plan.architecture}",
+           f"--components={','.join(plan.components)}",
+           f"--include={','.join(plan.packages)}", f"--cache-dir={debs}"]
+    if plan.keyring:
+        cmd.append(f"--keyring={plan.keyring}")
+    try:
+        proc.run([*cmd, plan.suite, str(target), uri], what="debootstrap")
+    except CommandError as exc:
+        raise BuildError(f"bootstrap {plan.suite}: {_explain_failure(exc.tail)}") from exc
+    proc.run(["chroot", str(target), "apt-get", "clean"], what="apt-get clean", check=False)

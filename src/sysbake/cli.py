@@ -1,0 +1,97 @@
+"""Command line: global options, sub-command registration, one error line per failure."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sysbake import __version__, log
+from sysbake.errors import Interrupted, SysbakeError
+
+DEFAULT_STORE = Path("/var/lib/sysbake")
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every command gets: where the store is and how to talk back."""
+
+    store_path: Path
+    json: bool
+    debug: bool
+
+    def emit(self, value: Any) -> None:
+        """Print a machine-readable result (used when --json is given)."""
+        json.dump(value, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+
+    def store(self) -> Any:
+        from sysbake.store import Store
+
+        return Store(self.store_path)
+
+
+Handler = Callable[[Context, argparse.Namespace], int]
+
+
+def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # Accepted both before and after the sub-command; the sub-command's copies only
+    # override the top-level values when given (SUPPRESS leaves them unset).
+    def default(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    parser.add_argument("--store", type=Path, default=default(None),
+                        help="store directory (default: $SYSBAKE_STORE or /var/lib/sysbake)")
+    parser.add_argument("--json", action="store_true", default=default(False),
+                        help="machine-readable output on stdout")
+    parser.add_argument("--debug", action="store_true", default=default(False),
+                        help="log commands and show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default(False),
+                        help="no progress output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sysbake",
+        description="Bake, run, test and publish OCI system-container images (systemd as PID 1).",
+    )
+    parser.add_argument("--version", action="version", version=f"sysbake {__version__}")
+    _global_options(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    from sysbake.commands import all_command_modules
+
+    for module in all_command_modules():
+        module.register(sub, lambda p: _global_options(p, top=False))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    store = args.store or Path(os.environ.get("SYSBAKE_STORE") or DEFAULT_STORE)
+    ctx = Context(store_path=store.absolute(), json=bool(args.json), debug=bool(args.debug))
+    log.configure(quiet=bool(args.quiet) or (ctx.json and not ctx.debug), debug=ctx.debug)
+    handler: Handler = args.handler
+    try:
+        return handler(ctx, args)
+    except KeyboardInterrupt:
+        if ctx.debug:
+            raise
+        print("sysbake: interrupted", file=sys.stderr)
+        return Interrupted.exit_code
+    except SysbakeError as exc:
+        if ctx.debug:
+            raise
+        print(f"sysbake: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""`sysbake build`: build the images of a project, cached per stage."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sysbake import log
+
+
+def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = sub.add_parser("build", help="build the images of a project (cached per stage)",
+                       description="Build the images of sysbake.toml: bootstrap -> provision "
+                       "-> finalize, each stage cached by the hash of its inputs.")
+    p.add_argument("path", nargs="?", type=Path, default=None,
+                   help="project file or directory (default: ./sysbake.toml)")
+    p.add_argument("-t", "--target", action="append", default=[], metavar="IMAGE",
+                   help="build only this image (and its parents); repeatable")
+    p.add_argument("--no-cache", action="store_true", help="rebuild every stage")
+    p.add_argument("--explain", action="store_true",
+                   help="say for every stage why it was reused or rebuilt")
+    p.add_argument("--test", action="store_true", help="run `sysbake test` on each image built")
+    p.add_argument("--keep-failed", action="store_true",
+                   help="keep the container of a failed provision step for inspection")
+    p.add_argument("--compression", choices=("gzip", "zstd"), default="gzip",
+                   help="layer compression in the store (default: gzip)")
+    add_globals(p)
+    p.set_defaults(handler=run_build)
+
+
+def run_build(ctx: Any, args: argparse.Namespace) -> int:
+    from sysbake.build import BuildOptions, StageResult, build_project
+    from sysbake.config import load_project
+
+    project = load_project(args.path)
+    store = ctx.store()
+    options = BuildOptions(targets=tuple(args.target), no_cache=args.no_cache,
+                           compression=args.compression, keep_failed=args.keep_failed)
+
+    def report(result: StageResult) -> None:
+        if args.explain and not ctx.json:
+            verdict = "reused" if result.reused else f"rebuilt because {result.reason}"
+            print(f"{result.image}: {result.stage}: {verdict}", flush=True)
+        elif result.reused:
+            log.info(f"==> {result.image}: {result.stage}: cached")
+
+    results = build_project(project, store, options, report)
+    failed = 0
+    reports = []
+    if args.test:
+        from sysbake.checks import run_test
+
+        for result in results:
+            spec = project.image(result.name)
+            test_report = run_test(store, result.ref, spec.test)
+            reports.append(test_report)
+            if not test_report.passed:
+                failed += 1
+            if not ctx.json:
+                print(test_report.summary())
+    if ctx.json:
+        ctx.emit({"images": [r.to_json() for r in results],
+                  "tests": [t.to_json() for t in reports]})
+    elif not args.explain:
+        for result in results:
+            print(f"{result.ref} {result.image.id}")
+    return 1 if failed else 0

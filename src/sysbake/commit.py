@@ -1,0 +1,36 @@
+"""Commit a directory tree (or an overlay upper dir) to the store as one layer, streaming:
+tar -> sha256 (diff ID) -> compressor -> sha256 (blob digest) -> blob file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sysbake import compress, layers, oci
+from sysbake.oci import Layer
+from sysbake.store import Store
+
+
+def source_date_epoch() -> int | None:
+    """SOURCE_DATE_EPOCH from the environment (reproducible-builds convention), if set."""
+    value = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def commit_tree(store: Store, tree: Path, *, compression: str = "gzip",
+                mtime: int | None = None, overlay_upper: bool = False) -> Layer:
+    """Write `tree` as a layer blob; with `overlay_upper`, `tree` is an overlayfs upper dir
+    and the layer is its diff (whiteouts for deletions). The same tree gives the same layer."""
+    writer = store.blob_writer()
+    try:
+        with compress.compressor(compression, writer) as packed:
+            plain = layers.HashingWriter(packed)
+            if overlay_upper:
+                layers.write_overlay_diff(tree, plain, mtime=mtime)
+            else:
+                layers.write_tree_tar(tree, plain, mtime=mtime)
+        blob = writer.commit(oci.LAYER_MEDIA_TYPE[compression])
+    except BaseException:
+        writer.discard()
+        raise
+    return Layer(blob, plain.digest)

@@ -1,0 +1,273 @@
+"""Make a tree container-correct for systemd, clean it before a commit, and write the
+image config (systemd's container interface: https://systemd.io/CONTAINER_INTERFACE/)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sysbake import __version__
+from sysbake.store import remove_tree
+
+# Units that cannot work in a container (no devices, no kernel modules, no hardware
+# clock, no real ttys, a read-only /sys) or that only make sense on a booted host.
+DEFAULT_MASK = (
+    "systemd-udevd.service",
+    "systemd-udevd-control.socket",
+    "systemd-udevd-kernel.socket",
+    "systemd-udev-trigger.service",
+    "systemd-udev-settle.service",
+    "systemd-hwdb-update.service",
+    "getty@.service",
+    "serial-getty@.service",
+    "getty-static.service",
+    "console-getty.service",
+    "hwclock.service",
+    "systemd-timesyncd.service",
+    "systemd-modules-load.service",
+    "kmod-static-nodes.service",
+    "systemd-remount-fs.service",
+    "systemd-binfmt.service",
+    "proc-sys-fs-binfmt_misc.automount",
+    "proc-sys-fs-binfmt_misc.mount",
+    "sys-kernel-config.mount",
+    "sys-kernel-debug.mount",
+    "sys-kernel-tracing.mount",
+    "sys-fs-fuse-connections.mount",
+    "dev-hugepages.mount",
+    "systemd-logind.service",
+    "systemd-firstboot.service",
+    "systemd-pstore.service",
+    "systemd-ask-password-console.path",
+    "systemd-ask-password-wall.path",
+    "e2scrub_reap.service",
+    "e2scrub_all.timer",
+    "fstrim.timer",
+    "cryptsetup.target",
+)
+
+SSH_KEYGEN_UNIT = "sysbake-ssh-host-keys.service"
+_SSH_KEYGEN = """\
+# Written by sysbake: images ship without ssh host keys; make them on first boot.
+[Unit]
+Description=Generate SSH host keys (sysbake)
+ConditionFileIsExecutable=/usr/bin/ssh-keygen
+ConditionPathExistsGlob=!/etc/ssh/ssh_host_*_key
+Before=ssh.service sshd.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/ssh-keygen -A
+
+[Install]
+WantedBy=multi-user.target
+"""
+_HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class Cleanup:
+    """What to remove before a layer is committed (the seed's "snapshot" clean-up)."""
+
+    apt_lists: bool = True
+    apt_cache: bool = True
+    logs: bool = True
+    ssh_host_keys: bool = True
+    machine_id: bool = True
+    tmp: bool = True
+    salt: bool = True
+    mask: tuple[str, ...] = ()
+    unmask: tuple[str, ...] = ()
+    remove: tuple[str, ...] = ()
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> Cleanup:
+        """From a config FinalizeSpec (same field names); None gives the defaults."""
+        if spec is None:
+            return cls()
+        names = cls.__dataclass_fields__
+        return cls(**{n: getattr(spec, n) for n in names if hasattr(spec, n)})
+
+    def masked_units(self) -> list[str]:
+        return sorted((set(DEFAULT_MASK) | set(self.mask)) - set(self.unmask))
+
+
+def _inside(root: Path, path: str) -> Path:
+    return root / path.lstrip("/")
+
+
+def _clear_dir(path: Path, keep: Iterable[str] = ()) -> None:
+    if not path.is_dir() or path.is_symlink():
+        return
+    kept = set(keep)
+    for entry in path.iterdir():
+        if entry.name not in kept:
+            remove_tree(entry)
+
+
+def make_container_ready(root: Path, cleanup: Cleanup) -> None:
+    """Mask units that cannot work in a container, install the ssh first-boot key unit,
+    and give the tree an empty machine-id and neutral host files. Idempotent."""
+    units = root / "etc/systemd/system"
+    units.mkdir(parents=True, exist_ok=True)
+    for unit in cleanup.masked_units():
+        link = units / unit
+        if link.is_symlink() and os.readlink(link) == "/dev/null":
+            continue
+        remove_tree(link)
+        link.symlink_to("/dev/null")
+    for unit in cleanup.unmask:
+        link = units / unit
+        if link.is_symlink() and os.readlink(link) == "/dev/null":
+            link.unlink()
+    (units / SSH_KEYGEN_UNIT).write_text(_SSH_KEYGEN)
+    wants = units / "multi-user.target.wants"
+    wants.mkdir(exist_ok=True)
+    link = wants / SSH_KEYGEN_UNIT
+    if not link.is_symlink():
+        link.symlink_to(f"/etc/systemd/system/{SSH_KEYGEN_UNIT}")
+    # The runtime provides /dev, the hostname and DNS; nothing of the build host stays.
+    _clear_dir(root / "dev")
+    for name in ("etc/resolv.conf", "etc/hostname"):
+        path = root / name
+        if path.is_file() and not path.is_symlink():
+            path.write_text("")
+    hosts = root / "etc/hosts"
+    if not hosts.exists():
+        hosts.write_text(_HOSTS)
+
+
+def clean_tree(root: Path, cleanup: Cleanup) -> None:
+    """Remove caches, logs, keys and identities from a tree before it is committed."""
+    if cleanup.apt_lists:
+        _clear_dir(root / "var/lib/apt/lists", keep=("lock", "partial"))
+        _clear_dir(root / "var/lib/apt/lists/partial")
+    if cleanup.apt_cache:
+        for pattern in ("var/cache/apt/*.bin", "var/cache/apt/archives/*.deb",
+                        "var/cache/apt/archives/partial/*", "var/cache/debconf/*-old"):
+            for hit in glob.glob(str(root / pattern)):
+                remove_tree(Path(hit))
+    if cleanup.logs:
+        log = root / "var/log"
+        for dirpath, _dirs, files in os.walk(log):
+            for name in files:
+                path = Path(dirpath) / name
+                if path.is_symlink():
+                    continue
+                if name in ("wtmp", "btmp", "lastlog", "faillog"):
+                    path.write_bytes(b"")  # login accounting files must exist
+                else:
+                    path.unlink()
+    if cleanup.ssh_host_keys:
+        for hit in glob.glob(str(root / "etc/ssh/ssh_host_*")):
+            remove_tree(Path(hit))
+    if cleanup.machine_id:
+        mid = root / "etc/machine-id"
+        if mid.is_symlink():
+            mid.unlink()
+        mid.write_text("")  # empty: systemd generates one per container at boot
+        dbus = root / "var/lib/dbus/machine-id"
+        if dbus.exists() or dbus.is_symlink():
+            dbus.unlink()
+    if cleanup.tmp:
+        _clear_dir(root / "tmp")
+        _clear_dir(root / "var/tmp")
+    if cleanup.salt:
+        for name in ("etc/salt/pki", "etc/salt/minion_id", "var/cache/salt", "var/log/salt",
+                     "var/run/salt"):
+            remove_tree(root / name)
+    for pattern in cleanup.remove:
+        for hit in glob.glob(str(_inside(root, pattern))):
+            remove_tree(Path(hit))
+    for name in ("root/.bash_history", "var/lib/systemd/random-seed"):
+        path = root / name
+        if path.exists():
+            path.unlink()
+
+
+def signal_name(value: str | int) -> str:
+    """'SIGRTMIN+3' for 37, 'SIGTERM' for 'TERM'; the form the image config stores."""
+    if isinstance(value, int) or value.isdigit():
+        num = int(value)
+        if signal.SIGRTMIN <= num <= signal.SIGRTMAX:
+            return f"SIGRTMIN+{num - signal.SIGRTMIN}"
+        return signal.Signals(num).name
+    upper = value.upper()
+    return upper if upper.startswith("SIG") else f"SIG{upper}"
+
+
+@dataclass(frozen=True)
+class OciSettings:
+    """The image config a user asked for (from the project file's [config])."""
+
+    cmd: tuple[str, ...] = ("/lib/systemd/systemd",)
+    entrypoint: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+    ports: tuple[str, ...] = ()
+    volumes: tuple[str, ...] = ()
+    stop_signal: str = "SIGRTMIN+3"
+    workdir: str = "/"
+    user: str = ""
+    container: str = "oci"
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> OciSettings:
+        if spec is None:
+            return cls()
+
+        def pairs(value: Any) -> tuple[tuple[str, str], ...]:
+            items = value.items() if isinstance(value, Mapping) else value
+            return tuple(sorted((str(k), str(v)) for k, v in items))
+
+        return cls(
+            cmd=tuple(spec.cmd), entrypoint=tuple(spec.entrypoint), env=pairs(spec.env),
+            labels=pairs(spec.labels), ports=tuple(str(p) for p in spec.ports),
+            volumes=tuple(spec.volumes), stop_signal=str(spec.stop_signal),
+            workdir=spec.workdir, user=spec.user, container=spec.container,
+        )
+
+
+def image_config(
+    settings: OciSettings,
+    *,
+    architecture: str,
+    diff_ids: Iterable[str],
+    history: Iterable[dict[str, Any]],
+    created: str,
+    labels: Mapping[str, str],
+) -> dict[str, Any]:
+    """The OCI image config document for a finished image."""
+    env = dict(settings.env)
+    env.setdefault("PATH", DEFAULT_PATH)
+    env["container"] = settings.container
+    config: dict[str, Any] = {
+        "Env": [f"{k}={v}" for k, v in sorted(env.items())],
+        "Cmd": list(settings.cmd),
+        "StopSignal": signal_name(settings.stop_signal),
+        "WorkingDir": settings.workdir,
+        "Labels": dict(sorted({**dict(settings.labels), **labels,
+                               "io.sysbake.version": __version__}.items())),
+    }
+    if settings.entrypoint:
+        config["Entrypoint"] = list(settings.entrypoint)
+    if settings.user:
+        config["User"] = settings.user
+    if settings.ports:
+        config["ExposedPorts"] = {(p if "/" in p else f"{p}/tcp"): {} for p in settings.ports}
+    if settings.volumes:
+        config["Volumes"] = {v: {} for v in settings.volumes}
+    return {
+        "created": created,
+        "architecture": architecture,
+        "os": "linux",
+        "config": config,
+        "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
+        "history": list(history),
+    }

@@ -1,0 +1,116 @@
+"""The one way sysbake runs external commands: logged, typed errors, never orphaned."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+from collections import deque
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from sysbake import log
+from sysbake.errors import CommandError
+
+_PR_SET_PDEATHSIG = 1
+_TAIL_LINES = 20
+
+
+def _die_with_parent() -> None:
+    # Children of a build must not outlive sysbake (kill -9 included): the kernel
+    # sends them SIGKILL when we die.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def which(program: str) -> str | None:
+    return shutil.which(program)
+
+
+def require(program: str, package: str) -> str:
+    """Path of `program`, or a clear error naming the Debian package that provides it."""
+    path = shutil.which(program)
+    if path is None:
+        raise CommandError(f"{program} not found: install the Debian package '{package}'")
+    return path
+
+
+def run(
+    cmd: Sequence[str | os.PathLike[str]],
+    *,
+    what: str | None = None,
+    check: bool = True,
+    capture: bool = True,
+    stream: bool = False,
+    input: bytes | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+    timeout: float | None = None,
+    die_with_parent: bool = True,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run `cmd`; on failure raise CommandError naming `what` with the output's last lines.
+
+    `stream=True` copies output to stderr as it comes (progress for long steps) while
+    keeping its tail for the error message; otherwise stdout and stderr are captured.
+    """
+    argv = [os.fspath(c) for c in cmd]
+    label = what or os.path.basename(argv[0])
+    log.debug("run: " + " ".join(argv))
+    preexec = _die_with_parent if die_with_parent else None
+    if stream:
+        tail: deque[str] = deque(maxlen=_TAIL_LINES)
+        with subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=None if env is None else dict(env),
+            cwd=cwd,
+            preexec_fn=preexec,
+        ) as proc:
+            if input is not None and proc.stdin is not None:
+                proc.stdin.write(input)
+                proc.stdin.close()
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.decode(errors="replace").rstrip("\n")
+                tail.append(line)
+                log.info(f"    {line}")
+            rc = proc.wait(timeout=timeout)
+        out = "\n".join(tail).encode()
+        result = subprocess.CompletedProcess(argv, rc, out, b"")
+    else:
+        try:
+            result = subprocess.run(
+                argv,
+                input=input,
+                stdin=None if input is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if capture else None,
+                stderr=subprocess.PIPE if capture else None,
+                env=None if env is None else dict(env),
+                cwd=cwd,
+                timeout=timeout,
+                preexec_fn=preexec,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise CommandError(f"{label}: timed out after {timeout:.0f}s") from exc
+        except FileNotFoundError as exc:
+            raise CommandError(f"{label}: command not found: {argv[0]}") from exc
+    if check and result.returncode != 0:
+        raise CommandError(
+            f"{label} failed (exit {result.returncode}): {tail_of(result)}",
+            returncode=result.returncode,
+            tail=tail_of(result, lines=_TAIL_LINES),
+        )
+    return result
+
+
+def tail_of(result: subprocess.CompletedProcess[bytes], *, lines: int = 3) -> str:
+    """The last non-empty lines of a finished command's stderr (or stdout), joined by ' | '."""
+    text = (result.stderr or b"").decode(errors="replace").strip()
+    if not text:
+        text = (result.stdout or b"").decode(errors="replace").strip()
+    kept = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+    return " | ".join(kept) if kept else "no output"

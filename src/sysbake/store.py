@@ -1,0 +1,476 @@
+"""The local store: an OCI image layout of blobs and tags, plus unpacked layer trees.
+
+Layout under the store root::
+
+    oci/                OCI image layout (oci-layout, index.json, blobs/sha256/<hex>)
+    trees/<hex>/        a layer unpacked as an overlayfs lowerdir, keyed by its diff ID
+    cache/              stage records (see sysbake.cache)
+    debs/               the persistent .deb cache shared by bootstraps
+    containers/<name>/  state of containers (see sysbake.runtime)
+    tmp/                staging; an entry whose owner died is removed by `clean_stale`
+
+Every write is atomic (temp file + fsync + rename) and idempotent: writing a blob that
+is present is a no-op, so an interrupted write never leaves a referenced partial blob.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+from sysbake import oci
+from sysbake.errors import ImageNotFound, StoreError
+from sysbake.oci import Descriptor, Image, Layer
+
+_NAME_RE = re.compile(
+    r"^(?:[a-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-]+[a-z0-9]+)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*$"
+)
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+def normalize_ref(ref: str) -> str:
+    """'web' -> 'web:latest'; validates name and tag (docker's grammar, lowercase names)."""
+    name, tag = split_ref(ref)
+    return f"{name}:{tag}"
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    """('name', 'tag') of a reference; the tag defaults to 'latest'."""
+    name, sep, tag = ref.rpartition(":")
+    if not sep or "/" in tag:
+        name, tag = ref, "latest"
+    if not _NAME_RE.match(name):
+        raise StoreError(f"invalid image name {name!r}: expected lowercase [a-z0-9._-/]")
+    if not _TAG_RE.match(tag):
+        raise StoreError(f"invalid tag {tag!r}: expected [A-Za-z0-9_.-], at most 128 characters")
+    return name, tag
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _raise_disk(exc: OSError, what: str) -> None:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise StoreError(f"{what}: no space left on device") from exc
+    raise StoreError(f"{what}: {exc.strerror or exc}") from exc
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically (temp file in the same dir, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        _raise_disk(exc, f"writing {path}")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class BlobWriter:
+    """A blob being written: bytes go to a temp file and are hashed on the way.
+
+    `commit()` moves it into place under its digest (a no-op when already present);
+    leaving the `with` block without committing deletes the temp file.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="blob-")
+        self._path = Path(name)
+        self._file: IO[bytes] = os.fdopen(fd, "wb")
+        fcntl.flock(fd, fcntl.LOCK_EX)  # tells clean_stale this temp file is live
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            _raise_disk(exc, "writing a blob")
+        self._hash.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self._hash.hexdigest()
+
+    def commit(self, media_type: str) -> Descriptor:
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            final = self._store.blob_path(self.digest)
+            if final.exists():
+                self._path.unlink()
+            else:
+                os.rename(self._path, final)
+                _fsync_dir(final.parent)
+        except OSError as exc:
+            _raise_disk(exc, "committing a blob")
+        return Descriptor(media_type, self.digest, self.size)
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self._path.unlink()
+
+
+@dataclass(frozen=True)
+class Tagged:
+    """A tag in the store and the image it points to."""
+
+    ref: str
+    image: Image
+
+
+class Store:
+    """A content-addressed image store at `root` (see the module docstring for the layout)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.oci_dir = root / "oci"
+        self.blobs_dir = self.oci_dir / "blobs" / "sha256"
+        self.trees_dir = root / "trees"
+        self.cache_dir = root / "cache"
+        self.debs_dir = root / "debs"
+        self.containers_dir = root / "containers"
+        self.tmp_dir = root / "tmp"
+        self._ready = False
+
+    # -- set-up and locking ------------------------------------------------------------
+
+    def ensure(self) -> Store:
+        """Create the layout if missing (idempotent)."""
+        if self._ready:
+            return self
+        try:
+            for d in (self.blobs_dir, self.trees_dir, self.cache_dir, self.debs_dir,
+                      self.containers_dir, self.tmp_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            layout = self.oci_dir / "oci-layout"
+            if not layout.exists():
+                atomic_write(layout, oci.canonical_json({"imageLayoutVersion": "1.0.0"}))
+            if not (self.oci_dir / "index.json").exists():
+                self._write_index([])
+        except OSError as exc:
+            _raise_disk(exc, f"creating the store at {self.root}")
+        self._ready = True
+        return self
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive lock for read-modify-write of index.json and for GC."""
+        self.ensure()
+        with open(self.root / "lock", "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def staging(self, prefix: str) -> Iterator[Path]:
+        """A private directory under tmp/, removed afterwards; flock-ed while in use so
+        `clean_stale` (run by the next command) can remove it if we are killed."""
+        self.ensure()
+        path = Path(tempfile.mkdtemp(dir=self.tmp_dir, prefix=f"{prefix}-"))
+        with open(path.with_suffix(".lock"), "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield path
+            finally:
+                remove_tree(path)
+                with contextlib.suppress(FileNotFoundError):
+                    path.with_suffix(".lock").unlink()
+
+    def clean_stale(self) -> list[str]:
+        """Remove tmp/ entries left by killed processes (their lock is free). Idempotent."""
+        if not self.tmp_dir.exists():
+            return []
+        removed = []
+        for entry in sorted(self.tmp_dir.iterdir()):
+            if entry.suffix == ".lock":
+                continue
+            # Directories are guarded by a sibling .lock file, blob temp files by a lock
+            # on themselves: a lock we can take means its owner is gone.
+            guard = entry.with_suffix(".lock") if entry.is_dir() else entry
+            try:
+                with open(guard, "a+b") as f:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    remove_tree(entry)
+            except BlockingIOError:
+                continue
+            except FileNotFoundError:
+                pass
+            with contextlib.suppress(FileNotFoundError):
+                entry.with_suffix(".lock").unlink()
+            removed.append(entry.name)
+        return removed
+
+    # -- blobs -------------------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> Path:
+        return self.blobs_dir / oci.hex_of(digest)
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def blob_writer(self) -> BlobWriter:
+        self.ensure()
+        return BlobWriter(self)
+
+    def put_bytes(self, data: bytes, media_type: str) -> Descriptor:
+        """Store `data` as a blob; idempotent."""
+        self.ensure()
+        digest = oci.sha256_digest(data)
+        if not self.has_blob(digest):
+            atomic_write(self.blob_path(digest), data)
+        return Descriptor(media_type, digest, len(data))
+
+    def put_json(self, value: Any, media_type: str) -> Descriptor:
+        return self.put_bytes(oci.canonical_json(value), media_type)
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        try:
+            return open(self.blob_path(digest), "rb")
+        except FileNotFoundError as exc:
+            raise StoreError(f"blob {digest} is missing from the store") from exc
+
+    def read_json(self, digest: str) -> Any:
+        with self.open_blob(digest) as f:
+            data = f.read()
+        if oci.sha256_digest(data) != digest:
+            raise StoreError(f"blob {digest} is corrupt (digest mismatch)")
+        return json.loads(data)
+
+    # -- images and tags ---------------------------------------------------------------
+
+    def put_image(self, config: dict[str, Any], layers: tuple[Layer, ...],
+                  annotations: dict[str, str] | None = None) -> Image:
+        """Write config and manifest blobs for an image whose layer blobs are present."""
+        for layer in layers:
+            if not self.has_blob(layer.blob.digest):
+                raise StoreError(f"layer {layer.blob.digest} is missing from the store")
+        config_desc = self.put_json(config, oci.MT_CONFIG)
+        manifest: dict[str, Any] = {
+            "schemaVersion": 2,
+            "mediaType": oci.MT_MANIFEST,
+            "config": config_desc.to_json(),
+            "layers": [layer.blob.to_json() for layer in layers],
+        }
+        if annotations:
+            manifest["annotations"] = dict(sorted(annotations.items()))
+        manifest_desc = self.put_json(manifest, oci.MT_MANIFEST)
+        return Image(manifest_desc, config_desc, config, layers)
+
+    def load_image(self, manifest: Descriptor) -> Image:
+        doc = self.read_json(manifest.digest)
+        config_desc = Descriptor.from_json(doc["config"])
+        config = self.read_json(config_desc.digest)
+        diff_ids = config.get("rootfs", {}).get("diff_ids", [])
+        blobs = [Descriptor.from_json(d) for d in doc.get("layers", [])]
+        if len(diff_ids) != len(blobs):
+            raise StoreError(f"image {manifest.digest}: {len(blobs)} layers but "
+                             f"{len(diff_ids)} diff_ids in its config")
+        layers = tuple(Layer(b, d) for b, d in zip(blobs, diff_ids, strict=True))
+        return Image(manifest, config_desc, config, layers)
+
+    def _read_index(self) -> list[Descriptor]:
+        path = self.oci_dir / "index.json"
+        try:
+            doc = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return []
+        except ValueError as exc:
+            raise StoreError(f"{path} is not valid JSON: {exc}") from exc
+        return [Descriptor.from_json(m) for m in doc.get("manifests", [])]
+
+    def _write_index(self, manifests: list[Descriptor]) -> None:
+        ordered = sorted(manifests, key=lambda d: d.annotation(oci.ANN_REF_NAME) or "")
+        doc = {"schemaVersion": 2, "mediaType": oci.MT_INDEX,
+               "manifests": [m.to_json() for m in ordered]}
+        atomic_write(self.oci_dir / "index.json", json.dumps(doc, indent=2).encode() + b"\n")
+
+    def tag(self, ref: str, image: Image) -> str:
+        """Point `ref` at `image` (replacing any previous target); returns the normal ref."""
+        ref = normalize_ref(ref)
+        with self.lock():
+            kept = [m for m in self._read_index() if m.annotation(oci.ANN_REF_NAME) != ref]
+            kept.append(image.manifest.with_annotations(**{oci.ANN_REF_NAME: ref}))
+            self._write_index(kept)
+        return ref
+
+    def untag(self, ref: str) -> bool:
+        ref = normalize_ref(ref)
+        with self.lock():
+            manifests = self._read_index()
+            kept = [m for m in manifests if m.annotation(oci.ANN_REF_NAME) != ref]
+            if len(kept) == len(manifests):
+                return False
+            self._write_index(kept)
+        return True
+
+    def tags(self) -> list[Tagged]:
+        """Every tag with its image, in name order; tags whose blobs are gone are skipped."""
+        out = []
+        for desc in self._read_index():
+            ref = desc.annotation(oci.ANN_REF_NAME)
+            if not ref:
+                continue
+            try:
+                out.append(Tagged(ref, self.load_image(desc)))
+            except StoreError:
+                continue
+        return out
+
+    def resolve(self, ref: str) -> Image:
+        """An image by 'name[:tag]', image ID (config digest) or its prefix, or manifest digest."""
+        tags = self.tags()
+        try:
+            wanted = normalize_ref(ref)
+        except StoreError:
+            wanted = None
+        for tagged in tags:
+            if tagged.ref == wanted:
+                return tagged.image
+        probe = ref.removeprefix("sha256:")
+        if len(probe) >= 4 and re.fullmatch(r"[0-9a-f]+", probe):
+            hits = {t.image.manifest.digest: t.image for t in tags
+                    if oci.hex_of(t.image.id).startswith(probe)
+                    or oci.hex_of(t.image.manifest.digest).startswith(probe)}
+            if len(hits) == 1:
+                return next(iter(hits.values()))
+            if len(hits) > 1:
+                raise ImageNotFound(f"image ID prefix {ref!r} is ambiguous")
+        raise ImageNotFound(f"no image {ref!r} in the store {self.root}")
+
+    # -- unpacked layers ---------------------------------------------------------------
+
+    def tree_path(self, diff_id: str) -> Path:
+        return self.trees_dir / oci.hex_of(diff_id)
+
+    def adopt_tree(self, diff_id: str, tree: Path) -> Path:
+        """Move an already-built directory into place as the unpacked tree of `diff_id`
+        (the caller guarantees it matches the layer, as when a stage just built it)."""
+        final = self.tree_path(diff_id)
+        if final.exists():
+            remove_tree(tree)
+            return final
+        os.rename(tree, final)
+        return final
+
+    def layer_tree(self, layer: Layer) -> Path:
+        """The layer unpacked as an overlayfs lowerdir (whiteouts as overlay expects them);
+        unpacked once, then reused. Idempotent; safe against concurrent callers."""
+        final = self.tree_path(layer.diff_id)
+        if final.exists():
+            return final
+        from sysbake import compress, layers
+
+        with self.staging("unpack") as staging:
+            target = staging / "tree"
+            target.mkdir()
+            with self.open_blob(layer.blob.digest) as raw, \
+                    compress.decompressor(layer.compression, raw) as plain:
+                layers.extract(plain, target, overlay=True)
+            with contextlib.suppress(FileExistsError, OSError):
+                if not final.exists():
+                    os.rename(target, final)
+        if not final.exists():
+            raise StoreError(f"could not unpack layer {layer.diff_id}")
+        return final
+
+    # -- garbage collection ------------------------------------------------------------
+
+    def gc(self, extra_roots: set[str] | None = None,
+           extra_trees: set[str] | None = None) -> tuple[int, int]:
+        """Delete blobs and trees that no tag and no cache record (`extra_roots`: blob
+        digests, `extra_trees`: tree names) reaches. Returns (blobs removed, bytes freed).
+        Idempotent."""
+        roots = set(extra_roots or ())
+        keep_blobs: set[str] = set()
+        keep_trees: set[str] = set(extra_trees or ())
+        with self.lock():
+            for desc in self._read_index():
+                roots.add(desc.digest)
+            for digest in roots:
+                if not oci.is_digest(digest) or not self.has_blob(digest):
+                    continue
+                keep_blobs.add(digest)
+                try:
+                    doc = self.read_json(digest)
+                except (StoreError, ValueError, UnicodeDecodeError):
+                    continue  # a layer blob given directly as a root
+                if isinstance(doc, dict) and "config" in doc:
+                    keep_blobs.add(doc["config"]["digest"])
+                    keep_blobs.update(d["digest"] for d in doc.get("layers", []))
+                    cfg = self.read_json(doc["config"]["digest"])
+                    keep_trees.update(oci.hex_of(d) for d in cfg.get("rootfs", {})
+                                      .get("diff_ids", []))
+            removed = freed = 0
+            for blob in self.blobs_dir.iterdir():
+                if f"sha256:{blob.name}" not in keep_blobs:
+                    freed += blob.stat().st_size
+                    blob.unlink()
+                    removed += 1
+            for tree in self.trees_dir.iterdir():
+                if tree.name not in keep_trees and not _tree_in_use(tree):
+                    remove_tree(tree)
+        return removed, freed
+
+
+def _tree_in_use(tree: Path) -> bool:
+    # A lowerdir of a mounted overlay (a container or a build step) must stay.
+    try:
+        mounts = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return True
+    return str(tree) in mounts
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a file or tree, including read-only dirs and immutable-free special files."""
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+        return
+
+    def onerror(func: Any, p: str, exc_info: Any) -> None:
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            func(p)
+        except FileNotFoundError:
+            pass
+
+    shutil.rmtree(path, onerror=onerror)
