@@ -10,6 +10,10 @@ from sysbake import compress, layers, oci
 from sysbake.oci import Layer
 from sysbake.store import Store
 
+# Store layers favour build speed: gzip -1 costs a third of gzip -6's time for ~10% more
+# bytes (measured on a bookworm base; see BENCHMARKS.md). Exports keep these bytes.
+LAYER_LEVELS = {"gzip": 1, "zstd": 3, "none": None}
+
 
 def source_date_epoch() -> int | None:
     """SOURCE_DATE_EPOCH from the environment (reproducible-builds convention), if set."""
@@ -23,7 +27,8 @@ def commit_tree(store: Store, tree: Path, *, compression: str = "gzip",
     and the layer is its diff (whiteouts for deletions). The same tree gives the same layer."""
     writer = store.blob_writer()
     try:
-        with compress.compressor(compression, writer) as packed:
+        with compress.compressor(compression, writer,
+                                 level=LAYER_LEVELS.get(compression)) as packed:
             plain = layers.HashingWriter(packed)
             if overlay_upper:
                 layers.write_overlay_diff(tree, plain, mtime=mtime)

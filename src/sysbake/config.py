@@ -1,604 +1,306 @@
 """The project file, sysbake.toml: loaded, validated, and exposed as frozen values.
 
 Every error is one line, `<file>: <dotted.key>: <what was expected>`. Array items are numbered
-from 1 (`provision[1]` is the first step, whose default name is `salt-1`). Mappings are stored
-as key-sorted tuples of pairs so that every value stays hashable.
+from 1 (`provision[1]` is the first step, whose default name is `salt-1`).
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
-import signal
 import tomllib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, is_dataclass
-from datetime import date, datetime, time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
+from sysbake import config_reader as check
+from sysbake.config_reader import Reader, Source, display_path, got, join_key
+from sysbake.config_specs import (
+    DEFAULT_CMD,
+    DEFAULT_STOP_SIGNAL,
+    BootstrapSpec,
+    FilesStep,
+    FinalizeSpec,
+    ImageSpec,
+    OciConfigSpec,
+    Project,
+    ProjectStep,
+    SaltStep,
+    ScriptStep,
+    Step,
+    TestSpec,
+)
 from sysbake.errors import ConfigError
 
+__all__ = [
+    "DEFAULT_CMD", "DEFAULT_STOP_SIGNAL", "PROJECT_FILE", "BootstrapSpec", "FilesStep",
+    "FinalizeSpec", "ImageSpec", "OciConfigSpec", "Project", "ProjectStep", "SaltStep",
+    "ScriptStep", "Step", "TestSpec", "find_project_file", "load_project",
+]
+
 PROJECT_FILE = "sysbake.toml"
-DEFAULT_CMD = ("/lib/systemd/systemd",)
-DEFAULT_STOP_SIGNAL = "SIGRTMIN+3"
+IMAGE_NAME = r"[a-z0-9][a-z0-9._-]*"
 DISTROS = ("debian", "ubuntu")
 VARIANTS = ("extract", "custom", "essential", "apt", "required", "minbase", "buildd",
             "important", "debootstrap", "standard")
 STEP_TYPES = ("salt", "project", "script", "files")
 MODES = ("boot", "chroot")
-IMAGE_NAME = r"[a-z0-9][a-z0-9._-]*"
 
-Pairs = tuple[tuple[str, str], ...]
-Check = Callable[[str], str]
-_MAP: dict[str, bool] = {"mapping": True}  # field metadata: a Pairs field rendered as a table
+_IMAGE_KEYS = ("tag", "from", "description", "bootstrap", "config", "finalize", "provision",
+               "test")
+_BOOTSTRAP_KEYS = ("distro", "suite", "mirror", "components", "variant", "packages",
+                   "architecture", "snapshot", "keyring", "hooks", "security")
+_CONFIG_KEYS = ("cmd", "entrypoint", "env", "labels", "ports", "volumes", "stop_signal",
+                "workdir", "user", "container")
+_FINALIZE_KEYS = ("apt_lists", "apt_cache", "logs", "ssh_host_keys", "machine_id", "tmp",
+                  "salt", "mask", "unmask", "remove")
+_TEST_KEYS = ("timeout", "commands", "units", "ports", "idempotence")
+_STEP = ("type", "name", "mode", "network", "env")
+_SALTY = ("grains", "salt_version", "keep_salt")
+_STEP_KEYS = {
+    "salt": (*_STEP, *_SALTY, "state_tree", "pillar", "sls"),
+    "project": (*_STEP, *_SALTY, "path", "project", "pillar"),
+    "script": (*_STEP, "script", "run"),
+    # Copying runs nothing: no boot mode, network or env; `mode` is the file mode.
+    "files": ("type", "name", "source", "dest", "owner", "group", "mode"),
+}
+
+_image_name = check.pattern(IMAGE_NAME, f"an image name matching {IMAGE_NAME}")
+_word = check.pattern(r"[A-Za-z0-9][A-Za-z0-9_.-]*", "a name of letters, digits, '.', '_', '-'")
+_env_name = check.pattern(r"[A-Za-z_][A-Za-z0-9_]*", "an environment variable name")
+_nonempty = check.pattern(r"(?s).*\S.*", "a non-empty string")
+
+
+def find_project_file(start: Path) -> Path:
+    """The absolute path of the project file: `start` itself, or `start`/sysbake.toml when
+    `start` is a directory. Parent directories are not searched."""
+    path = Path(os.path.abspath(start))
+    if path.is_dir():
+        if not (path / PROJECT_FILE).is_file():
+            raise ConfigError(f"no {PROJECT_FILE} in {path} (run 'sysbake init')")
+        return path / PROJECT_FILE
+    if not path.exists():
+        raise ConfigError(f"{display_path(path)}: no such file or directory")
+    return path
+
+
+def load_project(path: Path | None = None) -> Project:
+    """Load and validate a project file (or the sysbake.toml of a directory; default: the
+    current directory's). Raises ConfigError naming the file, the key and what was expected."""
+    file = find_project_file(Path.cwd() if path is None else path)
+    display = display_path(file)
+    try:
+        data = tomllib.loads(file.read_bytes().decode())
+    except OSError as exc:
+        raise ConfigError(f"{display}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{display}: not UTF-8 text (byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        match = re.fullmatch(r"(?s)(.*) \(at (line \d+, column \d+|end of document)\)", str(exc))
+        where, what = (match[2].replace("end of document", "end of file"), match[1]) if match \
+            else ("syntax", str(exc))
+        raise ConfigError(f"{display}: {where}: {what}") from None
+    return _project(Source(display, file.parent), file, data)
+
+
+def _project(src: Source, file: Path, data: dict[str, Any]) -> Project:
+    top = Reader(src, "", data, ("project", "images"))
+    name = top.table("project", ("name",)).string("name", src.root.name, _nonempty)
+    images = top.get("images", (dict,), "at least one [images.<name>] table", {})
+    if not images:
+        raise src.error("images", "missing: expected at least one [images.<name>] table")
+    names = list(images)
+    for image in names:
+        top.checked(join_key("images", image), image, _image_name)
+    table = top.table("images", names)
+    specs = tuple(_image(table.table(n, _IMAGE_KEYS), n, names) for n in names)
+    _check_graph(src, specs)
+    return Project(path=file, root=src.root, name=name, images=specs)
+
+
+def _image(r: Reader, name: str, names: list[str]) -> ImageSpec:
+    if r.has("from") == r.has("bootstrap"):
+        raise r.src.error(r.key, "needs exactly one of 'from' and 'bootstrap'")
+    parent = r.string("from", None, _nonempty) if r.has("from") else None
+    local = parent is not None and not any(c in parent for c in ":@/")
+    if parent is not None and local and parent not in names:
+        hint = check.did_you_mean(parent, names) or \
+            f" (an image of the store needs a tag: '{parent}:latest')"
+        raise r.fail("from", f"no image {parent!r} in this file{hint}")
+    if parent is not None and not local:
+        r.checked(r.at("from"), parent, check.parent_ref)
+    tag = r.string("tag", None, check.tag) if r.has("tag") else f"{name}:latest"
+    if not r.has("tag") and not re.fullmatch(check.REFERENCE, tag):
+        raise r.fail("tag", f"missing: {tag!r} is not a valid image reference")
+    return ImageSpec(
+        name=name,
+        tag=tag,
+        parent=parent,
+        parent_is_local=local,
+        bootstrap=_bootstrap(r.table("bootstrap", _BOOTSTRAP_KEYS)) if r.has("bootstrap")
+        else None,
+        config=_config(r.table("config", _CONFIG_KEYS)),
+        finalize=_finalize(r.table("finalize", _FINALIZE_KEYS)),
+        provision=_steps(r),
+        test=_test(r.table("test", _TEST_KEYS)),
+        description=r.string("description"),
+    )
+
 
-
-# ---------------------------------------------------------------- values
-
-
-def _rel(root: Path, path: Path) -> str:
-    """A path as cache keys see it: relative to the project when inside it, so moving the
-    project keeps its caches."""
-    if path == root or root in path.parents:
-        return path.relative_to(root).as_posix()
-    return path.as_posix()
-
-
-@dataclass(frozen=True, kw_only=True)
-class BootstrapSpec:
-    """How to make a root filesystem from scratch (mmdebstrap's inputs)."""
-
-    distro: str
-    suite: str
-    mirror: str  # "" = the host's apt sources; "{snapshot}" already replaced
-    components: tuple[str, ...]
-    variant: str
-    packages: tuple[str, ...]
-    architecture: str  # "" = the host's
-    snapshot: str
-    keyring: Path | None
-    hooks: tuple[Path, ...]
-    security: bool
-    root: Path = field(repr=False)
-
-    def key_inputs(self) -> dict[str, object]:
-        return {"distro": self.distro, "suite": self.suite, "mirror": self.mirror,
-                "components": list(self.components), "variant": self.variant,
-                "packages": sorted(set(self.packages)), "architecture": self.architecture,
-                "snapshot": self.snapshot, "security": self.security,
-                "keyring": _rel(self.root, self.keyring) if self.keyring else None,
-                "hooks": [_rel(self.root, p) for p in self.hooks]}
-
-    def input_paths(self) -> tuple[Path, ...]:
-        """Files and trees whose contents the cache key must also cover."""
-        return ((self.keyring,) if self.keyring else ()) + self.hooks
-
-
-@dataclass(frozen=True, kw_only=True)
-class OciConfigSpec:
-    """The OCI image config of the result."""
-
-    cmd: tuple[str, ...] = DEFAULT_CMD
-    entrypoint: tuple[str, ...] = ()
-    env: Pairs = field(default=(), metadata=_MAP)
-    labels: Pairs = field(default=(), metadata=_MAP)
-    ports: tuple[str, ...] = ()  # normalized "N/tcp" or "N/udp", sorted
-    volumes: tuple[str, ...] = ()
-    stop_signal: str = DEFAULT_STOP_SIGNAL
-    workdir: str = "/"
-    user: str = ""
-    container: str = "oci"
-
-    def key_inputs(self) -> dict[str, object]:
-        return {"cmd": list(self.cmd), "entrypoint": list(self.entrypoint),
-                "env": dict(self.env), "labels": dict(self.labels), "ports": list(self.ports),
-                "volumes": sorted(set(self.volumes)), "stop_signal": self.stop_signal,
-                "workdir": self.workdir, "user": self.user, "container": self.container}
-
-
-@dataclass(frozen=True, kw_only=True)
-class FinalizeSpec:
-    """Clean-up applied to each layer before it is committed."""
-
-    apt_lists: bool = True
-    apt_cache: bool = True
-    logs: bool = True
-    ssh_host_keys: bool = True
-    machine_id: bool = True
-    tmp: bool = True
-    salt: bool = True
-    mask: tuple[str, ...] = ()
-    unmask: tuple[str, ...] = ()
-    remove: tuple[str, ...] = ()
-
-    def key_inputs(self) -> dict[str, object]:
-        return {f.name: sorted(set(v)) if isinstance(v := getattr(self, f.name), tuple) else v
-                for f in fields(self)}
-
-
-@dataclass(frozen=True, kw_only=True)
-class TestSpec:
-    """What `sysbake test` checks in a booted container."""
-
-    __test__ = False  # not a pytest test class despite the name
-
-    timeout: float = 120.0
-    commands: tuple[str, ...] = ()
-    units: tuple[str, ...] = ()
-    ports: tuple[int, ...] = ()
-    idempotence: bool = True
-
-    def key_inputs(self) -> dict[str, object]:
-        return {"timeout": self.timeout, "commands": list(self.commands),
-                "units": sorted(set(self.units)), "ports": sorted(set(self.ports)),
-                "idempotence": self.idempotence}
-
-
-@dataclass(frozen=True, kw_only=True)
-class _StepBase:
-    type: ClassVar[str]
-    index: int  # position in the image's provision list, from 1
-    name: str
-    mode: str = "boot"
-    network: bool = True
-    env: Pairs = field(default=(), metadata=_MAP)
-    root: Path = field(repr=False)
-
-    def _common_key(self) -> dict[str, object]:
-        # The step's name is a label, not an input: renaming a step keeps its cache.
-        return {"type": self.type, "mode": self.mode, "network": self.network,
-                "env": dict(self.env)}
-
-    def input_paths(self) -> tuple[Path, ...]:
-        """Files and trees whose contents the cache key must also cover."""
-        return ()
-
-
-@dataclass(frozen=True, kw_only=True)
-class _SaltBase(_StepBase):
-    grains_json: str = "{}"  # canonical JSON of the grains table (kept as text: hashable)
-    salt_version: str = ""  # "" = sysbake's default
-    keep_salt: bool = False
-
-    @property
-    def grains(self) -> dict[str, Any]:
-        return dict(json.loads(self.grains_json))
-
-    def _salt_key(self) -> dict[str, object]:
-        return self._common_key() | {"grains": self.grains, "salt_version": self.salt_version,
-                                     "keep_salt": self.keep_salt}
-
-
-@dataclass(frozen=True, kw_only=True)
-class SaltStep(_SaltBase):
-    """Masterless salt-call with file_roots, pillar_roots, and a top file or an SLS list."""
-
-    type: ClassVar[str] = "salt"
-    state_tree: tuple[Path, ...]
-    pillar: tuple[Path, ...] = ()
-    sls: tuple[str, ...] = ()  # empty = highstate from top.sls
-
-    def key_inputs(self) -> dict[str, object]:
-        return self._salt_key() | {
-            "state_tree": [_rel(self.root, p) for p in self.state_tree],
-            "pillar": [_rel(self.root, p) for p in self.pillar], "sls": list(self.sls)}
-
-    def input_paths(self) -> tuple[Path, ...]:
-        return self.state_tree + self.pillar
-
-
-@dataclass(frozen=True, kw_only=True)
-class ProjectStep(_SaltBase):
-    """A project directory (its own salt/ and pillar/) deployed as /srv/projects/<project>."""
-
-    type: ClassVar[str] = "project"
-    path: Path
-    project: str
-    pillar: tuple[Path, ...] = ()  # global pillar roots the project's pillar is merged over
-
-    @property
-    def state_tree(self) -> Path:
-        return self.path / "salt"
-
-    @property
-    def project_pillar(self) -> Path | None:
-        return self.path / "pillar" if (self.path / "pillar").is_dir() else None
-
-    def key_inputs(self) -> dict[str, object]:
-        return self._salt_key() | {"path": _rel(self.root, self.path), "project": self.project,
-                                   "pillar": [_rel(self.root, p) for p in self.pillar]}
-
-    def input_paths(self) -> tuple[Path, ...]:
-        return (self.path, *self.pillar)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ScriptStep(_StepBase):
-    """A shell script (a file or inline `run` text) executed inside the image."""
-
-    type: ClassVar[str] = "script"
-    script: Path | None = None
-    run: str = ""
-
-    def key_inputs(self) -> dict[str, object]:
-        return self._common_key() | {"run": self.run,
-                                     "script": _rel(self.root, self.script) if self.script else None}
-
-    def input_paths(self) -> tuple[Path, ...]:
-        return (self.script,) if self.script else ()
-
-
-@dataclass(frozen=True, kw_only=True)
-class FilesStep(_StepBase):
-    """A file or tree copied into the image. It runs nothing, hence no boot and no network;
-    its TOML `mode` key is the octal file mode (`file_mode` here)."""
-
-    type: ClassVar[str] = "files"
-    mode: str = "chroot"
-    network: bool = False
-    source: Path
-    dest: str = "/"
-    owner: str = "root"
-    group: str = "root"
-    file_mode: int | None = None  # applied to files; directories keep theirs
-
-    def key_inputs(self) -> dict[str, object]:
-        mode = None if self.file_mode is None else f"{self.file_mode:04o}"
-        return {"type": self.type, "source": _rel(self.root, self.source), "dest": self.dest,
-                "owner": self.owner, "group": self.group, "mode": mode}
-
-    def input_paths(self) -> tuple[Path, ...]:
-        return (self.source,)
-
-
-Step = SaltStep | ProjectStep | ScriptStep | FilesStep
-
-
-@dataclass(frozen=True, kw_only=True)
-class ImageSpec:
-    """One image of the project: its parent (or bootstrap), steps, clean-up and config."""
-
-    name: str
-    tag: str
-    parent: str | None  # an image of this file, or a store ref; None with a bootstrap
-    parent_is_local: bool
-    bootstrap: BootstrapSpec | None
-    config: OciConfigSpec
-    finalize: FinalizeSpec
-    provision: tuple[Step, ...]
-    test: TestSpec
-    description: str = ""
-
-    def key_inputs(self) -> dict[str, object]:
-        """Everything that shapes the image (not its tag, name or tests); a local parent is
-        named here and stands for its digest in the cache's own key."""
-        return {"parent": self.parent, "parent_is_local": self.parent_is_local,
-                "bootstrap": self.bootstrap.key_inputs() if self.bootstrap else None,
-                "provision": [s.key_inputs() for s in self.provision],
-                "finalize": self.finalize.key_inputs(), "config": self.config.key_inputs(),
-                "description": self.description}
-
-
-@dataclass(frozen=True, kw_only=True)
-class Project:
-    """A loaded sysbake.toml."""
-
-    path: Path  # the file
-    root: Path  # its directory; relative paths in the file are relative to it
-    name: str
-    images: tuple[ImageSpec, ...]
-
-    def image(self, name: str) -> ImageSpec:
-        """The image called `name` (or tagged `name`); ConfigError when there is none."""
-        for spec in self.images:
-            if name in (spec.name, spec.tag):
-                return spec
-        names = [i.name for i in self.images]
-        raise ConfigError(f"{_display(self.path)}: no image {name!r} in this file"
-                          f"{_did_you_mean(name, names)} (images: {', '.join(names)})")
-
-    def build_order(self, targets: Sequence[str] | None = None) -> list[ImageSpec]:
-        """The targets (default: all) and their in-file ancestors, each after its parent."""
-        order: list[ImageSpec] = []
-        for target in targets if targets is not None else [i.name for i in self.images]:
-            chain = [self.image(target)]
-            while chain[-1].parent_is_local and chain[-1].parent is not None:
-                chain.append(self.image(chain[-1].parent))
-            order.extend(spec for spec in reversed(chain) if spec not in order)
-        return order
-
-    def to_json(self) -> dict[str, Any]:
-        """The project with defaults filled in and absolute paths (`validate --json`)."""
-        return dict(_to_json(self))
-
-
-def _to_json(value: object) -> Any:
-    if is_dataclass(value) and not isinstance(value, type):
-        out: dict[str, Any] = {"type": value.type} if isinstance(value, _StepBase) else {}
-        for f in fields(value):
-            item = getattr(value, f.name)
-            if f.name == "root":
-                continue
-            if f.name == "grains_json":
-                out["grains"] = json.loads(item)
-            else:
-                out[f.name] = dict(item) if f.metadata.get("mapping") else _to_json(item)
-        return out
-    if isinstance(value, tuple):
-        return [_to_json(v) for v in value]
-    return str(value) if isinstance(value, Path) else value
-
-
-# ---------------------------------------------------------------- reading TOML tables
-
-
-class _Invalid(Exception):
-    """A value is wrong; the reader prefixes the file and the key."""
-
-
-_MISSING: Any = object()
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def _join(parent: str, name: str) -> str:
-    part = name if _BARE_KEY.fullmatch(name) else json.dumps(name)
-    return f"{parent}.{part}" if parent else part
-
-
-def _got(value: object) -> str:
-    if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
-    if isinstance(value, int | float):
-        return f"{'integer' if isinstance(value, int) else 'float'} {value}"
-    if isinstance(value, str):
-        text = json.dumps(value)
-        return f"string {text if len(text) <= 60 else text[:57] + '...'}"
-    if isinstance(value, datetime | date | time):
-        return f"{type(value).__name__} {value.isoformat()}"
-    return "an array" if isinstance(value, list) else "a table"
-
-
-def _did_you_mean(name: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _display(path: Path) -> str:
-    """The file as the user would type it: relative to the current directory when inside it."""
-    cwd = Path.cwd()
-    return _rel(cwd, path) if cwd in path.parents else str(path)
-
-
-@dataclass(frozen=True)
-class _Source:
-    display: str
-    root: Path
-
-    def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.display}: {key}: {message}")
-
-
-class _Reader:
-    """A TOML table being read: refuses unknown keys up front, then hands out typed values."""
-
-    def __init__(self, src: _Source, key: str, data: object, allowed: Sequence[str]) -> None:
-        if not isinstance(data, dict):
-            raise src.error(key, f"expected a table, got {_got(data)}")
-        for name in data:
-            if name not in allowed:
-                close = _did_you_mean(name, allowed).strip(" ()")
-                hint = f", {close}" if close else ""
-                raise src.error(_join(key, name), f"unknown key{hint} (expected one of: "
-                                                  f"{', '.join(sorted(allowed))})")
-        self.src, self.key, self.data = src, key, data
-
-    def at(self, name: str) -> str:
-        return _join(self.key, name)
-
-    def fail(self, name: str, message: str) -> ConfigError:
-        return self.src.error(self.at(name), message)
-
-    def has(self, name: str) -> bool:
-        return name in self.data
-
-    def get(self, name: str, kinds: tuple[type, ...], what: str, default: Any = _MISSING) -> Any:
-        value = self.data.get(name, _MISSING)
-        if value is _MISSING:
-            if default is _MISSING:
-                raise self.fail(name, f"missing: expected {what}")
-            return default
-        if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
-            raise self.fail(name, f"expected {what}, got {_got(value)}")
-        return value
-
-    def checked(self, key: str, value: Any, check: Callable[[Any], Any] | None) -> Any:
-        try:
-            return check(value) if check else value
-        except _Invalid as exc:
-            raise self.src.error(key, str(exc)) from None
-
-    def string(self, name: str, default: str | None = "", check: Check | None = None) -> str:
-        value = self.get(name, (str,), "a string", _MISSING if default is None else default)
-        return str(self.checked(self.at(name), value, check)) if self.has(name) else value
-
-    def boolean(self, name: str, default: bool) -> bool:
-        return bool(self.get(name, (bool,), "a boolean (true or false)", default))
-
-    def items(self, name: str, check: Callable[[Any], Any] | None = None,
-              kinds: tuple[type, ...] = (str,), what: str = "a string") -> tuple[Any, ...]:
-        """An array of scalars, each type-checked and passed through `check`."""
-        out = []
-        for i, item in enumerate(self.get(name, (list,), f"an array of {what}s", []), 1):
-            key = f"{self.at(name)}[{i}]"
-            if not isinstance(item, kinds) or isinstance(item, bool) and bool not in kinds:
-                raise self.src.error(key, f"expected {what}, got {_got(item)}")
-            out.append(self.checked(key, item, check))
-        return tuple(out)
-
-    def mapping(self, name: str, check_key: Check | None = None,
-                default: Pairs = ()) -> Pairs:
-        if not self.has(name):
-            return default
-        out = []
-        for k, v in self.get(name, (dict,), "a table of strings").items():
-            key = _join(self.at(name), k)
-            if not isinstance(v, str):
-                raise self.src.error(key, f"expected a string, got {_got(v)}")
-            out.append((self.checked(key, k, check_key), v))
-        return tuple(sorted(out))
-
-    def table(self, name: str, allowed: Sequence[str]) -> _Reader:
-        return _Reader(self.src, self.at(name), self.data.get(name, {}), allowed)
-
-    def paths(self, name: str, kind: str, required: bool = False) -> tuple[Path, ...]:
-        """A path or an array of paths, relative to the project, that must exist as `kind`."""
-        value = self.data.get(name)
-        if isinstance(value, str) or value is None and required:
-            found: tuple[str, ...] = (self.string(name, default=None),)
-            keys = [self.at(name)]
-        else:
-            found = self.items(name, what="a path")
-            keys = [f"{self.at(name)}[{i}]" for i in range(1, len(found) + 1)]
-        return tuple(self.checked(k, v, _existing(self.src.root, kind))
-                     for k, v in zip(keys, found, strict=True))
-
-    def path(self, name: str, kind: str, required: bool = False) -> Path | None:
-        if not required and not self.has(name):
-            return None
-        value = self.get(name, (str,), "a path (a string)")
-        return Path(self.checked(self.at(name), value, _existing(self.src.root, kind)))
-
-
-# ---------------------------------------------------------------- value checks
-
-
-def _pattern(regex: str, what: str) -> Check:
-    compiled = re.compile(regex)
-
-    def check(value: str) -> str:
-        if not compiled.fullmatch(value):
-            raise _Invalid(f"expected {what}, got {_got(value)}")
-        return value
-    return check
-
-
-def _choice(*options: str) -> Check:
-    def check(value: str) -> str:
-        if value not in options:
-            raise _Invalid(f"expected one of {', '.join(map(json.dumps, options))}, got "
-                           f"{_got(value)}{_did_you_mean(value, options)}")
-        return value
-    return check
-
-
-def _existing(root: Path, kind: str) -> Callable[[str], Path]:
-    def check(value: str) -> Path:
-        if not value:
-            raise _Invalid("expected a path, got an empty string")
-        path = Path(os.path.normpath(root / value))
-        ok = {"dir": path.is_dir, "file": path.is_file, "any": path.exists}[kind]()
-        if not ok:
-            noun = {"dir": "directory", "file": "file", "any": "file or directory"}[kind]
-            raise _Invalid(f"{noun} not found: {path}" if not path.exists()
-                           else f"not a {noun}: {path}")
-        return path
-    return check
-
-
-def _absolute(value: str) -> str:
-    if not value.startswith("/") or ".." in value.split("/"):
-        raise _Invalid(f"expected an absolute path without '..', got {_got(value)}")
-    return value
-
-
-def _removable(value: str) -> str:
-    if _absolute(value).strip("/") == "":
-        raise _Invalid("refusing to remove '/'")
-    return value
-
-
-_UNIT_SUFFIXES = ("service", "socket", "target", "timer", "mount", "automount", "path", "swap",
-                  "slice", "scope", "device")
-
-
-def _unit(value: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9:_.\\@-]+", value):
-        raise _Invalid(f"expected a systemd unit name, got {_got(value)}")
-    # As systemctl does: a name without a unit type means a service.
-    return value if value.rsplit(".", 1)[-1] in _UNIT_SUFFIXES else f"{value}.service"
-
-
-def _port(value: int | str) -> str:
-    match = re.fullmatch(r"(\d+)(?:/(tcp|udp))?", str(value))
-    if not match or not 1 <= int(match[1]) <= 65535:
-        raise _Invalid(f'expected a port like 80, "80/tcp" or "53/udp", got {_got(value)}')
-    return f"{int(match[1])}/{match[2] or 'tcp'}"
-
-
-def _tcp_port(value: int) -> int:
-    if not 1 <= value <= 65535:
-        raise _Invalid(f"expected a port number in 1..65535, got {_got(value)}")
-    return value
-
-
-def _stop_signal(value: int | str) -> str:
-    rt_span = signal.SIGRTMAX - signal.SIGRTMIN
-    text = str(value).strip().upper()
-    if text.isdigit() and 1 <= int(text) < signal.NSIG:
-        return str(int(text))
-    text = text if text.startswith("SIG") else f"SIG{text}"
-    if text in signal.Signals.__members__:
-        return text
-    match = re.fullmatch(r"SIGRT(MIN\+|MAX-)(\d+)", text)
-    if match and int(match[2]) <= rt_span:
-        return f"SIGRT{match[1]}{int(match[2])}" if int(match[2]) else text[:-2]
-    raise _Invalid(f'expected a signal name like "SIGTERM" or "SIGRTMIN+3", or a number in '
-                   f"1..{signal.NSIG - 1}, got {_got(value)}")
-
-
-def _owner(value: int | str) -> str:
-    if isinstance(value, int) and value >= 0 or re.fullmatch(r"[a-z_][a-z0-9_.-]*\$?|\d+",
-                                                               str(value)):
-        return str(value)
-    raise _Invalid(f"expected a user/group name or a number, got {_got(value)}")
-
-
-def _file_mode(value: str) -> int:
-    if not re.fullmatch(r"0?[0-7]{3,4}", value) or int(value, 8) > 0o7777:
-        raise _Invalid(f'expected an octal string like "0644", got {_got(value)}')
-    return int(value, 8)
-
-
-def _frozen_json(value: object) -> object:
-    """TOML values as JSON values (dates become ISO strings)."""
-    if isinstance(value, dict):
-        return {k: _frozen_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_frozen_json(v) for v in value]
-    return value.isoformat() if isinstance(value, datetime | date | time) else value
-
-
-_REF_NAME = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REF_HOST = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*(?::\d+)?/)?"
-_REF_TAG = r"[\w][\w.-]{0,127}"
-_REF = re.compile(rf"{_REF_HOST}{_REF_NAME}(?:/{_REF_NAME})*(?::{_REF_TAG})?")
-_DIGEST = r"@sha256:[0-9a-f]{64}"
-_NAME_CHECK = _pattern(IMAGE_NAME, f"a name matching {IMAGE_NAME}")
-_PATTERN_ENV = _pattern(r"[A-Za-z_][A-Za-z0-9_]*", "an environment variable name")
-_NOSPACE = _pattern(r"[^\s,]+", "a word without spaces or commas")
-
-
-def _tag(value: str) -> str:
-    if not _REF.fullmatch(value):
-        raise _Invalid(f'expected an image reference like "web:latest", got {_got(value)}')
-    return value if ":" in value.rsplit("/", 1)[-1] else f"{value}:latest"
-
-
-def _parent_ref(value: str) -> str:
-    if not re.fullmatch(rf"{_REF.pattern}(?:{_DIGEST})?", value):
-        raise _Invalid(f'expected an image of this file or a reference like "debian:bookworm",'
-                       f" got {_got(value)}")
-    return value
+def _bootstrap(r: Reader) -> BootstrapSpec:
+    snapshot = r.string("snapshot", "", check.pattern(r"(\d{8}T\d{6}Z)?",
+                                                      'a snapshot id like "20240101T000000Z"'))
+    mirror = r.string("mirror", "", check.pattern(r"((https?|file)://\S+)?",
+                                                  "an http://, https:// or file:// URL"))
+    if snapshot and "{snapshot}" not in mirror:
+        raise r.fail("mirror", 'expected a URL containing "{snapshot}" since snapshot is set, '
+                               f"got {got(mirror)}")
+    if "{snapshot}" in mirror and not snapshot:
+        raise r.fail("snapshot", 'missing: the mirror contains "{snapshot}"')
+    components = r.items("components", _word) if r.has("components") else ("main",)
+    if not components:
+        raise r.fail("components", 'expected at least one component, like "main"')
+    return BootstrapSpec(
+        distro=r.string("distro", "debian", check.choice(*DISTROS)),
+        suite=r.string("suite", None, check.pattern(r"[A-Za-z0-9][A-Za-z0-9._/-]*",
+                                                    'a suite name like "bookworm"')),
+        mirror=mirror.replace("{snapshot}", snapshot),
+        components=components,
+        variant=r.string("variant", "minbase", check.choice(*VARIANTS)),
+        packages=r.items("packages", check.pattern(r"[^\s,]+", "a package name")),
+        architecture=r.string("architecture", "", check.pattern(
+            r"([a-z0-9][a-z0-9-]*)?", 'a dpkg architecture like "amd64"')),
+        snapshot=snapshot,
+        keyring=r.path("keyring", "any"),
+        hooks=r.paths("hooks", "file"),
+        security=r.boolean("security", True),
+        root=r.src.root,
+    )
+
+
+def _config(r: Reader) -> OciConfigSpec:
+    env = r.mapping("env", _env_name)
+    if "container" in dict(env):
+        raise r.src.error(join_key(r.at("env"), "container"),
+                          f"set it with {r.at('container')} (the systemd container interface)")
+    cmd = r.items("cmd") if r.has("cmd") else DEFAULT_CMD
+    entrypoint = r.items("entrypoint")
+    if not cmd and not entrypoint:
+        raise r.fail("cmd", "expected a command to run (cmd or entrypoint), got an empty array")
+    ports = set(r.items("ports", check.port, (int, str), "a port"))
+    return OciConfigSpec(
+        cmd=cmd,
+        entrypoint=entrypoint,
+        env=env,
+        labels=r.mapping("labels", _nonempty),
+        ports=tuple(sorted(ports, key=check.port_sort_key)),
+        volumes=r.items("volumes", check.absolute),
+        stop_signal=r.scalar("stop_signal", (str, int), "a signal name or number",
+                             DEFAULT_STOP_SIGNAL, check.stop_signal),
+        workdir=r.string("workdir", "/", check.absolute),
+        user=r.string("user", "", check.pattern(r"[^\s:]*(:[^\s:]+)?",
+                                                'a user like "www-data" or "33:33"')),
+        container=r.string("container", "oci", _word),
+    )
+
+
+def _finalize(r: Reader) -> FinalizeSpec:
+    return FinalizeSpec(
+        apt_lists=r.boolean("apt_lists", True), apt_cache=r.boolean("apt_cache", True),
+        logs=r.boolean("logs", True), ssh_host_keys=r.boolean("ssh_host_keys", True),
+        machine_id=r.boolean("machine_id", True), tmp=r.boolean("tmp", True),
+        salt=r.boolean("salt", True), mask=r.items("mask", check.unit, what="a unit name"),
+        unmask=r.items("unmask", check.unit, what="a unit name"),
+        remove=r.items("remove", check.removable, what="a path"),
+    )
+
+
+def _test(r: Reader) -> TestSpec:
+    return TestSpec(
+        timeout=r.scalar("timeout", (int, float), "a number of seconds", 120.0, check.positive),
+        commands=r.items("commands", _nonempty, what="a shell command"),
+        units=r.items("units", check.unit, what="a unit name"),
+        ports=r.items("ports", check.tcp_port, (int,), "a port number"),
+        idempotence=r.boolean("idempotence", True),
+    )
+
+
+def _steps(image: Reader) -> tuple[Step, ...]:
+    value = image.get("provision", (list,), f"an array of tables ([[{image.at('provision')}]])",
+                      [])
+    steps: list[Step] = []
+    for index, data in enumerate(value, 1):
+        step = _step(image.src, f"{image.at('provision')}[{index}]", index, data)
+        for other in steps:
+            if other.name == step.name:
+                raise image.src.error(f"{image.at('provision')}[{index}].name",
+                                      f"{step.name!r} is already the name of "
+                                      f"provision[{other.index}]")
+        steps.append(step)
+    return tuple(steps)
+
+
+def _step(src: Source, key: str, index: int, data: object) -> Step:
+    # The type decides which keys are allowed, so it is checked first.
+    if isinstance(data, dict) and data.get("type") not in STEP_TYPES:
+        types = ", ".join(map(json.dumps, STEP_TYPES))
+        raise src.error(f"{key}.type", f"missing: expected one of {types}" if "type" not in data
+                        else f"expected one of {types}, got {got(data['type'])}")
+    kind = str(data.get("type")) if isinstance(data, dict) else ""
+    r = Reader(src, key, data, _STEP_KEYS.get(kind, ()))
+    common: dict[str, Any] = {"index": index, "root": src.root,
+                              "name": r.string("name", f"{kind}-{index}", _word)}
+    if kind == "files":
+        mode = r.get("mode", (str,), 'an octal file mode like "0644"', "")
+        return FilesStep(
+            **common, source=r.required_path("source", "any"),
+            dest=r.string("dest", "/", check.absolute),
+            owner=r.scalar("owner", (str, int), "a user name or number", "root", check.owner),
+            group=r.scalar("group", (str, int), "a group name or number", "root", check.owner),
+            file_mode=r.checked(r.at("mode"), mode, check.file_mode) if mode else None,
+        )
+    common |= {"mode": r.string("mode", "boot", check.choice(*MODES)),
+               "network": r.boolean("network", True), "env": r.mapping("env", _env_name)}
+    if kind == "script":
+        script, run = r.path("script", "file"), r.string("run", "", _nonempty)
+        if (script is None) == (not run):
+            raise src.error(key, "needs exactly one of 'script' and 'run'")
+        return ScriptStep(**common, script=script, run=run)
+    grains = r.get("grains", (dict,), "a table", {})
+    common |= {"grains_json": json.dumps(check.json_value(grains), sort_keys=True),
+               "salt_version": r.string("salt_version", "", check.pattern(
+                   r"(\d+(\.\d+)*(rc\d+)?)?", 'a Salt version like "3007.1"')),
+               "keep_salt": r.boolean("keep_salt", False), "pillar": r.paths("pillar", "dir")}
+    if kind == "project":
+        path = r.required_path("path", "dir")
+        if not (path / "salt").is_dir():
+            raise r.fail("path", f"directory not found: {path / 'salt'} (a project keeps its "
+                                 "states in salt/)")
+        project = r.checked(r.at("project"), r.string("project", path.name), _word)
+        return ProjectStep(**common, path=path, project=project)
+    state_tree = r.paths("state_tree", "dir", required=True)
+    sls = r.items("sls", check.pattern(r"[A-Za-z0-9_][A-Za-z0-9_.-]*",
+                                       'an SLS name like "web.nginx"'), what="an SLS name")
+    if not state_tree:
+        raise r.fail("state_tree", "expected at least one directory, got an empty array")
+    if not sls and not any((tree / "top.sls").is_file() for tree in state_tree):
+        raise r.fail("state_tree", f"no top.sls in {', '.join(map(str, state_tree))} "
+                                   "(add one, or list the states to apply in 'sls')")
+    return SaltStep(**common, state_tree=state_tree, sls=sls)
+
+
+def _check_graph(src: Source, specs: tuple[ImageSpec, ...]) -> None:
+    tags: dict[str, str] = {}
+    for spec in specs:
+        if spec.tag in tags:
+            raise src.error(join_key(join_key("images", spec.name), "tag"),
+                            f"{spec.tag!r} is also the tag of image {tags[spec.tag]!r}")
+        tags[spec.tag] = spec.name
+    by_name = {spec.name: spec for spec in specs}
+    for spec in specs:
+        chain = [spec.name]
+        while (parent := by_name[chain[-1]]).parent_is_local and parent.parent is not None:
+            if parent.parent in chain:
+                cycle = [*chain[chain.index(parent.parent):], parent.parent]
+                raise src.error("images", "cycle: " + " -> ".join(cycle))
+            chain.append(parent.parent)

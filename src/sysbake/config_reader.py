@@ -68,6 +68,11 @@ def display_path(path: Path) -> str:
     return rel_path(cwd, path) if cwd in path.parents else str(path)
 
 
+def _is(value: object, kinds: tuple[type, ...]) -> bool:
+    # TOML booleans are Python ints: `true` must not pass for a number.
+    return isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+
+
 @dataclass(frozen=True)
 class Source:
     """The file being read: how to name it in errors, and where relative paths start."""
@@ -108,7 +113,7 @@ class Reader:
             if default is MISSING:
                 raise self.fail(name, f"missing: expected {what}")
             return default
-        if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+        if not _is(value, kinds):
             raise self.fail(name, f"expected {what}, got {got(value)}")
         return value
 
@@ -134,9 +139,10 @@ class Reader:
               kinds: tuple[type, ...] = (str,), what: str = "a string") -> tuple[Any, ...]:
         """An array (default empty) of scalars, each type-checked and passed through `check`."""
         out = []
-        for i, item in enumerate(self.get(name, (list,), f"an array of {what[2:]}s", []), 1):
+        plural = f"an array of {what.split(' ', 1)[1]}s"  # "a port" -> "an array of ports"
+        for i, item in enumerate(self.get(name, (list,), plural, []), 1):
             key = f"{self.at(name)}[{i}]"
-            if not isinstance(item, kinds) or isinstance(item, bool) and bool not in kinds:
+            if not _is(item, kinds):
                 raise self.src.error(key, f"expected {what}, got {got(item)}")
             out.append(self.checked(key, item, check))
         return tuple(out)
@@ -157,7 +163,7 @@ class Reader:
 
     def paths(self, name: str, kind: str, required: bool = False) -> tuple[Path, ...]:
         """A path or an array of paths, relative to the project, that must exist as `kind`."""
-        if isinstance(self.data.get(name), str) or required and not self.has(name):
+        if isinstance(self.data.get(name), str) or (required and not self.has(name)):
             found: tuple[str, ...] = (self.get(name, (str,), "a path or an array of paths"),)
             keys = [self.at(name)]
         else:
@@ -166,11 +172,14 @@ class Reader:
         return tuple(self.checked(k, v, existing(self.src.root, kind))
                      for k, v in zip(keys, found, strict=True))
 
-    def path(self, name: str, kind: str, required: bool = False) -> Path | None:
-        """A path relative to the project that must exist as `kind`; "" or absent is None."""
-        value = self.get(name, (str,), "a path (a string)", MISSING if required else "")
-        if not value and not required:
-            return None
+    def path(self, name: str, kind: str) -> Path | None:
+        """An optional path relative to the project that must exist as `kind`; "" is None."""
+        value = self.get(name, (str,), "a path (a string)", "")
+        return self.required_path(name, kind) if value else None
+
+    def required_path(self, name: str, kind: str) -> Path:
+        """A path relative to the project that must exist as `kind` ("dir", "file", "any")."""
+        value = self.get(name, (str,), "a path (a string)")
         return Path(self.checked(self.at(name), value, existing(self.src.root, kind)))
 
 
@@ -284,8 +293,7 @@ def stop_signal(value: int | str) -> str:
 
 def owner(value: int | str) -> str:
     """A user or group: a name or a number (kept as text)."""
-    if isinstance(value, int) and value >= 0 or re.fullmatch(r"[a-z_][a-z0-9_.-]*\$?|\d+",
-                                                               str(value)):
+    if re.fullmatch(r"[a-z_][a-z0-9_.-]*\$?|\d+", str(value)):
         return str(value)
     raise Invalid(f"expected a user/group name or a number, got {got(value)}")
 
@@ -314,19 +322,19 @@ def json_value(value: object) -> object:
 
 _REF_NAME = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REF_HOST = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*(?::\d+)?/)?"
-_REF = rf"{_REF_HOST}{_REF_NAME}(?:/{_REF_NAME})*(?::[\w][\w.-]{{0,127}})?"
+REFERENCE = rf"{_REF_HOST}{_REF_NAME}(?:/{_REF_NAME})*(?::[\w][\w.-]{{0,127}})?"
 
 
 def tag(value: str) -> str:
     """An image reference to tag a result as; ':latest' is added when it has no tag."""
-    if not re.fullmatch(_REF, value):
+    if not re.fullmatch(REFERENCE, value):
         raise Invalid(f'expected an image reference like "web:latest", got {got(value)}')
     return value if ":" in value.rsplit("/", 1)[-1] else f"{value}:latest"
 
 
 def parent_ref(value: str) -> str:
     """A store reference, optionally pinned by digest."""
-    if not re.fullmatch(rf"{_REF}(?:@sha256:[0-9a-f]{{64}})?", value):
+    if not re.fullmatch(rf"{REFERENCE}(?:@sha256:[0-9a-f]{{64}})?", value):
         raise Invalid(f'expected an image of this file or a reference like "debian:bookworm", '
                       f"got {got(value)}")
     return value

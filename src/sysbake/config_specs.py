@@ -39,6 +39,8 @@ class BootstrapSpec:
     root: Path = field(repr=False)
 
     def key_inputs(self) -> dict[str, object]:
+        """The bootstrap stage's cache inputs (see the module docstring); `mirror` "" means
+        the host's apt sources, which the stage itself must account for."""
         return {"distro": self.distro, "suite": self.suite, "mirror": self.mirror,
                 "components": list(self.components), "variant": self.variant,
                 "packages": sorted(set(self.packages)), "architecture": self.architecture,
@@ -67,6 +69,7 @@ class OciConfigSpec:
     container: str = "oci"
 
     def key_inputs(self) -> dict[str, object]:
+        """The config's cache inputs; set-like lists (volumes) are sorted."""
         return {"cmd": list(self.cmd), "entrypoint": list(self.entrypoint),
                 "env": dict(self.env), "labels": dict(self.labels), "ports": list(self.ports),
                 "volumes": sorted(set(self.volumes)), "stop_signal": self.stop_signal,
@@ -89,6 +92,7 @@ class FinalizeSpec:
     remove: tuple[str, ...] = ()
 
     def key_inputs(self) -> dict[str, object]:
+        """The clean-up's cache inputs; unit and path lists are sets, hence sorted."""
         return {f.name: sorted(set(v)) if isinstance(v := getattr(self, f.name), tuple) else v
                 for f in fields(self)}
 
@@ -106,6 +110,7 @@ class TestSpec:
     idempotence: bool = True
 
     def key_inputs(self) -> dict[str, object]:
+        """What a cached test result would depend on (the image's digest aside)."""
         return {"timeout": self.timeout, "commands": list(self.commands),
                 "units": sorted(set(self.units)), "ports": sorted(set(self.ports)),
                 "idempotence": self.idempotence}
@@ -156,6 +161,7 @@ class SaltStep(_SaltBase):
     sls: tuple[str, ...] = ()  # empty = highstate from top.sls
 
     def key_inputs(self) -> dict[str, object]:
+        """The step's cache inputs; the trees' contents are left to the cache."""
         return self._salt_key() | {
             "state_tree": [rel_path(self.root, p) for p in self.state_tree],
             "pillar": [rel_path(self.root, p) for p in self.pillar], "sls": list(self.sls)}
@@ -182,7 +188,9 @@ class ProjectStep(_SaltBase):
         return self.path / "pillar" if (self.path / "pillar").is_dir() else None
 
     def key_inputs(self) -> dict[str, object]:
-        return self._salt_key() | {"path": rel_path(self.root, self.path), "project": self.project,
+        """The step's cache inputs; the project tree's contents are left to the cache."""
+        return self._salt_key() | {"path": rel_path(self.root, self.path),
+                                   "project": self.project,
                                    "pillar": [rel_path(self.root, p) for p in self.pillar]}
 
     def input_paths(self) -> tuple[Path, ...]:
@@ -198,8 +206,9 @@ class ScriptStep(_StepBase):
     run: str = ""
 
     def key_inputs(self) -> dict[str, object]:
-        return self._common_key() | {"run": self.run,
-                                     "script": rel_path(self.root, self.script) if self.script else None}
+        """The step's cache inputs; the script's contents are left to the cache."""
+        script = rel_path(self.root, self.script) if self.script else None
+        return self._common_key() | {"run": self.run, "script": script}
 
     def input_paths(self) -> tuple[Path, ...]:
         return (self.script,) if self.script else ()
@@ -220,9 +229,10 @@ class FilesStep(_StepBase):
     file_mode: int | None = None  # applied to files; directories keep theirs
 
     def key_inputs(self) -> dict[str, object]:
+        """The step's cache inputs; the source's contents are left to the cache."""
         mode = None if self.file_mode is None else f"{self.file_mode:04o}"
-        return {"type": self.type, "source": rel_path(self.root, self.source), "dest": self.dest,
-                "owner": self.owner, "group": self.group, "mode": mode}
+        return {"type": self.type, "source": rel_path(self.root, self.source),
+                "dest": self.dest, "owner": self.owner, "group": self.group, "mode": mode}
 
     def input_paths(self) -> tuple[Path, ...]:
         return (self.source,)
@@ -281,7 +291,8 @@ class Project:
             chain = [self.image(target)]
             while chain[-1].parent_is_local and chain[-1].parent is not None:
                 chain.append(self.image(chain[-1].parent))
-            order.extend(spec for spec in reversed(chain) if spec not in order)
+            done = {spec.name for spec in order}
+            order.extend(spec for spec in reversed(chain) if spec.name not in done)
         return order
 
     def to_json(self) -> dict[str, Any]:
@@ -294,7 +305,7 @@ def _jsonable(value: object) -> Any:
         out: dict[str, Any] = {"type": value.type} if isinstance(value, _StepBase) else {}
         for f in fields(value):
             item = getattr(value, f.name)
-            if f.name == "root":
+            if not f.repr:  # the project root repeated in every spec
                 continue
             if f.name == "grains_json":
                 out["grains"] = json.loads(item)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-_MODULES = ("build", "images", "runtime", "host")
+_MODULES = ("project", "build", "images", "runtime", "host")
 
 
 def all_command_modules() -> list[ModuleType]:

@@ -1,0 +1,88 @@
+"""Build benchmarks (issue: foundation).
+
+1. Cold base build vs `mmdebstrap` alone into a directory, same inputs, same warm .deb
+   cache (goal <= 1.15).
+2. No-op rebuild (everything cached) vs `podman build` of an equivalent cached
+   Containerfile (goal <= 0.5).
+3. Peak memory (max RSS) of the sysbake build process (goal < 300 MB).
+
+Run as root: .venv/bin/python bench/bench_build.py
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import EXAMPLE, WORK, podman_env, report, run, sysbake, timed  # noqa: E402
+
+from sysbake.bootstrap import mmdebstrap_command  # noqa: E402
+from sysbake.build import bootstrap_plan  # noqa: E402
+from sysbake.config import load_project  # noqa: E402
+
+
+def main() -> None:
+    WORK.mkdir(parents=True, exist_ok=True)
+    debs = WORK / "debs"
+    debs.mkdir(exist_ok=True)
+    store = WORK / "store"
+    shutil.rmtree(store, ignore_errors=True)
+    store.mkdir()
+    (store / "debs").symlink_to(debs)
+
+    # Warm the .deb cache for both sides.
+    sysbake(store, "build", "-t", "base", EXAMPLE)
+
+    plan = bootstrap_plan(load_project(EXAMPLE).image("base").bootstrap, EXAMPLE)
+    target = WORK / "mmdebstrap-alone"
+
+    def mmdebstrap_alone() -> None:
+        shutil.rmtree(target, ignore_errors=True)
+        run(mmdebstrap_command(plan, target, debs))
+
+    def cold_build() -> None:
+        sysbake(store, "build", "--no-cache", "-t", "base", EXAMPLE)
+
+    anchor = timed(mmdebstrap_alone)
+    shutil.rmtree(target, ignore_errors=True)
+    ours = timed(cold_build)
+    report("cold base build", ours, anchor, "mmdebstrap alone", 1.15)
+
+    # No-op rebuild vs a cached podman build of the same rootfs.
+    podman, env = podman_env(WORK / "podman")
+    ctx = WORK / "podman-ctx"
+    shutil.rmtree(ctx, ignore_errors=True)
+    ctx.mkdir()
+    sysbake(store, "export", "base", "--format", "rootfs", "--compression", "none",
+            "-o", ctx / "rootfs.tar")
+    (ctx / "Containerfile").write_text(
+        'FROM scratch\nADD rootfs.tar /\nENV container=oci\nSTOPSIGNAL SIGRTMIN+3\n'
+        'CMD ["/lib/systemd/systemd"]\n')
+
+    def podman_build() -> None:
+        run([*podman, "build", "-q", "-t", "bench-base", str(ctx)], env=env)
+
+    podman_build()  # fill podman's cache
+    anchor = timed(podman_build, repeat=3)
+    ours = timed(lambda: sysbake(store, "build", "-t", "base", EXAMPLE), repeat=3)
+    report("no-op rebuild", ours, anchor, "podman build (cached)", 0.5)
+    subprocess.run([*podman, "rmi", "-af"], env=env, capture_output=True, check=False)
+
+    # Peak memory of the build process itself (its children are mmdebstrap, tar, ...).
+    code = ("import resource,sys; from sysbake.cli import main; "
+            "rc = main(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
+            "sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, "--store", str(store), "-q", "build",
+                          "--no-cache", "-t", "base", str(EXAMPLE)],
+                         capture_output=True, text=True, check=True)
+    peak_mb = int(out.stderr.strip().splitlines()[-1]) / 1024
+    print(f"peak memory of the build process: {peak_mb:.0f} MB (goal < 300 MB)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

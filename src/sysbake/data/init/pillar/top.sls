@@ -1,0 +1,4 @@
+# Which pillar files each machine sees.
+base:
+  '*':
+    - site

@@ -1,0 +1,4 @@
+# Which states apply to which machine; a baked image is always the one minion.
+base:
+  '*':
+    - site

@@ -1,0 +1,555 @@
+"""Exports of stored images: an OCI image layout, an oci-archive (a tar of that layout), a
+docker-archive (`docker save` format) and the flattened root filesystem as one tar (the
+classic `baseimage.tar.xz`).
+
+Everything streams: no layer is held in memory. Every write is atomic: an archive is
+written as `<dest>.tmp-XXXX` and renamed; a new layout directory likewise; an existing
+layout gets its blobs (each temp + rename) before its index.json is replaced.
+
+An export is tagged with the full "name:tag" (`org.opencontainers.image.ref.name` in an OCI
+index, `RepoTags` in a docker-archive): skopeo (`oci:DIR:web:latest`) and umoci
+(`--image DIR:web:latest`) accept it, and `podman load` names the image after it, whereas
+a bare "latest" would load as the image "localhost/latest:latest".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+from sysbake import compress, layers, log, oci
+from sysbake.commit import source_date_epoch
+from sysbake.compress import Readable
+from sysbake.errors import CommandError, StoreError, SysbakeError
+from sysbake.oci import Descriptor, Image, Layer
+from sysbake.store import Store, atomic_write, normalize_ref, remove_tree
+
+FORMATS = ("oci", "oci-archive", "docker-archive", "rootfs")
+ROOTFS_COMPRESSIONS = ("none", "gzip", "zstd", "xz")
+LAYER_COMPRESSIONS = ("none", "gzip", "zstd")
+OCI_LAYOUT = oci.canonical_json({"imageLayoutVersion": "1.0.0"})
+_CHUNK = 1 << 20
+
+Opener = Callable[[], AbstractContextManager[Readable]]
+
+
+class ExportError(SysbakeError):
+    """An export cannot be made: bad format or compression, unwritable or full
+    destination, or a stored layer that does not match its digest."""
+
+
+# -- pure parts ----------------------------------------------------------------------------
+
+
+def check_options(fmt: str, compression: str | None) -> str | None:
+    """The compression an export uses (None: layers as stored), or an ExportError.
+
+    rootfs compresses the whole tar (default xz); oci and oci-archive re-compress layers
+    on request; docker-archive layers are always the uncompressed tars docker verifies."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt == "rootfs":
+        kind = compression or "xz"
+        if kind not in ROOTFS_COMPRESSIONS:
+            raise ExportError(f"unknown rootfs compression {kind!r}: expected one of "
+                              f"{', '.join(ROOTFS_COMPRESSIONS)}")
+        return kind
+    if compression is None:
+        return None
+    if fmt == "docker-archive":
+        if compression == "none":
+            return None
+        raise ExportError(f"docker-archive takes no compression (got {compression!r}): its "
+                          "layers are uncompressed tars, which docker load checks against "
+                          "their diff_ids")
+    if compression not in LAYER_COMPRESSIONS:
+        raise ExportError(f"unknown layer compression {compression!r} for {fmt}: expected one "
+                          f"of {', '.join(LAYER_COMPRESSIONS)}")
+    return compression
+
+
+def export_name(ref: str, tags: Collection[str], name: str | None = None) -> str | None:
+    """The "name:tag" an export carries: `name` when given, else `ref` when it is one of
+    the store's `tags`; None for an image ID (the export is then untagged)."""
+    if name is not None:
+        return normalize_ref(name)
+    try:
+        wanted = normalize_ref(ref)
+    except StoreError:
+        return None
+    return wanted if wanted in tags else None
+
+
+def docker_manifest(config_name: str, repo_tags: Sequence[str],
+                    layer_names: Sequence[str]) -> bytes:
+    """manifest.json of a `docker save` archive holding one image."""
+    return oci.canonical_json([{"Config": config_name, "RepoTags": list(repo_tags),
+                                "Layers": list(layer_names)}])
+
+
+def merge_index(existing: Sequence[Descriptor], new: Descriptor) -> list[Descriptor]:
+    """An OCI index's manifests with `new` added: an entry with the same ref name (or,
+    when `new` is untagged, an untagged entry with the same digest) is replaced."""
+    name = new.annotation(oci.ANN_REF_NAME)
+
+    def replaced(d: Descriptor) -> bool:
+        other = d.annotation(oci.ANN_REF_NAME)
+        return other == name if name else other is None and d.digest == new.digest
+
+    kept = [d for d in existing if not replaced(d)]
+    return sorted([*kept, new], key=lambda d: (d.annotation(oci.ANN_REF_NAME) or "", d.digest))
+
+
+def oci_index(manifests: Sequence[Descriptor], annotations: dict[str, str] | None = None) -> bytes:
+    """index.json of an OCI layout listing `manifests`, in the given order."""
+    doc: dict[str, Any] = {"schemaVersion": 2, "mediaType": oci.MT_INDEX,
+                           "manifests": [m.to_json() for m in manifests]}
+    if annotations:
+        doc["annotations"] = annotations
+    return json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
+
+
+def blob_name(digest: str) -> str:
+    return f"blobs/sha256/{oci.hex_of(digest)}"
+
+
+# -- streams that check what they carry ---------------------------------------------------
+
+
+class _Checked(io.RawIOBase):
+    """A reader that hashes what passes; `finish()` reads the rest and checks the digest."""
+
+    def __init__(self, inner: Readable, digest: str, what: str) -> None:
+        super().__init__()
+        self._inner = inner
+        self._digest = digest
+        self._what = what
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(_CHUNK if size is None or size < 0 else size)
+        self._hash.update(data)
+        self.size += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def finish(self) -> None:
+        while self.read(_CHUNK):
+            pass
+        actual = "sha256:" + self._hash.hexdigest()
+        if actual != self._digest:
+            raise ExportError(f"{self._what}: content has digest {actual}, expected "
+                              f"{self._digest} (the store is corrupt: rebuild or re-pull it)")
+
+
+@contextlib.contextmanager
+def _layer_stream(store: Store, layer: Layer) -> Iterator[Readable]:
+    """The uncompressed tar of `layer`, checked against its diff_id once read."""
+    with store.open_blob(layer.blob.digest) as raw, \
+            compress.decompressor(layer.compression, raw) as plain:
+        checked = _Checked(plain, layer.diff_id, f"layer {layer.blob.digest} uncompressed")
+        yield checked
+        checked.finish()
+
+
+@contextlib.contextmanager
+def _file_stream(path: Path, digest: str) -> Iterator[Readable]:
+    with open(path, "rb") as raw:
+        checked = _Checked(raw, digest, f"blob {path}")
+        yield checked
+        checked.finish()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One file of an export: its name inside, size, digest and how to read it; `path`
+    is a file holding exactly that content (it may be hard-linked)."""
+
+    name: str
+    size: int
+    digest: str
+    opener: Opener
+    path: Path | None = None
+
+
+def _bytes_entry(name: str, data: bytes) -> _Entry:
+    return _Entry(name, len(data), oci.sha256_digest(data),
+                  lambda: contextlib.nullcontext(io.BytesIO(data)))
+
+
+def _file_entry(name: str, path: Path, desc: Descriptor) -> _Entry:
+    return _Entry(name, desc.size, desc.digest,
+                  functools.partial(_file_stream, path, desc.digest), path)
+
+
+def _archive_mtime() -> int:
+    return source_date_epoch() or 0
+
+
+def _write_tar(out: BinaryIO, entries: Sequence[_Entry], mtime: int) -> None:
+    """A deterministic tar of `entries` and their parent directories: sorted names, one
+    mtime, root owners, fixed modes."""
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate names in an archive: {sorted(names)}")
+    dirs = {str(p) for n in names for p in Path(n).parents if str(p) != "."}
+    items: list[tuple[str, _Entry | None]] = [(d, None) for d in dirs]
+    items += [(e.name, e) for e in entries]
+    for name, entry in sorted(items, key=lambda item: item[0]):
+        info = tarfile.TarInfo(name)
+        info.mtime = mtime
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        info.type = tarfile.DIRTYPE if entry is None else tarfile.REGTYPE
+        info.mode = 0o755 if entry is None else 0o644
+        info.size = 0 if entry is None else entry.size
+        out.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        if entry is not None:
+            _copy_exactly(entry, out)
+            out.write(b"\0" * (-entry.size % tarfile.BLOCKSIZE))
+    # End of archive: two zero blocks, no record padding (as docker's Go tar writes it).
+    out.write(b"\0" * (2 * tarfile.BLOCKSIZE))
+
+
+def _copy_exactly(entry: _Entry, out: BinaryIO) -> None:
+    with entry.opener() as src:
+        left = entry.size
+        while left:
+            chunk = src.read(min(_CHUNK, left))
+            if not chunk:
+                raise ExportError(f"{entry.name}: ended after {entry.size - left} of "
+                                  f"{entry.size} bytes (did the store change meanwhile?)")
+            out.write(chunk)
+            left -= len(chunk)
+
+
+# -- OCI layouts ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Source:
+    image: Image
+    name: str | None
+
+    @property
+    def label(self) -> str:
+        return self.name or oci.hex_of(self.image.id)[:12]
+
+
+def _resolve(store: Store, ref: str, name: str | None) -> _Source:
+    image = store.resolve(ref)
+    return _Source(image, export_name(ref, {t.ref for t in store.tags()}, name))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    manifest: Descriptor  # as listed in index.json (annotated with the ref name)
+    blobs: tuple[_Entry, ...]
+
+
+def _recompress(store: Store, layer: Layer, kind: str, workdir: Path) -> _Entry:
+    fd, tmp = tempfile.mkstemp(dir=workdir, prefix="layer-")
+    with os.fdopen(fd, "wb") as f:
+        packed = layers.HashingWriter(f)
+        with _layer_stream(store, layer) as plain, compress.compressor(kind, packed) as sink:
+            shutil.copyfileobj(plain, sink, _CHUNK)
+    desc = Descriptor(oci.LAYER_MEDIA_TYPE[kind], packed.digest, packed.size,
+                      layer.blob.annotations)
+    final = workdir / oci.hex_of(desc.digest)
+    os.rename(tmp, final)
+    return _file_entry(blob_name(desc.digest), final, desc)
+
+
+def _needs_workdir(image: Image, kind: str | None) -> bool:
+    return kind is not None and any(layer.compression != kind for layer in image.layers)
+
+
+def _plan_layout(store: Store, src: _Source, kind: str | None,
+                 workdir: Path | None) -> _Layout:
+    """The blobs and manifest of `src` as an OCI layout; with `kind`, layers stored in
+    another compression are re-compressed into `workdir` under a new manifest (the
+    config, and so the diff_ids and the image ID, stay the same)."""
+    image = src.image
+    blobs: dict[str, _Entry] = {}
+    layer_descs = []
+    for layer in image.layers:
+        if kind is None or layer.compression == kind:
+            entry = _file_entry(blob_name(layer.blob.digest),
+                                store.blob_path(layer.blob.digest), layer.blob)
+            layer_descs.append(layer.blob)
+        else:
+            assert workdir is not None
+            log.info(f"    re-compressing layer {layer.diff_id[:19]} as {kind}")
+            entry = _recompress(store, layer, kind, workdir)
+            layer_descs.append(Descriptor(oci.LAYER_MEDIA_TYPE[kind], entry.digest, entry.size,
+                                          layer.blob.annotations))
+        blobs[entry.digest] = entry
+    config = image.config_descriptor
+    blobs[config.digest] = _file_entry(blob_name(config.digest),
+                                       store.blob_path(config.digest), config)
+    if layer_descs == [layer.blob for layer in image.layers]:
+        manifest = Descriptor(image.manifest.media_type, image.manifest.digest,
+                              image.manifest.size)
+        blobs[manifest.digest] = _file_entry(blob_name(manifest.digest),
+                                             store.blob_path(manifest.digest), manifest)
+    else:
+        doc = store.read_json(image.manifest.digest)
+        doc["layers"] = [d.to_json() for d in layer_descs]
+        data = oci.canonical_json(doc)
+        manifest = Descriptor(image.manifest.media_type, oci.sha256_digest(data), len(data))
+        blobs[manifest.digest] = _bytes_entry(blob_name(manifest.digest), data)
+    if src.name:
+        manifest = manifest.with_annotations(**{oci.ANN_REF_NAME: src.name})
+    return _Layout(manifest, tuple(blobs.values()))
+
+
+def _place(entry: _Entry, target: Path) -> None:
+    """Put `entry` at `target`: a hard link when the content is a file on the same file
+    system, else a checked copy (temp file + fsync + rename)."""
+    if entry.path is not None:
+        try:
+            os.link(entry.path, target)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:16]}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f, entry.opener() as src:
+            shutil.copyfileobj(src, f, _CHUNK)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _put_blobs(root: Path, blobs: Sequence[_Entry]) -> None:
+    (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    for entry in blobs:
+        target = root / entry.name
+        if not target.exists():  # content-addressed: present means done
+            _place(entry, target)
+
+
+def _read_index(layout: Path) -> tuple[list[Descriptor], dict[str, str] | None]:
+    path = layout / "index.json"
+    try:
+        doc = json.loads(path.read_bytes())
+        return [Descriptor.from_json(m) for m in doc.get("manifests", [])], doc.get("annotations")
+    except FileNotFoundError:
+        return [], None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ExportError(f"{path} is not a valid OCI index: {exc}") from exc
+
+
+def _add_to_layout(dest: Path, layout: _Layout) -> None:
+    existing, annotations = _read_index(dest)
+    _put_blobs(dest, layout.blobs)
+    atomic_write(dest / "index.json", oci_index(merge_index(existing, layout.manifest),
+                                                annotations))
+
+
+def _new_layout(dest: Path, layout: _Layout) -> None:
+    if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())):
+        raise ExportError(f"{dest} exists and is not an OCI layout (no oci-layout file): "
+                          "give a new or empty directory")
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f"{dest.name}.tmp-"))
+    try:
+        os.chmod(tmp, 0o755)
+        _put_blobs(tmp, layout.blobs)
+        atomic_write(tmp / "oci-layout", OCI_LAYOUT)
+        atomic_write(tmp / "index.json", oci_index([layout.manifest]))
+        for path in (tmp / "oci-layout", tmp / "index.json"):
+            os.chmod(path, 0o644)
+        os.rename(tmp, dest)  # replaces an empty directory
+    except BaseException:
+        remove_tree(tmp)
+        raise
+
+
+# -- error mapping -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _writing(dest: Path | str) -> Iterator[None]:
+    """Turn the OS's and compressors' write failures into one line naming `dest`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            raise
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ExportError(f"cannot write {dest}: no space left on device") from exc
+        reason = (exc.strerror or str(exc)).lower()
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise ExportError(f"cannot write {dest}: {reason}{where}") from exc
+    except CommandError as exc:
+        if "No space left on device" in f"{exc} {exc.tail}":
+            raise ExportError(f"cannot write {dest}: no space left on device") from exc
+        raise
+
+
+@contextlib.contextmanager
+def _output(dest: Path) -> Iterator[BinaryIO]:
+    """A file to write an archive to: `dest` via a temp file renamed on success, or
+    stdout for "-"."""
+    if str(dest) == "-":
+        if sys.stdout.isatty():
+            raise ExportError("refusing to write an archive to a terminal: redirect stdout "
+                              "or give an output file")
+        with _writing("stdout"):
+            yield sys.stdout.buffer
+            sys.stdout.buffer.flush()
+        return
+    if dest.is_dir():
+        raise ExportError(f"{dest} is a directory: give a file name for the archive")
+    with _writing(dest):
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f"{dest.name}.tmp-")
+    try:
+        with _writing(dest), os.fdopen(fd, "wb") as f:
+            yield cast(BinaryIO, f)
+            f.flush()
+            os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            os.rename(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# -- the exports ---------------------------------------------------------------------------
+
+
+def export_oci(store: Store, ref: str, dest_dir: Path, *, compression: str | None = None,
+               name: str | None = None) -> Path:
+    """Write image `ref` as an OCI layout at `dest_dir` (blobs hard-linked from the store
+    when possible); an existing layout gets the image added, replacing a same-named one."""
+    kind = check_options("oci", compression)
+    src = _resolve(store, ref, name)
+    work = store.staging("export") if _needs_workdir(src.image, kind) else \
+        contextlib.nullcontext(None)
+    with log.step(f"exporting {src.label} as an OCI layout to {dest_dir}"), \
+            _writing(dest_dir), work as workdir:
+        layout = _plan_layout(store, src, kind, workdir)
+        if (dest_dir / "oci-layout").is_file():
+            _add_to_layout(dest_dir, layout)
+        else:
+            _new_layout(dest_dir, layout)
+    return dest_dir
+
+
+def export_oci_archive(store: Store, ref: str, out: BinaryIO, *,
+                       compression: str | None = None, name: str | None = None) -> None:
+    """Write image `ref` to `out` as an oci-archive: a deterministic tar of an OCI layout."""
+    kind = check_options("oci-archive", compression)
+    src = _resolve(store, ref, name)
+    work = store.staging("export") if _needs_workdir(src.image, kind) else \
+        contextlib.nullcontext(None)
+    with log.step(f"exporting {src.label} as an oci-archive"), work as workdir:
+        layout = _plan_layout(store, src, kind, workdir)
+        entries = [*layout.blobs, _bytes_entry("oci-layout", OCI_LAYOUT),
+                   _bytes_entry("index.json", oci_index([layout.manifest]))]
+        _write_tar(out, entries, _archive_mtime())
+
+
+def _measure(opener: Opener) -> int:
+    with opener() as stream:
+        size = 0
+        while chunk := stream.read(_CHUNK):
+            size += len(chunk)
+    return size
+
+
+def export_docker_archive(store: Store, ref: str, out: BinaryIO, *,
+                          name: str | None = None) -> None:
+    """Write image `ref` to `out` in `docker save` format; each `<diff_id>/layer.tar` is
+    the uncompressed layer, checked against its diff_id as it is written."""
+    src = _resolve(store, ref, name)
+    image = src.image
+    with log.step(f"exporting {src.label} as a docker-archive"):
+        entries: dict[str, _Entry] = {}
+        layer_names = []
+        for number, layer in enumerate(image.layers, 1):
+            layer_name = f"{oci.hex_of(layer.diff_id)}/layer.tar"
+            layer_names.append(layer_name)
+            if layer_name in entries:
+                continue
+            # The tar header needs the uncompressed size first: a reading pass (also
+            # checking the diff_id) costs less than spooling the layer to disk.
+            opener = functools.partial(_layer_stream, store, layer)
+            log.info(f"    layer {number}/{len(image.layers)}: measuring")
+            entries[layer_name] = _Entry(layer_name, _measure(opener), layer.diff_id, opener)
+        config = image.config_descriptor
+        config_name = f"{oci.hex_of(config.digest)}.json"
+        entries[config_name] = _file_entry(config_name, store.blob_path(config.digest), config)
+        manifest = docker_manifest(config_name, [src.name] if src.name else [], layer_names)
+        entries["manifest.json"] = _bytes_entry("manifest.json", manifest)
+        _write_tar(out, list(entries.values()), _archive_mtime())
+
+
+def export_rootfs(store: Store, ref: str, out: BinaryIO, compression: str = "xz") -> None:
+    """Write the flattened root filesystem of image `ref` to `out` as one tar, compressed
+    with `compression` (none, gzip, zstd or xz); every layer is checked against its diff_id."""
+    kind = check_options("rootfs", compression)
+    assert kind is not None
+    src = _resolve(store, ref, None)
+    openers = [functools.partial(_layer_stream, store, layer) for layer in src.image.layers]
+    with log.step(f"exporting the root filesystem of {src.label} as a tar ({kind})"), \
+            compress.compressor(kind, out) as sink:
+        if len(openers) == 1:
+            # One layer is already the whole tree: no whiteouts to apply.
+            with openers[0]() as plain:
+                shutil.copyfileobj(plain, sink, _CHUNK)
+        else:
+            layers.flatten(openers, sink, mtime=source_date_epoch())
+
+
+def export_image(store: Store, ref: str, fmt: str, dest: Path,
+                 compression: str | None = None, *, name: str | None = None) -> Path:
+    """Export image `ref` in format `fmt` to `dest` (a directory for "oci", else a file,
+    "-" meaning stdout); `name` overrides the "name:tag" the export carries."""
+    kind = check_options(fmt, compression)
+    store.resolve(ref)  # an unknown image fails before anything is created
+    if fmt == "oci":
+        if str(dest) == "-":
+            raise ExportError("the oci format writes a directory: give one as the output "
+                              "(or use oci-archive to write to stdout)")
+        return export_oci(store, ref, dest, compression=kind, name=name)
+    with _output(dest) as out:
+        if fmt == "oci-archive":
+            export_oci_archive(store, ref, out, compression=kind, name=name)
+        elif fmt == "docker-archive":
+            export_docker_archive(store, ref, out, name=name)
+        else:
+            assert kind is not None
+            export_rootfs(store, ref, out, kind)
+    return dest

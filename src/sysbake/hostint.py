@@ -1,0 +1,391 @@
+"""Host integration: docker/podman run flags for this host, the AppArmor profile for
+systemd containers, and loading stored images into a local docker or podman.
+
+Flag selection is a pure function of `HostFacts` (what the host is) and `ImageFacts`
+(what the image already carries); `detect_host()` reads the facts from /proc and /sys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from sysbake import log, proc
+from sysbake.errors import CommandError, SysbakeError
+
+CgroupMode = Literal["v1", "hybrid", "v2"]
+Engine = Literal["docker", "podman"]
+ENGINES: tuple[Engine, ...] = ("docker", "podman")
+
+PROFILE_NAME = "sysbake-systemd"
+PROFILE_PATH = Path("/etc/apparmor.d") / PROFILE_NAME
+_CAP_SYS_RESOURCE = 24
+# Linux's SIGRTMIN is 34 as the kernel counts (glibc reserves two below it for threads).
+_RTMIN_PLUS_3 = {"SIGRTMIN+3", "RTMIN+3", "37"}
+_DEFAULT_INIT = "/lib/systemd/systemd"
+_CLIENT_PACKAGE = {"docker": "docker.io", "podman": "podman"}
+
+
+class HostError(SysbakeError):
+    """The host cannot do what was asked (no AppArmor, no docker daemon, no cgroup fs...)."""
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What decides the run flags: the cgroup layout, privileges and security modules."""
+
+    cgroup_mode: CgroupMode
+    rootless: bool = False
+    apparmor: bool = False
+    apparmor_profile_loaded: bool = False
+    cap_sys_resource: bool = True
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What an image's config already provides to systemd (so flags need not repeat it)."""
+
+    ref: str
+    stop_signal: str | None = None
+    container_env: str | None = None
+    command: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, ref: str, config: dict[str, Any]) -> ImageFacts:
+        """Read the OCI image config document (its "config" section) of image `ref`."""
+        section = config.get("config") or {}
+        container = None
+        for item in section.get("Env") or []:
+            key, _, value = str(item).partition("=")
+            if key == "container" and value:
+                container = value
+        entry = [str(a) for a in section.get("Entrypoint") or []]
+        cmd = [str(a) for a in section.get("Cmd") or []]
+        signal = section.get("StopSignal")
+        return cls(ref=ref, stop_signal=str(signal) if signal else None,
+                   container_env=container, command=(*entry, *cmd))
+
+
+@dataclass(frozen=True)
+class RunFlags:
+    """`<engine> run` flags for systemd as PID 1, with notes the user should read."""
+
+    engine: Engine
+    flags: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+
+    def line(self) -> str:
+        """The flags as one shell-quoted line (for `$(sysbake flags docker)`)."""
+        return shlex.join(self.flags)
+
+    def example(self, image: ImageFacts, name: str = "sysbake-demo") -> tuple[str, ...]:
+        """A full detached `run` command line booting `image`."""
+        argv: tuple[str, ...] = (self.engine, "run", "-d", "--name", name, *self.flags,
+                                 image.ref)
+        # An image without a command would start nothing: name the init explicitly.
+        return argv if image.command else (*argv, _DEFAULT_INIT)
+
+
+# -- host detection ----------------------------------------------------------------------
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_types(mountinfo: str) -> dict[str, str]:
+    """Mount point -> file-system type from /proc/self/mountinfo text (last mount wins)."""
+    found: dict[str, str] = {}
+    for line in mountinfo.splitlines():
+        before, sep, after = line.partition(" - ")
+        fields = before.split()
+        if not sep or len(fields) < 5 or not after.split():
+            continue
+        found[_unescape(fields[4])] = after.split()[0]
+    return found
+
+
+def cgroup_mode(mountinfo: str) -> CgroupMode:
+    """v2 (cgroup2 at /sys/fs/cgroup), hybrid (v1 plus cgroup2 at .../unified) or v1."""
+    types = mount_types(mountinfo)
+    if types.get("/sys/fs/cgroup") == "cgroup2":
+        return "v2"
+    if types.get("/sys/fs/cgroup/unified") == "cgroup2":
+        return "hybrid"
+    if any(t == "cgroup" and m.startswith("/sys/fs/cgroup/") for m, t in types.items()):
+        return "v1"
+    raise HostError("no cgroup file system is mounted at /sys/fs/cgroup (read from "
+                    "/proc/self/mountinfo): systemd containers need one")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def has_capability(status: str, cap: int) -> bool:
+    """Whether the CapEff mask in /proc/<pid>/status text holds capability number `cap`."""
+    match = re.search(r"^CapEff:\s*([0-9a-fA-F]+)", status, re.MULTILINE)
+    if match is None:
+        return False
+    return bool(int(match.group(1), 16) >> cap & 1)
+
+
+def detect_host(root: Path = Path("/"), *, euid: int | None = None) -> HostFacts:
+    """Read this host's facts from `root`/proc and `root`/sys."""
+    apparmor_dir = root / "sys/kernel/security/apparmor"
+    apparmor = (_read(root / "sys/module/apparmor/parameters/enabled").strip().startswith("Y")
+                or apparmor_dir.is_dir())
+    profiles = _read(apparmor_dir / "profiles")
+    loaded = any(line.split(" (")[0] == PROFILE_NAME for line in profiles.splitlines())
+    return HostFacts(
+        cgroup_mode=cgroup_mode(_read(root / "proc/self/mountinfo")),
+        rootless=(os.geteuid() if euid is None else euid) != 0,
+        apparmor=apparmor,
+        apparmor_profile_loaded=loaded,
+        cap_sys_resource=has_capability(_read(root / "proc/self/status"), _CAP_SYS_RESOURCE),
+    )
+
+
+# -- flag selection ------------------------------------------------------------------------
+
+
+def _docker_flags(host: HostFacts, image: ImageFacts | None) -> tuple[list[str], list[str]]:
+    flags = ["--tmpfs", "/run", "--tmpfs", "/run/lock", "--tmpfs", "/tmp"]
+    notes: list[str] = []
+    if host.cgroup_mode == "v2":
+        # Docker mounts a private cgroup2 read-only unless --privileged and has no flag
+        # to make it writable; the host tree, in the host cgroup namespace, is the only
+        # unprivileged way for systemd to create its init.scope.
+        flags += ["--cgroupns=host", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw"]
+        if not host.rootless:
+            notes.append("cgroup v2: docker has no writable private cgroup mount, so the "
+                         "container gets the host's cgroup tree read-write (root in the "
+                         "container can change host cgroups); podman does this safely")
+    else:
+        # v1/hybrid: docker's own cgroup mounts already give the container a writable
+        # subtree; the read-only host tree is what systemd needs to find its hierarchy.
+        flags += ["-v", "/sys/fs/cgroup:/sys/fs/cgroup:ro"]
+        if host.rootless:
+            notes.append("rootless docker cannot delegate cgroups on cgroup v1/hybrid: "
+                         "systemd will fail to create init.scope; use cgroup v2 or rootful docker")
+    if image is None or image.container_env is None:
+        flags += ["-e", "container=docker"]
+    if image is None or (image.stop_signal or "").upper() not in _RTMIN_PLUS_3:
+        flags += ["--stop-signal", "SIGRTMIN+3"]
+    return flags, notes
+
+
+def _podman_flags(host: HostFacts) -> tuple[list[str], list[str]]:
+    # --systemd=always: tmpfs on /run, /run/lock, /tmp, /var/log/journal, a writable
+    # cgroup, container=podman and SIGRTMIN+3, whatever the image's command is.
+    flags = ["--systemd=always"]
+    notes: list[str] = []
+    if host.cgroup_mode == "hybrid":
+        # crun (podman's default runtime) refuses hybrid cgroups; runc boots them.
+        flags.append("--runtime=runc")
+    if host.rootless and host.cgroup_mode != "v2":
+        notes.append("rootless podman cannot delegate cgroups on cgroup v1/hybrid: systemd "
+                     "is unlikely to start; use cgroup v2 or run as root")
+    if not host.cap_sys_resource:
+        notes.append("no CAP_SYS_RESOURCE here: podman cannot raise the open-file and "
+                     "process limits it sets by default; set default_ulimits = [] in "
+                     "containers.conf ([containers])")
+    return flags, notes
+
+
+def select_flags(engine: Engine, host: HostFacts, image: ImageFacts | None = None) -> RunFlags:
+    """The minimal unprivileged `<engine> run` flags that boot systemd on `host`."""
+    if engine == "docker":
+        flags, notes = _docker_flags(host, image)
+    elif engine == "podman":
+        flags, notes = _podman_flags(host)
+    else:
+        raise HostError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    if host.apparmor:
+        flags += ["--security-opt", f"apparmor={PROFILE_NAME}"]
+        if not host.apparmor_profile_loaded:
+            notes.append(f"AppArmor profile {PROFILE_NAME} is not loaded: run "
+                         "`sysbake apparmor --install` first")
+    return RunFlags(engine=engine, flags=tuple(flags), notes=tuple(notes))
+
+
+# -- AppArmor ------------------------------------------------------------------------------
+
+_PROFILE = """\
+# AppArmor profile for containers that boot systemd as PID 1 under docker or podman.
+# Generated by sysbake {version}; load it with `sysbake apparmor --install`, then run
+# containers with `--security-opt apparmor={name}`.
+#
+# Shaped like the engines' default profiles (no host-wide kernel knobs, no firmware or
+# security file systems), plus the mounts systemd makes: API file systems when the engine
+# did not provide them, and per-service sandboxes (PrivateTmp=, ProtectSystem=...) which
+# systemd 252 builds under /run/systemd/unit-root. Mount rules matter only when the
+# container has CAP_SYS_ADMIN; without it systemd skips sandboxing.
+
+#include <tunables/global>
+
+profile {name} flags=(attach_disconnected,mediate_deleted) {{
+  #include <abstractions/base>
+
+  network,
+  capability,
+  file,
+  umount,
+
+  signal (receive) peer=unconfined,
+  signal (send,receive) peer={name},
+  ptrace (trace,read,tracedby,readby) peer={name},
+
+  # API file systems systemd mounts itself when they are missing.
+  mount fstype=tmpfs -> /{{run,run/lock,tmp,dev/shm}}/,
+  mount fstype=tmpfs -> /sys/fs/cgroup/,
+  mount fstype={{cgroup,cgroup2}} -> /sys/fs/cgroup/{{,**}},
+  mount fstype=mqueue -> /dev/mqueue/,
+  mount fstype={{tmpfs,ramfs}} -> /run/credentials/{{,**}},
+
+  # Service sandboxes: a private copy of the tree under /run/systemd/unit-root, moved
+  # onto / of the service's own mount namespace.
+  mount options=(rw,rbind) / -> /run/systemd/unit-root/,
+  mount options in (rw,bind,rbind) -> /run/systemd/unit-root/**,
+  mount fstype={{tmpfs,proc,sysfs,mqueue}} -> /run/systemd/unit-root/**,
+  mount options=(rw,move) /run/systemd/unit-root/ -> /,
+  remount /run/systemd/unit-root/{{,**}},
+  mount options in (rw,bind,rbind) /run/systemd/** -> /run/systemd/**,
+
+  # Mount propagation changes (never new mounts).
+  mount options=(rw,rshared) -> /,
+  mount options=(rw,rslave) -> /,
+  mount options=(rw,rprivate) -> /,
+  mount options in (rw,slave,rslave,private,rprivate,shared,rshared) -> /run/systemd/{{,**}},
+
+  # Host-wide kernel settings; /proc/sys/net and kernel/shm* are per-namespace.
+  deny @{{PROC}}/sys/{{abi,debug,dev,fs,user,vm}}/** wklx,
+  deny @{{PROC}}/sys/kernel/{{[^s]*,s[^h]*,sh[^m]*}} wklx,
+  deny @{{PROC}}/sys/kernel/*/** wklx,
+  deny @{{PROC}}/{{sysrq-trigger,kcore,kmem,mem}} rwklx,
+
+  # sysfs is read-only outside the cgroup tree; firmware and LSM state stay hidden.
+  deny /sys/{{block,bus,class,dev,devices,hypervisor,kernel,module,power}}/** wklx,
+  deny /sys/fs/{{[^c]*,c[^g]*,cg[^r]*}}/** wklx,
+  deny /sys/firmware/** rwklx,
+  deny /sys/kernel/security/** rwklx,
+  deny /sys/kernel/debug/** rwklx,
+}}
+"""
+
+
+def apparmor_profile() -> str:
+    """The text of the `sysbake-systemd` AppArmor profile."""
+    from sysbake import __version__
+
+    return _PROFILE.format(name=PROFILE_NAME, version=__version__)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temp file and a rename (never half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise HostError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def install_profile(host: HostFacts, path: Path = PROFILE_PATH) -> Path:
+    """Write the profile to `path` and load it with `apparmor_parser -r` (AppArmor only)."""
+    if not host.apparmor:
+        raise HostError("AppArmor is not enabled in this kernel (/sys/module/apparmor/"
+                        f"parameters/enabled is not Y): cannot load profile {PROFILE_NAME}")
+    parser = proc.require("apparmor_parser", "apparmor")
+    write_atomic(path, apparmor_profile())
+    proc.run([parser, "-r", path], what=f"apparmor_parser -r {path}")
+    return path
+
+
+# -- load into docker / podman ---------------------------------------------------------------
+
+
+def client_command(engine: Engine, host: str | None = None) -> list[str]:
+    """The client argv prefix for `engine`, talking to `host` when given."""
+    if engine not in ENGINES:
+        raise HostError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    client = proc.which(engine)
+    if client is None:
+        raise HostError(f"{engine} is not installed (no '{engine}' on PATH): install the "
+                        f"Debian package '{_CLIENT_PACKAGE[engine]}'")
+    if host is None:
+        return [client]
+    return [client, "-H", host] if engine == "docker" else [client, "--url", host]
+
+
+def check_engine(engine: Engine, client: Sequence[str]) -> None:
+    """Fail with one clear line when `engine`'s daemon (or podman service) does not answer."""
+    try:
+        proc.run([*client, "version", "--format", "{{.Server.Version}}"]
+                 if engine == "docker" else [*client, "info", "--format", "{{.Host.Arch}}"],
+                 what=f"{engine} version", timeout=60)
+    except CommandError as exc:
+        where = next((a for a in client[1:] if "://" in a), "its default socket")
+        raise HostError(f"{engine} does not answer at {where}: {exc.tail or exc}") from exc
+
+
+def loaded_names(output: str) -> tuple[str, ...]:
+    """Image names from `docker load` / `podman load` output ("Loaded image: NAME")."""
+    names: list[str] = []
+    for line in output.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip().startswith("Loaded image"):
+            names.extend(v.strip() for v in value.split(",") if v.strip())
+    return tuple(names)
+
+
+def _load(engine: Engine, client: Sequence[str], archive: Path) -> tuple[str, ...]:
+    with log.step(f"loading {archive.name} into {engine}"):
+        result = proc.run([*client, "load", "-i", archive], what=f"{engine} load", timeout=3600)
+    out = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
+    return loaded_names(out)
+
+
+def load_archive(engine: Engine, archive: Path, host: str | None = None) -> tuple[str, ...]:
+    """Load a docker-archive file into docker or podman; returns the loaded image names."""
+    if not archive.is_file():
+        raise HostError(f"{archive}: no such archive to load")
+    client = client_command(engine, host)
+    check_engine(engine, client)
+    return _load(engine, client, archive)
+
+
+@contextlib.contextmanager
+def _exported(store: Any, ref: str) -> Iterator[Path]:
+    # A file rather than a pipe: proc.run feeds stdin from memory only, and the engine
+    # then reads the archive at its own pace.
+    from sysbake.export import export_docker_archive
+
+    store.resolve(ref)  # an unknown image fails before anything is written
+    with store.staging("load") as tmp:
+        archive = Path(tmp) / "image.tar"
+        with open(archive, "wb") as out:
+            export_docker_archive(store, ref, out)
+        yield archive
+
+
+def load_image(store: Any, ref: str, engine: Engine, host: str | None = None) -> tuple[str, ...]:
+    """Export stored image `ref` as a docker-archive and load it into `engine`."""
+    client = client_command(engine, host)
+    check_engine(engine, client)  # before the export, which can take a while
+    with _exported(store, ref) as archive:
+        return _load(engine, client, archive)

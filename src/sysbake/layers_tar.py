@@ -1,0 +1,216 @@
+"""The tar format of layers: canonical PAX headers out, tarfile's stream reader in.
+
+Helpers of sysbake.layers; see there for the format's rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tarfile
+from collections.abc import Iterator
+
+from sysbake.compress import CHUNK, Readable, Writable
+from sysbake.errors import LayerError
+
+WH_PREFIX = ".wh."
+WH_META = ".wh..wh."
+WH_OPAQUE = ".wh..wh..opq"
+OPAQUE_XATTR = "trusted.overlay.opaque"
+OVERLAY_XATTRS = ("trusted.overlay.", "user.overlay.")
+_DROPPED_XATTRS = ("security.selinux", "system.nfs4_acl")
+_XATTR_RECORD = "SCHILY.xattr."
+_TYPES = {tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE,
+          tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE}
+
+
+def keep_xattr(name: str) -> bool:
+    """Whether an xattr belongs in a layer (not a host label, not overlayfs bookkeeping)."""
+    return name not in _DROPPED_XATTRS and not name.startswith(OVERLAY_XATTRS)
+
+
+def clean_name(name: str) -> str:
+    """A tar member name made relative ("/", "./", "//" dropped); ".." is a LayerError."""
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise LayerError(f"layer entry {name!r}: '..' is not allowed in a path")
+    return "/".join(parts)
+
+@dataclasses.dataclass(frozen=True)
+class Meta:
+    mode: int
+    uid: int
+    gid: int
+    mtime: int
+    xattrs: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One tar member as written: the canonical header fields."""
+
+    name: str
+    kind: bytes
+    meta: Meta
+    size: int = 0
+    linkname: str = ""
+    dev: tuple[int, int] = (0, 0)
+
+    def header(self) -> bytes:
+        """The ustar block, preceded by a PAX block for what ustar cannot hold.
+
+        Xattr values go in raw (as GNU tar and Go write them): no 'hdrcharset', which
+        GNU tar warns about.
+        """
+        name = os.fsencode(self.name + "/" if self.kind == tarfile.DIRTYPE else self.name)
+        link = os.fsencode(self.linkname)
+        records: list[tuple[bytes, bytes]] = []
+        if len(name) > 100 or not name.isascii():
+            records.append((b"path", name))
+        if len(link) > 100 or not link.isascii():
+            records.append((b"linkpath", link))
+        numbers = []
+        for key, value, width in ((b"uid", self.meta.uid, 8), (b"gid", self.meta.gid, 8),
+                                  (b"size", self.size, 12), (b"mtime", self.meta.mtime, 12)):
+            if not 0 <= value < 8 ** (width - 1):
+                records.append((key, b"%d" % value))
+                value = 0
+            numbers.append(b"%0*o\0" % (width - 1, value))
+        records += [(b"SCHILY.xattr." + os.fsencode(k), v) for k, v in self.meta.xattrs]
+        uid, gid, size, mtime = numbers
+        block = _ustar(name, self.kind, b"%07o\0" % (self.meta.mode & 0o7777), uid, gid, size,
+                       mtime, link, self.dev)
+        if not records:
+            return block
+        payload = b"".join(_pax_record(key, value) for key, value in records)
+        pax = _ustar(b"././@PaxHeader", tarfile.XHDTYPE, b"0000644\0", b"0000000\0",
+                     b"0000000\0", b"%011o\0" % len(payload), b"00000000000\0", b"", (0, 0))
+        return pax + payload + bytes(-len(payload) % 512) + block
+
+
+def _ustar(name: bytes, kind: bytes, mode: bytes, uid: bytes, gid: bytes, size: bytes,
+           mtime: bytes, link: bytes, dev: tuple[int, int]) -> bytes:
+    block = b"".join((
+        name[:100].ljust(100, b"\0"), mode, uid, gid, size, mtime, b" " * 8, kind,
+        link[:100].ljust(100, b"\0"), b"ustar\x0000", bytes(64),
+        b"%07o\0" % dev[0], b"%07o\0" % dev[1], bytes(167)))
+    return block[:148] + b"%06o\0 " % sum(block) + block[156:]
+
+
+def _pax_record(key: bytes, value: bytes) -> bytes:
+    body = b" " + key + b"=" + value + b"\n"
+    length = len(body) + len(str(len(body)))
+    length = len(body) + len(str(length))  # the length counts its own digits
+    return b"%d" % length + body
+
+
+def tar_xattrs(info: tarfile.TarInfo) -> tuple[tuple[str, bytes], ...]:
+    found = ((key[len(_XATTR_RECORD):], value) for key, value in info.pax_headers.items()
+             if key.startswith(_XATTR_RECORD))
+    return tuple(sorted((key, value.encode("utf-8", "surrogateescape"))
+                        for key, value in found if keep_xattr(key)))
+
+
+def clamp(value: float, limit: int | None) -> int:
+    seconds = int(value)
+    return seconds if limit is None else min(seconds, limit)
+
+
+def write_all(out: Writable, data: bytes) -> None:
+    written = out.write(data)
+    if isinstance(written, int) and 0 <= written < len(data):
+        view = memoryview(data)[written:]
+        while view:
+            view = view[out.write(view.tobytes()):]
+
+
+class TarWriter:
+    """Writes entries to `out` in CHUNK-sized writes: 10k small files must not cost 30k
+    calls through every stream layered below (hashing, compression pipe...)."""
+
+    def __init__(self, out: Writable) -> None:
+        self._out = out
+        self._buf = bytearray()
+
+    def entry(self, info: Entry, data: Readable | int | None = None) -> None:
+        """A header, then `info.size` bytes from a stream or a file descriptor."""
+        self._write(info.header())
+        left = info.size
+        while left > 0:
+            want = min(CHUNK, left)
+            if isinstance(data, int):
+                chunk = os.read(data, want)
+            else:
+                chunk = data.read(want) if data is not None else b""
+            if not chunk:
+                raise LayerError(f"{info.name}: {left} bytes short (did it change while read?)")
+            self._write(chunk)
+            left -= len(chunk)
+        if info.size % 512:
+            self._write(bytes(512 - info.size % 512))
+
+    def close(self) -> None:
+        """The end-of-archive marker; flushes everything to `out`."""
+        self._write(bytes(1024))
+        self._flush()
+
+    def _write(self, data: bytes) -> None:
+        if not self._buf and len(data) >= CHUNK:
+            write_all(self._out, data)
+            return
+        self._buf += data
+        if len(self._buf) >= CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buf:
+            write_all(self._out, bytes(self._buf))
+            self._buf.clear()
+
+
+class _TarSource:
+    """The read-only face that tarfile's stream mode ("r|") uses."""
+
+    def __init__(self, src: Readable) -> None:
+        self._src = src
+
+    def read(self, size: int, /) -> bytes:
+        return self._src.read(size)
+
+    def write(self, data: bytes, /) -> int:
+        raise OSError("read-only stream")
+
+    def tell(self) -> int:
+        raise OSError("not seekable")
+
+    def seek(self, pos: int, /) -> int:
+        raise OSError("not seekable")
+
+    def close(self) -> None:
+        pass
+
+
+def read_entries(src: Readable) -> Iterator[tuple[tarfile.TarInfo, Readable | None]]:
+    with tarfile.open(fileobj=_TarSource(src), mode="r|", bufsize=CHUNK) as archive:
+        for info in archive:
+            if info.type not in _TYPES:
+                raise LayerError(f"layer entry {info.name!r}: unsupported tar entry type "
+                                 f"{info.type!r}")
+            yield info, (archive.extractfile(info) if info.isreg() else None)
+
+
+def read_xattrs(path: str | int) -> dict[str, bytes]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+        return {name: os.getxattr(path, name, follow_symlinks=False) for name in names}
+    except OSError:
+        return {}  # a file system without xattrs
+
+
+def is_opaque(xattrs: dict[str, bytes]) -> bool:
+    return any(xattrs.get(prefix + "opaque") == b"y" for prefix in OVERLAY_XATTRS)
+
+
+def join(head: str, name: str) -> str:
+    return f"{head}/{name}" if head else name
+

@@ -1,0 +1,68 @@
+"""Overlay mounts of read-only layer trees with a writable upper dir, and their removal."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from sysbake import proc
+from sysbake.errors import CommandError, RuntimeFailure
+
+# The kernel copies mount options into one page; keep a margin for the other options.
+_MAX_LOWERDIR = 3800
+
+
+def _unescape(field: str) -> str:
+    # /proc/self/mountinfo escapes space, tab, newline and backslash as octal.
+    return (field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+            .replace("\\134", "\\"))
+
+
+def mount_points() -> list[str]:
+    """Every mount point of this mount namespace, in mount order."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        return [_unescape(line.split()[4]) for line in f if line.strip()]
+
+
+def is_mounted(path: Path) -> bool:
+    return os.path.realpath(path) in mount_points()
+
+
+def lowerdir_option(lowerdirs: Sequence[Path]) -> str:
+    """The overlay `lowerdir=` value for layers given bottom to top (overlay wants top first)."""
+    if not lowerdirs:
+        raise RuntimeFailure("an overlay needs at least one lower layer")
+    for d in lowerdirs:
+        if ":" in str(d) or "," in str(d):
+            raise RuntimeFailure(f"layer path {d} contains ':' or ',' (overlayfs cannot use it)")
+    value = ":".join(os.path.abspath(d) for d in reversed(lowerdirs))
+    if len(value) > _MAX_LOWERDIR:
+        raise RuntimeFailure(f"{len(lowerdirs)} layers are too many for one overlay mount "
+                             f"(lowerdir= would be {len(value)} bytes, at most "
+                             f"{_MAX_LOWERDIR}): squash the image")
+    return value
+
+
+def mount_overlay(lowerdirs: Sequence[Path], upper: Path, work: Path, target: Path) -> None:
+    """Mount `lowerdirs` (bottom to top, never written) + `upper` at `target`."""
+    for d in lowerdirs:
+        if not Path(d).is_dir():
+            raise RuntimeFailure(f"layer tree {d} is missing: expected an unpacked layer")
+    options = (f"lowerdir={lowerdir_option(lowerdirs)},upperdir={os.path.abspath(upper)},"
+               f"workdir={os.path.abspath(work)}")
+    try:
+        proc.run(["mount", "-t", "overlay", "overlay", "-o", options, target],
+                 what=f"mounting the overlay rootfs at {target}")
+    except CommandError as exc:
+        raise RuntimeFailure(str(exc)) from exc
+
+
+def umount(target: Path) -> None:
+    """Unmount `target` if mounted (idempotent); a busy mount is detached lazily."""
+    if not is_mounted(target):
+        return
+    result = proc.run(["umount", target], check=False, what=f"unmounting {target}")
+    if result.returncode != 0 and is_mounted(target):
+        # Busy (a shell of the user sits in it): detach now, the kernel frees it later.
+        proc.run(["umount", "--lazy", target], what=f"unmounting {target}")

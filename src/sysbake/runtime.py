@@ -1,0 +1,496 @@
+"""Containers without a daemon: an overlay rootfs over the image's layer trees, an OCI
+bundle (sysbake.bundle), runc or crun started detached under sysbake's monitor.
+
+A container lives in `<store>/containers/<name>/`; its state survives the sysbake
+process that started it, so any later `ps`, `stop` or `rm` manages it. Every failure
+while creating a container leaves no mount, runtime state or process behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from sysbake import bundle, log, overlay, proc
+from sysbake.bundle import BindMount, BundleSpec
+from sysbake.errors import RuntimeFailure
+from sysbake.store import atomic_write, remove_tree
+
+STATE_ROOT = Path("/run/sysbake")
+RUNTIMES = {"runc": "runc", "crun": "crun"}  # name -> Debian package
+_ANSI = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\r")
+_RUNNING = ("running", "created", "paused", "starting")
+
+
+class ContainerNotFound(RuntimeFailure):
+    """No container by that name in the store."""
+
+
+class NoSystemd(RuntimeFailure):
+    """The image has no init to boot (checked before anything is started)."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run an image: name, mounts, network, runtime and overrides of its config."""
+
+    name: str | None = None
+    binds: tuple[BindMount, ...] = ()
+    network: str = "none"
+    runtime: str = "runc"
+    env: tuple[str, ...] = ()
+    command: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Container:
+    """A container as recorded in containers/<name>/state.json."""
+
+    name: str
+    dir: Path
+    runtime: str
+    runtime_id: str
+    image: str
+    image_id: str
+    created: float
+    args: tuple[str, ...]
+    stop_signal: int
+    network: str
+    pid: int | None = None
+
+    @property
+    def rootfs(self) -> Path:
+        return self.dir / "bundle" / "rootfs"
+
+    @property
+    def state_root(self) -> Path:
+        return STATE_ROOT / self.runtime
+
+
+@dataclass(frozen=True)
+class Status:
+    """What a container is doing now: running, exited, starting, dead (state lost), ..."""
+
+    state: str
+    pid: int | None = None
+    exit_code: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.state in _RUNNING
+
+
+@dataclass(frozen=True)
+class StopResult:
+    """How a container ended: PID 1's exit code (None if unknown) and whether it was killed."""
+
+    exit_code: int | None
+    killed: bool
+
+
+# -- host checks -------------------------------------------------------------------------
+
+
+def cgroup_mode(mounts_text: str) -> str:
+    """'v2', 'hybrid' or 'v1' from the text of /proc/self/mounts."""
+    types = {}
+    for line in mounts_text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[1].startswith("/sys/fs/cgroup"):
+            types[fields[1]] = fields[2]
+    if types.get("/sys/fs/cgroup") == "cgroup2":
+        return "v2"
+    if types.get("/sys/fs/cgroup/unified") == "cgroup2":
+        return "hybrid"
+    if "cgroup" in types.values():
+        return "v1"
+    raise RuntimeFailure("no cgroup file system is mounted under /sys/fs/cgroup")
+
+
+def host_cgroup_mode() -> str:
+    return cgroup_mode(Path("/proc/self/mounts").read_text())
+
+
+def runtime_path(name: str) -> str:
+    """The runtime executable, after checking the host can run systemd containers with it."""
+    if name not in RUNTIMES:
+        raise RuntimeFailure(f"unknown runtime {name!r}: expected " + " or ".join(RUNTIMES))
+    path = proc.require(name, RUNTIMES[name])
+    if name == "crun" and host_cgroup_mode() == "hybrid":
+        raise RuntimeFailure("crun does not support hybrid cgroups (v1 controllers plus "
+                             "cgroup2 at /sys/fs/cgroup/unified), which this host uses: "
+                             "use --runtime runc")
+    return path
+
+
+def find_in_root(root: Path, path: str) -> Path | None:
+    """Host path of `path` inside `root`, following symlinks as the container would
+    (absolute targets stay inside `root`); None when it does not exist."""
+    parts = [p for p in path.split("/") if p]
+    current = root
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            current = current.parent if current != root else root
+            continue
+        candidate = current / part
+        if candidate.is_symlink():
+            hops += 1
+            if hops > 40:
+                return None
+            target = os.readlink(candidate)
+            parts = [p for p in target.split("/") if p] + parts
+            if target.startswith("/"):
+                current = root
+            continue
+        if not os.path.lexists(candidate):
+            return None
+        current = candidate
+    return current
+
+
+def find_init(rootfs: Path) -> str | None:
+    """The first of /lib/systemd/systemd and /sbin/init present in `rootfs`."""
+    for candidate in bundle.INIT_CANDIDATES:
+        found = find_in_root(rootfs, candidate)
+        if found is not None and found.is_file():
+            return candidate
+    return None
+
+
+# -- state files -------------------------------------------------------------------------
+
+
+def load(containers_dir: Path, name: str) -> Container:
+    """The container `name`; ContainerNotFound if there is none."""
+    path = containers_dir / name / "state.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ContainerNotFound(f"no container {name!r} in {containers_dir}") from None
+    except (OSError, ValueError) as exc:
+        raise RuntimeFailure(f"{path}: unreadable container state ({exc})") from None
+    data["dir"] = Path(data["dir"])
+    data["args"] = tuple(data["args"])
+    return Container(**data)
+
+
+def _save(container: Container) -> None:
+    data: dict[str, Any] = asdict(container)
+    data["dir"] = str(container.dir)
+    atomic_write(container.dir / "state.json", json.dumps(data, indent=1).encode())
+
+
+def all_containers(containers_dir: Path) -> list[Container]:
+    """Every container with a readable state file, oldest first."""
+    if not containers_dir.is_dir():
+        return []
+    found = []
+    for entry in sorted(containers_dir.iterdir()):
+        try:
+            found.append(load(containers_dir, entry.name))
+        except RuntimeFailure:
+            continue
+    return sorted(found, key=lambda c: c.created)
+
+
+def _exit_record(container: Container) -> dict[str, Any] | None:
+    try:
+        value = json.loads((container.dir / "exit.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def exit_code(container: Container) -> int | None:
+    """PID 1's recorded exit code (128+N when killed by signal N); None if not recorded."""
+    record = _exit_record(container)
+    code = record.get("code") if record else None
+    return code if isinstance(code, int) else None
+
+
+def _runtime_state(container: Container) -> dict[str, Any] | None:
+    result = proc.run([container.runtime, "--root", container.state_root, "state",
+                       container.runtime_id], check=False, what="runtime state")
+    if result.returncode != 0:
+        return None
+    try:
+        value = json.loads(result.stdout)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _monitor_pid(container: Container) -> int | None:
+    """The pid of the container's monitor if it still runs."""
+    try:
+        pid = int((container.dir / "monitor.pid").read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if b"sysbake.monitor" in cmdline and str(container.dir).encode() in cmdline \
+        else None
+
+
+def status(container: Container) -> Status:
+    """The container's current status, from its exit record or the runtime."""
+    record = _exit_record(container)
+    if record is not None:
+        return Status("exited", exit_code=record.get("code"))
+    state = _runtime_state(container)
+    if state is None:
+        return Status("starting" if _monitor_pid(container) else "dead")
+    pid = int(state.get("pid") or 0) or None
+    return Status(str(state.get("status", "unknown")), pid=pid if pid else None)
+
+
+def console_tail(container: Container, lines: int = 10) -> str:
+    """The last lines of the console log, without terminal escapes, joined by ' | '."""
+    try:
+        raw = (container.dir / "console.log").read_bytes()[-65536:]
+    except OSError:
+        return "no console output"
+    text = _ANSI.sub(b"", raw).decode(errors="replace")
+    kept = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+    return " | ".join(kept) if kept else "no console output"
+
+
+# -- creating ------------------------------------------------------------------------------
+
+
+def _default_name(image: str) -> str:
+    base = image.split("@")[0].rsplit("/", 1)[-1].split(":")[0]
+    base = re.sub(r"[^A-Za-z0-9_.-]", "-", base).strip("-._")[:40] or "c"
+    return f"{base}-{uuid.uuid4().hex[:6]}"
+
+
+def _etc_binds(container_dir: Path, rootfs: Path, hostname: str,
+               network: str) -> tuple[BindMount, ...]:
+    # Generated per container and bind-mounted, never written into the rootfs: a commit
+    # of the upper dir (provisioning) must not capture them. A symlink in the image (say
+    # to systemd-resolved's file) means the image manages that file itself.
+    etc = container_dir / "etc"
+    etc.mkdir()
+    resolv = "# no network (sysbake --network none)\n"
+    if network == "host":
+        try:
+            resolv = Path("/etc/resolv.conf").read_text()
+        except OSError:
+            resolv = ""
+    files = {"hosts": bundle.hosts_file(hostname), "hostname": f"{hostname}\n",
+             "resolv.conf": resolv}
+    binds = []
+    for name, content in files.items():
+        if (rootfs / "etc" / name).is_symlink():
+            continue
+        (etc / name).write_text(content)
+        binds.append(BindMount(str(etc / name), f"/etc/{name}"))
+    return tuple(binds)
+
+
+def _cgroups_path(runtime_id: str) -> str:
+    # Relative on v1/hybrid: nested under the cgroup of whoever starts it, as runc does by
+    # default. Absolute on v2, where a cgroup holding processes cannot have children with
+    # controllers.
+    return f"/sysbake/{runtime_id}" if host_cgroup_mode() == "v2" else f"sysbake/{runtime_id}"
+
+
+def _launch(container: Container, runtime: str) -> int:
+    # The monitor's short socket path: unix socket paths are limited to 107 bytes.
+    short = hashlib.sha256(container.runtime_id.encode()).hexdigest()[:16]
+    sock = STATE_ROOT / "console" / f"{short}.sock"
+    result = proc.run(
+        [sys.executable, "-m", "sysbake.monitor", "--runtime", runtime, "--root",
+         container.state_root, "--id", container.runtime_id, "--dir", container.dir,
+         "--socket", sock],
+        check=False, die_with_parent=False, timeout=180, what="container monitor")
+    if result.returncode != 0:
+        raise RuntimeFailure(f"starting container {container.name} failed: "
+                             f"{proc.tail_of(result)}")
+    return int(result.stdout.decode().strip())
+
+
+def _check_alive(container: Container, grace: float) -> None:
+    # A PID 1 that dies at once is an error of `run`, not a container to list later.
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        record = _exit_record(container)
+        if record is not None:
+            raise RuntimeFailure(f"container {container.name} exited immediately with code "
+                                 f"{record.get('code')}: {console_tail(container)}")
+        if bundle.is_init(container.args) and container.pid and \
+                Path(f"/proc/{container.pid}/root/run/systemd/system").exists():
+            return
+        time.sleep(0.05)
+
+
+def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[str, Any], *,
+           image: str, image_id: str = "", options: RunOptions = RunOptions(),
+           require_init: bool = False, grace: float = 1.0) -> Container:
+    """Start a container of the image whose layer trees are `lowerdirs` (bottom to top,
+    never written) and returns it running, detached; raises with everything cleaned up."""
+    name = bundle.check_name(options.name or _default_name(image))
+    runtime = runtime_path(options.runtime)
+    if options.network not in bundle.NETWORKS:
+        raise RuntimeFailure(f"unknown network {options.network!r}: expected "
+                             + " or ".join(bundle.NETWORKS))
+    for bind in options.binds:
+        if not os.path.exists(bind.source):
+            raise RuntimeFailure(f"-v {bind.source}:{bind.destination}: the source "
+                                 f"{bind.source} does not exist")
+    containers_dir.mkdir(parents=True, exist_ok=True)
+    cdir = containers_dir / name
+    try:
+        cdir.mkdir()
+    except FileExistsError:
+        raise RuntimeFailure(f"a container named {name!r} already exists: remove it with "
+                             f"`sysbake rm {name}` or choose another --name") from None
+    salt = hashlib.sha256(str(containers_dir.resolve()).encode()).hexdigest()[:8]
+    container: Container | None = None
+    try:
+        for sub in ("upper", "work", "bundle/rootfs"):
+            (cdir / sub).mkdir(parents=True)
+        rootfs = cdir / "bundle" / "rootfs"
+        overlay.mount_overlay(lowerdirs, cdir / "upper", cdir / "work", rootfs)
+        init = find_init(rootfs)
+        if require_init and init is None:
+            raise NoSystemd(f"image {image} has no systemd: neither "
+                                 + " nor ".join(bundle.INIT_CANDIDATES) + " exists in it")
+        process = bundle.process_from_image(image_config, init=init,
+                                            container_uuid=uuid.uuid4().hex,
+                                            env=options.env, command=options.command)
+        if process.args[0].startswith("/") and find_in_root(rootfs, process.args[0]) is None:
+            raise RuntimeFailure(f"image {image}: the command {process.args[0]} does not "
+                                 "exist in the image")
+        hostname = bundle.hostname_for(name)
+        runtime_id = f"{name}.{salt}"
+        spec = BundleSpec(
+            hostname=hostname, process=process, network=options.network,
+            binds=_etc_binds(cdir, rootfs, hostname, options.network) + options.binds,
+            cgroups_path=_cgroups_path(runtime_id),
+            annotations=(("org.sysbake.image", image), ("org.sysbake.name", name)))
+        atomic_write(cdir / "bundle" / "config.json",
+                     json.dumps(bundle.runtime_config(spec), indent=1).encode())
+        container = Container(
+            name=name, dir=cdir, runtime=options.runtime, runtime_id=runtime_id,
+            image=image, image_id=image_id, created=time.time(), args=process.args,
+            stop_signal=bundle.stop_signal(image_config, process.args),
+            network=options.network)
+        _save(container)
+        container = replace(container, pid=_launch(container, runtime))
+        _save(container)
+        _check_alive(container, grace)
+        return container
+    except BaseException:
+        _teardown_dir(cdir, container)
+        raise
+
+
+def _teardown_dir(cdir: Path, container: Container | None) -> None:
+    try:
+        if container is not None:
+            _kill(container, signal.SIGKILL)
+            _wait_exit(container, 10.0)
+            _teardown(container)
+        overlay.umount(cdir / "bundle" / "rootfs")
+    finally:
+        remove_tree(cdir)
+
+
+# -- stopping and removing -----------------------------------------------------------------
+
+
+def send_signal(container: Container, sig: int) -> None:
+    """Send `sig` to PID 1 (no error if it already exited)."""
+    _kill(container, sig)
+
+
+def _kill(container: Container, sig: int) -> None:
+    # The number, not a name: runc does not know "RTMIN+3".
+    proc.run([container.runtime, "--root", container.state_root, "kill",
+              container.runtime_id, str(int(sig))], check=False, what="runtime kill")
+
+
+def _wait_exit(container: Container, timeout: float) -> bool:
+    """Wait until PID 1 is gone (and the monitor recorded it, if it lives); True if so."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if _exit_record(container) is not None:
+            return True
+        if _monitor_pid(container) is None:
+            state = _runtime_state(container)
+            if state is None or state.get("status") == "stopped":
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
+def _teardown(container: Container) -> None:
+    # Idempotent: the monitor normally did all of this already.
+    monitor = _monitor_pid(container)
+    deadline = time.monotonic() + 5
+    while monitor is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        monitor = _monitor_pid(container)
+    if monitor is not None:
+        os.kill(monitor, signal.SIGKILL)
+    if _runtime_state(container) is not None:
+        proc.run([container.runtime, "--root", container.state_root, "delete", "--force",
+                  container.runtime_id], what=f"deleting container {container.name}")
+    overlay.umount(container.rootfs)
+
+
+def stop(container: Container, timeout: float = 10.0) -> StopResult:
+    """Stop with the image's stop signal, SIGKILL after `timeout` s; delete the runtime
+    state and unmount the rootfs. Idempotent."""
+    killed = False
+    if status(container).running:
+        log.info(f"stopping {container.name} (signal {container.stop_signal})")
+        _kill(container, container.stop_signal)
+        if not _wait_exit(container, timeout):
+            log.warn(f"{container.name} did not stop within {timeout:.0f}s: killing it")
+            killed = True
+            _kill(container, signal.SIGKILL)
+            if not _wait_exit(container, 30.0):
+                raise RuntimeFailure(f"container {container.name} survived SIGKILL")
+    _teardown(container)
+    return StopResult(exit_code(container), killed)
+
+
+def remove(container: Container, *, force: bool = False) -> None:
+    """Delete the container's state and upper dir; a running one needs `force` (killed)."""
+    if status(container).running:
+        if not force:
+            raise RuntimeFailure(f"container {container.name} is running: stop it first "
+                                 f"or use `sysbake rm -f {container.name}`")
+        _kill(container, signal.SIGKILL)
+        _wait_exit(container, 30.0)
+    _teardown(container)
+    remove_tree(container.dir)
+
+
+# -- store glue ------------------------------------------------------------------------------
+
+
+def run_image(store: Any, ref: str, options: RunOptions, *,
+              require_init: bool = False) -> Container:
+    """Resolve `ref` in `store` (a sysbake.store.Store) and start a container of it."""
+    image = store.resolve(ref)
+    if not image.layers:
+        raise RuntimeFailure(f"image {ref} has no layers")
+    store.ensure()
+    lowerdirs = [store.layer_tree(layer) for layer in image.layers]
+    return create(store.containers_dir, lowerdirs, image.config, image=ref,
+                  image_id=image.id, options=options, require_init=require_init)

@@ -1,0 +1,411 @@
+"""The Salt toolchain: the host suite's python3 with Salt installed, outside any image.
+
+Built once per (Salt version, suite, architecture) under <store>/toolchains/salt-<v>-<hash>/:
+mmdebstrap of the host's suite (python3 + compilers), then pip *inside* it (chroot, clean
+environment, no index) from a wheelhouse the host's own pip downloaded (its index, proxy and
+CA settings), then the compilers removed. Its Python is always started with its own dynamic
+loader and libraries (`Toolchain.argv`), so it runs inside any image, wherever it is mounted.
+See sysbake.salt for how a step uses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shlex
+import sys
+import tarfile
+import tomllib
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sysbake import bootstrap, log, oci, proc
+from sysbake.errors import BuildError, CommandError
+from sysbake.store import Store, atomic_write, remove_tree
+
+DEFAULT_SALT_VERSION = "3007.16"  # the newest 3007.x whose dependencies the index serves here
+RECIPE = 1  # bump when the way a toolchain is built changes: every toolchain is rebuilt
+BUILD_PACKAGES = ("python3-dev", "gcc", "libc6-dev")  # to compile sdists; removed afterwards
+_VERSION_RE = re.compile(r"^\d+(\.\d+)*(rc\d+)?$")
+_CLEAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+              "HOME": "/root", "LANG": "C.UTF-8"}
+META = "sysbake/toolchain.json"
+PYTHON_WRAPPER = "sysbake/python"
+
+_LOADERS = {"amd64": "lib64/ld-linux-x86-64.so.2", "arm64": "lib/ld-linux-aarch64.so.1",
+            "armhf": "lib/ld-linux-armhf.so.3", "i386": "lib/ld-linux.so.2",
+            "ppc64el": "lib64/ld64.so.2", "s390x": "lib/ld64.so.1",
+            "riscv64": "lib/ld-linux-riscv64-lp64d.so.1"}
+_TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu",
+             "armhf": "arm-linux-gnueabihf", "i386": "i386-linux-gnu",
+             "ppc64el": "powerpc64le-linux-gnu", "s390x": "s390x-linux-gnu",
+             "riscv64": "riscv64-linux-gnu"}
+
+
+def loader_path(architecture: str) -> str:
+    """The ABI path of the dynamic loader of a Debian architecture, relative to '/'."""
+    try:
+        return _LOADERS[architecture]
+    except KeyError:
+        raise BuildError(f"salt toolchain: architecture {architecture!r} is not supported "
+                         f"(expected one of {', '.join(sorted(_LOADERS))})") from None
+
+
+def resolve_in_root(root: Path, rel: str) -> str:
+    """`rel` with every symlink resolved as if `root` were '/' (absolute targets stay inside
+    it), relative to `root`. Links are followed as the loader would inside the container."""
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    done: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        path = root.joinpath(*done, part)
+        if path.is_symlink():
+            hops += 1
+            if hops > 40:
+                raise BuildError(f"{root / rel}: too many levels of symbolic links")
+            target = os.readlink(path)
+            if target.startswith("/"):
+                done = []
+            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+            continue
+        done.append(part)
+    return "/".join(done)
+
+
+def boot_code(prefix: str, tmpdir: str | None) -> str:
+    """The `python -c` program that starts salt-call from the toolchain mounted at `prefix`.
+    sys.executable points at the toolchain's wrapper so the Pythons Salt spawns (cmd.run's
+    runas) also use the toolchain's loader; temp files go to `tmpdir` (a tmpfs)."""
+    lines = ["import os, sys, tempfile, warnings",
+             # Salt imports crypt, which warns on every run (stderr noise): import it first.
+             "with warnings.catch_warnings():",
+             "    warnings.simplefilter('ignore')",
+             "    try:",
+             "        import crypt",
+             "    except ImportError:",
+             "        pass",
+             f"sys.path[:0] = [{prefix + '/opt/salt/lib'!r}]",
+             f"sys.executable = {prefix + '/' + PYTHON_WRAPPER!r}",
+             "sys.argv[0] = 'salt-call'"]
+    if tmpdir:
+        lines += [f"os.makedirs({tmpdir!r}, exist_ok=True)", f"tempfile.tempdir = {tmpdir!r}"]
+    lines += ["from salt.scripts import salt_call", "salt_call()"]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """A built toolchain: `python`, `loader`, `library_path` are relative to `path`; `key`
+    identifies what is in it (Salt version, suite, arch, the exact wheels) for stage keys."""
+
+    path: Path
+    version: str
+    suite: str
+    architecture: str
+    python: str
+    loader: str
+    library_path: tuple[str, ...]
+    key: str
+
+    def argv(self, prefix: str) -> list[str]:
+        """The loader invocation of the toolchain's Python, the toolchain mounted at `prefix`."""
+        libs = ":".join(f"{prefix}/{d}" for d in self.library_path)
+        return [f"{prefix}/{self.loader}", "--library-path", libs, f"{prefix}/{self.python}"]
+
+    @classmethod
+    def load(cls, path: Path) -> Toolchain:
+        doc = json.loads((path / META).read_text())
+        return cls(path=path, version=doc["version"], suite=doc["suite"],
+                   architecture=doc["architecture"], python=doc["python"],
+                   loader=doc["loader"], library_path=tuple(doc["library_path"]),
+                   key=doc["key"])
+
+
+# -- building a toolchain -----------------------------------------------------------------
+
+def _host_release() -> tuple[str, str]:
+    try:
+        text = Path("/etc/os-release").read_text()
+    except OSError:
+        text = ""
+    m = re.search(r'^VERSION_CODENAME="?([a-z]+)"?', text, re.M)
+    if not m:
+        raise BuildError("salt toolchain: /etc/os-release names no VERSION_CODENAME "
+                         "(the toolchain is built from the host's own suite)")
+    return bootstrap.host_distro(), m.group(1)
+
+
+def ensure_toolchain(store: Store, version: str = "", *, architecture: str = "") -> Toolchain:
+    """The toolchain of Salt `version` ("" = DEFAULT_SALT_VERSION) for the host's suite,
+    built on first use and reused afterwards (no download). Idempotent; concurrent callers
+    wait for one build; a killed build leaves only staging that `clean_stale` removes."""
+    version = version or DEFAULT_SALT_VERSION
+    if not _VERSION_RE.match(version):
+        raise BuildError(f"salt_version {version!r}: expected a Salt version like "
+                         f'"{DEFAULT_SALT_VERSION}"')
+    arch = architecture or bootstrap.host_architecture()
+    loader_path(arch)
+    distro, suite = _host_release()
+    ident = {"recipe": RECIPE, "version": version, "distro": distro, "suite": suite,
+             "architecture": arch, "packages": BUILD_PACKAGES}
+    short = hashlib.sha256(oci.canonical_json(ident)).hexdigest()[:12]
+    store.ensure()
+    top = store.root / "toolchains"
+    final = top / f"salt-{version}-{short}"
+    top.mkdir(exist_ok=True)
+    with open(top / f".{final.name}.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / META).is_file():
+            return Toolchain.load(final)
+        with log.step(f"building the Salt {version} toolchain ({suite}, {arch}); "
+                      "once per version"), store.staging("toolchain") as stage:
+            tree = stage / "tree"
+            if not wheelhouse_path(store, version, arch).is_dir():
+                _check_version_exists(store, version)
+            with log.step(f"toolchain: bootstrapping python3 ({suite}) and downloading "
+                          "Salt's wheels"), ThreadPoolExecutor(max_workers=1) as pool:
+                # The download and the bootstrap take about as long: overlap them.
+                wheels = pool.submit(ensure_wheelhouse, store, version, arch)
+                _bootstrap(tree, distro, suite, arch, store.debs_dir)
+                python = _toolchain_python(tree, suite)
+                wheelhouse = wheels.result()
+            with log.step(f"toolchain: pip install salt=={version} (offline, in the toolchain)"):
+                _install_salt(tree, wheelhouse, version)
+            _slim(tree)
+            _relativize_symlinks(tree)
+            meta = _describe(tree, ident, python, wheelhouse)
+            _write_wrapper(tree, meta)
+            _smoke_test(tree, meta)
+            remove_tree(final)  # a leftover without its metadata is not a toolchain
+            os.rename(tree, final)
+    return Toolchain.load(final)
+
+
+def wheelhouse_path(store: Store, version: str, architecture: str) -> Path:
+    """Where the wheelhouse of Salt `version` for this Python and architecture is kept."""
+    tag = f"py{sys.version_info.major}.{sys.version_info.minor}-{architecture}"
+    return store.root / "toolchains" / "wheels" / f"salt-{version}-{tag}"
+
+
+def ensure_wheelhouse(store: Store, version: str, architecture: str) -> Path:
+    """Salt `version`, its dependencies, their build requirements and pip, downloaded once
+    by the host's own pip (its index, proxy and CA settings) for this Python."""
+    final = wheelhouse_path(store, version, architecture)
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with store.staging("wheels") as stage:
+        dest = stage / "wheels"
+        _pip_download(version, [f"salt=={version}"], dest)
+        # pip download does not fetch build requirements; the toolchain's pip builds
+        # sdists offline, so add them (and pip itself) until no new sdist appears.
+        seen: set[str] = set()
+        while True:
+            sdists = {p.name for p in dest.iterdir() if p.suffix in (".gz", ".zip")} - seen
+            if not sdists:
+                break
+            seen |= sdists
+            reqs = sorted({r for s in sdists for r in build_requirements(dest / s)})
+            _pip_download(version, [*reqs, "pip"], dest)
+        if not any(dest.glob("pip-*.whl")):
+            _pip_download(version, ["pip"], dest)
+        with contextlib.suppress(OSError):
+            os.rename(dest, final)
+    if not final.is_dir():
+        raise BuildError(f"salt_version {version!r}: could not store the wheelhouse at {final}")
+    return final
+
+
+def _check_version_exists(store: Store, version: str) -> None:
+    # Seconds, where learning it from the full download would come after the bootstrap.
+    with store.staging("salt-sdist") as probe:
+        _pip_download(version, ["--no-deps", f"salt=={version}"], probe)
+
+
+def build_requirements(sdist: Path) -> list[str]:
+    """The [build-system] requires of an sdist (.tar.gz or .zip); setuptools' defaults when
+    it has no pyproject.toml."""
+    text = None
+    if sdist.name.endswith(".zip"):
+        with zipfile.ZipFile(sdist) as z:
+            names = [n for n in z.namelist() if n.count("/") == 1
+                     and n.endswith("/pyproject.toml")]
+            text = z.read(names[0]).decode() if names else None
+    else:
+        with tarfile.open(sdist) as t:
+            members = [m for m in t.getmembers() if m.name.count("/") == 1
+                       and m.name.endswith("/pyproject.toml") and m.isfile()]
+            f = t.extractfile(members[0]) if members else None
+            text = f.read().decode() if f else None
+    default = ["setuptools>=40.8.0", "wheel"]
+    if text is None:
+        return default
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return default
+    reqs = doc.get("build-system", {}).get("requires")
+    return [str(r) for r in reqs] if isinstance(reqs, list) else default
+
+
+def _pip_download(version: str, reqs: list[str], dest: Path) -> None:
+    cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
+           "--progress-bar", "off", "--dest", str(dest), *reqs]
+    try:
+        proc.run(cmd, what=f"pip download {' '.join(reqs)}")
+    except CommandError as exc:
+        raise BuildError(explain_pip_failure(version, exc.tail or str(exc))) from exc
+
+
+def explain_pip_failure(version: str, output: str) -> str:
+    """One line saying why `pip download salt==version` failed, from pip's output."""
+    m = re.search(r"No matching distribution found for (\S+)", output)
+    if m and m.group(1).lower().startswith("salt=="):
+        return f"salt_version {version!r}: no such version on the package index"
+    if m:
+        return (f"salt_version {version!r}: its dependency {m.group(1)!r} is not on the "
+                "package index")
+    if "No module named pip" in output:
+        return f"salt toolchain: {sys.executable} has no pip (it downloads Salt's wheels)"
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("ERROR")] or lines[-1:] or ["no output"]
+    return f"salt_version {version!r}: pip download failed: {errors[-1]}"
+
+
+def _bootstrap(tree: Path, distro: str, suite: str, arch: str, debs: Path) -> None:
+    plan = bootstrap.BootstrapPlan(
+        suite=suite, variant="minbase", architecture=arch, components=("main",),
+        # usr-is-merged satisfies init-system-helpers without usrmerge and its perl.
+        packages=("python3", "usr-is-merged", *BUILD_PACKAGES),
+        sources=tuple(bootstrap.source_lines(distro=distro, suite=suite, components=("main",),
+                                             mirror="", snapshot="", security=True)),
+        keyring="", snapshot="", hooks=())
+    try:
+        bootstrap.run_bootstrap(plan, tree, debs)
+    except BuildError as exc:
+        raise BuildError(f"salt toolchain: {exc}") from exc
+
+
+def _chroot_script(script: str, what: str) -> None:
+    # A private mount namespace: its mounts vanish with it, even if we are killed; a clean
+    # environment: the host's PIP_*, SSL_CERT_FILE... must not reach the chroot.
+    proc.run(["unshare", "--mount", "--propagation", "private", "sh", "-ec", script],
+             env=_CLEAN_ENV, what=what, stream=log.debug_enabled())
+
+
+def _install_salt(tree: Path, wheels: Path, version: str) -> None:
+    pips = sorted(wheels.glob("pip-*.whl"))
+    inner = "/tmp/sysbake-wheels"
+    (tree / inner.lstrip("/")).mkdir(parents=True)
+    pip = [f"/usr/bin/python3 {inner}/{pips[-1].name}/pip install", "--no-index",
+           f"--find-links {inner}", "--target /opt/salt/lib", "--no-cache-dir",
+           "--disable-pip-version-check", "--no-warn-script-location",
+           "--root-user-action=ignore", f"salt=={version}"]
+    script = (f"mount --bind -o ro {shlex.quote(str(wheels))} {shlex.quote(str(tree))}{inner}\n"
+              f"mount -t proc proc {shlex.quote(str(tree / 'proc'))}\n"
+              f"exec chroot {shlex.quote(str(tree))} {' '.join(pip)}\n")
+    try:
+        _chroot_script(script, f"pip install salt=={version} (toolchain)")
+    except CommandError as exc:
+        lines = [ln for ln in exc.tail.splitlines() if re.search(r"error|ERROR", ln)]
+        raise BuildError(f"salt_version {version!r}: installing Salt into the toolchain "
+                         f"failed: {(lines or [str(exc)])[-1].strip()}") from exc
+    (tree / inner.lstrip("/")).rmdir()
+
+
+def _slim(tree: Path) -> None:
+    # Keep python3 and what the base system needs; drop compilers, docs, caches, devices.
+    script = (
+        "apt-mark auto $(dpkg-query -W -f='${Package}\\n') >/dev/null\n"
+        "apt-mark manual python3 $(dpkg-query -W -f='${Package} ${Essential} ${Priority}\\n'"
+        " | awk '$2==\"yes\"||$3==\"required\"{print $1}') >/dev/null\n"
+        # usr-is-merged stands in for usrmerge, which would keep perl.
+        "if dpkg -s usr-is-merged >/dev/null 2>&1; then\n"
+        "  apt-get purge -y -qq usrmerge >/dev/null\nfi\n"
+        "apt-get autoremove --purge -y -qq -o APT::AutoRemove::RecommendsImportant=false"
+        " -o APT::AutoRemove::SuggestsImportant=false >/dev/null\n"
+        "apt-get clean\n"
+        "rm -rf /usr/share/doc/* /usr/share/man/* /usr/share/info/* /usr/share/locale/*"
+        " /var/lib/apt/lists/* /var/cache/debconf/*-old /var/lib/dpkg/*-old /var/log/*"
+        " /root/.cache /tmp/* /dev/*\n")
+    proc.run(["chroot", str(tree), "sh", "-ec", script], env=_CLEAN_ENV,
+             what="removing the toolchain's build tools")
+
+
+def _relativize_symlinks(tree: Path) -> None:
+    # The toolchain is used at /run/sysbake/salt and /opt/sysbake/salt: an absolute link
+    # (/lib/x86_64-linux-gnu/...) would point into the image instead.
+    for dirpath, dirs, files in os.walk(tree):
+        for name in files + dirs:
+            link = Path(dirpath, name)
+            if link.is_symlink() and (target := os.readlink(link)).startswith("/"):
+                link.unlink()
+                link.symlink_to(os.path.relpath(tree / target.lstrip("/"), dirpath))
+
+
+def _toolchain_python(tree: Path, suite: str) -> str:
+    # The host's pip picks wheels for the Python it runs on: they must fit the toolchain's.
+    python = resolve_in_root(tree, "usr/bin/python3")
+    wanted = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    if Path(python).name != wanted:
+        raise BuildError(f"salt toolchain: the {suite} python is {Path(python).name} but "
+                         f"sysbake runs on {wanted}, whose pip chooses the wheels: run "
+                         "sysbake with the host's python3")
+    return python
+
+
+def _describe(tree: Path, ident: dict[str, Any], python: str, wheels: Path) -> dict[str, Any]:
+    arch = str(ident["architecture"])
+    triplet = _TRIPLETS[arch]
+    libs = dict.fromkeys(resolve_in_root(tree, d) for d in (f"lib/{triplet}",
+                                                             f"usr/lib/{triplet}"))
+    key = hashlib.sha256(oci.canonical_json(
+        {**ident, "wheels": sorted(p.name for p in wheels.iterdir())})).hexdigest()
+    return {"version": ident["version"], "suite": ident["suite"], "architecture": arch,
+            "python": python, "loader": resolve_in_root(tree, loader_path(arch)),
+            "library_path": [d for d in libs if (tree / d).is_dir()], "key": key}
+
+
+def _write_wrapper(tree: Path, meta: dict[str, Any]) -> None:
+    # Relocatable: the toolchain root is two levels above the script, wherever it is mounted.
+    libs = ":".join(f'"$root/{d}"' for d in meta["library_path"])
+    wrapper = tree / PYTHON_WRAPPER
+    wrapper.parent.mkdir(parents=True, exist_ok=True)
+    wrapper.write_text(
+        "#!/bin/sh\n# sysbake: the toolchain's python, with the toolchain's loader and libraries\n"
+        'root="${0%/*/*}"\n'
+        f'exec "$root/{meta["loader"]}" --library-path {libs} "$root/{meta["python"]}" "$@"\n')
+    wrapper.chmod(0o755)
+    atomic_write(tree / META, json.dumps(meta, indent=1, sort_keys=True).encode())
+
+
+def _smoke_test(tree: Path, meta: dict[str, Any]) -> None:
+    # Run from its build path: proves the loader trick and relocation before it is used.
+    toolchain = Toolchain(path=tree, version=meta["version"], suite=meta["suite"],
+                          architecture=meta["architecture"], python=meta["python"],
+                          loader=meta["loader"], library_path=tuple(meta["library_path"]),
+                          key=meta["key"])
+    code = (f"import sys; sys.path[:0] = [{str(tree / 'opt/salt/lib')!r}]; "
+            "import ssl, ctypes, sqlite3, zlib, salt.version; print(salt.version.__version__)")
+    out = proc.run([*toolchain.argv(str(tree)), "-I", "-c", code], env=_CLEAN_ENV,
+                   what="salt toolchain smoke test").stdout.decode().strip()
+    if out != meta["version"]:
+        raise BuildError(f"salt toolchain: built Salt reports version {out!r}, expected "
+                         f"{meta['version']!r}")
+    prefix = proc.run([str(tree / PYTHON_WRAPPER), "-I", "-c", "import sys; print(sys.prefix)"],
+                      env=_CLEAN_ENV, what="salt toolchain smoke test").stdout.decode().strip()
+    if prefix != str(tree / "usr"):
+        raise BuildError(f"salt toolchain: its python wrapper found the prefix {prefix!r}, "
+                         f"expected {str(tree / 'usr')!r}")

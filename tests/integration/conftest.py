@@ -1,0 +1,51 @@
+"""Integration fixtures: real tools, run as root. One base image is bootstrapped per test
+run into a per-run store (the .deb cache is shared across runs) and every test that needs
+an image uses it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import EXAMPLE, TEST_ROOT, new_store, sysbake
+from services import docker_daemon, fixture, podman_store
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration/" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _root_only() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("integration tests need root (they bootstrap, mount and boot containers)")
+
+
+@pytest.fixture(scope="session")
+def shared_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The per-run store holding the example base image."""
+    TEST_ROOT.mkdir(parents=True, exist_ok=True)
+    path = new_store(Path(tmp_path_factory.mktemp("store", numbered=True)))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def first_build(shared_store: Path) -> subprocess.CompletedProcess[str]:
+    """`sysbake build` of the example's base image from nothing (once per run)."""
+    return sysbake("build", "--json", "-t", "base", EXAMPLE, store=shared_store)
+
+
+@pytest.fixture(scope="session")
+def base_image(first_build: subprocess.CompletedProcess[str]) -> str:
+    return "base:latest"
+
+
+dockerd = fixture(docker_daemon, scope="session", name="dockerd")
+podman = fixture(podman_store, scope="session", name="podman")

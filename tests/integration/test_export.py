@@ -1,0 +1,320 @@
+"""Exports read back by independent tools: skopeo, umoci, podman load, docker load, GNU tar;
+byte-identical output; deletions across layers; a full disk; bounded memory."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from sysbake import oci
+from sysbake.commit import commit_tree
+from sysbake.export import ExportError, export_image
+from sysbake.finalize import OciSettings, image_config
+from sysbake.oci import Image, Layer
+from sysbake.store import Store
+
+pytestmark = pytest.mark.integration
+
+# The tree the test image is made of: a bookworm tree with systemd.
+ROOTFS = Path(os.environ.get("SYSBAKE_EXPORT_ROOTFS", "/var/tmp/sysbake-dev/rootfs"))
+DELETED_FILE = "etc/issue"
+DELETED_DIR = "usr/share/common-licenses"
+ADDED_FILE = "etc/sysbake-export-test"
+CREATED = "2026-01-01T00:00:00Z"
+
+
+@dataclass(frozen=True)
+class Images:
+    store: Store
+    one: Image  # t:latest, the tree as one layer
+    two: Image  # t2:latest, plus a layer deleting a file and a directory
+
+
+def _put(store: Store, ref: str, layers: tuple[Layer, ...]) -> Image:
+    config = image_config(OciSettings(), architecture="amd64",
+                          diff_ids=[la.diff_id for la in layers],
+                          history=[{"created": CREATED, "created_by": "export test"}
+                                   for _ in layers],
+                          created=CREATED, labels={})
+    image = store.put_image(config, layers)
+    store.tag(ref, image)
+    return image
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
+    assert (ROOTFS / "lib/systemd/systemd").exists(), f"{ROOTFS} is not a systemd tree"
+    root = tmp_path_factory.mktemp("export-store")
+    store = Store(root).ensure()
+    base = commit_tree(store, ROOTFS)
+    upper = root / "upper"
+    for rel in (DELETED_FILE, DELETED_DIR):
+        (upper / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.mknod(upper / rel, stat.S_IFCHR | 0o000, os.makedev(0, 0))  # overlayfs whiteout
+    (upper / ADDED_FILE).write_text("added by the second layer\n")
+    for d in ("etc", "usr", "usr/share"):
+        shutil.copystat(ROOTFS / d, upper / d)
+    top = commit_tree(store, upper, overlay_upper=True)
+    yield Images(store, _put(store, "t:latest", (base,)), _put(store, "t2:latest", (base, top)))
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def scratch(tmp_path: Path) -> Iterator[Path]:
+    """A temp dir removed afterwards (exports of a whole tree are big)."""
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def run(*cmd: str | os.PathLike[str], env: dict[str, str] | None = None,
+        timeout: float = 600) -> str:
+    result = subprocess.run([os.fspath(c) for c in cmd], capture_output=True, text=True,
+                            env=None if env is None else {**os.environ, **env},
+                            timeout=timeout, check=False)
+    assert result.returncode == 0, f"{cmd} exited {result.returncode}: {result.stderr}"
+    return result.stdout
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_listing(root: Path) -> dict[str, str]:
+    """Every path under `root` with its type, mode and size or link target."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            st = path.lstat()
+            kind = stat.S_IFMT(st.st_mode)
+            detail = os.readlink(path) if stat.S_ISLNK(st.st_mode) else \
+                str(st.st_size) if stat.S_ISREG(st.st_mode) else ""
+            out[str(path.relative_to(root))] = f"{kind:o} {stat.S_IMODE(st.st_mode):o} {detail}"
+    return out
+
+
+# -- OCI layout and oci-archive ------------------------------------------------------------
+
+
+def test_oci_layout_reads_in_skopeo_and_unpacks_in_umoci(images: Images,
+                                                         scratch: Path) -> None:
+    layout = scratch / "layout"
+    export_image(images.store, "t2:latest", "oci", layout)
+    export_image(images.store, "t:latest", "oci", layout)
+    info = json.loads(run("skopeo", "inspect", f"oci:{layout}:t2:latest"))
+    assert info["Digest"] == images.two.manifest.digest
+    assert info["Layers"] == [la.blob.digest for la in images.two.layers]
+    one = json.loads(run("skopeo", "inspect", f"oci:{layout}:t:latest"))
+    assert one["Digest"] == images.one.manifest.digest
+    run("umoci", "unpack", "--image", f"{layout}:t2:latest", scratch / "bundle")
+    rootfs = scratch / "bundle" / "rootfs"
+    assert (rootfs / "lib/systemd/systemd").is_file()
+    assert (rootfs / ADDED_FILE).read_text() == "added by the second layer\n"
+    assert not os.path.lexists(rootfs / DELETED_FILE)
+    assert not os.path.lexists(rootfs / DELETED_DIR)
+    assert (rootfs / "usr/share/doc").is_dir()
+
+
+def test_oci_archive_reads_in_skopeo_and_loads_in_podman(images: Images, scratch: Path) -> None:
+    archive = export_image(images.store, "t2:latest", "oci-archive", scratch / "t2.tar")
+    info = json.loads(run("skopeo", "inspect", f"oci-archive:{archive}:t2:latest"))
+    assert info["Digest"] == images.two.manifest.digest
+    assert info["Layers"] == [la.blob.digest for la in images.two.layers]
+    assert podman_load(scratch, archive) == [("localhost/t2:latest", oci.hex_of(images.two.id))]
+
+
+def test_zstd_layers_read_in_skopeo_and_umoci(images: Images, scratch: Path) -> None:
+    layout = export_image(images.store, "t2:latest", "oci", scratch / "layout", "zstd")
+    info = json.loads(run("skopeo", "inspect", "--config", f"oci:{layout}:t2:latest"))
+    assert info["rootfs"]["diff_ids"] == list(images.two.diff_ids)
+    raw = json.loads(run("skopeo", "inspect", "--raw", f"oci:{layout}:t2:latest"))
+    assert {la["mediaType"] for la in raw["layers"]} == {oci.MT_LAYER_ZSTD}
+    run("umoci", "unpack", "--image", f"{layout}:t2:latest", scratch / "bundle")
+    assert not os.path.lexists(scratch / "bundle/rootfs" / DELETED_FILE)
+
+
+# -- docker-archive ------------------------------------------------------------------------
+
+
+def podman_load(scratch: Path, archive: Path) -> list[tuple[str, str]]:
+    """Load `archive` into a podman with its own storage; (name, image ID) of its images."""
+    conf = scratch / "containers.conf"
+    conf.write_text('[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\n'
+                    'events_logger = "file"\n[containers]\ndefault_ulimits = []\n')
+    runroot = tempfile.mkdtemp(prefix="sysbake-prun-")  # podman wants < 50 characters
+    podman = ["podman", "--root", scratch / "podman-root", "--runroot", runroot,
+              "--storage-driver", "vfs"]
+    env = {"CONTAINERS_CONF": str(conf)}
+    try:
+        run(*podman, "load", "-i", archive, env=env)
+        out = run(*podman, "images", "--no-trunc", "--format", "{{.Repository}}:{{.Tag}} {{.ID}}",
+                  env=env)
+    finally:
+        subprocess.run([*map(str, podman), "system", "reset", "--force"],
+                       env={**os.environ, **env}, capture_output=True, check=False)
+        shutil.rmtree(runroot, ignore_errors=True)
+    return [(name, ident.removeprefix("sha256:"))
+            for name, ident in (line.split() for line in out.splitlines())]
+
+
+def test_docker_archive_loads_in_podman(images: Images, scratch: Path) -> None:
+    archive = export_image(images.store, "t2:latest", "docker-archive", scratch / "t2.tar")
+    # podman reads docker-archive names as docker does: "t2" is docker.io/library/t2
+    assert podman_load(scratch, archive) == [("docker.io/library/t2:latest",
+                                              oci.hex_of(images.two.id))]
+
+
+@pytest.fixture(scope="module")
+def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A private dockerd (own data root, exec root, socket); stopped by pid afterwards."""
+    root = tmp_path_factory.mktemp("dockerd")
+    sock = root / "docker.sock"
+    with open(root / "dockerd.log", "wb") as logfile:
+        proc = subprocess.Popen(
+            ["dockerd", "--data-root", str(root / "data"), "--exec-root", str(root / "exec"),
+             "--pidfile", str(root / "dockerd.pid"), "--host", f"unix://{sock}",
+             "--exec-opt", "native.cgroupdriver=cgroupfs", "--iptables=false",
+             "--ip-masq=false", "--bridge=none"],
+            stdout=logfile, stderr=subprocess.STDOUT)
+    env = {"DOCKER_HOST": f"unix://{sock}"}
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(["/usr/bin/docker", "version"], env={**os.environ, **env},
+                             capture_output=True, check=False).returncode != 0:
+            assert proc.poll() is None, (root / "dockerd.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "dockerd did not start in 60 s"
+            time.sleep(0.5)
+        yield env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_docker_archive_loads_in_docker(images: Images, scratch: Path,
+                                        dockerd: dict[str, str]) -> None:
+    archive = export_image(images.store, "t2:latest", "docker-archive", scratch / "t2.tar")
+    out = run("/usr/bin/docker", "load", "-i", archive, env=dockerd)
+    assert "Loaded image: t2:latest" in out
+    ident = run("/usr/bin/docker", "image", "inspect", "--format", "{{.Id}}", "t2:latest",
+                env=dockerd)
+    assert ident.strip() == images.two.id
+    run("/usr/bin/docker", "image", "rm", "t2:latest", env=dockerd)
+
+
+# -- rootfs --------------------------------------------------------------------------------
+
+
+def _untar(archive: Path, dest: Path, *flags: str) -> Path:
+    dest.mkdir()
+    run("tar", "-x", *flags, "--numeric-owner", "-p", "-f", archive, "-C", dest)
+    return dest
+
+
+def test_rootfs_export_is_the_source_tree(images: Images, scratch: Path) -> None:
+    archive = export_image(images.store, "t:latest", "rootfs", scratch / "rootfs.tar.zst",
+                           "zstd")
+    tree = _untar(archive, scratch / "tree", "--zstd")
+    assert tree_listing(tree) == tree_listing(ROOTFS)
+
+
+def test_rootfs_export_applies_deletions(images: Images, scratch: Path) -> None:
+    archive = export_image(images.store, "t2:latest", "rootfs", scratch / "rootfs.tar.gz",
+                           "gzip")
+    tree = _untar(archive, scratch / "tree", "--gzip")
+    expected = {path: entry for path, entry in tree_listing(ROOTFS).items()
+                if path != DELETED_FILE and path != DELETED_DIR
+                and not path.startswith(DELETED_DIR + "/")}
+    listing = tree_listing(tree)
+    assert listing.pop(ADDED_FILE).endswith(" 26")
+    assert listing == expected
+
+
+# -- reproducibility -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fmt", "compression"), [
+    ("oci-archive", None), ("oci-archive", "zstd"), ("docker-archive", None),
+    ("rootfs", "none"), ("rootfs", "gzip"), ("rootfs", "zstd"), ("rootfs", "xz")])
+def test_exports_are_byte_identical(images: Images, scratch: Path, fmt: str,
+                                    compression: str | None) -> None:
+    digests = []
+    for attempt in (1, 2):
+        out = export_image(images.store, "t2:latest", fmt, scratch / f"{attempt}.out",
+                           compression)
+        digests.append(sha256_file(out))
+        out.unlink()
+    assert digests[0] == digests[1]
+
+
+def test_oci_layouts_are_identical(images: Images, scratch: Path) -> None:
+    listings = []
+    for attempt in (1, 2):
+        layout = export_image(images.store, "t2:latest", "oci", scratch / str(attempt), "none")
+        listings.append({str(p.relative_to(layout)): sha256_file(p)
+                         for p in sorted(layout.rglob("*")) if p.is_file()})
+    assert listings[0] == listings[1]
+    assert len(listings[0]) == 2 + 2 + len(images.two.layers)  # index, oci-layout, blobs
+
+
+# -- limits --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir()
+    run("mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path)
+    try:
+        yield path
+    finally:
+        run("umount", path)
+
+
+@pytest.mark.parametrize(("fmt", "compression"), [
+    ("docker-archive", None), ("rootfs", "xz"), ("oci", None)])
+def test_a_full_disk_is_one_line_and_leaves_nothing(images: Images, scratch: Path, fmt: str,
+                                                    compression: str | None) -> None:
+    with small_tmpfs(scratch / "small", "2m") as small:
+        with pytest.raises(ExportError) as caught:
+            export_image(images.store, "t:latest", fmt, small / "out", compression)
+        assert str(caught.value) == f"cannot write {small / 'out'}: no space left on device"
+        assert list(small.iterdir()) == []
+    assert list(images.store.tmp_dir.iterdir()) == []
+
+
+def test_memory_stays_bounded(images: Images, scratch: Path) -> None:
+    script = (
+        "import resource, sys\n"
+        "from pathlib import Path\n"
+        "from sysbake.export import export_image\n"
+        "from sysbake.store import Store\n"
+        "store = Store(Path(sys.argv[1]))\n"
+        "for fmt, comp in (('docker-archive', None), ('oci-archive', 'zstd'),"
+        " ('rootfs', 'gzip')):\n"
+        "    export_image(store, 't2:latest', fmt, Path(sys.argv[2]), comp)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    out = run(sys.executable, "-c", script, images.store.root, scratch / "out")
+    peak_mib = int(out.strip()) / 1024
+    assert 20 < peak_mib < 300, f"peak RSS {peak_mib:.0f} MiB"

@@ -1,0 +1,280 @@
+"""Exports on tiny images made in memory: formats, names, determinism and errors (no root)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from sysbake import oci
+from sysbake.errors import ImageNotFound, StoreError
+from sysbake.export import (
+    ExportError,
+    check_options,
+    docker_manifest,
+    export_image,
+    export_name,
+    merge_index,
+)
+from sysbake.oci import Descriptor, Image, Layer
+from sysbake.store import Store
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _image(store: Store, *layer_files: dict[str, bytes], ref: str = "t:latest") -> Image:
+    layers = []
+    for files in layer_files:
+        plain = _tar(files)
+        blob = store.put_bytes(gzip.compress(plain, mtime=0), oci.MT_LAYER_GZIP)
+        layers.append(Layer(blob, oci.sha256_digest(plain)))
+    config = {"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/sbin/init"]},
+              "rootfs": {"type": "layers", "diff_ids": [la.diff_id for la in layers]}}
+    image = store.put_image(config, tuple(layers))
+    store.tag(ref, image)
+    return image
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "store").ensure()
+
+
+def _members(data: bytes) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {m.name: m for m in tar.getmembers()}
+
+
+def _read_member(data: bytes, name: str) -> bytes:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        f = tar.extractfile(name)
+        assert f is not None
+        return f.read()
+
+
+# -- pure parts ----------------------------------------------------------------------------
+
+
+def test_check_options_defaults_and_rejections() -> None:
+    assert check_options("rootfs", None) == "xz"
+    assert check_options("rootfs", "zstd") == "zstd"
+    assert check_options("oci", None) is None
+    assert check_options("oci-archive", "zstd") == "zstd"
+    assert check_options("docker-archive", "none") is None
+    with pytest.raises(ExportError, match="unknown export format 'tarball'"):
+        check_options("tarball", None)
+    with pytest.raises(ExportError, match="unknown rootfs compression 'bz2'"):
+        check_options("rootfs", "bz2")
+    with pytest.raises(ExportError, match="unknown layer compression 'xz' for oci"):
+        check_options("oci", "xz")
+    with pytest.raises(ExportError, match="docker-archive takes no compression"):
+        check_options("docker-archive", "gzip")
+
+
+def test_export_name_is_the_full_tag_or_nothing_for_an_id() -> None:
+    tags = {"web:latest", "reg.example:5000/app:1.0"}
+    assert export_name("web", tags) == "web:latest"
+    assert export_name("reg.example:5000/app:1.0", tags) == "reg.example:5000/app:1.0"
+    assert export_name("abcdef123456", tags) is None  # an image ID
+    assert export_name("sha256:abcdef", tags) is None
+    assert export_name("abcdef123456", tags, name="other") == "other:latest"
+    with pytest.raises(StoreError, match="invalid image name"):
+        export_name("web", tags, name="Bad Name")
+
+
+def test_docker_manifest_lists_config_tags_and_layers() -> None:
+    data = docker_manifest("c.json", ["web:latest"], ["a/layer.tar", "b/layer.tar"])
+    assert json.loads(data) == [{"Config": "c.json", "RepoTags": ["web:latest"],
+                                 "Layers": ["a/layer.tar", "b/layer.tar"]}]
+
+
+def test_merge_index_replaces_same_name_and_untagged_same_digest() -> None:
+    def desc(digest_char: str, name: str | None) -> Descriptor:
+        d = Descriptor(oci.MT_MANIFEST, "sha256:" + digest_char * 64, 10)
+        return d.with_annotations(**{oci.ANN_REF_NAME: name}) if name else d
+
+    old = [desc("a", "web:latest"), desc("b", "web:1.0"), desc("c", None)]
+    merged = merge_index(old, desc("d", "web:latest"))
+    assert [(d.digest[7], d.annotation(oci.ANN_REF_NAME)) for d in merged] == \
+        [("c", None), ("b", "web:1.0"), ("d", "web:latest")]
+    merged = merge_index(old, desc("c", None))
+    assert len(merged) == 3
+    merged = merge_index(old, desc("a", None))  # untagged, other digest: added
+    assert len(merged) == 4
+
+
+# -- exports of a tiny image ---------------------------------------------------------------
+
+
+def test_docker_archive_holds_uncompressed_layers_config_and_manifest(
+        store: Store, tmp_path: Path) -> None:
+    image = _image(store, {"etc/hostname": b"box\n"}, {"usr/bin/tool": b"#!/bin/sh\n"})
+    out = export_image(store, "t", "docker-archive", tmp_path / "d.tar")
+    data = out.read_bytes()
+    members = _members(data)
+    config_name = f"{oci.hex_of(image.id)}.json"
+    layer_names = [f"{oci.hex_of(d)}/layer.tar" for d in image.diff_ids]
+    assert list(members) == sorted(members)
+    assert set(members) == {config_name, "manifest.json", *layer_names,
+                            *(n.split("/")[0] for n in layer_names)}
+    assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 for m in members.values())
+    assert json.loads(_read_member(data, "manifest.json")) == [
+        {"Config": config_name, "RepoTags": ["t:latest"], "Layers": layer_names}]
+    assert _read_member(data, config_name) == store.blob_path(image.id).read_bytes()
+    for name, diff_id in zip(layer_names, image.diff_ids, strict=True):
+        assert oci.sha256_digest(_read_member(data, name)) == diff_id
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_archives_are_byte_identical_and_honour_source_date_epoch(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _image(store, {"a": b"1"}, {"b": b"2"})
+    for fmt in ("oci-archive", "docker-archive"):
+        one = export_image(store, "t", fmt, tmp_path / f"{fmt}-1.tar").read_bytes()
+        two = export_image(store, "t", fmt, tmp_path / f"{fmt}-2.tar").read_bytes()
+        assert hashlib.sha256(one).digest() == hashlib.sha256(two).digest()
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    data = export_image(store, "t", "oci-archive", tmp_path / "epoch.tar").read_bytes()
+    assert {m.mtime for m in _members(data).values()} == {1700000000}
+
+
+def test_oci_archive_is_a_layout_tagged_with_the_full_name(store: Store,
+                                                           tmp_path: Path) -> None:
+    image = _image(store, {"a": b"1"}, ref="web:1.0")
+    data = export_image(store, "web:1.0", "oci-archive", tmp_path / "o.tar").read_bytes()
+    members = _members(data)
+    blobs = {image.manifest.digest, image.id, *(la.blob.digest for la in image.layers)}
+    assert set(members) == {"blobs", "blobs/sha256", "oci-layout", "index.json",
+                            *(f"blobs/sha256/{oci.hex_of(b)}" for b in blobs)}
+    index = json.loads(_read_member(data, "index.json"))
+    [entry] = index["manifests"]
+    assert entry["digest"] == image.manifest.digest
+    assert entry["annotations"] == {oci.ANN_REF_NAME: "web:1.0"}
+    assert json.loads(_read_member(data, "oci-layout")) == {"imageLayoutVersion": "1.0.0"}
+
+
+def test_an_image_id_exports_untagged_unless_named(store: Store, tmp_path: Path) -> None:
+    image = _image(store, {"a": b"1"})
+    short = oci.hex_of(image.id)[:12]
+    data = export_image(store, short, "docker-archive", tmp_path / "d.tar").read_bytes()
+    assert json.loads(_read_member(data, "manifest.json"))[0]["RepoTags"] == []
+    data = export_image(store, short, "docker-archive", tmp_path / "n.tar",
+                        name="named:v1").read_bytes()
+    assert json.loads(_read_member(data, "manifest.json"))[0]["RepoTags"] == ["named:v1"]
+
+
+def test_oci_recompression_keeps_config_and_diff_ids(store: Store, tmp_path: Path) -> None:
+    image = _image(store, {"a": b"1" * 5000})
+    data = export_image(store, "t", "oci-archive", tmp_path / "o.tar", "none").read_bytes()
+    [entry] = json.loads(_read_member(data, "index.json"))["manifests"]
+    assert entry["digest"] != image.manifest.digest
+    manifest = json.loads(_read_member(data, f"blobs/sha256/{oci.hex_of(entry['digest'])}"))
+    assert manifest["config"]["digest"] == image.id
+    [layer] = manifest["layers"]
+    assert layer["mediaType"] == oci.MT_LAYER
+    assert layer["digest"] == image.diff_ids[0]  # an uncompressed layer's digest is its diff_id
+    again = export_image(store, "t", "oci-archive", tmp_path / "o2.tar", "none").read_bytes()
+    assert again == data
+    assert list((store.tmp_dir).iterdir()) == []  # the staging area was cleaned
+
+
+def test_oci_layout_links_blobs_and_adds_refs(store: Store, tmp_path: Path) -> None:
+    first = _image(store, {"a": b"1"}, ref="one:latest")
+    second = _image(store, {"b": b"2"}, ref="two:latest")
+    dest = tmp_path / "layout"
+    assert export_image(store, "one", "oci", dest) == dest
+    export_image(store, "two", "oci", dest)
+    export_image(store, "one", "oci", dest)  # replacing a ref is idempotent
+    index = json.loads((dest / "index.json").read_text())
+    assert [(m["digest"], m["annotations"][oci.ANN_REF_NAME]) for m in index["manifests"]] == \
+        [(first.manifest.digest, "one:latest"), (second.manifest.digest, "two:latest")]
+    layer = first.layers[0].blob.digest
+    exported = dest / "blobs" / "sha256" / oci.hex_of(layer)
+    assert exported.stat().st_ino == store.blob_path(layer).stat().st_ino
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_oci_layout_copies_blobs_across_file_systems(store: Store, tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.fail("this test needs /dev/shm on another file system than the temp dir")
+    image = _image(store, {"a": b"1"})
+    dest = shm / f"sysbake-export-test-{os.getpid()}"
+    try:
+        export_image(store, "t", "oci", dest)
+        blob = dest / "blobs" / "sha256" / oci.hex_of(image.layers[0].blob.digest)
+        assert blob.read_bytes() == store.blob_path(image.layers[0].blob.digest).read_bytes()
+        assert blob.stat().st_nlink == 1
+    finally:
+        import shutil
+
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+def test_rootfs_of_one_layer_is_that_layer(store: Store, tmp_path: Path) -> None:
+    _image(store, {"etc/hostname": b"box\n"})
+    plain = export_image(store, "t", "rootfs", tmp_path / "r.tar", "none").read_bytes()
+    assert plain == _tar({"etc/hostname": b"box\n"})
+    packed = export_image(store, "t", "rootfs", tmp_path / "r.tar.gz", "gzip").read_bytes()
+    assert gzip.decompress(packed) == plain
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+def test_export_errors_are_one_clear_line(store: Store, tmp_path: Path) -> None:
+    _image(store, {"a": b"1"})
+    with pytest.raises(ImageNotFound, match="no image 'nope'"):
+        export_image(store, "nope", "docker-archive", tmp_path / "x.tar")
+    with pytest.raises(ExportError, match="oci format writes a directory"):
+        export_image(store, "t", "oci", Path("-"))
+    with pytest.raises(ExportError, match="is a directory"):
+        export_image(store, "t", "oci-archive", tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    not_a_dir = re.escape(f"cannot write {afile}/x.tar: not a directory")
+    with pytest.raises(ExportError, match=not_a_dir):
+        export_image(store, "t", "docker-archive", afile / "x.tar")
+    with pytest.raises(ExportError, match=r"cannot write .*/missing/x\.tar: no such file"):
+        export_image(store, "t", "docker-archive", tmp_path / "missing" / "x.tar")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "thing").write_text("")
+    with pytest.raises(ExportError, match="exists and is not an OCI layout"):
+        export_image(store, "t", "oci", tmp_path / "full")
+    for error in (ExportError, ImageNotFound):
+        assert "\n" not in str(error("x"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "full", "store"]
+
+
+def test_a_corrupt_layer_fails_loudly_and_leaves_nothing(store: Store, tmp_path: Path) -> None:
+    image = _image(store, {"a": b"1"})
+    blob = store.blob_path(image.layers[0].blob.digest)
+    blob.chmod(0o644)
+    blob.write_bytes(gzip.compress(_tar({"a": b"2"}), mtime=0))
+    for fmt in ("docker-archive", "rootfs"):
+        with pytest.raises(ExportError, match=f"content has digest .* expected "
+                                              f"{image.diff_ids[0]}"):
+            export_image(store, "t", fmt, tmp_path / "x.tar")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
