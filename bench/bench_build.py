@@ -18,11 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import EXAMPLE, WORK, podman_env, report, run, sysbake, timed  # noqa: E402
-
-from sysbake.bootstrap import mmdebstrap_command  # noqa: E402
-from sysbake.build import bootstrap_plan  # noqa: E402
-from sysbake.config import load_project  # noqa: E402
+from common import EXAMPLE, WORK, podman_env, report, run, sysbake, timed
+from sysbake.bootstrap import mmdebstrap_command
+from sysbake.build import bootstrap_plan
+from sysbake.config import load_project
 
 
 def main() -> None:

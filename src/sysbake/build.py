@@ -243,10 +243,9 @@ def _cleanup_inputs(cleanup: finalize.Cleanup) -> dict[str, Any]:
 def _provision_stage(spec: Any, index: int, step: Any, cleanup: finalize.Cleanup,
                      project: Any, store: Store, cache: StageCache, state: _ImageBuild,
                      options: BuildOptions, report: Reporter) -> None:
-    try:
-        from sysbake import provision  # type: ignore[attr-defined]
-    except ImportError as exc:
-        raise BuildError(f"{spec.name}: provision[{index}]: provisioning is not available "
-                         "in this version of sysbake") from exc
+    from sysbake import provision  # imported on demand: the no-step fast path stays lean
+
+    if index == 0:
+        provision.reap_orphans(store)
     provision.run_step(spec, index, step, cleanup, project, store, cache, state, options,
                        report, run_stage)

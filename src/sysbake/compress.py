@@ -81,14 +81,15 @@ def compressor(kind: str, out: Writable, *, level: int | None = None) -> Iterato
         pump.start()
         try:
             yield flt.stdin
-        except BrokenPipeError as exc:
-            # The tool died (or the pump stopped it): report why, not the broken pipe.
-            pump.join()
-            flt.check()
-            raise CommandError(f"{flt.what} stopped reading its input") from exc
-        except BaseException:
+        except BaseException as exc:
+            # A broken pipe means the tool died, or the pump stopped it: report why.
+            tool_error = flt.failed_early() if isinstance(exc, BrokenPipeError) else None
             flt.abort()
             pump.join()
+            if flt.failure is not None:
+                raise flt.failure from exc
+            if tool_error is not None:
+                raise tool_error from exc
             raise
         flt.finish_input()
         pump.join()

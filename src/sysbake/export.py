@@ -1,15 +1,12 @@
-"""Exports of stored images: an OCI image layout, an oci-archive (a tar of that layout), a
-docker-archive (`docker save` format) and the flattened root filesystem as one tar (the
-classic `baseimage.tar.xz`).
+"""Exports of stored images: an OCI layout, an oci-archive (a tar of one), a docker-archive
+(`docker save` format) and the flattened root filesystem as one tar (`baseimage.tar.xz`).
 
-Everything streams: no layer is held in memory. Every write is atomic: an archive is
-written as `<dest>.tmp-XXXX` and renamed; a new layout directory likewise; an existing
-layout gets its blobs (each temp + rename) before its index.json is replaced.
-
-An export is tagged with the full "name:tag" (`org.opencontainers.image.ref.name` in an OCI
-index, `RepoTags` in a docker-archive): skopeo (`oci:DIR:web:latest`) and umoci
-(`--image DIR:web:latest`) accept it, and `podman load` names the image after it, whereas
-a bare "latest" would load as the image "localhost/latest:latest".
+Everything streams (no layer is held in memory) and writes are atomic: a file or a new
+layout is written as `<dest>.tmp-XXXX` and renamed; an existing layout gets its blobs
+(each temp + rename) before its index.json is replaced. Exports carry the full "name:tag"
+(`org.opencontainers.image.ref.name`, `RepoTags`): skopeo (`oci:DIR:web:latest`) and umoci
+(`--image DIR:web:latest`) accept it and `podman load` names the image after it, whereas a
+bare "latest" would load as "localhost/latest:latest".
 """
 
 from __future__ import annotations
@@ -36,11 +33,13 @@ from sysbake.commit import source_date_epoch
 from sysbake.compress import Readable
 from sysbake.errors import CommandError, StoreError, SysbakeError
 from sysbake.oci import Descriptor, Image, Layer
-from sysbake.store import Store, atomic_write, normalize_ref, remove_tree
+from sysbake.store import Store, normalize_ref, remove_tree
 
 FORMATS = ("oci", "oci-archive", "docker-archive", "rootfs")
 ROOTFS_COMPRESSIONS = ("none", "gzip", "zstd", "xz")
 LAYER_COMPRESSIONS = ("none", "gzip", "zstd")
+_SUFFIX_COMPRESSION = {".tar": "none", ".gz": "gzip", ".tgz": "gzip", ".zst": "zstd",
+                       ".tzst": "zstd", ".xz": "xz", ".txz": "xz"}
 OCI_LAYOUT = oci.canonical_json({"imageLayoutVersion": "1.0.0"})
 _CHUNK = 1 << 20
 
@@ -48,8 +47,7 @@ Opener = Callable[[], AbstractContextManager[Readable]]
 
 
 class ExportError(SysbakeError):
-    """An export cannot be made: bad format or compression, unwritable or full
-    destination, or a stored layer that does not match its digest."""
+    """Bad format or compression, unwritable or full destination, or a corrupt layer."""
 
 
 # -- pure parts ----------------------------------------------------------------------------
@@ -62,24 +60,22 @@ def check_options(fmt: str, compression: str | None) -> str | None:
     on request; docker-archive layers are always the uncompressed tars docker verifies."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    if fmt == "rootfs":
-        kind = compression or "xz"
-        if kind not in ROOTFS_COMPRESSIONS:
-            raise ExportError(f"unknown rootfs compression {kind!r}: expected one of "
-                              f"{', '.join(ROOTFS_COMPRESSIONS)}")
-        return kind
-    if compression is None:
-        return None
-    if fmt == "docker-archive":
-        if compression == "none":
-            return None
+    if fmt == "docker-archive" and compression not in (None, "none"):
         raise ExportError(f"docker-archive takes no compression (got {compression!r}): its "
-                          "layers are uncompressed tars, which docker load checks against "
-                          "their diff_ids")
-    if compression not in LAYER_COMPRESSIONS:
-        raise ExportError(f"unknown layer compression {compression!r} for {fmt}: expected one "
-                          f"of {', '.join(LAYER_COMPRESSIONS)}")
-    return compression
+                          "layers are the uncompressed tars docker load checks")
+    kinds = ROOTFS_COMPRESSIONS if fmt == "rootfs" else LAYER_COMPRESSIONS
+    kind = compression or ("xz" if fmt == "rootfs" else None)
+    if kind is not None and kind not in kinds:
+        what = "rootfs compression" if fmt == "rootfs" else "layer compression"
+        where = "" if fmt == "rootfs" else f" for {fmt}"
+        raise ExportError(f"unknown {what} {kind!r}{where}: expected one of {', '.join(kinds)}")
+    return None if fmt == "docker-archive" else kind
+
+
+def rootfs_compression_for(dest: Path) -> str:
+    """The compression a rootfs export's file name asks for ("x.tar.zst": zstd); xz when
+    the name says nothing (the classic rootfs.tar.xz)."""
+    return _SUFFIX_COMPRESSION.get(dest.suffix, "xz")
 
 
 def export_name(ref: str, tags: Collection[str], name: str | None = None) -> str | None:
@@ -105,12 +101,8 @@ def merge_index(existing: Sequence[Descriptor], new: Descriptor) -> list[Descrip
     """An OCI index's manifests with `new` added: an entry with the same ref name (or,
     when `new` is untagged, an untagged entry with the same digest) is replaced."""
     name = new.annotation(oci.ANN_REF_NAME)
-
-    def replaced(d: Descriptor) -> bool:
-        other = d.annotation(oci.ANN_REF_NAME)
-        return other == name if name else other is None and d.digest == new.digest
-
-    kept = [d for d in existing if not replaced(d)]
+    kept = [d for d in existing if d.annotation(oci.ANN_REF_NAME) != name
+            or (name is None and d.digest != new.digest)]
     return sorted([*kept, new], key=lambda d: (d.annotation(oci.ANN_REF_NAME) or "", d.digest))
 
 
@@ -127,33 +119,19 @@ def blob_name(digest: str) -> str:
     return f"blobs/sha256/{oci.hex_of(digest)}"
 
 
-# -- streams that check what they carry ---------------------------------------------------
-
-
-class _Checked(io.RawIOBase):
+class _Checked:
     """A reader that hashes what passes; `finish()` reads the rest and checks the digest."""
 
     def __init__(self, inner: Readable, digest: str, what: str) -> None:
-        super().__init__()
         self._inner = inner
         self._digest = digest
         self._what = what
         self._hash = hashlib.sha256()
-        self.size = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._inner.read(_CHUNK if size is None or size < 0 else size)
+    def read(self, size: int = -1, /) -> bytes:
+        data = self._inner.read(_CHUNK if size < 0 else size)
         self._hash.update(data)
-        self.size += len(data)
         return data
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
     def finish(self) -> None:
         while self.read(_CHUNK):
@@ -204,24 +182,15 @@ def _file_entry(name: str, path: Path, desc: Descriptor) -> _Entry:
                   functools.partial(_file_stream, path, desc.digest), path)
 
 
-def _archive_mtime() -> int:
-    return source_date_epoch() or 0
-
-
 def _write_tar(out: BinaryIO, entries: Sequence[_Entry], mtime: int) -> None:
-    """A deterministic tar of `entries` and their parent directories: sorted names, one
-    mtime, root owners, fixed modes."""
-    names = [e.name for e in entries]
-    if len(set(names)) != len(names):
-        raise ValueError(f"duplicate names in an archive: {sorted(names)}")
-    dirs = {str(p) for n in names for p in Path(n).parents if str(p) != "."}
+    """A deterministic tar of `entries` (unique names) and their parent directories:
+    sorted names, one mtime (SOURCE_DATE_EPOCH or 0), owner 0:0 with no names, fixed modes."""
+    dirs = {str(p) for e in entries for p in Path(e.name).parents if str(p) != "."}
     items: list[tuple[str, _Entry | None]] = [(d, None) for d in dirs]
     items += [(e.name, e) for e in entries]
     for name, entry in sorted(items, key=lambda item: item[0]):
         info = tarfile.TarInfo(name)
         info.mtime = mtime
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
         info.type = tarfile.DIRTYPE if entry is None else tarfile.REGTYPE
         info.mode = 0o755 if entry is None else 0o644
         info.size = 0 if entry is None else entry.size
@@ -251,61 +220,52 @@ def _copy_exactly(entry: _Entry, out: BinaryIO) -> None:
 @dataclass(frozen=True)
 class _Source:
     image: Image
-    name: str | None
-
-    @property
-    def label(self) -> str:
-        return self.name or oci.hex_of(self.image.id)[:12]
+    name: str | None  # the "name:tag" the export carries
+    label: str  # for progress lines
 
 
 def _resolve(store: Store, ref: str, name: str | None) -> _Source:
     image = store.resolve(ref)
-    return _Source(image, export_name(ref, {t.ref for t in store.tags()}, name))
+    named = export_name(ref, {t.ref for t in store.tags()}, name)
+    return _Source(image, named, named or oci.hex_of(image.id)[:12])
 
 
-@dataclass(frozen=True)
-class _Layout:
-    manifest: Descriptor  # as listed in index.json (annotated with the ref name)
-    blobs: tuple[_Entry, ...]
-
-
-def _recompress(store: Store, layer: Layer, kind: str, workdir: Path) -> _Entry:
+def _recompress(store: Store, layer: Layer, kind: str, workdir: Path) -> tuple[Descriptor, Path]:
+    log.info(f"    re-compressing layer {layer.diff_id[:19]} as {kind}")
     fd, tmp = tempfile.mkstemp(dir=workdir, prefix="layer-")
     with os.fdopen(fd, "wb") as f:
         packed = layers.HashingWriter(f)
         with _layer_stream(store, layer) as plain, compress.compressor(kind, packed) as sink:
             shutil.copyfileobj(plain, sink, _CHUNK)
-    desc = Descriptor(oci.LAYER_MEDIA_TYPE[kind], packed.digest, packed.size,
-                      layer.blob.annotations)
-    final = workdir / oci.hex_of(desc.digest)
+    final = workdir / oci.hex_of(packed.digest)
     os.rename(tmp, final)
-    return _file_entry(blob_name(desc.digest), final, desc)
+    return Descriptor(oci.LAYER_MEDIA_TYPE[kind], packed.digest, packed.size,
+                      layer.blob.annotations), final
 
 
-def _needs_workdir(image: Image, kind: str | None) -> bool:
-    return kind is not None and any(layer.compression != kind for layer in image.layers)
+def _workdir(store: Store, image: Image, kind: str | None) -> AbstractContextManager[Path | None]:
+    """Room in the store for re-compressed layers, when `kind` asks for any."""
+    if kind is not None and any(layer.compression != kind for layer in image.layers):
+        return store.staging("export")
+    return contextlib.nullcontext(None)
 
 
 def _plan_layout(store: Store, src: _Source, kind: str | None,
-                 workdir: Path | None) -> _Layout:
-    """The blobs and manifest of `src` as an OCI layout; with `kind`, layers stored in
-    another compression are re-compressed into `workdir` under a new manifest (the
-    config, and so the diff_ids and the image ID, stay the same)."""
+                 workdir: Path | None) -> tuple[Descriptor, list[_Entry]]:
+    """The manifest (as index.json lists it) and blobs of `src` as an OCI layout; with
+    `kind`, layers stored in another compression are re-compressed into `workdir` under a
+    new manifest (the config, and so the diff_ids and the image ID, stay the same)."""
     image = src.image
     blobs: dict[str, _Entry] = {}
     layer_descs = []
     for layer in image.layers:
         if kind is None or layer.compression == kind:
-            entry = _file_entry(blob_name(layer.blob.digest),
-                                store.blob_path(layer.blob.digest), layer.blob)
-            layer_descs.append(layer.blob)
+            desc, path = layer.blob, store.blob_path(layer.blob.digest)
         else:
             assert workdir is not None
-            log.info(f"    re-compressing layer {layer.diff_id[:19]} as {kind}")
-            entry = _recompress(store, layer, kind, workdir)
-            layer_descs.append(Descriptor(oci.LAYER_MEDIA_TYPE[kind], entry.digest, entry.size,
-                                          layer.blob.annotations))
-        blobs[entry.digest] = entry
+            desc, path = _recompress(store, layer, kind, workdir)
+        layer_descs.append(desc)
+        blobs[desc.digest] = _file_entry(blob_name(desc.digest), path, desc)
     config = image.config_descriptor
     blobs[config.digest] = _file_entry(blob_name(config.digest),
                                        store.blob_path(config.digest), config)
@@ -322,19 +282,19 @@ def _plan_layout(store: Store, src: _Source, kind: str | None,
         blobs[manifest.digest] = _bytes_entry(blob_name(manifest.digest), data)
     if src.name:
         manifest = manifest.with_annotations(**{oci.ANN_REF_NAME: src.name})
-    return _Layout(manifest, tuple(blobs.values()))
+    return manifest, list(blobs.values())
 
 
 def _place(entry: _Entry, target: Path) -> None:
     """Put `entry` at `target`: a hard link when the content is a file on the same file
     system, else a checked copy (temp file + fsync + rename)."""
-    if entry.path is not None:
-        try:
+    try:
+        if entry.path is not None:
             os.link(entry.path, target)
             return
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                raise
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            raise
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:16]}.tmp-")
     try:
         with os.fdopen(fd, "wb") as f, entry.opener() as src:
@@ -349,51 +309,39 @@ def _place(entry: _Entry, target: Path) -> None:
         raise
 
 
-def _put_blobs(root: Path, blobs: Sequence[_Entry]) -> None:
-    (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-    for entry in blobs:
+def _put_files(root: Path, entries: Sequence[_Entry], *, replace: bool = False) -> None:
+    for entry in entries:
         target = root / entry.name
-        if not target.exists():  # content-addressed: present means done
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if replace or not target.exists():  # blobs are content-addressed: present is done
             _place(entry, target)
 
 
-def _read_index(layout: Path) -> tuple[list[Descriptor], dict[str, str] | None]:
-    path = layout / "index.json"
+def _add_to_layout(dest: Path, manifest: Descriptor, blobs: Sequence[_Entry]) -> None:
+    path = dest / "index.json"
     try:
         doc = json.loads(path.read_bytes())
-        return [Descriptor.from_json(m) for m in doc.get("manifests", [])], doc.get("annotations")
-    except FileNotFoundError:
-        return [], None
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        existing = [Descriptor.from_json(m) for m in doc.get("manifests", [])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ExportError(f"{path} is not a valid OCI index: {exc}") from exc
+    _put_files(dest, blobs)
+    index = oci_index(merge_index(existing, manifest), doc.get("annotations"))
+    _put_files(dest, [_bytes_entry("index.json", index)], replace=True)
 
 
-def _add_to_layout(dest: Path, layout: _Layout) -> None:
-    existing, annotations = _read_index(dest)
-    _put_blobs(dest, layout.blobs)
-    atomic_write(dest / "index.json", oci_index(merge_index(existing, layout.manifest),
-                                                annotations))
-
-
-def _new_layout(dest: Path, layout: _Layout) -> None:
+def _new_layout(dest: Path, manifest: Descriptor, blobs: Sequence[_Entry]) -> None:
     if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())):
         raise ExportError(f"{dest} exists and is not an OCI layout (no oci-layout file): "
                           "give a new or empty directory")
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f"{dest.name}.tmp-"))
     try:
         os.chmod(tmp, 0o755)
-        _put_blobs(tmp, layout.blobs)
-        atomic_write(tmp / "oci-layout", OCI_LAYOUT)
-        atomic_write(tmp / "index.json", oci_index([layout.manifest]))
-        for path in (tmp / "oci-layout", tmp / "index.json"):
-            os.chmod(path, 0o644)
+        _put_files(tmp, [*blobs, _bytes_entry("oci-layout", OCI_LAYOUT),
+                         _bytes_entry("index.json", oci_index([manifest]))])
         os.rename(tmp, dest)  # replaces an empty directory
     except BaseException:
         remove_tree(tmp)
         raise
-
-
-# -- error mapping -------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -406,9 +354,7 @@ def _writing(dest: Path | str) -> Iterator[None]:
             raise
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ExportError(f"cannot write {dest}: no space left on device") from exc
-        reason = (exc.strerror or str(exc)).lower()
-        where = f" ({exc.filename})" if exc.filename else ""
-        raise ExportError(f"cannot write {dest}: {reason}{where}") from exc
+        raise ExportError(f"cannot write {dest}: {(exc.strerror or str(exc)).lower()}") from exc
     except CommandError as exc:
         if "No space left on device" in f"{exc} {exc.tail}":
             raise ExportError(f"cannot write {dest}: no space left on device") from exc
@@ -455,15 +401,13 @@ def export_oci(store: Store, ref: str, dest_dir: Path, *, compression: str | Non
     when possible); an existing layout gets the image added, replacing a same-named one."""
     kind = check_options("oci", compression)
     src = _resolve(store, ref, name)
-    work = store.staging("export") if _needs_workdir(src.image, kind) else \
-        contextlib.nullcontext(None)
     with log.step(f"exporting {src.label} as an OCI layout to {dest_dir}"), \
-            _writing(dest_dir), work as workdir:
-        layout = _plan_layout(store, src, kind, workdir)
+            _writing(dest_dir), _workdir(store, src.image, kind) as workdir:
+        manifest, blobs = _plan_layout(store, src, kind, workdir)
         if (dest_dir / "oci-layout").is_file():
-            _add_to_layout(dest_dir, layout)
+            _add_to_layout(dest_dir, manifest, blobs)
         else:
-            _new_layout(dest_dir, layout)
+            _new_layout(dest_dir, manifest, blobs)
     return dest_dir
 
 
@@ -472,21 +416,12 @@ def export_oci_archive(store: Store, ref: str, out: BinaryIO, *,
     """Write image `ref` to `out` as an oci-archive: a deterministic tar of an OCI layout."""
     kind = check_options("oci-archive", compression)
     src = _resolve(store, ref, name)
-    work = store.staging("export") if _needs_workdir(src.image, kind) else \
-        contextlib.nullcontext(None)
-    with log.step(f"exporting {src.label} as an oci-archive"), work as workdir:
-        layout = _plan_layout(store, src, kind, workdir)
-        entries = [*layout.blobs, _bytes_entry("oci-layout", OCI_LAYOUT),
-                   _bytes_entry("index.json", oci_index([layout.manifest]))]
-        _write_tar(out, entries, _archive_mtime())
-
-
-def _measure(opener: Opener) -> int:
-    with opener() as stream:
-        size = 0
-        while chunk := stream.read(_CHUNK):
-            size += len(chunk)
-    return size
+    with log.step(f"exporting {src.label} as an oci-archive"), \
+            _workdir(store, src.image, kind) as workdir:
+        manifest, blobs = _plan_layout(store, src, kind, workdir)
+        entries = [*blobs, _bytes_entry("oci-layout", OCI_LAYOUT),
+                   _bytes_entry("index.json", oci_index([manifest]))]
+        _write_tar(out, entries, source_date_epoch() or 0)
 
 
 def export_docker_archive(store: Store, ref: str, out: BinaryIO, *,
@@ -507,13 +442,15 @@ def export_docker_archive(store: Store, ref: str, out: BinaryIO, *,
             # checking the diff_id) costs less than spooling the layer to disk.
             opener = functools.partial(_layer_stream, store, layer)
             log.info(f"    layer {number}/{len(image.layers)}: measuring")
-            entries[layer_name] = _Entry(layer_name, _measure(opener), layer.diff_id, opener)
+            with opener() as stream:
+                size = sum(len(chunk) for chunk in iter(lambda: stream.read(_CHUNK), b""))
+            entries[layer_name] = _Entry(layer_name, size, layer.diff_id, opener)
         config = image.config_descriptor
         config_name = f"{oci.hex_of(config.digest)}.json"
         entries[config_name] = _file_entry(config_name, store.blob_path(config.digest), config)
         manifest = docker_manifest(config_name, [src.name] if src.name else [], layer_names)
         entries["manifest.json"] = _bytes_entry("manifest.json", manifest)
-        _write_tar(out, list(entries.values()), _archive_mtime())
+        _write_tar(out, list(entries.values()), source_date_epoch() or 0)
 
 
 def export_rootfs(store: Store, ref: str, out: BinaryIO, compression: str = "xz") -> None:
@@ -536,7 +473,10 @@ def export_rootfs(store: Store, ref: str, out: BinaryIO, compression: str = "xz"
 def export_image(store: Store, ref: str, fmt: str, dest: Path,
                  compression: str | None = None, *, name: str | None = None) -> Path:
     """Export image `ref` in format `fmt` to `dest` (a directory for "oci", else a file,
-    "-" meaning stdout); `name` overrides the "name:tag" the export carries."""
+    "-" meaning stdout); `name` overrides the "name:tag" the export carries. A rootfs
+    export without `compression` takes it from the file name (see rootfs_compression_for)."""
+    if fmt == "rootfs" and compression is None:
+        compression = rootfs_compression_for(dest)
     kind = check_options(fmt, compression)
     store.resolve(ref)  # an unknown image fails before anything is created
     if fmt == "oci":

@@ -161,9 +161,13 @@ def clean_tree(root: Path, cleanup: Cleanup) -> None:
                 if path.is_symlink():
                     continue
                 if name in ("wtmp", "btmp", "lastlog", "faillog"):
-                    path.write_bytes(b"")  # login accounting files must exist
+                    _empty(path)  # login accounting files must exist
                 else:
                     path.unlink()
+        # Journal directories of the machine IDs the build booted with.
+        for sub in (log / "journal").glob("*") if (log / "journal").is_dir() else ():
+            if sub.is_dir() and not any(sub.iterdir()):
+                sub.rmdir()
     if cleanup.ssh_host_keys:
         for hit in glob.glob(str(root / "etc/ssh/ssh_host_*")):
             remove_tree(Path(hit))
@@ -171,7 +175,7 @@ def clean_tree(root: Path, cleanup: Cleanup) -> None:
         mid = root / "etc/machine-id"
         if mid.is_symlink():
             mid.unlink()
-        mid.write_text("")  # empty: systemd generates one per container at boot
+        _empty(mid)  # empty: systemd generates one per container at boot
         dbus = root / "var/lib/dbus/machine-id"
         if dbus.exists() or dbus.is_symlink():
             dbus.unlink()
@@ -185,10 +189,17 @@ def clean_tree(root: Path, cleanup: Cleanup) -> None:
     for pattern in cleanup.remove:
         for hit in glob.glob(str(_inside(root, pattern))):
             remove_tree(Path(hit))
-    for name in ("root/.bash_history", "var/lib/systemd/random-seed"):
-        path = root / name
-        if path.exists():
-            path.unlink()
+    # Traces of a boot during the build: seeds, timer stamps, shell history.
+    for pattern in ("root/.bash_history", "var/lib/systemd/random-seed",
+                    "var/lib/systemd/timers/stamp-*"):
+        for hit in glob.glob(str(root / pattern)):
+            remove_tree(Path(hit))
+
+
+def _empty(path: Path) -> None:
+    # Only write when needed: on an overlay, writing an unchanged file still copies it up.
+    if not path.exists() or path.stat().st_size:
+        path.write_bytes(b"")
 
 
 def signal_name(value: str | int) -> str:

@@ -355,5 +355,3 @@ class Flattener:
                 links = wanted.pop(clean_name(info.name), None)
                 if links:
                     self._serve(info, data, links)
-                if not wanted:
-                    break

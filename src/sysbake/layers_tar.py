@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import struct
 import tarfile
 from collections.abc import Iterator
 
@@ -64,37 +65,42 @@ class Entry:
         """
         name = os.fsencode(self.name + "/" if self.kind == tarfile.DIRTYPE else self.name)
         link = os.fsencode(self.linkname)
+        meta = self.meta
         records: list[tuple[bytes, bytes]] = []
         if len(name) > 100 or not name.isascii():
             records.append((b"path", name))
         if len(link) > 100 or not link.isascii():
             records.append((b"linkpath", link))
         numbers = []
-        for key, value, width in ((b"uid", self.meta.uid, 8), (b"gid", self.meta.gid, 8),
-                                  (b"size", self.size, 12), (b"mtime", self.meta.mtime, 12)):
-            if not 0 <= value < 8 ** (width - 1):
+        for key, value, limit in ((b"uid", meta.uid, 0o7777777), (b"gid", meta.gid, 0o7777777),
+                                  (b"size", self.size, 0o77777777777),
+                                  (b"mtime", meta.mtime, 0o77777777777)):
+            if not 0 <= value <= limit:
                 records.append((key, b"%d" % value))
                 value = 0
-            numbers.append(b"%0*o\0" % (width - 1, value))
-        records += [(b"SCHILY.xattr." + os.fsencode(k), v) for k, v in self.meta.xattrs]
+            numbers.append(value)
+        records += [(b"SCHILY.xattr." + os.fsencode(k), v) for k, v in meta.xattrs]
         uid, gid, size, mtime = numbers
-        block = _ustar(name, self.kind, b"%07o\0" % (self.meta.mode & 0o7777), uid, gid, size,
-                       mtime, link, self.dev)
+        block = _ustar(name, self.kind, meta.mode & 0o7777, uid, gid, size, mtime, link,
+                       *self.dev)
         if not records:
             return block
         payload = b"".join(_pax_record(key, value) for key, value in records)
-        pax = _ustar(b"././@PaxHeader", tarfile.XHDTYPE, b"0000644\0", b"0000000\0",
-                     b"0000000\0", b"%011o\0" % len(payload), b"00000000000\0", b"", (0, 0))
+        pax = _ustar(b"././@PaxHeader", tarfile.XHDTYPE, 0o644, 0, 0, len(payload), 0, b"", 0, 0)
         return pax + payload + bytes(-len(payload) % 512) + block
 
 
-def _ustar(name: bytes, kind: bytes, mode: bytes, uid: bytes, gid: bytes, size: bytes,
-           mtime: bytes, link: bytes, dev: tuple[int, int]) -> bytes:
-    block = b"".join((
-        name[:100].ljust(100, b"\0"), mode, uid, gid, size, mtime, b" " * 8, kind,
-        link[:100].ljust(100, b"\0"), b"ustar\x0000", bytes(64),
-        b"%07o\0" % dev[0], b"%07o\0" % dev[1], bytes(167)))
-    return block[:148] + b"%06o\0 " % sum(block) + block[156:]
+# name mode uid gid size mtime chksum type linkname magic+version uname+gname dev prefix
+_USTAR = struct.Struct("100s8s8s8s12s12s8sc100s8s64s8s8s167s")
+
+
+def _ustar(name: bytes, kind: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
+           link: bytes, major: int, minor: int) -> bytes:
+    block = bytearray(_USTAR.pack(
+        name, b"%07o" % mode, b"%07o" % uid, b"%07o" % gid, b"%011o" % size, b"%011o" % mtime,
+        b" " * 8, kind, link, b"ustar\x0000", b"", b"%07o" % major, b"%07o" % minor, b""))
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
 
 
 def _pax_record(key: bytes, value: bytes) -> bytes:
@@ -130,7 +136,8 @@ class TarWriter:
 
     def __init__(self, out: Writable) -> None:
         self._out = out
-        self._buf = bytearray()
+        self._pieces: list[bytes] = []
+        self._pending = 0
 
     def entry(self, info: Entry, data: Readable | int | None = None) -> None:
         """A header, then `info.size` bytes from a stream or a file descriptor."""
@@ -155,17 +162,20 @@ class TarWriter:
         self._flush()
 
     def _write(self, data: bytes) -> None:
-        if not self._buf and len(data) >= CHUNK:
+        if len(data) >= CHUNK // 4:
+            self._flush()
             write_all(self._out, data)
             return
-        self._buf += data
-        if len(self._buf) >= CHUNK:
+        self._pieces.append(data)
+        self._pending += len(data)
+        if self._pending >= CHUNK:
             self._flush()
 
     def _flush(self) -> None:
-        if self._buf:
-            write_all(self._out, bytes(self._buf))
-            self._buf.clear()
+        if self._pieces:
+            write_all(self._out, b"".join(self._pieces))
+            self._pieces.clear()
+            self._pending = 0
 
 
 class _TarSource:

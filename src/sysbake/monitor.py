@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     os.close(rfd)
     os.setsid()
+    args.dir = args.dir.absolute()
+    os.chdir("/")  # a long-lived process must not keep the caller's cwd busy
     _detach_stdio(args.dir / "monitor.log")
     try:
         return _monitor(args, wfd)

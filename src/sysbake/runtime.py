@@ -339,7 +339,7 @@ def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[s
            image: str, image_id: str = "", options: RunOptions = RunOptions(),
            require_init: bool = False, grace: float = 1.0) -> Container:
     """Start a container of the image whose layer trees are `lowerdirs` (bottom to top,
-    never written) and returns it running, detached; raises with everything cleaned up."""
+    never written); return it running, detached. On failure nothing is left behind."""
     name = bundle.check_name(options.name or _default_name(image))
     runtime = runtime_path(options.runtime)
     if options.network not in bundle.NETWORKS:
@@ -366,7 +366,7 @@ def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[s
         init = find_init(rootfs)
         if require_init and init is None:
             raise NoSystemd(f"image {image} has no systemd: neither "
-                                 + " nor ".join(bundle.INIT_CANDIDATES) + " exists in it")
+                            + " nor ".join(bundle.INIT_CANDIDATES) + " exists in it")
         process = bundle.process_from_image(image_config, init=init,
                                             container_uuid=uuid.uuid4().hex,
                                             env=options.env, command=options.command)
@@ -398,14 +398,17 @@ def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[s
 
 
 def _teardown_dir(cdir: Path, container: Container | None) -> None:
+    rootfs = cdir / "bundle" / "rootfs"
     try:
         if container is not None:
             _kill(container, signal.SIGKILL)
             _wait_exit(container, 10.0)
             _teardown(container)
-        overlay.umount(cdir / "bundle" / "rootfs")
     finally:
-        remove_tree(cdir)
+        overlay.umount(rootfs)
+        # Never through a mounted rootfs: that would delete files of the image's view.
+        if not overlay.is_mounted(rootfs):
+            remove_tree(cdir)
 
 
 # -- stopping and removing -----------------------------------------------------------------

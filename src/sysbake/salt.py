@@ -102,6 +102,10 @@ class SaltRun:
             grains = None
         if not isinstance(grains, dict):
             raise BuildError(f"salt: grains {self.grains_json!r}: expected a JSON object")
+        if self.project_pillar is not None and not self.toolchain.ordered_pillar:
+            raise BuildError(f"salt_version {self.toolchain.version!r} cannot merge a project "
+                             "pillar over the global one in a fixed order (it ignores "
+                             f"env_order): use {DEFAULT_SALT_VERSION}")
         for path in (*self.state_trees, *self.pillar, *filter(None, [self.project_pillar])):
             if not path.is_absolute():
                 raise BuildError(f"salt: {path}: expected an absolute path")

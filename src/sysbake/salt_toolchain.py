@@ -118,6 +118,7 @@ class Toolchain:
     loader: str
     library_path: tuple[str, ...]
     key: str
+    ordered_pillar: bool = True  # Salt honours env_order when merging pillar envs
 
     def argv(self, prefix: str) -> list[str]:
         """The loader invocation of the toolchain's Python, the toolchain mounted at `prefix`."""
@@ -130,7 +131,17 @@ class Toolchain:
         return cls(path=path, version=doc["version"], suite=doc["suite"],
                    architecture=doc["architecture"], python=doc["python"],
                    loader=doc["loader"], library_path=tuple(doc["library_path"]),
-                   key=doc["key"])
+                   key=doc["key"], ordered_pillar=_orders_pillar_envs(path))
+
+
+def _orders_pillar_envs(path: Path) -> bool:
+    # Salt merges pillar envs in set order (random per run) unless its pillar compiler
+    # knows env_order: 3006.30, 3007.16 and 3008 do, 3007.1 to 3007.10 do not.
+    try:
+        source = (path / "opt/salt/lib/salt/pillar/__init__.py").read_text(errors="replace")
+    except OSError:
+        return False
+    return "env_order" in source
 
 
 # -- building a toolchain -----------------------------------------------------------------

@@ -1,8 +1,7 @@
 """Images for the runtime tests, in a store of their own.
 
-The base is the bookworm systemd tree at $SYSBAKE_DEV_ROOTFS (default
-/var/tmp/sysbake-dev/rootfs) when a machine has one, else the run's example base image
-(the `base_image` fixture of conftest.py). On top of it, small layers and configs make:
+The base is the run's example base image (the `base_image` fixture of conftest.py).
+On top of it, small layers and configs make:
 a failing unit, a socket-activated service on TCP 7777, no init at all, and a PID 1 that
 ignores the stop signal.
 """
@@ -10,7 +9,6 @@ ignores the stop signal.
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,14 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import new_store
 
 from sysbake import runtime
 from sysbake.commit import commit_tree
 from sysbake.oci import Layer
 from sysbake.store import Store
 
-DEV_ROOTFS = Path(os.environ.get("SYSBAKE_DEV_ROOTFS", "/var/tmp/sysbake-dev/rootfs"))
 ECHO_PORT = 7777
 
 _FAILING_UNIT = """\
@@ -110,18 +106,9 @@ def _with(config: dict[str, Any], layers: tuple[Layer, ...], **changes: Any) -> 
 def runtime_images(request: pytest.FixtureRequest,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeImages]:
     """The runtime test images (built once per run); containers left over are removed."""
-    own = (DEV_ROOTFS / "lib/systemd/systemd").exists()
-    if own:
-        store = Store(new_store(tmp_path_factory.mktemp("rt-store"))).ensure()
-        base_layers: tuple[Layer, ...] = (commit_tree(store, DEV_ROOTFS, compression="none"),)
-        base_config: dict[str, Any] = {
-            "architecture": "amd64", "os": "linux",
-            "config": {"Cmd": ["/lib/systemd/systemd"], "StopSignal": "SIGRTMIN+3",
-                       "Env": ["container=oci"]}}
-    else:
-        store = Store(request.getfixturevalue("shared_store")).ensure()
-        base = store.resolve(request.getfixturevalue("base_image"))
-        base_layers, base_config = base.layers, base.config
+    store = Store(request.getfixturevalue("shared_store")).ensure()
+    base = store.resolve(request.getfixturevalue("base_image"))
+    base_layers, base_config = base.layers, base.config
     work = tmp_path_factory.mktemp("rt-layers")
     failing = _unit_layer(store, work / "failing", {"sysbake-fail.service": _FAILING_UNIT},
                           {"sysbake-fail.service": "multi-user.target"})
@@ -143,5 +130,3 @@ def runtime_images(request: pytest.FixtureRequest,
     yield images
     for container in runtime.all_containers(images.containers):
         runtime.remove(container, force=True)
-    if own:
-        shutil.rmtree(images.store, ignore_errors=True)

@@ -34,7 +34,6 @@ import pytest
 SCRATCH = Path(os.environ.get("SYSBAKE_TEST_ROOT", "/var/tmp/sysbake-test")) / "services"
 DOCKERD = "/usr/sbin/dockerd"
 REGISTRY = "/usr/bin/docker-registry"
-DEV_ROOTFS = Path("/var/tmp/sysbake-dev/rootfs")
 INIT = "/lib/systemd/systemd"
 _PR_SET_PDEATHSIG = 1
 
@@ -488,11 +487,3 @@ def fixture(factory: Callable[..., contextlib.AbstractContextManager[Any]], *,
 
     _fixture.__name__ = name or str(getattr(factory, "__name__", "service"))
     return pytest.fixture(scope=scope, name=name)(_fixture)  # type: ignore[call-overload]
-
-
-def image_in(engine: DockerService | PodmanService, ref: str = "sysbake-dev:test",
-             rootfs: Path = DEV_ROOTFS) -> str:
-    """Import the dev rootfs into `engine` once (same ref reused); returns `ref`."""
-    if engine.cli("image", "inspect", ref, check=False).returncode != 0:
-        engine.import_rootfs(rootfs, ref)
-    return ref

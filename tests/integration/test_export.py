@@ -11,13 +11,12 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from services import DockerService, PodmanService
 
 from sysbake import oci
 from sysbake.commit import commit_tree
@@ -34,13 +33,15 @@ DELETED_FILE = "etc/issue"
 DELETED_DIR = "usr/share/common-licenses"
 ADDED_FILE = "etc/sysbake-export-test"
 CREATED = "2026-01-01T00:00:00Z"
+ONE = "exporttest/one:latest"  # the tree as one layer
+TWO = "exporttest/two:1.0"  # plus a layer deleting a file and a directory, adding a file
 
 
 @dataclass(frozen=True)
 class Images:
     store: Store
-    one: Image  # t:latest, the tree as one layer
-    two: Image  # t2:latest, plus a layer deleting a file and a directory
+    one: Image  # ONE
+    two: Image  # TWO
 
 
 def _put(store: Store, ref: str, layers: tuple[Layer, ...]) -> Image:
@@ -68,7 +69,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
     for d in ("etc", "usr", "usr/share"):
         shutil.copystat(ROOTFS / d, upper / d)
     top = commit_tree(store, upper, overlay_upper=True)
-    yield Images(store, _put(store, "t:latest", (base,)), _put(store, "t2:latest", (base, top)))
+    yield Images(store, _put(store, ONE, (base,)), _put(store, TWO, (base, top)))
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -116,14 +117,14 @@ def tree_listing(root: Path) -> dict[str, str]:
 def test_oci_layout_reads_in_skopeo_and_unpacks_in_umoci(images: Images,
                                                          scratch: Path) -> None:
     layout = scratch / "layout"
-    export_image(images.store, "t2:latest", "oci", layout)
-    export_image(images.store, "t:latest", "oci", layout)
-    info = json.loads(run("skopeo", "inspect", f"oci:{layout}:t2:latest"))
+    export_image(images.store, TWO, "oci", layout)
+    export_image(images.store, ONE, "oci", layout)
+    info = json.loads(run("skopeo", "inspect", f"oci:{layout}:{TWO}"))
     assert info["Digest"] == images.two.manifest.digest
     assert info["Layers"] == [la.blob.digest for la in images.two.layers]
-    one = json.loads(run("skopeo", "inspect", f"oci:{layout}:t:latest"))
+    one = json.loads(run("skopeo", "inspect", f"oci:{layout}:{ONE}"))
     assert one["Digest"] == images.one.manifest.digest
-    run("umoci", "unpack", "--image", f"{layout}:t2:latest", scratch / "bundle")
+    run("umoci", "unpack", "--image", f"{layout}:{TWO}", scratch / "bundle")
     rootfs = scratch / "bundle" / "rootfs"
     assert (rootfs / "lib/systemd/systemd").is_file()
     assert (rootfs / ADDED_FILE).read_text() == "added by the second layer\n"
@@ -132,95 +133,52 @@ def test_oci_layout_reads_in_skopeo_and_unpacks_in_umoci(images: Images,
     assert (rootfs / "usr/share/doc").is_dir()
 
 
-def test_oci_archive_reads_in_skopeo_and_loads_in_podman(images: Images, scratch: Path) -> None:
-    archive = export_image(images.store, "t2:latest", "oci-archive", scratch / "t2.tar")
-    info = json.loads(run("skopeo", "inspect", f"oci-archive:{archive}:t2:latest"))
+def test_oci_archive_reads_in_skopeo_and_loads_in_podman(images: Images, podman: PodmanService,
+                                                         scratch: Path) -> None:
+    archive = export_image(images.store, TWO, "oci-archive", scratch / "two.tar")
+    info = json.loads(run("skopeo", "inspect", f"oci-archive:{archive}:{TWO}"))
     assert info["Digest"] == images.two.manifest.digest
     assert info["Layers"] == [la.blob.digest for la in images.two.layers]
-    assert podman_load(scratch, archive) == [("localhost/t2:latest", oci.hex_of(images.two.id))]
+    assert load(podman, archive, f"localhost/{TWO}")[1] == oci.hex_of(images.two.id)
 
 
-def test_zstd_layers_read_in_skopeo_and_umoci(images: Images, scratch: Path) -> None:
-    layout = export_image(images.store, "t2:latest", "oci", scratch / "layout", "zstd")
-    info = json.loads(run("skopeo", "inspect", "--config", f"oci:{layout}:t2:latest"))
+def test_zstd_layers_read_in_skopeo_and_load_in_podman(images: Images, podman: PodmanService,
+                                                        scratch: Path) -> None:
+    # umoci 0.4 cannot read zstd layers; podman 4 and containerd can.
+    layout = export_image(images.store, TWO, "oci", scratch / "layout", "zstd")
+    info = json.loads(run("skopeo", "inspect", "--config", f"oci:{layout}:{TWO}"))
     assert info["rootfs"]["diff_ids"] == list(images.two.diff_ids)
-    raw = json.loads(run("skopeo", "inspect", "--raw", f"oci:{layout}:t2:latest"))
+    raw = json.loads(run("skopeo", "inspect", "--raw", f"oci:{layout}:{TWO}"))
     assert {la["mediaType"] for la in raw["layers"]} == {oci.MT_LAYER_ZSTD}
-    run("umoci", "unpack", "--image", f"{layout}:t2:latest", scratch / "bundle")
-    assert not os.path.lexists(scratch / "bundle/rootfs" / DELETED_FILE)
+    archive = export_image(images.store, TWO, "oci-archive", scratch / "z.tar", "zstd")
+    assert load(podman, archive, f"localhost/{TWO}")[1] == oci.hex_of(images.two.id)
 
 
 # -- docker-archive ------------------------------------------------------------------------
 
 
-def podman_load(scratch: Path, archive: Path) -> list[tuple[str, str]]:
-    """Load `archive` into a podman with its own storage; (name, image ID) of its images."""
-    conf = scratch / "containers.conf"
-    conf.write_text('[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\n'
-                    'events_logger = "file"\n[containers]\ndefault_ulimits = []\n')
-    runroot = tempfile.mkdtemp(prefix="sysbake-prun-")  # podman wants < 50 characters
-    podman = ["podman", "--root", scratch / "podman-root", "--runroot", runroot,
-              "--storage-driver", "vfs"]
-    env = {"CONTAINERS_CONF": str(conf)}
+def load(engine: DockerService | PodmanService, archive: Path, name: str) -> tuple[str, str]:
+    """Load `archive` into `engine`: what the load said, and the ID of the image it named
+    `name` (removed afterwards: the engines are shared by the whole run)."""
+    said = engine.cli("load", "-i", str(archive)).stdout
     try:
-        run(*podman, "load", "-i", archive, env=env)
-        out = run(*podman, "images", "--no-trunc", "--format", "{{.Repository}}:{{.Tag}} {{.ID}}",
-                  env=env)
+        return said, engine.cli("image", "inspect", "--format", "{{.Id}}", name).stdout.strip()
     finally:
-        subprocess.run([*map(str, podman), "system", "reset", "--force"],
-                       env={**os.environ, **env}, capture_output=True, check=False)
-        shutil.rmtree(runroot, ignore_errors=True)
-    return [(name, ident.removeprefix("sha256:"))
-            for name, ident in (line.split() for line in out.splitlines())]
+        engine.cli("rmi", name, check=False)
 
 
-def test_docker_archive_loads_in_podman(images: Images, scratch: Path) -> None:
-    archive = export_image(images.store, "t2:latest", "docker-archive", scratch / "t2.tar")
-    # podman reads docker-archive names as docker does: "t2" is docker.io/library/t2
-    assert podman_load(scratch, archive) == [("docker.io/library/t2:latest",
-                                              oci.hex_of(images.two.id))]
+def test_docker_archive_loads_in_podman(images: Images, podman: PodmanService,
+                                        scratch: Path) -> None:
+    archive = export_image(images.store, TWO, "docker-archive", scratch / "two.tar")
+    assert load(podman, archive, f"localhost/{TWO}")[1] == oci.hex_of(images.two.id)
 
 
-@pytest.fixture(scope="module")
-def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A private dockerd (own data root, exec root, socket); stopped by pid afterwards."""
-    root = tmp_path_factory.mktemp("dockerd")
-    sock = root / "docker.sock"
-    with open(root / "dockerd.log", "wb") as logfile:
-        proc = subprocess.Popen(
-            ["dockerd", "--data-root", str(root / "data"), "--exec-root", str(root / "exec"),
-             "--pidfile", str(root / "dockerd.pid"), "--host", f"unix://{sock}",
-             "--exec-opt", "native.cgroupdriver=cgroupfs", "--iptables=false",
-             "--ip-masq=false", "--bridge=none"],
-            stdout=logfile, stderr=subprocess.STDOUT)
-    env = {"DOCKER_HOST": f"unix://{sock}"}
-    try:
-        deadline = time.monotonic() + 60
-        while subprocess.run(["/usr/bin/docker", "version"], env={**os.environ, **env},
-                             capture_output=True, check=False).returncode != 0:
-            assert proc.poll() is None, (root / "dockerd.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "dockerd did not start in 60 s"
-            time.sleep(0.5)
-        yield env
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def test_docker_archive_loads_in_docker(images: Images, scratch: Path,
-                                        dockerd: dict[str, str]) -> None:
-    archive = export_image(images.store, "t2:latest", "docker-archive", scratch / "t2.tar")
-    out = run("/usr/bin/docker", "load", "-i", archive, env=dockerd)
-    assert "Loaded image: t2:latest" in out
-    ident = run("/usr/bin/docker", "image", "inspect", "--format", "{{.Id}}", "t2:latest",
-                env=dockerd)
-    assert ident.strip() == images.two.id
-    run("/usr/bin/docker", "image", "rm", "t2:latest", env=dockerd)
+def test_docker_archive_loads_in_docker(images: Images, dockerd: DockerService,
+                                        scratch: Path) -> None:
+    archive = export_image(images.store, TWO, "docker-archive", scratch / "two.tar")
+    said, image_id = load(dockerd, archive, TWO)
+    assert f"Loaded image: {TWO}" in said
+    assert image_id == images.two.id
 
 
 # -- rootfs --------------------------------------------------------------------------------
@@ -233,14 +191,14 @@ def _untar(archive: Path, dest: Path, *flags: str) -> Path:
 
 
 def test_rootfs_export_is_the_source_tree(images: Images, scratch: Path) -> None:
-    archive = export_image(images.store, "t:latest", "rootfs", scratch / "rootfs.tar.zst",
+    archive = export_image(images.store, ONE, "rootfs", scratch / "rootfs.tar.zst",
                            "zstd")
     tree = _untar(archive, scratch / "tree", "--zstd")
     assert tree_listing(tree) == tree_listing(ROOTFS)
 
 
 def test_rootfs_export_applies_deletions(images: Images, scratch: Path) -> None:
-    archive = export_image(images.store, "t2:latest", "rootfs", scratch / "rootfs.tar.gz",
+    archive = export_image(images.store, TWO, "rootfs", scratch / "rootfs.tar.gz",
                            "gzip")
     tree = _untar(archive, scratch / "tree", "--gzip")
     expected = {path: entry for path, entry in tree_listing(ROOTFS).items()
@@ -261,7 +219,7 @@ def test_exports_are_byte_identical(images: Images, scratch: Path, fmt: str,
                                     compression: str | None) -> None:
     digests = []
     for attempt in (1, 2):
-        out = export_image(images.store, "t2:latest", fmt, scratch / f"{attempt}.out",
+        out = export_image(images.store, TWO, fmt, scratch / f"{attempt}.out",
                            compression)
         digests.append(sha256_file(out))
         out.unlink()
@@ -271,7 +229,7 @@ def test_exports_are_byte_identical(images: Images, scratch: Path, fmt: str,
 def test_oci_layouts_are_identical(images: Images, scratch: Path) -> None:
     listings = []
     for attempt in (1, 2):
-        layout = export_image(images.store, "t2:latest", "oci", scratch / str(attempt), "none")
+        layout = export_image(images.store, TWO, "oci", scratch / str(attempt), "none")
         listings.append({str(p.relative_to(layout)): sha256_file(p)
                          for p in sorted(layout.rglob("*")) if p.is_file()})
     assert listings[0] == listings[1]
@@ -292,15 +250,23 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
 
 
 @pytest.mark.parametrize(("fmt", "compression"), [
-    ("docker-archive", None), ("rootfs", "xz"), ("oci", None)])
+    ("docker-archive", None), ("rootfs", "gzip"), ("oci", None)])
 def test_a_full_disk_is_one_line_and_leaves_nothing(images: Images, scratch: Path, fmt: str,
                                                     compression: str | None) -> None:
     with small_tmpfs(scratch / "small", "2m") as small:
         with pytest.raises(ExportError) as caught:
-            export_image(images.store, "t:latest", fmt, small / "out", compression)
+            export_image(images.store, ONE, fmt, small / "out", compression)
         assert str(caught.value) == f"cannot write {small / 'out'}: no space left on device"
         assert list(small.iterdir()) == []
     assert list(images.store.tmp_dir.iterdir()) == []
+
+
+def test_a_read_only_destination_is_one_line(images: Images, scratch: Path) -> None:
+    with small_tmpfs(scratch / "ro", "1m,ro") as ro:
+        for fmt in ("oci-archive", "oci"):
+            with pytest.raises(ExportError) as caught:
+                export_image(images.store, ONE, fmt, ro / "out")
+            assert str(caught.value).startswith(f"cannot write {ro / 'out'}: read-only file system")
 
 
 def test_memory_stays_bounded(images: Images, scratch: Path) -> None:
@@ -312,9 +278,9 @@ def test_memory_stays_bounded(images: Images, scratch: Path) -> None:
         "store = Store(Path(sys.argv[1]))\n"
         "for fmt, comp in (('docker-archive', None), ('oci-archive', 'zstd'),"
         " ('rootfs', 'gzip')):\n"
-        "    export_image(store, 't2:latest', fmt, Path(sys.argv[2]), comp)\n"
+        "    export_image(store, sys.argv[3], fmt, Path(sys.argv[2]), comp)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
-    out = run(sys.executable, "-c", script, images.store.root, scratch / "out")
+    out = run(sys.executable, "-c", script, images.store.root, scratch / "out", TWO)
     peak_mib = int(out.strip()) / 1024
     assert 20 < peak_mib < 300, f"peak RSS {peak_mib:.0f} MiB"

@@ -16,10 +16,7 @@ from services import (
     DockerService,
     PodmanService,
     docker_daemon,
-    fixture,
-    image_in,
     mounts_under,
-    podman_store,
     registry_server,
     run,
 )
@@ -28,8 +25,21 @@ from sysbake import hostint
 
 pytestmark = pytest.mark.integration
 
-dockerd = fixture(docker_daemon, scope="module", name="dockerd")
-podman = fixture(podman_store, scope="module", name="podman")
+
+
+@pytest.fixture(scope="module")
+def docker_base(dockerd: DockerService, shared_store: Path, base_image: str) -> str:
+    """The run's base image, loaded into the test dockerd with `sysbake load`."""
+    sysbake("--store", shared_store, "load", base_image, "--into", "docker",
+            "--host", dockerd.host)
+    return base_image
+
+
+@pytest.fixture(scope="module")
+def podman_base(podman: PodmanService, shared_store: Path, base_image: str) -> str:
+    """The run's base image, loaded into the test podman store with `sysbake load`."""
+    sysbake("--store", shared_store, "load", base_image, "--into", "podman", env=podman.env)
+    return f"localhost/{base_image}"
 
 
 def sysbake(*args: str | os.PathLike[str], env: dict[str, str] | None = None,
@@ -72,10 +82,10 @@ def test_dockerd_is_private(dockerd: DockerService) -> None:
     assert dockerd.docker[-2:] == ["-H", dockerd.host]
 
 
-def test_dockerd_stops_and_leaves_nothing(tmp_path: Path) -> None:
+def test_dockerd_stops_and_leaves_nothing(shared_store: Path, base_image: str) -> None:
     with docker_daemon() as d:
-        image = image_in(d)
-        container = d.cli("run", "-d", "--network", "none", "--pull", "never", image,
+        sysbake("--store", shared_store, "load", base_image, "--into", "docker", "--host", d.host)
+        container = d.cli("run", "-d", "--network", "none", "--pull", "never", base_image,
                           "sleep", "600").stdout.strip()
         assert d.running(container)
         root, pid = d.root, d.pid
@@ -118,19 +128,20 @@ def test_registry_with_auth_and_tls() -> None:
 # -- sysbake flags: the printed flags boot systemd ------------------------------------------------
 
 
-def test_printed_docker_flags_boot_systemd(dockerd: DockerService) -> None:
-    boot_with_printed_flags(dockerd, image_in(dockerd), "flags", "docker")
+def test_printed_docker_flags_boot_systemd(dockerd: DockerService, docker_base: str) -> None:
+    boot_with_printed_flags(dockerd, docker_base, "flags", "docker")
 
 
-def test_printed_podman_flags_boot_systemd(podman: PodmanService) -> None:
-    boot_with_printed_flags(podman, image_in(podman), "flags", "podman")
+def test_printed_podman_flags_boot_systemd(podman: PodmanService, podman_base: str) -> None:
+    boot_with_printed_flags(podman, podman_base, "flags", "podman")
 
 
-def test_docker_without_stop_signal_needs_sigkill(dockerd: DockerService) -> None:
+def test_docker_without_stop_signal_needs_sigkill(dockerd: DockerService,
+                                                  docker_base: str) -> None:
     # Why the flag is there: docker's default SIGTERM makes systemd re-execute, not stop.
     flags = shlex.split(sysbake("flags", "docker").stdout)
     i = flags.index("--stop-signal")
-    container = dockerd.run_systemd(image_in(dockerd), flags[:i] + flags[i + 2:])
+    container = dockerd.run_systemd(docker_base, flags[:i] + flags[i + 2:])
     try:
         dockerd.wait_running(container)
         assert dockerd.stop(container, timeout=3) == 137
@@ -170,13 +181,14 @@ def test_apparmor_install_needs_a_kernel_with_apparmor(tmp_path: Path) -> None:
 
 
 def test_load_archive_into_podman(dockerd: DockerService, podman: PodmanService,
-                                  tmp_path: Path) -> None:
-    archive = tmp_path / "dev.tar"
-    dockerd.cli("save", "-o", str(archive), image_in(dockerd))
-    podman.cli("rmi", "-f", "sysbake-dev:test", check=False)
+                                  docker_base: str, tmp_path: Path) -> None:
+    # An archive written by `docker save` (not by us) goes into podman too.
+    dockerd.cli("tag", docker_base, "saved-by-docker:1")
+    archive = tmp_path / "saved.tar"
+    dockerd.cli("save", "-o", str(archive), "saved-by-docker:1")
     out = sysbake("load", "--archive", archive, "--into", "podman", env=podman.env).stdout
-    assert out.split() == ["localhost/sysbake-dev:test"]
-    podman.cli("image", "inspect", "localhost/sysbake-dev:test")
+    assert out.split() == ["localhost/saved-by-docker:1"]
+    podman.cli("image", "inspect", "localhost/saved-by-docker:1")
 
 
 def test_load_reports_an_absent_daemon(tmp_path: Path) -> None:

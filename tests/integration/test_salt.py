@@ -152,6 +152,13 @@ greeting-file:
 hello-package:
   pkg.installed:
     - name: hello
+as-demo:
+  cmd.run:
+    - name: echo "$HOME" > /home/demo/home.txt
+    - runas: demo
+    - creates: /home/demo/home.txt
+    - require:
+      - user: demo-user
 """
 
 
@@ -160,12 +167,26 @@ def test_toolchain_is_reused_without_download(toolchain: Toolchain, toolchain_st
     start = time.monotonic()
     again = salt.ensure_toolchain(Store(toolchain_store), toolchain.version)
     assert time.monotonic() - start < 5
-    assert again == toolchain
+    assert again == toolchain and toolchain.ordered_pillar
     assert (toolchain.path / toolchain.python).is_file()
     assert not (toolchain.path / "usr/bin/gcc").exists(), "build tools must be removed"
     links = [p for p in toolchain.path.rglob("*") if p.is_symlink()
              and os.readlink(p).startswith("/")]
     assert links == [], "absolute links would point into the image"
+
+
+def test_toolchain_python_is_whole_inside_an_image_without_python(toolchain: Toolchain,
+                                                                 box: Box) -> None:
+    code = ("import sys, ssl, ctypes, sqlite3, zlib, lzma, subprocess; print(sys.prefix); "
+            "print(subprocess.run(['/bin/echo', 'child'], capture_output=True).stdout)")
+    rc, out, err = box.chroot([*toolchain.argv(salt.SALT_MOUNT), "-I", "-c", code],
+                              mounts=[(toolchain.path, salt.SALT_MOUNT, True)])
+    assert rc == 0, err.decode()
+    assert out.decode().splitlines() == ["/run/sysbake/salt/usr", "b'child\\n'"]
+    rc, out, err = box.chroot([f"{salt.SALT_MOUNT}/sysbake/python", "-I", "-c",
+                               "import sys; print(sys.executable)"],
+                              mounts=[(toolchain.path, salt.SALT_MOUNT, True)])
+    assert (rc, out) == (0, b"/run/sysbake/salt/usr/bin/python3.11\n"), err.decode()
 
 
 def test_unknown_salt_version_is_one_clear_error(tmp_path: Path) -> None:
@@ -182,12 +203,15 @@ def test_states_apply_without_a_trace_and_are_idempotent(toolchain: Toolchain, b
     run = SaltRun(toolchain, (states,), (pillar,), grains_json='{"role": "web"}')
     first = box.salt(run, record="success")
     assert first.ok, first.report()
-    assert [s.id for s in first.states] == ["demo-user", "greeting-file", "hello-package"]
-    assert first.changes == 3 and first.failed == ()
+    assert [s.id for s in first.states] == ["demo-user", "greeting-file", "hello-package",
+                                            "as-demo"]
+    assert first.changes == 4 and first.failed == ()
     changed = box.changes()
     assert "etc/greeting" in changed and "usr/bin/hello" in changed and "home/demo" in changed
     assert (box.upper / "etc/greeting").read_text().strip() == "hello from pillar"
     assert "demo:" in (box.upper / "etc/passwd").read_text()
+    # runas asks a Python started as the user for its environment: the toolchain's wrapper.
+    assert (box.upper / "home/demo/home.txt").read_text() == "/home/demo\n"
     salty = [p for p in changed if "salt" in p.lower() or p.split("/")[0] in ("opt", "run",
                                                                                "srv")]
     assert salty == [], f"Salt left traces in the layer: {salty}"
@@ -195,7 +219,7 @@ def test_states_apply_without_a_trace_and_are_idempotent(toolchain: Toolchain, b
 
     second = box.salt(run)
     assert second.ok, second.report()
-    assert second.changes == 0 and len(second.states) == 3
+    assert second.changes == 0 and len(second.states) == 4
 
 
 def test_failing_states_are_reported(toolchain: Toolchain, box: Box, tmp_path: Path) -> None:

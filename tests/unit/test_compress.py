@@ -181,3 +181,17 @@ def test_reader_may_stop_early() -> None:
     with compress.decompressor("zstd", io.BytesIO(blob)) as src:
         assert len(src.read(10)) == 10
     assert children() == before  # drained, checked and reaped
+
+
+def test_tool_death_is_a_command_error() -> None:
+    import signal
+
+    before = children()
+    with pytest.raises(CommandError, match=r"zstd compression failed \(exit -9\)"), \
+            compress.compressor("zstd", io.BytesIO()) as sink:
+        sink.write(b"x" * 1000)
+        for pid in children() - before:
+            os.kill(pid, signal.SIGKILL)
+        for _ in range(64):
+            sink.write(bytes(1 << 20))
+    assert children() == before

@@ -22,6 +22,7 @@ from sysbake.export import (
     export_image,
     export_name,
     merge_index,
+    rootfs_compression_for,
 )
 from sysbake.oci import Descriptor, Image, Layer
 from sysbake.store import Store
@@ -84,6 +85,17 @@ def test_check_options_defaults_and_rejections() -> None:
         check_options("oci", "xz")
     with pytest.raises(ExportError, match="docker-archive takes no compression"):
         check_options("docker-archive", "gzip")
+
+
+def test_rootfs_compression_follows_the_file_name(store: Store, tmp_path: Path) -> None:
+    assert [rootfs_compression_for(Path(n)) for n in
+            ("a.tar", "a.tar.gz", "a.tgz", "a.tar.zst", "a.tar.xz", "-", "rootfs")] == \
+        ["none", "gzip", "gzip", "zstd", "xz", "xz", "xz"]
+    _image(store, {"etc/hostname": b"box\n"})
+    plain = export_image(store, "t", "rootfs", tmp_path / "r.tar").read_bytes()
+    assert plain == _tar({"etc/hostname": b"box\n"})
+    packed = export_image(store, "t", "rootfs", tmp_path / "r.tar.gz").read_bytes()
+    assert gzip.decompress(packed) == plain
 
 
 def test_export_name_is_the_full_tag_or_nothing_for_an_id() -> None:
@@ -235,10 +247,10 @@ def test_oci_layout_copies_blobs_across_file_systems(store: Store, tmp_path: Pat
 
 def test_rootfs_of_one_layer_is_that_layer(store: Store, tmp_path: Path) -> None:
     _image(store, {"etc/hostname": b"box\n"})
-    plain = export_image(store, "t", "rootfs", tmp_path / "r.tar", "none").read_bytes()
+    plain = export_image(store, "t", "rootfs", tmp_path / "r", "none").read_bytes()
     assert plain == _tar({"etc/hostname": b"box\n"})
-    packed = export_image(store, "t", "rootfs", tmp_path / "r.tar.gz", "gzip").read_bytes()
-    assert gzip.decompress(packed) == plain
+    packed = export_image(store, "t", "rootfs", tmp_path / "r.xz", "gzip").read_bytes()
+    assert gzip.decompress(packed) == plain  # an explicit compression wins over the name
 
 
 # -- errors --------------------------------------------------------------------------------

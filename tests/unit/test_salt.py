@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -147,6 +148,10 @@ def test_toolchain_argv_and_metadata_round_trip(tmp_path: Path) -> None:
             "python": tc.python, "loader": tc.loader, "library_path": list(tc.library_path),
             "key": tc.key}
     salt_toolchain._write_wrapper(tmp_path, meta)
+    assert Toolchain.load(tmp_path) == dataclasses.replace(tc, ordered_pillar=False)
+    pillar = tmp_path / "opt/salt/lib/salt/pillar"
+    pillar.mkdir(parents=True)
+    (pillar / "__init__.py").write_text('env_order = self.opts.get("env_order") or []\n')
     assert Toolchain.load(tmp_path) == tc
     wrapper = (tmp_path / "sysbake/python").read_text()
     assert 'root="${0%/*/*}"' in wrapper
@@ -266,6 +271,9 @@ def test_bad_runs_are_refused(tmp_path: Path) -> None:
         _run(tmp_path, pillar=(Path("pillar"),))
     with pytest.raises(BuildError, match=r"grains '\[1\]': expected a JSON object"):
         _run(tmp_path, grains_json="[1]")
+    old = dataclasses.replace(_toolchain(), version="3007.1", ordered_pillar=False)
+    with pytest.raises(BuildError, match=r"^salt_version '3007.1' cannot merge a project "):
+        SaltRun(old, (tmp_path,), project_pillar=tmp_path)
 
 
 def test_key_inputs_hash_trees_and_never_hold_pillar_contents(tmp_path: Path) -> None:
@@ -291,9 +299,10 @@ def test_parse_success() -> None:
     assert [(s.id, s.function, s.name) for s in result.states] == [
         ("demo-user", "user.present", "demo"),
         ("greeting-file", "file.managed", "/etc/greeting"),
-        ("hello-package", "pkg.installed", "hello")]
-    assert result.changes == 3 and result.failed == ()
-    assert result.summary == "3 states: 3 succeeded, 0 failed, 3 changed"
+        ("hello-package", "pkg.installed", "hello"),
+        ("as-demo", "cmd.run", 'echo "$HOME" > /home/demo/home.txt')]
+    assert result.changes == 4 and result.failed == ()
+    assert result.summary == "4 states: 4 succeeded, 0 failed, 4 changed"
 
 
 def test_parse_failure() -> None:
@@ -339,7 +348,7 @@ def test_parse_no_matching_top_without_a_logged_reason() -> None:
 def test_parse_noise_and_nothing() -> None:
     success = json.loads((DATA / "success.json").read_text())["stdout"]
     noisy = salt.parse_result(("some module printed this\n" + success).encode(), 0)
-    assert noisy.ok and noisy.changes == 3
+    assert noisy.ok and noisy.changes == 4
     crashed = salt.parse_result(b"", 1, b"Traceback...\nImportError: no module named salt\n")
     assert not crashed.ok
     assert crashed.error_line() == ("salt-call printed no result (exit 1): Traceback... | "

@@ -1,0 +1,419 @@
+"""Provision stages: run one step in the parent image and commit what it changed.
+
+A step runs either in a container of the parent image booted with systemd as PID 1
+(`boot`, the default: services, daemon-reload and service.running behave as on a host) or
+in a chroot of an overlay mount with service starts suppressed (`chroot`). Either way the
+image's layer trees are overlay lowerdirs that are never written; the step's overlay upper
+dir is cleaned on the merged view and committed as the step's layer (deletions become
+whiteouts). Inputs (state trees, pillar, scripts) are bind-mounted read-only under
+/run/sysbake, a tmpfs: they never land in a layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import filecmp
+import os
+import shlex
+import shutil
+import stat
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sysbake import finalize, inside, log, overlay, proc, runtime
+from sysbake.bundle import BindMount
+from sysbake.cache import StageCache, hash_tree
+from sysbake.commit import commit_tree
+from sysbake.errors import BuildError, CommandError, SysbakeError
+from sysbake.oci import Layer
+from sysbake.store import Store, remove_tree
+
+RUN_DIR = "/run/sysbake"
+CONF_DIR = f"{RUN_DIR}/conf"
+BOOT_TIMEOUT = 180.0
+_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_POLICY_RC = "#!/bin/sh\n# sysbake chroot step: no service starts\nexit 101\n"
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What a step runs: its command and environment, read-only mounts, generated files
+    (container path under CONF_DIR -> bytes), and how to judge its output."""
+
+    command: tuple[str, ...]
+    env: dict[str, str]
+    mounts: tuple[tuple[Path, str], ...] = ()
+    files: dict[str, bytes] = field(default_factory=dict)
+    judge: Callable[[int, bytes, bytes], None] | None = None
+    keep_salt: Any = None  # a salt Toolchain to install into the image, if kept
+
+
+def reap_orphans(store: Store) -> None:
+    """Remove build containers whose sysbake process died (kill -9): their owner lock
+    is free. Idempotent."""
+    for owner in sorted(store.containers_dir.glob("*.owner")):
+        with open(owner, "a+b") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            name = owner.name.removesuffix(".owner")
+            with contextlib.suppress(SysbakeError):
+                runtime.remove(runtime.load(store.containers_dir, name), force=True)
+            remove_tree(store.containers_dir / name)
+            owner.unlink(missing_ok=True)
+
+
+def run_step(spec: Any, index: int, step: Any, cleanup: finalize.Cleanup, project: Any,
+             store: Store, cache: StageCache, state: Any, options: Any, report: Any,
+             run_stage: Callable[..., Any]) -> None:
+    """Run provision step `step` of image `spec` as a cached stage (see sysbake.build)."""
+    where = f"{spec.name}: {step.name}"
+    plan_inputs, make_plan = _prepare(step, store, where)
+    inputs = {
+        "stage": "provision",
+        "parent": state.chain,
+        "step": step.key_inputs(),
+        "trees": [hash_tree(p) for p in step.input_paths()],
+        "plan": plan_inputs,
+        "cleanup": {k: (list(v) if isinstance(v, tuple) else v)
+                    for k, v in vars(cleanup).items()},
+        "compression": options.compression,
+    }
+
+    def produce() -> Layer:
+        lowerdirs = [store.layer_tree(layer) for layer in state.layers]
+        parent_config = _parent_config(state, spec)
+        with store.staging(f"step-{spec.name}") as staging:
+            upper, work = staging / "upper", staging / "work"
+            plan = make_plan()
+            if step.type == "files":
+                upper.mkdir()
+                work.mkdir()
+                with _mounted(lowerdirs, upper, work, staging / "root") as root:
+                    _copy_files(step, root, where)
+            else:
+                if step.mode == "chroot":
+                    _run_chroot(plan, lowerdirs, staging, step.network, where)
+                else:
+                    _run_booted(plan, store, lowerdirs, parent_config, staging, step.network,
+                                where, options.keep_failed)
+            with _mounted(lowerdirs, upper, work, staging / "root") as root:
+                finalize.clean_tree(root, cleanup)
+            prune_copy_ups(upper, lowerdirs)
+            with _mounted(lowerdirs, upper, work, staging / "root") as root:
+                if plan.keep_salt is not None:
+                    from sysbake import salt
+
+                    salt.install_salt(plan.keep_salt, root)
+            with log.step(f"{where}: committing the layer"):
+                return commit_tree(store, upper, compression=options.compression,
+                                   overlay_upper=True)
+
+    run_stage(cache, state, stage=step.name, inputs=inputs,
+              created_by=f"sysbake {step.type} {step.name} ({step.mode})", options=options,
+              report=report, produce=produce)
+
+
+def _parent_config(state: Any, spec: Any) -> dict[str, Any]:
+    # The container of a step runs the parent's command (systemd) with its stop signal.
+    return {"config": {"Cmd": ["/lib/systemd/systemd"], "StopSignal": "SIGRTMIN+3",
+                       "Env": [f"PATH={_PATH}", f"container={spec.config.container}"]}}
+
+
+# -- what each kind of step runs ---------------------------------------------------------
+
+
+def _prepare(step: Any, store: Store, where: str) -> tuple[dict[str, Any], Callable[[], StepPlan]]:
+    """The step's extra key inputs, and a function making its plan (called on a miss)."""
+    if step.type == "files":
+        return {}, lambda: StepPlan((), {})
+    if step.type == "script":
+        body = step.script.read_bytes() if step.script else step.run.encode()
+        env = {"PATH": _PATH, "HOME": "/root", "LANG": "C.UTF-8", **dict(step.env)}
+
+        def script_plan() -> StepPlan:
+            return StepPlan(("/bin/sh", "-e", f"{CONF_DIR}/script"), env,
+                            files={f"{CONF_DIR}/script": body},
+                            judge=lambda rc, out, err: _judge_script(rc, out, err, where))
+
+        return {}, script_plan
+    from sysbake import salt
+
+    toolchain = salt.ensure_toolchain(store, step.salt_version)
+    if step.type == "salt":
+        run = salt.SaltRun(toolchain, state_trees=tuple(step.state_tree),
+                           pillar=tuple(step.pillar), sls=tuple(step.sls),
+                           grains_json=step.grains_json)
+    else:
+        run = salt.SaltRun(toolchain, state_trees=(step.state_tree,),
+                           pillar=tuple(step.pillar), project_pillar=step.project_pillar,
+                           grains_json=_project_grains(step))
+
+    def salt_plan() -> StepPlan:
+        env = {**run.env(), **dict(step.env)}
+        return StepPlan(tuple(run.command()), env,
+                        mounts=tuple((host, dest) for host, dest, _ro in run.mounts()),
+                        files=run.config_files(),
+                        judge=lambda rc, out, err: _judge_salt(rc, out, err, where),
+                        keep_salt=toolchain if step.keep_salt else None)
+
+    return salt.salt_key_inputs(run), salt_plan
+
+
+def _project_grains(step: Any) -> str:
+    import json
+
+    grains = dict(step.grains)
+    grains.setdefault("sysbake_project", step.project)
+    return json.dumps(grains, sort_keys=True, separators=(",", ":"))
+
+
+def _judge_script(rc: int, out: bytes, err: bytes, where: str) -> None:
+    if rc != 0:
+        text = (out + err).decode(errors="replace").strip().splitlines()
+        tail = " | ".join(line.strip() for line in text[-5:] if line.strip()) or "no output"
+        for line in text[-20:]:
+            log.info(f"    {line}")
+        raise BuildError(f"{where}: script exited {rc}: {tail}")
+
+
+def _judge_salt(rc: int, out: bytes, err: bytes, where: str) -> None:
+    from sysbake import salt
+
+    result = salt.parse_result(out, rc, err)
+    if result.ok:
+        log.info(f"    {result.summary}")
+        return
+    for line in result.report().splitlines():
+        log.info(f"    {line}")
+    raise BuildError(f"{where}: salt: {result.error_line()}")
+
+
+def _copy_files(step: Any, root: Path, where: str) -> None:
+    dest = root / step.dest.lstrip("/")
+    if step.source.is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        proc.run(["cp", "-a", "--no-preserve=ownership", f"{step.source}/.", str(dest)],
+                 what=f"{where}: copying {step.source}")
+        targets = [dest / p.relative_to(step.source) for p in step.source.rglob("*")]
+    else:
+        final = dest / step.source.name if step.dest.endswith("/") or dest.is_dir() else dest
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(step.source, final)
+        targets = [final]
+    # Names resolve against the image's own passwd/group, never the host's.
+    uid = _image_id(root / "etc/passwd", step.owner, f"{where}: owner")
+    gid = _image_id(root / "etc/group", step.group, f"{where}: group")
+    for path in targets:
+        os.lchown(path, uid, gid)
+        if step.file_mode is not None and path.is_file() and not path.is_symlink():
+            path.chmod(step.file_mode)
+
+
+def _image_id(table: Path, name: str, what: str) -> int:
+    if name.isdigit():
+        return int(name)
+    try:
+        lines = table.read_text().splitlines()
+    except FileNotFoundError:
+        lines = []
+    for line in lines:
+        fields = line.split(":")
+        if len(fields) > 2 and fields[0] == name:
+            return int(fields[2])
+    raise BuildError(f"{what} {name!r}: not in the image's /{table.parent.name}/{table.name}")
+
+
+def prune_copy_ups(upper: Path, lowerdirs: list[Path]) -> None:
+    """Drop what overlayfs copied up without a change (a file opened for writing, a parent
+    dir of a file created and removed again): files identical to those they shadow, then
+    directories left empty whose mode and owner match the lower ones. The layer then holds
+    only real changes."""
+    tops = list(reversed(lowerdirs))
+
+    def below(rel: Path) -> Path | None:
+        for lower in tops:
+            path = lower / rel
+            if os.path.lexists(path):
+                st = path.lstat()
+                whiteout = stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+                return None if whiteout else path
+        return None
+
+    for dirpath, _dirs, files in os.walk(upper, topdown=False):
+        here = Path(dirpath)
+        for name in files:
+            path = here / name
+            lower = below(path.relative_to(upper))
+            if lower is not None and _same_file(path, lower):
+                path.unlink()
+        if here == upper or any(here.iterdir()):
+            continue
+        lower = below(here.relative_to(upper))
+        if lower is not None and lower.is_dir() and not lower.is_symlink() \
+                and _same_meta(here.lstat(), lower.lstat()) and not _xattrs(here):
+            here.rmdir()
+
+
+def _xattrs(path: Path) -> dict[str, bytes]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    return {n: os.getxattr(path, n, follow_symlinks=False) for n in names
+            if not n.startswith("trusted.overlay.")}
+
+
+def _same_meta(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_mode, a.st_uid, a.st_gid) == (b.st_mode, b.st_uid, b.st_gid)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    sa, sb = a.lstat(), b.lstat()
+    if not (stat.S_ISREG(sa.st_mode) and stat.S_ISREG(sb.st_mode)) or sa.st_nlink > 1:
+        return False
+    if not _same_meta(sa, sb) or sa.st_size != sb.st_size or _xattrs(a) != _xattrs(b):
+        return False
+    return filecmp.cmp(a, b, shallow=False)
+
+
+# -- where steps run ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _mounted(lowerdirs: list[Path], upper: Path, work: Path, target: Path) -> Iterator[Path]:
+    target.mkdir(exist_ok=True)
+    overlay.mount_overlay(lowerdirs, upper, work, target)
+    try:
+        yield target
+    finally:
+        overlay.umount(target)
+
+
+def _write_files(files: dict[str, bytes], conf: Path) -> None:
+    for path, data in files.items():
+        if not path.startswith(CONF_DIR + "/"):
+            raise BuildError(f"internal: generated file {path} outside {CONF_DIR}")
+        host = conf / path.removeprefix(CONF_DIR + "/")
+        host.parent.mkdir(parents=True, exist_ok=True)
+        host.write_bytes(data)
+
+
+def _run_booted(plan: StepPlan, store: Store, lowerdirs: list[Path],
+                parent_config: dict[str, Any], staging: Path, network: bool, where: str,
+                keep_failed: bool) -> None:
+    """Boot the parent image, wait for systemd, run the step, stop; the container's upper
+    dir moves to staging/upper."""
+    conf = staging / "conf"
+    conf.mkdir()
+    _write_files(plan.files, conf)
+    binds = [BindMount(str(conf), CONF_DIR, readonly=False)]
+    binds += [BindMount(str(host), dest, readonly=True) for host, dest in plan.mounts]
+    name = f"build-{uuid.uuid4().hex[:10]}"
+    store.containers_dir.mkdir(parents=True, exist_ok=True)
+    owner_file = store.containers_dir / f"{name}.owner"
+    with open(owner_file, "a+b") as owner:
+        fcntl.flock(owner, fcntl.LOCK_EX)  # reap_orphans removes it if we are killed
+        failed = True
+        container = None
+        try:
+            with log.step(f"{where}: booting the parent image"):
+                container = runtime.create(
+                    store.containers_dir, lowerdirs, parent_config, image=where,
+                    options=runtime.RunOptions(name=name, binds=tuple(binds),
+                                               network="host" if network else "none"),
+                    require_init=True)
+                state = inside.wait_for_boot(container, BOOT_TIMEOUT)
+                if state not in ("running", "degraded"):
+                    raise BuildError(f"{where}: the parent image did not boot (systemd "
+                                     f"state {state!r})")
+            with log.step(f"{where}: running in the booted container"):
+                argv = inside.exec_argv(container, ["/usr/bin/env", "-i",
+                                                    *[f"{k}={v}" for k, v in plan.env.items()],
+                                                    *plan.command])
+                result = proc.run(argv, check=False, die_with_parent=False, what=where)
+                if plan.judge is not None:
+                    plan.judge(result.returncode, result.stdout, result.stderr)
+            stopped = runtime.stop(container, timeout=60)
+            if stopped.killed:
+                log.warn(f"{where}: the build container had to be killed to stop")
+            os.rename(container.dir / "upper", staging / "upper")
+            os.rename(container.dir / "work", staging / "work")
+            failed = False
+        finally:
+            if container is not None and failed and keep_failed:
+                log.info(f"kept the failed container {name}: `sysbake exec {name} bash`, "
+                         f"then `sysbake rm -f {name}`")
+                owner_file.unlink(missing_ok=True)
+            elif container is not None:
+                runtime.remove(container, force=True)
+                owner_file.unlink(missing_ok=True)
+            else:
+                owner_file.unlink(missing_ok=True)
+
+
+def _run_chroot(plan: StepPlan, lowerdirs: list[Path], staging: Path, network: bool,
+                where: str) -> None:
+    """Run the step with chroot in a private mount namespace (its mounts die with it),
+    services suppressed by policy-rc.d; the upper dir stays in staging."""
+    upper, work, root, conf = (staging / n for n in ("upper", "work", "root", "conf"))
+    for d in (upper, work, root, conf):
+        d.mkdir()
+    _write_files(plan.files, conf)
+    binds = [(str(conf), CONF_DIR, False)] + [(str(h), d, True) for h, d in plan.mounts]
+    lines = [
+        "set -e",
+        f"mount -t overlay overlay -o lowerdir={overlay.lowerdir_option(lowerdirs)},"
+        f"upperdir={upper},workdir={work} {root}",
+        f'r={shlex.quote(str(root))}',
+        'mount -t proc proc "$r/proc"',
+        'mount --rbind /sys "$r/sys"',
+        'mount -t tmpfs -o mode=755 tmpfs "$r/dev"',
+        'for d in null zero full random urandom tty; do touch "$r/dev/$d"; '
+        'mount --bind "/dev/$d" "$r/dev/$d"; done',
+        'mkdir -p "$r/dev/pts" "$r/dev/shm"',
+        'mount -t tmpfs -o mode=755 tmpfs "$r/run"',
+        'mkdir -p "$r/run/lock"',
+    ]
+    if network:
+        lines.append('[ -f "$r/etc/resolv.conf" ] && [ ! -L "$r/etc/resolv.conf" ] && '
+                     'mount --bind /etc/resolv.conf "$r/etc/resolv.conf" || true')
+    for host, dest, ro in binds:
+        target = f'"$r"{shlex.quote(dest)}'
+        if Path(host).is_dir():
+            lines.append(f"mkdir -p {target}")
+        else:
+            lines.append(f"mkdir -p $(dirname {target}) && touch {target}")
+        lines.append(f"mount --bind {shlex.quote(host)} {target}")
+        if ro:
+            lines.append(f"mount -o remount,bind,ro {target}")
+    # policy-rc.d only ever exists in the upper dir: created now, removed after the step.
+    lines += [
+        'had_policy=0; [ -e "$r/usr/sbin/policy-rc.d" ] && had_policy=1',
+        f'[ $had_policy = 1 ] || printf %s {shlex.quote(_POLICY_RC)} > "$r/usr/sbin/policy-rc.d"',
+        '[ $had_policy = 1 ] || chmod 755 "$r/usr/sbin/policy-rc.d"',
+        "set +e",
+        'chroot "$r" /usr/bin/env -i "$@"',
+        "rc=$?",
+        '[ $had_policy = 1 ] || rm -f "$r/usr/sbin/policy-rc.d"',
+        "exit $rc",
+    ]
+    env = [f"{k}={v}" for k, v in {**plan.env, "SYSBAKE_CHROOT": "1"}.items()]
+    unshare = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork"]
+    if not network:
+        unshare.append("--net")
+    cmd = [*unshare, "sh", "-c", "\n".join(lines), "sysbake-step", *env, *plan.command]
+    with log.step(f"{where}: running in a chroot"):
+        try:
+            result = proc.run(cmd, check=False, what=where)
+        except CommandError as exc:
+            raise BuildError(f"{where}: {exc}") from exc
+        if plan.judge is not None:
+            plan.judge(result.returncode, result.stdout, result.stderr)
+        elif result.returncode != 0:
+            raise BuildError(f"{where}: exited {result.returncode}: {proc.tail_of(result)}")
