@@ -7,6 +7,8 @@ A command's handler is set with `parser.set_defaults(handler=fn)` where
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from types import ModuleType
 
 _MODULES = ("project", "build", "images", "runtime", "host")
@@ -21,3 +23,19 @@ def all_command_modules() -> list[ModuleType]:
             if exc.name != f"sysbake.commands.{name}":
                 raise
     return found
+
+
+def lazy_module(name: str) -> ModuleType:
+    """`name`, imported on first attribute access: command modules register their parsers
+    without paying for the imports of every other command (start-up is on the no-op path)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError(name)
+    loader = importlib.util.LazyLoader(spec.loader)
+    spec.loader = loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    loader.exec_module(module)
+    return module

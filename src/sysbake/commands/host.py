@@ -9,15 +9,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sysbake import hostint, log
+from sysbake import log
+from sysbake.commands import lazy_module
 
 if TYPE_CHECKING:
+    from sysbake import hostint
     from sysbake.cli import Context
+else:
+    hostint = lazy_module("sysbake.hostint")
 
 
 def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -> None:
     p = sub.add_parser("flags", help="docker/podman run flags that boot systemd on this host")
-    p.add_argument("engine", choices=hostint.ENGINES)
+    p.add_argument("engine", choices=("docker", "podman"))
     p.add_argument("image", nargs="?", help="tailor the flags to this stored image and "
                    "show a full example command line")
     add_globals(p)
@@ -26,7 +30,7 @@ def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -
     p = sub.add_parser("apparmor", help="print (or install) the AppArmor profile for "
                        "systemd containers")
     p.add_argument("--install", action="store_true",
-                   help=f"write {hostint.PROFILE_PATH} and load it with apparmor_parser -r")
+                   help="write /etc/apparmor.d/sysbake-systemd and load it with apparmor_parser -r")
     p.add_argument("-o", "--output", type=Path, default=None,
                    help="write the profile to this file (with --install: install it there)")
     add_globals(p)
@@ -34,7 +38,7 @@ def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -
 
     p = sub.add_parser("load", help="load a stored image into a local docker or podman")
     p.add_argument("image", nargs="?", help="stored image to load (name[:tag] or ID)")
-    p.add_argument("--into", required=True, choices=hostint.ENGINES)
+    p.add_argument("--into", required=True, choices=("docker", "podman"))
     p.add_argument("--host", default=None,
                    help="daemon address (docker -H / podman --url), e.g. unix:///run/docker.sock")
     p.add_argument("--archive", type=Path, default=None,

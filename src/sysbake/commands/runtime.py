@@ -11,11 +11,18 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sysbake import bundle, checks, inside, log
-from sysbake import runtime as rt
-from sysbake.cli import Context
+from sysbake import log
+from sysbake.commands import lazy_module
+
+if TYPE_CHECKING:
+    from sysbake import bundle, checks, inside
+    from sysbake import runtime as rt
+    from sysbake.cli import Context
+else:
+    bundle, checks, inside, rt = (lazy_module(f"sysbake.{m}")
+                                  for m in ("bundle", "checks", "inside", "runtime"))
 from sysbake.errors import ConfigError, RuntimeFailure
 
 
@@ -29,9 +36,9 @@ def register(subparsers: Any, add_globals: Callable[[argparse.ArgumentParser], N
     def container_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("-v", "--volume", action="append", default=[],
                             metavar="SRC:DST[:ro]", help="bind-mount a host path")
-        parser.add_argument("--network", choices=bundle.NETWORKS, default="none",
+        parser.add_argument("--network", choices=("none", "host"), default="none",
                             help="none: own namespace, loopback only (default); host")
-        parser.add_argument("--runtime", choices=tuple(rt.RUNTIMES), default="runc",
+        parser.add_argument("--runtime", choices=("runc", "crun"), default="runc",
                             help="OCI runtime (default: runc)")
         parser.add_argument("-e", "--env", action="append", default=[], metavar="K=V",
                             help="set an environment variable of PID 1")
@@ -94,7 +101,7 @@ def register(subparsers: Any, add_globals: Callable[[argparse.ArgumentParser], N
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="boot timeout (default: the image's [test] timeout, or 120)")
     p.add_argument("--keep", action="store_true", help="leave the container running")
-    p.add_argument("--runtime", choices=tuple(rt.RUNTIMES), default="runc")
+    p.add_argument("--runtime", choices=("runc", "crun"), default="runc")
     p.add_argument("--project", type=Path, default=None, metavar="PATH",
                    help="take the checks from this project (default: ./sysbake.toml, "
                         "when it defines the image)")
