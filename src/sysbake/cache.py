@@ -166,6 +166,8 @@ def explain(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     if old is None:
         return "no earlier build of this stage"
     for path, a, b in _diff(old, new, ""):
+        if path == "parent":
+            return "its parent changed (an earlier stage or the parent image was rebuilt)"
         return f"{path or 'inputs'} changed from {_short(a)} to {_short(b)}"
     return "its cached layer is missing from the store"
 

@@ -7,7 +7,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -263,3 +263,20 @@ def run_test(store: Any, image_ref: str, spec: TestSpecLike | None = None, *,
         return TestReport(image=image_ref, container=name, state="error", error=str(exc))
     return test_container(container, image_ref, spec, timeout=boot_timeout, keep=keep,
                           extra_checks=extra_checks)
+
+
+def test_image(store: Any, ref: str, image_spec: Any, *, timeout: float | None = None,
+               runtime: str = "runc", keep: bool = False) -> TestReport:
+    """`run_test` with the [test] section of the project's image `image_spec`, plus Salt
+    idempotence (each salt/project step re-applied must change nothing) when asked."""
+    report = run_test(store, ref, image_spec.test, timeout=timeout, runtime=runtime, keep=keep)
+    salt_steps = [s for s in image_spec.provision if s.type in ("salt", "project")]
+    if not (image_spec.test.idempotence and salt_steps and report.passed):
+        return report
+    from sysbake.provision import idempotence_checks
+
+    try:
+        extra = tuple(idempotence_checks(store, image_spec, ref))
+    except SysbakeError as exc:
+        extra = (CheckResult("idempotence", False, str(exc)),)
+    return replace(report, checks=report.checks + extra)

@@ -122,6 +122,8 @@ def decompressor(kind: str, src: Readable) -> Iterator[Readable]:
             tool_error = flt.failed_early()
             flt.abort()
             pump.join()
+            if flt.failure is not None:  # reading `src` failed: the tool only starved
+                raise flt.failure from exc
             if tool_error is not None:
                 raise tool_error from exc
             raise
@@ -218,7 +220,7 @@ class _Filter:
             stdout=subprocess.PIPE,
             stderr=self._err,
             bufsize=CHUNK,
-            preexec_fn=proc._die_with_parent,
+            preexec_fn=proc.die_with_parent_hook,
         )
         for pipe in (self._proc.stdin, self._proc.stdout):
             # Bigger pipes mean fewer context switches; the default (64 KiB) is only slower.

@@ -201,7 +201,7 @@ class _TarSource:
 
 
 def read_entries(src: Readable) -> Iterator[tuple[tarfile.TarInfo, Readable | None]]:
-    with tarfile.open(fileobj=_TarSource(src), mode="r|", bufsize=CHUNK) as archive:
+    with tarfile.open(fileobj=_TarSource(src), mode="r|") as archive:
         for info in archive:
             if info.type not in _TYPES:
                 raise LayerError(f"layer entry {info.name!r}: unsupported tar entry type "

@@ -9,6 +9,10 @@ from pathlib import Path
 from sysbake import proc
 from sysbake.errors import CommandError, RuntimeFailure
 
+# Renamed directories and metadata-only copy-ups would be recorded in xattrs that an OCI
+# diff cannot express: turn both off so the upper dir is a plain changeset.
+FEATURES = "redirect_dir=off,metacopy=off"
+
 # The kernel copies mount options into one page; keep a margin for the other options.
 _MAX_LOWERDIR = 3800
 
@@ -50,7 +54,7 @@ def mount_overlay(lowerdirs: Sequence[Path], upper: Path, work: Path, target: Pa
         if not Path(d).is_dir():
             raise RuntimeFailure(f"layer tree {d} is missing: expected an unpacked layer")
     options = (f"lowerdir={lowerdir_option(lowerdirs)},upperdir={os.path.abspath(upper)},"
-               f"workdir={os.path.abspath(work)}")
+               f"workdir={os.path.abspath(work)},{FEATURES}")
     try:
         proc.run(["mount", "-t", "overlay", "overlay", "-o", options, target],
                  what=f"mounting the overlay rootfs at {target}")

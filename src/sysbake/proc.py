@@ -18,7 +18,7 @@ _PR_SET_PDEATHSIG = 1
 _TAIL_LINES = 20
 
 
-def _die_with_parent() -> None:
+def die_with_parent_hook() -> None:
     # Children of a build must not outlive sysbake (kill -9 included): the kernel
     # sends them SIGKILL when we die.
     libc = ctypes.CDLL(None, use_errno=True)
@@ -58,7 +58,7 @@ def run(
     argv = [os.fspath(c) for c in cmd]
     label = what or os.path.basename(argv[0])
     log.debug("run: " + " ".join(argv))
-    preexec = _die_with_parent if die_with_parent else None
+    preexec = die_with_parent_hook if die_with_parent else None
     if stream:
         tail: deque[str] = deque(maxlen=_TAIL_LINES)
         with subprocess.Popen(

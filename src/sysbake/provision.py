@@ -247,6 +247,11 @@ def prune_copy_ups(upper: Path, lowerdirs: list[Path]) -> None:
 
     for dirpath, _dirs, files in os.walk(upper, topdown=False):
         here = Path(dirpath)
+        if here != upper and below(here.relative_to(upper)) is None:
+            # overlayfs marks some new dirs opaque; with nothing below, it means nothing.
+            for attr in ("trusted.overlay.opaque", "user.overlay.opaque"):
+                with contextlib.suppress(OSError):
+                    os.removexattr(here, attr)
         for name in files:
             path = here / name
             lower = below(path.relative_to(upper))
@@ -304,11 +309,12 @@ def _write_files(files: dict[str, bytes], conf: Path) -> None:
         host.write_bytes(data)
 
 
-def _run_booted(plan: StepPlan, store: Store, lowerdirs: list[Path],
-                parent_config: dict[str, Any], staging: Path, network: bool, where: str,
-                keep_failed: bool) -> None:
-    """Boot the parent image, wait for systemd, run the step, stop; the container's upper
-    dir moves to staging/upper."""
+@contextlib.contextmanager
+def _booted(plan: StepPlan, store: Store, lowerdirs: list[Path], config: dict[str, Any],
+            staging: Path, network: bool, where: str) -> Iterator[runtime.Container]:
+    """A container of the image booted with systemd (state running or degraded), the
+    plan's files and mounts in place. Stopped and removed afterwards unless the body set
+    `container.keep` (--keep-failed); if sysbake is killed, `reap_orphans` removes it."""
     conf = staging / "conf"
     conf.mkdir()
     _write_files(plan.files, conf)
@@ -318,43 +324,93 @@ def _run_booted(plan: StepPlan, store: Store, lowerdirs: list[Path],
     store.containers_dir.mkdir(parents=True, exist_ok=True)
     owner_file = store.containers_dir / f"{name}.owner"
     with open(owner_file, "a+b") as owner:
-        fcntl.flock(owner, fcntl.LOCK_EX)  # reap_orphans removes it if we are killed
-        failed = True
+        fcntl.flock(owner, fcntl.LOCK_EX)
         container = None
         try:
-            with log.step(f"{where}: booting the parent image"):
+            with log.step(f"{where}: booting the image"):
                 container = runtime.create(
-                    store.containers_dir, lowerdirs, parent_config, image=where,
+                    store.containers_dir, lowerdirs, config, image=where,
                     options=runtime.RunOptions(name=name, binds=tuple(binds),
                                                network="host" if network else "none"),
                     require_init=True)
                 state = inside.wait_for_boot(container, BOOT_TIMEOUT)
                 if state not in ("running", "degraded"):
-                    raise BuildError(f"{where}: the parent image did not boot (systemd "
-                                     f"state {state!r})")
-            with log.step(f"{where}: running in the booted container"):
-                argv = inside.exec_argv(container, ["/usr/bin/env", "-i",
-                                                    *[f"{k}={v}" for k, v in plan.env.items()],
-                                                    *plan.command])
-                result = proc.run(argv, check=False, die_with_parent=False, what=where)
-                if plan.judge is not None:
-                    plan.judge(result.returncode, result.stdout, result.stderr)
-            stopped = runtime.stop(container, timeout=60)
-            if stopped.killed:
-                log.warn(f"{where}: the build container had to be killed to stop")
-            os.rename(container.dir / "upper", staging / "upper")
-            os.rename(container.dir / "work", staging / "work")
-            failed = False
+                    raise BuildError(f"{where}: the image did not boot (systemd state "
+                                     f"{state!r})")
+            yield container
         finally:
-            if container is not None and failed and keep_failed:
+            if container is not None and name in _KEEP:
+                _KEEP.discard(name)
                 log.info(f"kept the failed container {name}: `sysbake exec {name} bash`, "
                          f"then `sysbake rm -f {name}`")
-                owner_file.unlink(missing_ok=True)
             elif container is not None:
                 runtime.remove(container, force=True)
-                owner_file.unlink(missing_ok=True)
-            else:
-                owner_file.unlink(missing_ok=True)
+            owner_file.unlink(missing_ok=True)
+
+
+_KEEP: set[str] = set()  # names of failed build containers to keep (--keep-failed)
+
+
+def _exec_plan(container: runtime.Container, plan: StepPlan,
+               where: str) -> tuple[int, bytes, bytes]:
+    argv = inside.exec_argv(container, ["/usr/bin/env", "-i",
+                                        *[f"{k}={v}" for k, v in plan.env.items()],
+                                        *plan.command])
+    result = proc.run(argv, check=False, die_with_parent=False, what=where)
+    return result.returncode, result.stdout, result.stderr
+
+
+def _run_booted(plan: StepPlan, store: Store, lowerdirs: list[Path],
+                parent_config: dict[str, Any], staging: Path, network: bool, where: str,
+                keep_failed: bool) -> None:
+    """Run the step in a booted container of the parent; its upper dir moves to
+    staging/upper once systemd has shut down cleanly."""
+    with _booted(plan, store, lowerdirs, parent_config, staging, network, where) as container:
+        try:
+            with log.step(f"{where}: running in the booted container"):
+                rc, out, err = _exec_plan(container, plan, where)
+                if plan.judge is not None:
+                    plan.judge(rc, out, err)
+        except BuildError:
+            if keep_failed:
+                _KEEP.add(container.name)
+            raise
+        if runtime.stop(container, timeout=60).killed:
+            log.warn(f"{where}: the build container had to be killed to stop")
+        os.rename(container.dir / "upper", staging / "upper")
+        os.rename(container.dir / "work", staging / "work")
+
+
+def idempotence_checks(store: Store, spec: Any, ref: str) -> list[Any]:
+    """Re-apply each Salt step of image `spec` on a booted container of `ref`; a step
+    passes when Salt succeeds and reports no changes (sysbake test's idempotence check)."""
+    from sysbake import salt
+    from sysbake.checks import CheckResult
+
+    image = store.resolve(ref)
+    lowerdirs = [store.layer_tree(layer) for layer in image.layers]
+    config = _parent_config(None, spec)
+    results = []
+    for step in spec.provision:
+        if step.type not in ("salt", "project"):
+            continue
+        where = f"{spec.name}: {step.name} (idempotence)"
+        plan = _prepare(step, store, where)[1]()
+        with store.staging("idempotence") as staging, \
+                _booted(plan, store, lowerdirs, config, staging, step.network, where) as c:
+            rc, out, err = _exec_plan(c, plan, where)
+        result = salt.parse_result(out, rc, err)
+        if not result.ok:
+            results.append(CheckResult(f"idempotence: {step.name}", False,
+                                       f"salt failed on the image: {result.error_line()}"))
+        elif result.changes:
+            changed = "; ".join(s.describe() for s in result.changed)
+            results.append(CheckResult(f"idempotence: {step.name}", False,
+                                       f"{result.changes} states changed again: {changed}"))
+        else:
+            results.append(CheckResult(f"idempotence: {step.name}", True,
+                                       f"{len(result.states)} states, no changes"))
+    return results
 
 
 def _run_chroot(plan: StepPlan, lowerdirs: list[Path], staging: Path, network: bool,
@@ -369,7 +425,7 @@ def _run_chroot(plan: StepPlan, lowerdirs: list[Path], staging: Path, network: b
     lines = [
         "set -e",
         f"mount -t overlay overlay -o lowerdir={overlay.lowerdir_option(lowerdirs)},"
-        f"upperdir={upper},workdir={work} {root}",
+        f"upperdir={upper},workdir={work},{overlay.FEATURES} {root}",
         f'r={shlex.quote(str(root))}',
         'mount -t proc proc "$r/proc"',
         'mount --rbind /sys "$r/sys"',

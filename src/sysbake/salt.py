@@ -39,13 +39,14 @@ from sysbake.salt_toolchain import (
     ensure_toolchain,
     loader_path,
     resolve_in_root,
+    toolchain_key,
 )
 from sysbake.store import remove_tree
 
 __all__ = [
     "CONF_DIR", "DEFAULT_SALT_VERSION", "KEEP_DIR", "KEEP_WRAPPER", "PROJECT_PILLAR_ENV",
     "SALT_MOUNT", "SaltResult", "SaltRun", "StateOutcome", "Toolchain", "ensure_toolchain",
-    "install_salt", "loader_path", "parse_result", "salt_key_inputs",
+    "install_salt", "loader_path", "parse_result", "salt_key_inputs", "toolchain_key",
 ]
 
 RUN_DIR = "/run/sysbake"

@@ -31,7 +31,7 @@ from sysbake.errors import BuildError, CommandError
 from sysbake.store import Store, atomic_write, remove_tree
 
 DEFAULT_SALT_VERSION = "3007.16"  # the newest 3007.x whose dependencies the index serves here
-RECIPE = 1  # bump when the way a toolchain is built changes: every toolchain is rebuilt
+RECIPE = 2  # bump when the way a toolchain is built changes: every toolchain is rebuilt
 BUILD_PACKAGES = ("python3-dev", "gcc", "libc6-dev")  # to compile sdists; removed afterwards
 _VERSION_RE = re.compile(r"^\d+(\.\d+)*(rc\d+)?$")
 _CLEAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -108,7 +108,7 @@ def boot_code(prefix: str, tmpdir: str | None) -> str:
 @dataclass(frozen=True)
 class Toolchain:
     """A built toolchain: `python`, `loader`, `library_path` are relative to `path`; `key`
-    identifies what is in it (Salt version, suite, arch, the exact wheels) for stage keys."""
+    is `toolchain_key` of what built it (for stage keys)."""
 
     path: Path
     version: str
@@ -158,10 +158,7 @@ def _host_release() -> tuple[str, str]:
     return bootstrap.host_distro(), m.group(1)
 
 
-def ensure_toolchain(store: Store, version: str = "", *, architecture: str = "") -> Toolchain:
-    """The toolchain of Salt `version` ("" = DEFAULT_SALT_VERSION) for the host's suite,
-    built on first use and reused afterwards (no download). Idempotent; concurrent callers
-    wait for one build; a killed build leaves only staging that `clean_stale` removes."""
+def _identity(version: str, architecture: str) -> dict[str, Any]:
     version = version or DEFAULT_SALT_VERSION
     if not _VERSION_RE.match(version):
         raise BuildError(f"salt_version {version!r}: expected a Salt version like "
@@ -169,9 +166,26 @@ def ensure_toolchain(store: Store, version: str = "", *, architecture: str = "")
     arch = architecture or bootstrap.host_architecture()
     loader_path(arch)
     distro, suite = _host_release()
-    ident = {"recipe": RECIPE, "version": version, "distro": distro, "suite": suite,
-             "architecture": arch, "packages": BUILD_PACKAGES}
-    short = hashlib.sha256(oci.canonical_json(ident)).hexdigest()[:12]
+    return {"recipe": RECIPE, "version": version, "distro": distro, "suite": suite,
+            "architecture": arch, "packages": list(BUILD_PACKAGES)}
+
+
+def toolchain_key(version: str = "", architecture: str = "") -> str:
+    """The key of the toolchain `ensure_toolchain` gives for these arguments, known without
+    building it and the same on every host of that suite: stage keys can use it, so a cache
+    shared through a registry hits on another machine."""
+    return hashlib.sha256(oci.canonical_json(_identity(version, architecture))).hexdigest()
+
+
+def ensure_toolchain(store: Store, version: str = "", *, architecture: str = "") -> Toolchain:
+    """The toolchain of Salt `version` ("" = DEFAULT_SALT_VERSION) for the host's suite,
+    built on first use and reused afterwards (no download). Idempotent; concurrent callers
+    wait for one build; a killed build leaves only staging that `clean_stale` removes."""
+    ident = _identity(version, architecture)
+    version, arch, distro, suite = (ident["version"], ident["architecture"], ident["distro"],
+                                    ident["suite"])
+    key = hashlib.sha256(oci.canonical_json(ident)).hexdigest()
+    short = key[:12]
     store.ensure()
     top = store.root / "toolchains"
     final = top / f"salt-{version}-{short}"
@@ -196,7 +210,7 @@ def ensure_toolchain(store: Store, version: str = "", *, architecture: str = "")
                 _install_salt(tree, wheelhouse, version)
             _slim(tree)
             _relativize_symlinks(tree)
-            meta = _describe(tree, ident, python, wheelhouse)
+            meta = _describe(tree, ident, key, python, wheelhouse)
             _write_wrapper(tree, meta)
             _smoke_test(tree, meta)
             remove_tree(final)  # a leftover without its metadata is not a toolchain
@@ -377,16 +391,18 @@ def _toolchain_python(tree: Path, suite: str) -> str:
     return python
 
 
-def _describe(tree: Path, ident: dict[str, Any], python: str, wheels: Path) -> dict[str, Any]:
+def _describe(tree: Path, ident: dict[str, Any], key: str, python: str,
+              wheels: Path) -> dict[str, Any]:
     arch = str(ident["architecture"])
     triplet = _TRIPLETS[arch]
     libs = dict.fromkeys(resolve_in_root(tree, d) for d in (f"lib/{triplet}",
                                                              f"usr/lib/{triplet}"))
-    key = hashlib.sha256(oci.canonical_json(
-        {**ident, "wheels": sorted(p.name for p in wheels.iterdir())})).hexdigest()
+    # The exact wheels are recorded for people; they are not in the key: a toolchain
+    # rebuilt later (newer dependencies) must not invalidate every cached salt stage.
     return {"version": ident["version"], "suite": ident["suite"], "architecture": arch,
             "python": python, "loader": resolve_in_root(tree, loader_path(arch)),
-            "library_path": [d for d in libs if (tree / d).is_dir()], "key": key}
+            "library_path": [d for d in libs if (tree / d).is_dir()], "key": key,
+            "identity": ident, "wheels": sorted(p.name for p in wheels.iterdir())}
 
 
 def _write_wrapper(tree: Path, meta: dict[str, Any]) -> None:

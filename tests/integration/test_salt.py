@@ -3,32 +3,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import TEST_ROOT, new_store
 
 from sysbake import bootstrap, proc, salt
 from sysbake.errors import BuildError
 from sysbake.salt import SaltResult, SaltRun, Toolchain
 from sysbake.store import Store, remove_tree
 
-TEST_ROOT = Path(os.environ.get("SYSBAKE_TEST_ROOT", "/var/tmp/sysbake-test"))
 DEV_ROOTFS = Path("/var/tmp/sysbake-dev/rootfs")
 # Set to a directory to record salt-call's raw output as unit-test fixtures.
 RECORD = os.environ.get("SYSBAKE_RECORD_SALT_FIXTURES", "")
-
-
-def new_store(path: Path) -> Path:
-    """A store directory sharing the run-independent .deb cache under TEST_ROOT."""
-    (TEST_ROOT / "debs").mkdir(parents=True, exist_ok=True)
-    path.mkdir(parents=True, exist_ok=True)
-    if not (path / "debs").exists():
-        (path / "debs").symlink_to(TEST_ROOT / "debs")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -47,21 +41,21 @@ def toolchain(toolchain_store: Path) -> Toolchain:
 
 @pytest.fixture(scope="session")
 def image() -> Path:
-    """A bookworm minbase tree without Python, used only as a read-only overlay lower dir."""
-    if (DEV_ROOTFS / "usr/bin/apt-get").exists():
-        root = DEV_ROOTFS
-    else:
-        root = TEST_ROOT / "salt-image-rootfs"
-        if not (root / "usr/bin/apt-get").exists():
-            remove_tree(root)
-            suite = "bookworm"
-            plan = bootstrap.BootstrapPlan(
-                suite=suite, variant="minbase", architecture=bootstrap.host_architecture(),
-                components=("main",), packages=(), keyring="", snapshot="", hooks=(),
-                sources=tuple(bootstrap.source_lines(
-                    distro="debian", suite=suite, components=("main",), mirror="",
-                    snapshot="", security=False)))
-            bootstrap.run_bootstrap(plan, root, TEST_ROOT / "debs")
+    """A bookworm minbase+systemd tree without Python, only ever a read-only overlay lower."""
+    root = DEV_ROOTFS if (DEV_ROOTFS / "usr/bin/apt-get").exists() else \
+        TEST_ROOT / "salt-image-rootfs"
+    if not root.exists():  # a machine without the dev rootfs (CI): make one, once
+        partial = root.with_name(root.name + ".partial")
+        remove_tree(partial)
+        plan = bootstrap.BootstrapPlan(
+            suite="bookworm", variant="minbase", architecture=bootstrap.host_architecture(),
+            components=("main",), packages=bootstrap.BASE_PACKAGES, keyring="", snapshot="",
+            hooks=(),
+            sources=tuple(bootstrap.source_lines(
+                distro="debian", suite="bookworm", components=("main",), mirror="",
+                snapshot="", security=False)))
+        bootstrap.run_bootstrap(plan, partial, TEST_ROOT / "debs")
+        partial.rename(root)
     assert not list((root / "usr/bin").glob("python*")), "the image must not have Python"
     return root
 
@@ -71,6 +65,7 @@ class Box:
 
     def __init__(self, lower: Path, base: Path) -> None:
         self.lower, self.base = lower, base
+        self.stderr = ""  # of the last Salt run
         self.upper, self.work, self.mnt = base / "upper", base / "work", base / "mnt"
         for d in (self.upper, self.work, self.mnt):
             d.mkdir(parents=True, exist_ok=True)
@@ -116,6 +111,7 @@ class Box:
     def salt(self, run: SaltRun, record: str = "") -> SaltResult:
         rc, out, err = self.chroot(run.command(), mounts=run.mounts(), files=run.config_files(),
                                    env=run.env())
+        self.stderr = err.decode()
         if RECORD and record:
             Path(RECORD, f"{record}.json").write_text(json.dumps(
                 {"returncode": rc, "stdout": out.decode(), "stderr": err.decode()},
@@ -168,6 +164,7 @@ def test_toolchain_is_reused_without_download(toolchain: Toolchain, toolchain_st
     again = salt.ensure_toolchain(Store(toolchain_store), toolchain.version)
     assert time.monotonic() - start < 5
     assert again == toolchain and toolchain.ordered_pillar
+    assert toolchain.key == salt.toolchain_key(toolchain.version)
     assert (toolchain.path / toolchain.python).is_file()
     assert not (toolchain.path / "usr/bin/gcc").exists(), "build tools must be removed"
     links = [p for p in toolchain.path.rglob("*") if p.is_symlink()
@@ -195,6 +192,41 @@ def test_unknown_salt_version_is_one_clear_error(tmp_path: Path) -> None:
         salt.ensure_toolchain(Store(new_store(tmp_path / "store")), "9999")
 
 
+def test_killed_toolchain_build_leaves_nothing(tmp_path: Path) -> None:
+    store = new_store(tmp_path / "store")
+    code = ("from pathlib import Path; from sysbake import salt; from sysbake.store import Store; "
+            f"salt.ensure_toolchain(Store(Path({str(store)!r})))")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((store / "tmp").glob("toolchain-*/tree/var")):
+            assert child.poll() is None and time.monotonic() < deadline, "no build started"
+            time.sleep(0.5)
+        time.sleep(3)  # into mmdebstrap's work, with the wheel download running beside it
+    finally:
+        child.kill()  # only sysbake itself: its children must follow it
+        child.wait()
+    deadline = time.monotonic() + 30
+    while _users_of(store) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _users_of(store) == []
+    assert str(store) not in Path("/proc/self/mounts").read_text()
+    assert list((store / "toolchains").glob("salt-*")) == []
+    removed = Store(store).clean_stale()
+    assert any(name.startswith("toolchain-") for name in removed)
+    assert [p.name for p in (store / "tmp").iterdir()] == []
+
+
+def _users_of(path: Path) -> list[str]:
+    users = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if str(path) in cmdline.read_text(errors="replace"):
+                users.append(cmdline.parent.name)
+    return users
+
+
 def test_states_apply_without_a_trace_and_are_idempotent(toolchain: Toolchain, box: Box,
                                                          tmp_path: Path) -> None:
     states = tree(tmp_path / "salt", {"top.sls": TOP.format("demo"), "demo.sls": DEMO})
@@ -212,6 +244,8 @@ def test_states_apply_without_a_trace_and_are_idempotent(toolchain: Toolchain, b
     assert "demo:" in (box.upper / "etc/passwd").read_text()
     # runas asks a Python started as the user for its environment: the toolchain's wrapper.
     assert (box.upper / "home/demo/home.txt").read_text() == "/home/demo\n"
+    assert "Environment could not be retrieved" not in box.stderr
+    assert box.stderr == "", box.stderr
     salty = [p for p in changed if "salt" in p.lower() or p.split("/")[0] in ("opt", "run",
                                                                                "srv")]
     assert salty == [], f"Salt left traces in the layer: {salty}"

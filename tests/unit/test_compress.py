@@ -195,3 +195,25 @@ def test_tool_death_is_a_command_error() -> None:
         for _ in range(64):
             sink.write(bytes(1 << 20))
     assert children() == before
+
+
+class BrokenSource:
+    """A blob stream that fails half way, as a dropped download would."""
+
+    def __init__(self, data: bytes) -> None:
+        self.src = io.BytesIO(data)
+
+    def read(self, size: int = -1, /) -> bytes:
+        if self.src.tell() > 100_000:
+            raise ConnectionResetError("connection reset by peer")
+        return self.src.read(min(size, 50_000))
+
+
+def test_source_failure_is_reported_as_such() -> None:
+    before = children()
+    blob = packed("zstd", sample())
+    with pytest.raises(ConnectionResetError), \
+            compress.decompressor("zstd", BrokenSource(blob)) as src:
+        while src.read(65536):
+            pass
+    assert children() == before

@@ -216,6 +216,7 @@ def test_oci_layout_links_blobs_and_adds_refs(store: Store, tmp_path: Path) -> N
     first = _image(store, {"a": b"1"}, ref="one:latest")
     second = _image(store, {"b": b"2"}, ref="two:latest")
     dest = tmp_path / "layout"
+    dest.mkdir()  # an empty directory is taken over
     assert export_image(store, "one", "oci", dest) == dest
     export_image(store, "two", "oci", dest)
     export_image(store, "one", "oci", dest)  # replacing a ref is idempotent

@@ -131,6 +131,17 @@ def test_pip_failures_become_one_line() -> None:
         "refused"
 
 
+def test_toolchain_key_is_known_before_building() -> None:
+    key = salt.toolchain_key("3007.16", "amd64")
+    assert len(key) == 64 and key == salt.toolchain_key("3007.16", "amd64")
+    assert key != salt.toolchain_key("3007.15", "amd64")
+    assert key != salt.toolchain_key("3007.16", "arm64")
+    assert salt.toolchain_key("", "amd64") == salt.toolchain_key(salt.DEFAULT_SALT_VERSION,
+                                                                 "amd64")
+    with pytest.raises(BuildError, match="salt_version 'latest': expected a Salt version"):
+        salt.toolchain_key("latest", "amd64")
+
+
 def test_malformed_version_is_refused_before_any_work(tmp_path: Path) -> None:
     from sysbake.store import Store
 

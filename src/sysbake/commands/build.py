@@ -50,11 +50,10 @@ def run_build(ctx: Any, args: argparse.Namespace) -> int:
     failed = 0
     reports = []
     if args.test:
-        from sysbake.checks import run_test
+        from sysbake.checks import test_image
 
         for result in results:
-            spec = project.image(result.name)
-            test_report = run_test(store, result.ref, spec.test)
+            test_report = test_image(store, result.ref, project.image(result.name))
             reports.append(test_report)
             if not test_report.passed:
                 failed += 1

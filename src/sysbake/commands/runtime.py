@@ -285,8 +285,8 @@ def _rm(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-def _test_spec(args: argparse.Namespace) -> tuple[str, checks.TestSpecLike | None]:
-    """The ref to test and its [test] section, when a project defines the image."""
+def _test_spec(args: argparse.Namespace) -> tuple[str, Any]:
+    """The ref to test and its image spec, when a project defines the image."""
     path = args.project
     if path is None:
         if not (Path.cwd() / "sysbake.toml").is_file():
@@ -301,14 +301,18 @@ def _test_spec(args: argparse.Namespace) -> tuple[str, checks.TestSpecLike | Non
         if args.project is not None:
             raise
         return args.image, None
-    return spec.tag, spec.test
+    return spec.tag, spec
 
 
 def _test(ctx: Context, args: argparse.Namespace) -> int:
     ref, spec = _test_spec(args)
     with _sigterm_as_interrupt():
-        report = checks.run_test(ctx.store(), ref, spec, timeout=args.timeout,
-                                 runtime=args.runtime, keep=args.keep)
+        if spec is None:
+            report = checks.run_test(ctx.store(), ref, None, timeout=args.timeout,
+                                     runtime=args.runtime, keep=args.keep)
+        else:
+            report = checks.test_image(ctx.store(), ref, spec, timeout=args.timeout,
+                                       runtime=args.runtime, keep=args.keep)
     if ctx.json:
         ctx.emit(report.to_json())
     else:

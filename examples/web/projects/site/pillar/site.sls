@@ -1,0 +1,3 @@
+# The project's pillar, merged over the global one: `message` wins, `title` is inherited.
+site:
+  message: Hello from the site project
