@@ -142,27 +142,31 @@ def _prepare(step: Any, store: Store, where: str) -> tuple[dict[str, Any], Calla
                             judge=lambda rc, out, err: _judge_script(rc, out, err, where))
 
         return {}, script_plan
-    from sysbake import salt
-
-    toolchain = salt.ensure_toolchain(store, step.salt_version)
-    if step.type == "salt":
-        run = salt.SaltRun(toolchain, state_trees=tuple(step.state_tree),
-                           pillar=tuple(step.pillar), sls=tuple(step.sls),
-                           grains_json=step.grains_json)
-    else:
-        run = salt.SaltRun(toolchain, state_trees=(step.state_tree,),
-                           pillar=tuple(step.pillar), project_pillar=step.project_pillar,
-                           grains_json=_project_grains(step))
+    from sysbake import salt, salt_toolchain
 
     def salt_plan() -> StepPlan:
-        env = {**run.env(), **dict(step.env)}
-        return StepPlan(tuple(run.command()), env,
+        # Built (once per Salt version) only when the step really runs: a cache hit needs
+        # only the toolchain's key, which is known without building it.
+        toolchain = salt.ensure_toolchain(store, step.salt_version)
+        if step.type == "salt":
+            run = salt.SaltRun(toolchain, state_trees=tuple(step.state_tree),
+                               pillar=tuple(step.pillar), sls=tuple(step.sls),
+                               grains_json=step.grains_json)
+        else:
+            run = salt.SaltRun(toolchain, state_trees=(step.state_tree,),
+                               pillar=tuple(step.pillar), project_pillar=step.project_pillar,
+                               grains_json=_project_grains(step))
+        return StepPlan(tuple(run.command()), {**run.env(), **dict(step.env)},
                         mounts=tuple((host, dest) for host, dest, _ro in run.mounts()),
                         files=run.config_files(),
                         judge=lambda rc, out, err: _judge_salt(rc, out, err, where),
                         keep_salt=toolchain if step.keep_salt else None)
 
-    return salt.salt_key_inputs(run), salt_plan
+    # Trees, pillars, SLS list and grains are in the step's own inputs already.
+    key = {"schema": salt.RUN_SCHEMA,
+           "salt_version": step.salt_version or salt.DEFAULT_SALT_VERSION,
+           "toolchain": salt_toolchain.toolchain_key(step.salt_version)}
+    return key, salt_plan
 
 
 def _project_grains(step: Any) -> str:

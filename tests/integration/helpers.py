@@ -27,10 +27,12 @@ def sysbake(*args: str | os.PathLike[str], store: Path, check: bool = True,
 
 
 def new_store(path: Path) -> Path:
-    """A store directory that shares the run-independent .deb cache."""
+    """A store directory sharing the run-independent caches (.debs, Salt toolchains)."""
     path.mkdir(parents=True, exist_ok=True)
-    debs = TEST_ROOT / "debs"
-    debs.mkdir(parents=True, exist_ok=True)
-    if not (path / "debs").exists():
-        (path / "debs").symlink_to(debs)
+    # Caches that only save downloads and compile time are shared across runs.
+    for name in ("debs", "toolchains"):
+        shared = TEST_ROOT / name
+        shared.mkdir(parents=True, exist_ok=True)
+        if not (path / name).exists():
+            (path / name).symlink_to(shared)
     return path

@@ -29,6 +29,7 @@ from services import mounts_under
 
 RUNC_ROOT = "/run/sysbake/runc"
 WEB = "web:latest"
+MESSAGE = "Hello from the site project"  # the page text the example serves
 _GZIP = b"\x1f\x8b"
 _ZSTD = b"\x28\xb5\x2f\xfd"
 _CHUNK = 1 << 20
@@ -182,21 +183,6 @@ def running(store: Path, ref: str) -> Iterator[str]:
 def exec_in(store: Path, name: str, *command: str,
             check: bool = True) -> subprocess.CompletedProcess[str]:
     return sysbake("exec", "-T", name, *command, store=store, check=check, timeout=300)
-
-
-def wait_booted(store: Path, name: str, timeout: float = 120) -> str:
-    """systemd's state in container `name` once it stops starting (or at the timeout)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    state = ""
-    while time.monotonic() < deadline:
-        state = exec_in(store, name, "systemctl", "is-system-running",
-                        check=False).stdout.strip()
-        if state in ("running", "degraded", "maintenance"):
-            return state
-        time.sleep(0.3)
-    return state
 
 
 # -- looking into blobs, layers and exports --------------------------------------------------

@@ -13,22 +13,21 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TEST_ROOT, new_store
+from helpers import new_store
 
-from sysbake import bootstrap, proc, salt
+from sysbake import proc, salt
 from sysbake.errors import BuildError
 from sysbake.salt import SaltResult, SaltRun, Toolchain
 from sysbake.store import Store, remove_tree
 
-DEV_ROOTFS = Path("/var/tmp/sysbake-dev/rootfs")
 # Set to a directory to record salt-call's raw output as unit-test fixtures.
 RECORD = os.environ.get("SYSBAKE_RECORD_SALT_FIXTURES", "")
 
 
 @pytest.fixture(scope="session")
-def toolchain_store() -> Path:
-    """A store kept across runs under TEST_ROOT: the toolchain is built once per machine."""
-    return new_store(TEST_ROOT / "salt-store")
+def toolchain_store(shared_store: Path) -> Path:
+    """The run's store (its toolchains/ dir is shared across runs, see conftest)."""
+    return shared_store
 
 
 @pytest.fixture(scope="session")
@@ -40,22 +39,10 @@ def toolchain(toolchain_store: Path) -> Toolchain:
 
 
 @pytest.fixture(scope="session")
-def image() -> Path:
-    """A bookworm minbase+systemd tree without Python, only ever a read-only overlay lower."""
-    root = DEV_ROOTFS if (DEV_ROOTFS / "usr/bin/apt-get").exists() else \
-        TEST_ROOT / "salt-image-rootfs"
-    if not root.exists():  # a machine without the dev rootfs (CI): make one, once
-        partial = root.with_name(root.name + ".partial")
-        remove_tree(partial)
-        plan = bootstrap.BootstrapPlan(
-            suite="bookworm", variant="minbase", architecture=bootstrap.host_architecture(),
-            components=("main",), packages=bootstrap.BASE_PACKAGES, keyring="", snapshot="",
-            hooks=(),
-            sources=tuple(bootstrap.source_lines(
-                distro="debian", suite="bookworm", components=("main",), mirror="",
-                snapshot="", security=False)))
-        bootstrap.run_bootstrap(plan, partial, TEST_ROOT / "debs")
-        partial.rename(root)
+def image(shared_store: Path, base_image: str) -> Path:
+    """The example base's tree (no Python in it), only ever a read-only overlay lower."""
+    store = Store(shared_store)
+    root = store.layer_tree(store.resolve(base_image).layers[-1])
     assert not list((root / "usr/bin").glob("python*")), "the image must not have Python"
     return root
 

@@ -51,7 +51,7 @@ def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -
     q.set_defaults(handler=cmd_cache_ls)
     q = csub.add_parser("prune", help="drop superseded stages and unreferenced blobs")
     q.add_argument("--all", action="store_true",
-                   help="drop every cached stage (tagged images stay)")
+                   help="drop every cached stage and the Salt toolchains (tagged images stay)")
     add_globals(q)
     q.set_defaults(handler=cmd_cache_prune)
 
@@ -164,7 +164,12 @@ def cmd_cache_ls(ctx: Any, args: argparse.Namespace) -> int:
 def cmd_cache_prune(ctx: Any, args: argparse.Namespace) -> int:
     from sysbake.cache import StageCache
 
-    dropped, blobs, freed = StageCache(ctx.store()).prune(all_records=args.all)
+    store = ctx.store()
+    dropped, blobs, freed = StageCache(store).prune(all_records=args.all)
+    if args.all and (store.root / "toolchains").exists():
+        from sysbake.store import remove_tree
+
+        remove_tree(store.root / "toolchains")
     if ctx.json:
         ctx.emit({"stages": dropped, "blobs": blobs, "bytes": freed})
     else:
