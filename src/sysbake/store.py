@@ -79,6 +79,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide blobs from readers
             os.fsync(f.fileno())
         os.rename(tmp, path)
     except OSError as exc:
@@ -126,6 +127,7 @@ class BlobWriter:
     def commit(self, media_type: str) -> Descriptor:
         try:
             self._file.flush()
+            os.fchmod(self._file.fileno(), 0o644)
             os.fsync(self._file.fileno())
             self._file.close()
             final = self._store.blob_path(self.digest)

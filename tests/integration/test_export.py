@@ -28,7 +28,6 @@ from sysbake.store import Store
 pytestmark = pytest.mark.integration
 
 # The tree the test image is made of: a bookworm tree with systemd.
-ROOTFS = Path(os.environ.get("SYSBAKE_EXPORT_ROOTFS", "/var/tmp/sysbake-dev/rootfs"))
 DELETED_FILE = "etc/issue"
 DELETED_DIR = "usr/share/common-licenses"
 ADDED_FILE = "etc/sysbake-export-test"
@@ -40,6 +39,7 @@ TWO = "exporttest/two:1.0"  # plus a layer deleting a file and a directory, addi
 @dataclass(frozen=True)
 class Images:
     store: Store
+    rootfs: Path  # the tree the first layer was made from
     one: Image  # ONE
     two: Image  # TWO
 
@@ -56,20 +56,23 @@ def _put(store: Store, ref: str, layers: tuple[Layer, ...]) -> Image:
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
-    assert (ROOTFS / "lib/systemd/systemd").exists(), f"{ROOTFS} is not a systemd tree"
+def images(tmp_path_factory: pytest.TempPathFactory, shared_store: Path,
+           base_image: str) -> Iterator[Images]:
+    shared = Store(shared_store)
+    rootfs = shared.layer_tree(shared.resolve(base_image).layers[0])
+    assert (rootfs / "lib/systemd/systemd").exists(), f"{rootfs} is not a systemd tree"
     root = tmp_path_factory.mktemp("export-store")
     store = Store(root).ensure()
-    base = commit_tree(store, ROOTFS)
+    base = commit_tree(store, rootfs)
     upper = root / "upper"
     for rel in (DELETED_FILE, DELETED_DIR):
         (upper / rel).parent.mkdir(parents=True, exist_ok=True)
         os.mknod(upper / rel, stat.S_IFCHR | 0o000, os.makedev(0, 0))  # overlayfs whiteout
     (upper / ADDED_FILE).write_text("added by the second layer\n")
     for d in ("etc", "usr", "usr/share"):
-        shutil.copystat(ROOTFS / d, upper / d)
+        shutil.copystat(rootfs / d, upper / d)
     top = commit_tree(store, upper, overlay_upper=True)
-    yield Images(store, _put(store, ONE, (base,)), _put(store, TWO, (base, top)))
+    yield Images(store, rootfs, _put(store, ONE, (base,)), _put(store, TWO, (base, top)))
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -194,14 +197,14 @@ def test_rootfs_export_is_the_source_tree(images: Images, scratch: Path) -> None
     archive = export_image(images.store, ONE, "rootfs", scratch / "rootfs.tar.zst",
                            "zstd")
     tree = _untar(archive, scratch / "tree", "--zstd")
-    assert tree_listing(tree) == tree_listing(ROOTFS)
+    assert tree_listing(tree) == tree_listing(images.rootfs)
 
 
 def test_rootfs_export_applies_deletions(images: Images, scratch: Path) -> None:
     archive = export_image(images.store, TWO, "rootfs", scratch / "rootfs.tar.gz",
                            "gzip")
     tree = _untar(archive, scratch / "tree", "--gzip")
-    expected = {path: entry for path, entry in tree_listing(ROOTFS).items()
+    expected = {path: entry for path, entry in tree_listing(images.rootfs).items()
                 if path != DELETED_FILE and path != DELETED_DIR
                 and not path.startswith(DELETED_DIR + "/")}
     listing = tree_listing(tree)

@@ -38,7 +38,11 @@ def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -
     p.add_argument("--format", required=True,
                    choices=("oci", "oci-archive", "docker-archive", "rootfs"))
     p.add_argument("--compression", choices=("xz", "zstd", "gzip", "none"), default=None,
-                   help="rootfs compression (default: xz)")
+                   help="rootfs: xz (default unless the file name says .tar/.gz/.zst), zstd, "
+                   "gzip, none; oci/oci-archive: re-compress layers (gzip, zstd; default: as "
+                   "stored)")
+    p.add_argument("--name", default=None, metavar="NAME:TAG",
+                   help="the name the exported image carries (default: its tag in the store)")
     p.add_argument("-o", "--output", required=True, type=Path,
                    help="destination file or directory ('-' for stdout)")
     add_globals(p)
@@ -140,8 +144,9 @@ def cmd_rmi(ctx: Any, args: argparse.Namespace) -> int:
 def cmd_export(ctx: Any, args: argparse.Namespace) -> int:
     from sysbake.export import export_image
 
-    dest = export_image(ctx.store(), args.image, args.format, args.output, args.compression)
-    if ctx.json:
+    dest = export_image(ctx.store(), args.image, args.format, args.output, args.compression,
+                        name=args.name)
+    if ctx.json and str(args.output) != "-":  # stdout carries the archive itself
         ctx.emit({"image": args.image, "format": args.format, "output": str(dest)})
     return 0
 
