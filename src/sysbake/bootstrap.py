@@ -7,10 +7,12 @@ which archive was used.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import shlex
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,8 +171,8 @@ class BootstrapPlan:
 
 
 def mmdebstrap_command(plan: BootstrapPlan, target: Path, debs: Path) -> list[str]:
-    """The mmdebstrap command line; run it inside a private mount namespace so the .deb
-    cache bind mount (and mmdebstrap's own mounts) vanish if we are killed."""
+    """The mmdebstrap command line, isolated (proc.ISOLATED) so that the .deb cache bind
+    mount, mmdebstrap's own mounts and apt's processes vanish if we are killed."""
     cache = shlex.quote(str(debs))
     cmd = [
         "mmdebstrap",
@@ -195,7 +197,7 @@ def mmdebstrap_command(plan: BootstrapPlan, target: Path, debs: Path) -> list[st
     for hook in plan.hooks:
         cmd.append(f"--customize-hook={shlex.quote(str(hook))} \"$1\"")
     cmd += [plan.suite, str(target), *plan.sources]
-    return ["unshare", "--mount", "--propagation", "private", *cmd]
+    return [*proc.ISOLATED, *cmd]
 
 
 def _explain_failure(tail: str) -> str:
@@ -218,11 +220,25 @@ def run_bootstrap(plan: BootstrapPlan, target: Path, debs: Path) -> None:
         return
     cmd = mmdebstrap_command(plan, target, debs)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("APT_", "DEBIAN_"))}
-    try:
-        proc.run(cmd, what="mmdebstrap", stream=log.debug_enabled(), env=env)
-    except CommandError as exc:
-        detail = _explain_failure(exc.tail or str(exc))
-        raise BuildError(f"bootstrap {plan.suite}: {detail}") from exc
+    with _cache_lock(debs):
+        try:
+            proc.run(cmd, what="mmdebstrap", stream=log.debug_enabled(), env=env)
+        except CommandError as exc:
+            detail = _explain_failure(exc.tail or str(exc))
+            raise BuildError(f"bootstrap {plan.suite}: {detail}") from exc
+
+
+@contextlib.contextmanager
+def _cache_lock(debs: Path) -> Iterator[None]:
+    # apt inside each bootstrap locks the shared .deb cache and fails at once when another
+    # holds it: concurrent builds wait for each other here instead.
+    with open(debs / ".sysbake-lock", "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("    waiting for another bootstrap using the same .deb cache")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _debootstrap(plan: BootstrapPlan, target: Path, debs: Path) -> None:

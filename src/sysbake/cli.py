@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -77,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = Context(store_path=store.absolute(), json=bool(args.json), debug=bool(args.debug))
     log.configure(quiet=bool(args.quiet) or (ctx.json and not ctx.debug), debug=ctx.debug)
     handler: Handler = args.handler
+    # `kill PID` cleans up like Ctrl-C does: containers, mounts and staging are removed.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return handler(ctx, args)
     except KeyboardInterrupt:

@@ -25,6 +25,13 @@ def die_with_parent_hook() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+# Prefix for commands that mount or spawn trees of processes (mmdebstrap, chroot steps):
+# a private mount namespace and a PID namespace whose init is SIGKILLed when unshare dies.
+# Since unshare dies with us (die_with_parent), kill -9 of sysbake takes every process
+# inside down, and their mounts vanish with the namespace.
+ISOLATED = ("unshare", "--mount", "--propagation", "private", "--pid", "--kill-child")
+
+
 def which(program: str) -> str | None:
     return shutil.which(program)
 

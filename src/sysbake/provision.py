@@ -464,7 +464,7 @@ def _run_chroot(plan: StepPlan, lowerdirs: list[Path], staging: Path, network: b
         "exit $rc",
     ]
     env = [f"{k}={v}" for k, v in {**plan.env, "SYSBAKE_CHROOT": "1"}.items()]
-    unshare = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork"]
+    unshare = list(proc.ISOLATED)
     if not network:
         unshare.append("--net")
     cmd = [*unshare, "sh", "-c", "\n".join(lines), "sysbake-step", *env, *plan.command]

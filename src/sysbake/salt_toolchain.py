@@ -326,7 +326,7 @@ def _bootstrap(tree: Path, distro: str, suite: str, arch: str, debs: Path) -> No
 def _chroot_script(script: str, what: str) -> None:
     # A private mount namespace: its mounts vanish with it, even if we are killed; a clean
     # environment: the host's PIP_*, SSL_CERT_FILE... must not reach the chroot.
-    proc.run(["unshare", "--mount", "--propagation", "private", "sh", "-ec", script],
+    proc.run([*proc.ISOLATED, "sh", "-ec", script],
              env=_CLEAN_ENV, what=what, stream=log.debug_enabled())
 
 

@@ -74,7 +74,8 @@ def test_mmdebstrap_command_runs_in_a_private_mount_namespace(tmp_path: Path) ->
                          sources=("deb http://m.invalid/debian bookworm main",), keyring="",
                          snapshot="", hooks=())
     cmd = mmdebstrap_command(plan, tmp_path / "root", tmp_path / "debs")
-    assert cmd[:4] == ["unshare", "--mount", "--propagation", "private"]
+    assert cmd[:6] == ["unshare", "--mount", "--propagation", "private", "--pid",
+                       "--kill-child"]
     assert "--include=systemd,dbus" in cmd
     assert cmd[-3:] == ["bookworm", str(tmp_path / "root"), plan.sources[0]]
     assert any(str(tmp_path / "debs") in c and "mount -o bind" in c for c in cmd)
