@@ -98,7 +98,7 @@ def build_project(project: Any, store: Store, options: BuildOptions,
 
 def build_image(spec: Any, project: Any, store: Store, cache: StageCache,
                 built: dict[str, Image], options: BuildOptions, report: Reporter) -> BuildResult:
-    cleanup = finalize.Cleanup.from_spec(spec.finalize)
+    cleanup = spec.finalize
     state = _ImageBuild(spec.name)
     inherited_labels: dict[str, str] = {}
     if spec.bootstrap is not None:
@@ -236,8 +236,7 @@ def _bootstrap_stage(spec: Any, plan: bootstrap.BootstrapPlan, cleanup: finalize
 
 
 def _cleanup_inputs(cleanup: finalize.Cleanup) -> dict[str, Any]:
-    return {name: (list(value) if isinstance(value, tuple) else value)
-            for name, value in vars(cleanup).items()}
+    return cleanup.key_inputs()
 
 
 def _provision_stage(spec: Any, index: int, step: Any, cleanup: finalize.Cleanup,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sysbake import __version__
+from sysbake.config_specs import FinalizeSpec
 from sysbake.store import remove_tree
 
 # Units that cannot work in a container (no devices, no kernel modules, no hardware
@@ -71,31 +72,14 @@ _HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-@dataclass(frozen=True)
-class Cleanup:
-    """What to remove before a layer is committed (the seed's "snapshot" clean-up)."""
+# What to remove before a layer is committed (the seed's "snapshot" clean-up): the
+# project file's [finalize] section.
+Cleanup = FinalizeSpec
 
-    apt_lists: bool = True
-    apt_cache: bool = True
-    logs: bool = True
-    ssh_host_keys: bool = True
-    machine_id: bool = True
-    tmp: bool = True
-    salt: bool = True
-    mask: tuple[str, ...] = ()
-    unmask: tuple[str, ...] = ()
-    remove: tuple[str, ...] = ()
 
-    @classmethod
-    def from_spec(cls, spec: Any) -> Cleanup:
-        """From a config FinalizeSpec (same field names); None gives the defaults."""
-        if spec is None:
-            return cls()
-        names = cls.__dataclass_fields__
-        return cls(**{n: getattr(spec, n) for n in names if hasattr(spec, n)})
-
-    def masked_units(self) -> list[str]:
-        return sorted((set(DEFAULT_MASK) | set(self.mask)) - set(self.unmask))
+def masked_units(cleanup: Cleanup) -> list[str]:
+    """The default mask list with the image's additions, minus what it unmasks."""
+    return sorted((set(DEFAULT_MASK) | set(cleanup.mask)) - set(cleanup.unmask))
 
 
 def _inside(root: Path, path: str) -> Path:
@@ -116,7 +100,7 @@ def make_container_ready(root: Path, cleanup: Cleanup) -> None:
     and give the tree an empty machine-id and neutral host files. Idempotent."""
     units = root / "etc/systemd/system"
     units.mkdir(parents=True, exist_ok=True)
-    for unit in cleanup.masked_units():
+    for unit in masked_units(cleanup):
         link = units / unit
         if link.is_symlink() and os.readlink(link) == "/dev/null":
             continue

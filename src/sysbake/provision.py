@@ -80,8 +80,7 @@ def run_step(spec: Any, index: int, step: Any, cleanup: finalize.Cleanup, projec
         "step": step.key_inputs(),
         "trees": [hash_tree(p) for p in step.input_paths()],
         "plan": plan_inputs,
-        "cleanup": {k: (list(v) if isinstance(v, tuple) else v)
-                    for k, v in vars(cleanup).items()},
+        "cleanup": cleanup.key_inputs(),
         "compression": options.compression,
     }
 
