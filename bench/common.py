@@ -121,14 +121,15 @@ def median(values: Sequence[float]) -> float:
 SUMMARY: list[str] = []
 
 
-def result(name: str, value: float, anchor: float, anchor_name: str, goal: float, *,
+def result(name: str, value: float, anchor: float, anchor_name: str, goal: float | None, *,
            value_name: str = "sysbake", digits: int = 2) -> None:
     """Print a `report`-style line and keep it for `print_summary`; `value_name` names
-    the measured side when both are sysbake's (say, two image sizes)."""
+    the measured side when both are sysbake's (say, two image sizes); no `goal`: context."""
     ratio = value / anchor if anchor else float("inf")
-    verdict = "meets" if ratio <= goal else "misses"
+    verdict = "no goal, context" if goal is None else \
+        f"goal <= {goal}; {'meets' if ratio <= goal else 'misses'}"
     line = (f"{name}: {value_name} {value:.{digits}f}s vs {anchor_name} {anchor:.{digits}f}s "
-            f"-> ratio {ratio:.2f} (goal <= {goal}; {verdict})")
+            f"-> ratio {ratio:.2f} ({verdict})")
     SUMMARY.append(line)
     print(line, flush=True)
 

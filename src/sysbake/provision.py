@@ -78,7 +78,8 @@ def run_step(spec: Any, index: int, step: Any, cleanup: finalize.Cleanup, projec
         "stage": "provision",
         "parent": state.chain,
         "step": step.key_inputs(),
-        "trees": [hash_tree(p) for p in step.input_paths()],
+        # Keyed by path so that --explain names the tree that changed.
+        "trees": {os.path.relpath(p, project.root): hash_tree(p) for p in step.input_paths()},
         "plan": plan_inputs,
         "cleanup": cleanup.key_inputs(),
         "compression": options.compression,
@@ -110,8 +111,12 @@ def run_step(spec: Any, index: int, step: Any, cleanup: finalize.Cleanup, projec
 
                     salt.install_salt(plan.keep_salt, root)
             with log.step(f"{where}: committing the layer"):
-                return commit_tree(store, upper, compression=options.compression,
-                                   overlay_upper=True)
+                layer = commit_tree(store, upper, compression=options.compression,
+                                    overlay_upper=True)
+            # The upper dir is this layer in overlay form (whiteouts as 0/0 devices, opaque
+            # xattrs): keep it as the layer's tree so containers need not unpack the blob.
+            store.adopt_tree(layer.diff_id, upper)
+            return layer
 
     run_stage(cache, state, stage=step.name, inputs=inputs,
               created_by=f"sysbake {step.type} {step.name} ({step.mode})", options=options,
@@ -146,7 +151,10 @@ def _prepare(step: Any, store: Store, where: str) -> tuple[dict[str, Any], Calla
     def salt_plan() -> StepPlan:
         # Built (once per Salt version) only when the step really runs: a cache hit needs
         # only the toolchain's key, which is known without building it.
-        toolchain = salt.ensure_toolchain(store, step.salt_version)
+        try:
+            toolchain = salt.ensure_toolchain(store, step.salt_version)
+        except BuildError as exc:
+            raise BuildError(f"{where}: {exc}") from exc
         if step.type == "salt":
             run = salt.SaltRun(toolchain, state_trees=tuple(step.state_tree),
                                pillar=tuple(step.pillar), sls=tuple(step.sls),

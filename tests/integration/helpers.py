@@ -26,11 +26,11 @@ def sysbake(*args: str | os.PathLike[str], store: Path, check: bool = True,
     return result  # type: ignore[no-any-return]
 
 
-def new_store(path: Path) -> Path:
+def new_store(path: Path, *, share: tuple[str, ...] = ("debs", "toolchains")) -> Path:
     """A store directory sharing the run-independent caches (.debs, Salt toolchains)."""
     path.mkdir(parents=True, exist_ok=True)
     # Caches that only save downloads and compile time are shared across runs.
-    for name in ("debs", "toolchains"):
+    for name in share:
         shared = TEST_ROOT / name
         shared.mkdir(parents=True, exist_ok=True)
         if not (path / name).exists():

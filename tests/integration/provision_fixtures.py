@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol, cast
 
 import pytest
 from helpers import EXAMPLE, sysbake
@@ -188,8 +188,12 @@ def exec_in(store: Path, name: str, *command: str,
 # -- looking into blobs, layers and exports --------------------------------------------------
 
 
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 @contextlib.contextmanager
-def plain(path: Path) -> Iterator[IO[bytes]]:
+def plain(path: Path) -> Iterator[Readable]:
     """The file at `path`, decompressed when it is gzip or zstd (by its magic bytes)."""
     with open(path, "rb") as f:
         magic = f.read(4)
@@ -200,13 +204,12 @@ def plain(path: Path) -> Iterator[IO[bytes]]:
         with subprocess.Popen(["zstd", "-dc", str(path)], stdout=subprocess.PIPE) as z:
             assert z.stdout is not None
             yield z.stdout
-            z.stdout.read()
     else:
         with open(path, "rb") as f:
             yield f
 
 
-def stream_contains(stream: IO[bytes], needle: bytes) -> bool:
+def stream_contains(stream: Readable, needle: bytes) -> bool:
     """Whether `needle` occurs in what `stream` yields (read in chunks, overlapping)."""
     tail = b""
     while chunk := stream.read(_CHUNK):
@@ -231,32 +234,12 @@ def files_containing(root: Path, needle: bytes) -> list[str]:
     return hits
 
 
-def tar_members_containing(path: Path, needle: bytes) -> list[str]:
-    """Members of the tar `path` whose data, decompressed when gzip, hold `needle` (an
-    oci-archive's layers are compressed members)."""
-    found = []
-    with tarfile.open(path) as tar:
-        for member in tar:
-            f = tar.extractfile(member) if member.isfile() else None
-            if f is None:
-                continue
-            magic = f.read(2)
-            f.seek(0)
-            if magic == _GZIP:
-                with gzip.GzipFile(fileobj=f) as g:
-                    hit = stream_contains(g, needle)
-            else:
-                hit = stream_contains(f, needle)
-            if hit:
-                found.append(member.name)
-    return found
-
-
 def layer_entries(store: Path, ref: str) -> list[list[str]]:
     """The entry names of each of the image's layer tars, bottom to top."""
     out = []
     for digest in layer_digests(store, ref):
-        with plain(blob_path(store, digest)) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        with plain(blob_path(store, digest)) as f, \
+                tarfile.open(fileobj=cast(IO[bytes], f), mode="r|") as tar:
             out.append([m.name.removeprefix("./") for m in tar])
     return out
 

@@ -180,7 +180,7 @@ def test_unknown_salt_version_is_one_clear_error(tmp_path: Path) -> None:
 
 
 def test_killed_toolchain_build_leaves_nothing(tmp_path: Path) -> None:
-    store = new_store(tmp_path / "store")
+    store = new_store(tmp_path / "store", share=("debs",))  # a build must really start
     code = ("from pathlib import Path; from sysbake import salt; from sysbake.store import Store; "
             f"salt.ensure_toolchain(Store(Path({str(store)!r})))")
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
