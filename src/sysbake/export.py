@@ -19,6 +19,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-from sysbake import compress, layers, log, oci
+from sysbake import compress, layers, log, oci, proc
 from sysbake.commit import source_date_epoch
 from sysbake.compress import Readable
 from sysbake.errors import CommandError, StoreError, SysbakeError
@@ -460,14 +461,57 @@ def export_rootfs(store: Store, ref: str, out: BinaryIO, compression: str = "xz"
     assert kind is not None
     src = _resolve(store, ref, None)
     openers = [functools.partial(_layer_stream, store, layer) for layer in src.image.layers]
-    with log.step(f"exporting the root filesystem of {src.label} as a tar ({kind})"), \
-            compress.compressor(kind, out) as sink:
-        if len(openers) == 1:
-            # One layer is already the whole tree: no whiteouts to apply.
-            with openers[0]() as plain:
-                shutil.copyfileobj(plain, sink, _CHUNK)
-        else:
-            layers.flatten(openers, sink, mtime=source_date_epoch())
+    with log.step(f"exporting the root filesystem of {src.label} as a tar ({kind})"):
+        # One layer is already the whole tree (no whiteouts to apply): pipe it through.
+        if len(openers) == 1 and _piped_rootfs(store, src.image.layers[0], out, kind):
+            return
+        with compress.compressor(kind, out) as sink:
+            if len(openers) == 1:
+                with openers[0]() as plain:
+                    shutil.copyfileobj(plain, sink, _CHUNK)
+            else:
+                layers.flatten(openers, sink, mtime=source_date_epoch())
+
+
+def _piped_rootfs(store: Store, layer: Layer, out: BinaryIO, kind: str) -> bool:
+    """Fast path of a one-layer rootfs export: decompressor | compressor joined by an OS
+    pipe, writing straight into `out`, with no Python copy in between. The blob is checked
+    against its digest first, which vouches for the diff_id committed with it. False when
+    the path does not apply (no file descriptor, no external tool for a side)."""
+    tools = {"gzip": "pigz", "zstd": "zstd", "xz": "xz"}
+    if kind not in tools or layer.compression not in tools or \
+            compress.gzip_backend() != "pigz":
+        return False
+    try:
+        out_fd = out.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return False
+    path = store.blob_path(layer.blob.digest)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    if f"sha256:{digest.hexdigest()}" != layer.blob.digest:
+        raise ExportError(f"blob {layer.blob.digest} has digest sha256:{digest.hexdigest()} "
+                          "(the store is corrupt)")
+    level = compress.DEFAULT_LEVELS[kind]
+    decode = [tools[layer.compression], "-d", "-c", str(path)]
+    encode = [tools[kind], f"-{level}", "-c", *(["-n"] if kind == "gzip" else ["-T0", "-q"])]
+    out.flush()
+    with subprocess.Popen(decode, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          preexec_fn=proc.die_with_parent_hook) as dec:
+        with subprocess.Popen(encode, stdin=dec.stdout, stdout=out_fd,
+                              stderr=subprocess.PIPE,
+                              preexec_fn=proc.die_with_parent_hook) as enc:
+            assert dec.stdout is not None
+            dec.stdout.close()
+            _, enc_err = enc.communicate()
+        _, dec_err = dec.communicate()
+    for argv, rc, err in ((decode, dec.returncode, dec_err), (encode, enc.returncode, enc_err)):
+        if rc != 0:
+            text = err.decode(errors="replace").strip().splitlines()
+            raise ExportError(f"{argv[0]} failed (exit {rc}): {text[-1] if text else ''}")
+    return True
 
 
 def export_image(store: Store, ref: str, fmt: str, dest: Path,
