@@ -507,9 +507,12 @@ def _piped_rootfs(store: Store, layer: Layer, out: BinaryIO, kind: str) -> bool:
             dec.stdout.close()
             _, enc_err = enc.communicate()
         _, dec_err = dec.communicate()
-    for argv, rc, err in ((decode, dec.returncode, dec_err), (encode, enc.returncode, enc_err)):
+    # The encoder first: when it fails (a full disk), the decoder only dies of SIGPIPE.
+    for argv, rc, err in ((encode, enc.returncode, enc_err), (decode, dec.returncode, dec_err)):
         if rc != 0:
             text = err.decode(errors="replace").strip().splitlines()
+            if any("No space left" in line for line in text):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             raise ExportError(f"{argv[0]} failed (exit {rc}): {text[-1] if text else ''}")
     return True
 
