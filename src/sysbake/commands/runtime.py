@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from sysbake import log
@@ -118,29 +116,16 @@ def _container(ctx: Context, name: str) -> rt.Container:
     return rt.load(ctx.store_path / "containers", name)
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _run(ctx: Context, args: argparse.Namespace) -> int:
     options = _options(args, tuple(args.pid1))
-    with _sigterm_as_interrupt():
-        container = rt.run_image(ctx.store(), args.image, options)
-        if args.detach:
-            print(container.name)
-            return 0
-        try:
-            _foreground(container, args.stop_timeout)
-        finally:
-            rt.remove(container, force=True)
+    container = rt.run_image(ctx.store(), args.image, options)
+    if args.detach:
+        print(container.name)
+        return 0
+    try:
+        _foreground(container, args.stop_timeout)
+    finally:
+        rt.remove(container, force=True)
     code = rt.exit_code(container)
     return 0 if code is None else code
 
@@ -188,19 +173,18 @@ def _copy_console(container: rt.Container, position: int) -> int:
 
 
 def _shell(ctx: Context, args: argparse.Namespace) -> int:
-    with _sigterm_as_interrupt():
-        container = rt.run_image(ctx.store(), args.image, _options(args))
-        try:
-            if bundle.is_init(container.args):
-                state = inside.wait_for_boot(container, args.timeout)
-                log.info(f"{container.name}: systemd is {state}")
-            shell = "/bin/bash" if rt.find_in_root(container.rootfs, "/bin/bash") else "/bin/sh"
-            return inside.run_attached(inside.exec_argv(
-                container, [shell, "-l"], tty=sys.stdin.isatty(), cwd="/root"
-                if rt.find_in_root(container.rootfs, "/root") else None))
-        finally:
-            rt.stop(container, timeout=10.0)
-            rt.remove(container, force=True)
+    container = rt.run_image(ctx.store(), args.image, _options(args))
+    try:
+        if bundle.is_init(container.args):
+            state = inside.wait_for_boot(container, args.timeout)
+            log.info(f"{container.name}: systemd is {state}")
+        shell = "/bin/bash" if rt.find_in_root(container.rootfs, "/bin/bash") else "/bin/sh"
+        return inside.run_attached(inside.exec_argv(
+            container, [shell, "-l"], tty=sys.stdin.isatty(), cwd="/root"
+            if rt.find_in_root(container.rootfs, "/root") else None))
+    finally:
+        rt.stop(container, timeout=10.0)
+        rt.remove(container, force=True)
 
 
 def _exec(ctx: Context, args: argparse.Namespace) -> int:
@@ -306,13 +290,12 @@ def _test_spec(args: argparse.Namespace) -> tuple[str, Any]:
 
 def _test(ctx: Context, args: argparse.Namespace) -> int:
     ref, spec = _test_spec(args)
-    with _sigterm_as_interrupt():
-        if spec is None:
-            report = checks.run_test(ctx.store(), ref, None, timeout=args.timeout,
-                                     runtime=args.runtime, keep=args.keep)
-        else:
-            report = checks.test_image(ctx.store(), ref, spec, timeout=args.timeout,
-                                       runtime=args.runtime, keep=args.keep)
+    if spec is None:
+        report = checks.run_test(ctx.store(), ref, None, timeout=args.timeout,
+                                 runtime=args.runtime, keep=args.keep)
+    else:
+        report = checks.test_image(ctx.store(), ref, spec, timeout=args.timeout,
+                                   runtime=args.runtime, keep=args.keep)
     if ctx.json:
         ctx.emit(report.to_json())
     else:
