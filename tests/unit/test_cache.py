@@ -67,3 +67,11 @@ def test_prune_keeps_the_last_build_of_each_stage(tmp_path: Path) -> None:
     assert cache.lookup("new") is not None and cache.lookup("old") is None
     cache.prune(all_records=True)
     assert cache.records() == []
+
+
+def test_explain_names_a_pulled_stage() -> None:
+    from sysbake.cache import explain
+
+    reason = explain({"pulled": "127.0.0.1:5000/base:latest"}, {"stage": "bootstrap"})
+    assert reason == ("the cached stage came from 127.0.0.1:5000/base:latest and its "
+                      "inputs differ")

@@ -1,0 +1,188 @@
+"""Registry commands: push, pull, login, logout."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sysbake.errors import SysbakeError
+
+COMMANDS = ("push", "pull", "login", "logout")
+
+
+def _tls_verify(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {value!r}")
+
+
+def _connection_options(p: argparse.ArgumentParser, *, creds: bool = True) -> None:
+    p.add_argument("--tls-verify", type=_tls_verify, default=True, metavar="BOOL",
+                   help="verify the registry's TLS certificate (default: true); false also "
+                   "allows plain http")
+    p.add_argument("--cert-dir", type=Path, default=None, metavar="PATH",
+                   help="a CA file, or a directory of *.crt CAs and *.cert/*.key client "
+                   "certificates (default: /etc/containers/certs.d/HOST)")
+    p.add_argument("--authfile", type=Path, default=None, metavar="FILE",
+                   help="auth.json to use (default: $REGISTRY_AUTH_FILE, else podman's and "
+                   "docker's files)")
+    if creds:
+        p.add_argument("--creds", default=None, metavar="USER[:PASSWORD]",
+                       help="credentials for the registry (asked for when PASSWORD is left out)")
+
+
+def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = sub.add_parser("push", help="push an image to an OCI registry",
+                       description="Push IMAGE to DEST (host[:port]/repository[:tag]; default: "
+                       "IMAGE's own name when it names a registry). Blobs the registry has are "
+                       "skipped; the manifest is pushed last.")
+    p.add_argument("image")
+    p.add_argument("dest", nargs="?", default=None)
+    _connection_options(p)
+    add_globals(p)
+    p.set_defaults(handler=cmd_push)
+
+    p = sub.add_parser("pull", help="pull an image from an OCI registry",
+                       description="Pull REF (host[:port]/repository[:tag|@digest]) into the "
+                       "store; its sysbake stages seed the local stage cache.")
+    p.add_argument("ref")
+    p.add_argument("-t", "--tag", default=None, metavar="NAME[:TAG]",
+                   help="tag it this in the store (default: REF itself)")
+    p.add_argument("--platform", default=None, metavar="OS/ARCH[/VARIANT]",
+                   help="the platform to pick from a multi-platform index (default: this "
+                   "host's)")
+    p.add_argument("--no-cache-seed", action="store_true",
+                   help="do not record the image's sysbake stages in the local stage cache")
+    _connection_options(p)
+    add_globals(p)
+    p.set_defaults(handler=cmd_pull)
+
+    p = sub.add_parser("login", help="store credentials for a registry in auth.json")
+    p.add_argument("registry", metavar="HOST[:PORT]")
+    p.add_argument("-u", "--username", default=None)
+    p.add_argument("-p", "--password", default=None)
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read the password from standard input")
+    _connection_options(p, creds=False)
+    add_globals(p)
+    p.set_defaults(handler=cmd_login)
+
+    p = sub.add_parser("logout", help="remove a registry's credentials from auth.json")
+    p.add_argument("registry", nargs="?", default=None, metavar="HOST[:PORT]")
+    p.add_argument("-a", "--all", action="store_true", help="remove every registry's")
+    p.add_argument("--authfile", type=Path, default=None, metavar="FILE",
+                   help="auth.json to edit (default: $REGISTRY_AUTH_FILE or podman's)")
+    add_globals(p)
+    p.set_defaults(handler=cmd_logout)
+
+
+def _ask(prompt: str, *, secret: bool) -> str:
+    if not sys.stdin.isatty():
+        raise SysbakeError(f"{prompt.rstrip(': ')} not given and standard input is not a "
+                           "terminal to ask for it")
+    return getpass.getpass(prompt) if secret else input(prompt)
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from sysbake.registry import ConnectOptions, TlsOptions
+    from sysbake.registry_auth import Credentials, parse_creds
+
+    creds = None
+    if getattr(args, "creds", None):
+        user, password = parse_creds(args.creds)
+        if password is None:
+            password = _ask(f"Password for {user}: ", secret=True)
+        creds = Credentials(user, password)
+    return ConnectOptions(tls=TlsOptions(verify=args.tls_verify, cert_dir=args.cert_dir),
+                          creds=creds, auth_file=args.authfile)
+
+
+def _platform(text: str | None) -> tuple[str, str, str | None] | None:
+    if text is None:
+        return None
+    parts = text.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise SysbakeError(f"--platform {text!r}: expected OS/ARCH[/VARIANT], e.g. linux/arm64")
+    return parts[0], parts[1], (parts[2] if len(parts) == 3 else None)
+
+
+def cmd_push(ctx: Any, args: argparse.Namespace) -> int:
+    from sysbake.registry import Reference, push
+
+    dest = Reference.parse(args.dest) if args.dest else None
+    result = push(ctx.store(), args.image, dest, _options(args))
+    if ctx.json:
+        ctx.emit(result.to_json())
+    else:
+        print(f"{result.ref} {result.digest}")
+    return 0
+
+
+def cmd_pull(ctx: Any, args: argparse.Namespace) -> int:
+    from sysbake.registry import Reference, pull
+
+    source = Reference.parse(args.ref)
+    result = pull(ctx.store(), source, _options(args), tag=args.tag,
+                  wanted=_platform(args.platform), seed_cache=not args.no_cache_seed)
+    if ctx.json:
+        ctx.emit(result.to_json())
+    else:
+        print(f"{result.ref} {result.image.id}")
+    return 0
+
+
+def cmd_login(ctx: Any, args: argparse.Namespace) -> int:
+    from sysbake.registry import TlsOptions
+    from sysbake.registry_auth import Credentials, default_auth_file, save_credentials
+    from sysbake.registry_client import Session
+
+    registry = _registry_arg(args.registry)
+    user = args.username or _ask("Username: ", secret=False)
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = args.password if args.password is not None else _ask("Password: ",
+                                                                        secret=True)
+    creds = Credentials(user, password)
+    session = Session(registry, tls=TlsOptions(verify=args.tls_verify, cert_dir=args.cert_dir),
+                      creds=creds)
+    session.check_login()
+    path = args.authfile or default_auth_file()
+    save_credentials(path, registry, creds)
+    if ctx.json:
+        ctx.emit({"registry": registry, "authfile": str(path)})
+    else:
+        print("Login Succeeded!")
+    return 0
+
+
+def cmd_logout(ctx: Any, args: argparse.Namespace) -> int:
+    from sysbake.registry_auth import default_auth_file, remove_credentials
+
+    if bool(args.registry) == bool(args.all):
+        raise SysbakeError("logout: give a registry HOST[:PORT] or --all")
+    registry = _registry_arg(args.registry) if args.registry else None
+    path = args.authfile or default_auth_file()
+    if not remove_credentials(path, registry):
+        raise SysbakeError(f"not logged in to {registry or 'any registry'} (in {path})")
+    if ctx.json:
+        ctx.emit({"registry": registry, "authfile": str(path)})
+    else:
+        print(f"Removed login credentials for {registry or 'all registries'}")
+    return 0
+
+
+def _registry_arg(text: str) -> str:
+    from sysbake.registry_auth import normalize_key
+
+    registry = normalize_key(text).lower()
+    if not registry or "/" in registry:
+        raise SysbakeError(f"{text!r}: expected a registry HOST[:PORT]")
+    return registry

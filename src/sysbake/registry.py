@@ -1,0 +1,414 @@
+"""Push images to and pull them from any OCI registry (distribution API v2).
+
+Push: every blob is checked with HEAD and skipped when present, mounted from another
+repository of the same registry when one is known to hold it, else uploaded streamed from
+its store file; the manifest goes last, so a tag never names a half-pushed image.
+Pull: the manifest (an index or Docker manifest list picks linux/<host architecture>), then
+each missing blob streamed into the store and verified against its digest before it is
+committed; the image is tagged last, so a failed pull tags nothing and leaves no partial blob.
+Docker schema2 manifests are stored as OCI manifests (same config and layer bytes, so the
+image ID is kept); OCI manifests are stored byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import platform
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from sysbake import compress, log, oci
+from sysbake.errors import StoreError
+from sysbake.oci import Descriptor, Image
+from sysbake.registry_auth import Credentials, RegistryError, auth_files, lookup_credentials
+from sysbake.registry_cache import blob_repositories, remember_blobs, seed_stage_cache
+from sysbake.registry_client import Reference, Session, TlsOptions
+from sysbake.store import Store, normalize_ref
+
+__all__ = ["ConnectOptions", "PullResult", "PushResult", "Reference", "RegistryError",
+           "TlsOptions", "connect", "host_platform", "pull", "push", "select_platform"]
+
+MANIFEST_TYPES = (oci.MT_MANIFEST, oci.MT_INDEX, oci.MT_DOCKER_MANIFEST, oci.MT_DOCKER_LIST)
+_OCI_LAYER_OF = {oci.MT_DOCKER_LAYER_GZIP: oci.MT_LAYER_GZIP}
+_MACHINE_ARCH = {"x86_64": ("amd64", None), "aarch64": ("arm64", None),
+                 "armv7l": ("arm", "v7"), "armv6l": ("arm", "v6"), "i686": ("386", None),
+                 "i386": ("386", None), "ppc64le": ("ppc64le", None), "s390x": ("s390x", None),
+                 "riscv64": ("riscv64", None)}
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    """How to reach a registry: TLS settings, explicit credentials, the auth file to read."""
+
+    tls: TlsOptions = field(default_factory=TlsOptions)
+    creds: Credentials | None = None
+    auth_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class PushResult:
+    ref: str
+    digest: str
+    uploaded: int
+    present: int
+    mounted: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ref": self.ref, "digest": self.digest, "uploaded": self.uploaded,
+                "present": self.present, "mounted": self.mounted}
+
+
+@dataclass(frozen=True)
+class PullResult:
+    source: str
+    ref: str
+    image: Image
+    fetched: int
+    present: int
+    stages: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "ref": self.ref, "id": self.image.id,
+                "manifest": self.image.manifest.digest, "fetched": self.fetched,
+                "present": self.present, "stages": list(self.stages)}
+
+
+def connect(registry: str, repository: str, options: ConnectOptions) -> Session:
+    """A session to `registry`, with explicit credentials or those of the auth files."""
+    creds = options.creds or lookup_credentials(registry, repository,
+                                                auth_files(options.auth_file))
+    return Session(registry, tls=options.tls, creds=creds)
+
+
+def _short(digest: str) -> str:
+    return digest.removeprefix("sha256:")[:12]
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB"):
+        if n < 1000:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1000
+    return f"{n:.1f}GB"
+
+
+class _Progress:
+    """Log a blob's transfer every few seconds (on stderr, through sysbake.log)."""
+
+    def __init__(self, verb: str, desc: Descriptor) -> None:
+        self.verb, self.desc, self.done = verb, desc, 0
+        self.start = self.last = time.monotonic()
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= 5 and self.desc.size:
+            self.last = now
+            log.info(f"    {self.verb} {_short(self.desc.digest)}: "
+                     f"{self.done * 100 // self.desc.size}% of {_size(self.desc.size)}")
+
+    def finish(self, what: str) -> None:
+        secs = time.monotonic() - self.start
+        log.info(f"    {_short(self.desc.digest)}: {what} ({_size(self.desc.size)}, {secs:.1f}s)")
+
+
+class _Reader:
+    """A store blob as an upload body: read in chunks (never whole), progress counted."""
+
+    def __init__(self, f: BinaryIO, progress: _Progress) -> None:
+        self.f, self.progress = f, progress
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.progress.add(len(data))
+        return data
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def seek(self, pos: int) -> int:
+        self.progress.done = pos
+        return self.f.seek(pos)
+
+
+# -- push -------------------------------------------------------------------------------------
+
+
+def push(store: Store, source: str, dest: Reference | None,
+         options: ConnectOptions) -> PushResult:
+    """Push image `source` of the store to `dest` (default: its own name, which must name a
+    registry host). Blobs first, manifest last; returns the pushed manifest digest."""
+    image = store.resolve(source)
+    if dest is None:
+        try:
+            dest = Reference.parse(normalize_ref(source))
+        except (RegistryError, StoreError) as exc:
+            raise RegistryError(f"{source!r} names no registry: give a destination "
+                                "host[:port]/repository[:tag]") from exc
+    if dest.digest and dest.digest != image.manifest.digest:
+        raise RegistryError(f"{dest}: the image's manifest digest is {image.manifest.digest}")
+    session = connect(dest.registry, dest.repository, options)
+    scopes = (f"repository:{dest.repository}:pull,push",)
+    with store.open_blob(image.manifest.digest) as f:
+        manifest = f.read()
+    counts = {"uploaded": 0, "present": 0, "mounted": 0}
+    blobs = [layer.blob for layer in image.layers] + [image.config_descriptor]
+    with log.step(f"pushing {source} to {dest}"):
+        for desc in blobs:
+            counts[_push_blob(store, session, dest.repository, desc, scopes)] += 1
+        media_type = json.loads(manifest).get("mediaType") or oci.MT_MANIFEST
+        path = f"/v2/{dest.repository}/manifests/{dest.reference}"
+        resp = session.request("PUT", path, scopes=scopes, body=manifest,
+                               headers={"Content-Type": media_type})
+        if resp.status not in (200, 201):
+            raise session.fail(resp, f"PUT manifest {dest}")
+        with resp:
+            resp.read(64 << 10)
+            echoed = resp.headers.get("Docker-Content-Digest")
+        if echoed and echoed != image.manifest.digest:
+            raise RegistryError(f"{dest}: the registry stored manifest {echoed}, "
+                                f"expected {image.manifest.digest}")
+    remember_blobs(store, dest.registry, dest.repository, [b.digest for b in blobs])
+    return PushResult(str(dest), image.manifest.digest, **counts)
+
+
+def _push_blob(store: Store, session: Session, repo: str, desc: Descriptor,
+               scopes: tuple[str, ...]) -> str:
+    head = session.request("HEAD", f"/v2/{repo}/blobs/{desc.digest}", scopes=scopes)
+    with head:
+        status = head.status
+    if status == 200:
+        log.info(f"    {_short(desc.digest)}: already in {repo}")
+        return "present"
+    if status != 404:
+        raise session.fail(head, f"HEAD blob {desc.digest}")
+    location = None
+    for origin in blob_repositories(store, session.registry, desc.digest):
+        if origin == repo:
+            continue
+        query = urllib.parse.urlencode({"mount": desc.digest, "from": origin})
+        resp = session.request("POST", f"/v2/{repo}/blobs/uploads/?{query}",
+                               scopes=(*scopes, f"repository:{origin}:pull"), body=b"")
+        with resp:
+            resp.read(64 << 10)
+            if resp.status == 201:
+                log.info(f"    {_short(desc.digest)}: mounted from {origin}")
+                return "mounted"
+            if resp.status == 202:  # not mountable: the registry opened an upload instead
+                location = urllib.parse.urljoin(resp.url, resp.headers.get("Location") or "")
+                break
+    if location is None:
+        resp = session.request("POST", f"/v2/{repo}/blobs/uploads/", scopes=scopes, body=b"")
+        if resp.status != 202 or not resp.headers.get("Location"):
+            raise session.fail(resp, f"starting the upload of blob {desc.digest}")
+        with resp:
+            resp.read(64 << 10)
+            location = urllib.parse.urljoin(resp.url, resp.headers["Location"])
+    location += ("&" if "?" in location else "?") + urllib.parse.urlencode(
+        {"digest": desc.digest})
+    progress = _Progress("pushing", desc)
+    with store.open_blob(desc.digest) as f:
+        resp = session.request("PUT", location, scopes=scopes, body=_Reader(f, progress),
+                               headers={"Content-Type": "application/octet-stream",
+                                        "Content-Length": str(desc.size)})
+    if resp.status not in (201, 204):
+        raise session.fail(resp, f"uploading blob {desc.digest}")
+    resp.close()
+    progress.finish("pushed")
+    return "uploaded"
+
+
+# -- pull -------------------------------------------------------------------------------------
+
+
+def host_platform() -> tuple[str, str, str | None]:
+    """(os, architecture, variant) of this machine in OCI terms."""
+    machine = platform.machine()
+    arch, variant = _MACHINE_ARCH.get(machine, (machine, None))
+    return "linux", arch, variant
+
+
+def select_platform(index: dict[str, Any], wanted: tuple[str, str, str | None],
+                    where: str) -> dict[str, Any]:
+    """The manifest descriptor of an index for platform `wanted` (os, arch, variant): an
+    exact variant match first, then one without a variant (arm64's v8 is the default)."""
+    os_name, arch, variant = wanted
+    candidates = []
+    for desc in index.get("manifests") or []:
+        plat = desc.get("platform") or {}
+        if plat.get("os") == os_name and plat.get("architecture") == arch:
+            candidates.append(desc)
+    for desc in candidates:
+        if (desc.get("platform") or {}).get("variant") == variant:
+            return dict(desc)
+    for desc in candidates:
+        if variant is None and (desc.get("platform") or {}).get("variant") in (None, "v8"):
+            return dict(desc)
+    found = sorted({"/".join(filter(None, (p.get("os"), p.get("architecture"),
+                                           p.get("variant"))))
+                    for d in index.get("manifests") or [] if (p := d.get("platform") or {})})
+    want = "/".join(filter(None, wanted))
+    raise RegistryError(f"{where} has no image for {want} (it has: "
+                        f"{', '.join(found) or 'no platforms'})")
+
+
+def _get_manifest(session: Session, repo: str, reference: str,
+                  scopes: tuple[str, ...], where: str) -> tuple[bytes, str]:
+    resp = session.request("GET", f"/v2/{repo}/manifests/{reference}", scopes=scopes,
+                           headers={"Accept": ", ".join(MANIFEST_TYPES)})
+    if resp.status == 404:
+        with resp:
+            raise RegistryError(f"{where} not found in the registry ({resp.error_text()})")
+    if resp.status != 200:
+        raise session.fail(resp, f"GET manifest {where}")
+    with resp:
+        data = resp.read()
+        content_type = (resp.headers.get("Content-Type") or "").split(";")[0].strip()
+        echoed = resp.headers.get("Docker-Content-Digest")
+    digest = oci.sha256_digest(data)
+    expected = reference if oci.is_digest(reference) else echoed
+    if expected and oci.is_digest(expected) and expected != digest:
+        raise RegistryError(f"{where}: manifest digest mismatch: the registry promised "
+                            f"{expected}, the bytes hash to {digest}")
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        raise RegistryError(f"{where}: the manifest is not JSON") from exc
+    media_type = (doc.get("mediaType") if isinstance(doc, dict) else None) or content_type
+    if media_type not in MANIFEST_TYPES:
+        raise RegistryError(f"{where}: unsupported manifest type {media_type!r} "
+                            f"(expected an OCI or Docker schema2 manifest or index)")
+    return data, media_type
+
+
+def _fetch_blob(store: Store, session: Session, repo: str, desc: Descriptor,
+                scopes: tuple[str, ...]) -> bool:
+    """Stream a blob into the store, verified; False when it was already there."""
+    if store.has_blob(desc.digest):
+        return False
+    progress = _Progress("pulling", desc)
+    writer = store.blob_writer()
+    try:
+        resp = session.request("GET", f"/v2/{repo}/blobs/{desc.digest}", scopes=scopes)
+        if resp.status != 200:
+            raise session.fail(resp, f"GET blob {desc.digest}")
+        with resp:
+            dropped: BaseException | None = None
+            try:
+                for chunk in resp.chunks():
+                    writer.write(chunk)
+                    progress.add(len(chunk))
+                    if writer.size > desc.size:
+                        raise RegistryError(f"blob {desc.digest}: the registry sent more "
+                                            f"than its {desc.size} bytes")
+            except (OSError, http.client.HTTPException) as exc:
+                dropped = exc
+        if dropped is not None or writer.size < desc.size:
+            # http.client returns a short body, rather than raising, when the peer hangs up.
+            raise RegistryError(
+                f"connection to {session.registry} dropped while pulling blob "
+                f"{desc.digest} ({writer.size} of {desc.size} bytes received)") from dropped
+        if writer.digest != desc.digest:
+            raise RegistryError(f"blob {desc.digest}: digest mismatch, the registry sent "
+                                f"bytes hashing to {writer.digest}")
+        writer.commit(desc.media_type)
+    except BaseException:
+        writer.discard()
+        raise
+    progress.finish("pulled")
+    return True
+
+
+def _verify_diff_ids(store: Store, layers: list[Descriptor], config: Any, where: str) -> None:
+    """Check that every layer unpacks to the diff ID its config names: trees are unpacked
+    and shared by diff ID, so a lying config must not bind a foreign blob to one."""
+    diff_ids = (config.get("rootfs") or {}).get("diff_ids") if isinstance(config, dict) else None
+    if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
+        raise RegistryError(f"{where}: the config names {len(diff_ids or [])} diff_ids for "
+                            f"{len(layers)} layers")
+    known = {(la.blob.digest, la.diff_id) for t in store.tags() for la in t.image.layers}
+    for desc, diff_id in zip(layers, diff_ids, strict=True):
+        if (desc.digest, diff_id) in known:
+            continue  # a pair a stored image already vouches for
+        digest = hashlib.sha256()
+        with store.open_blob(desc.digest) as raw, \
+                compress.decompressor(oci.LAYER_COMPRESSION[desc.media_type], raw) as plain:
+            while chunk := plain.read(1 << 20):
+                digest.update(chunk)
+        if f"sha256:{digest.hexdigest()}" != diff_id:
+            raise RegistryError(f"{where}: layer {desc.digest} does not unpack to the diff_id "
+                                f"{diff_id} its config names")
+
+
+def _store_manifest(store: Store, data: bytes, media_type: str, doc: dict[str, Any],
+                    where: str) -> Descriptor:
+    if media_type == oci.MT_MANIFEST:
+        return store.put_bytes(data, oci.MT_MANIFEST)
+    # Docker schema2 -> OCI: same config and layer bytes, only the media types change.
+    config = Descriptor.from_json(doc["config"])
+    layers = [Descriptor.from_json(d) for d in doc.get("layers") or []]
+    manifest = {
+        "schemaVersion": 2, "mediaType": oci.MT_MANIFEST,
+        "config": Descriptor(oci.MT_CONFIG, config.digest, config.size).to_json(),
+        "layers": [Descriptor(_OCI_LAYER_OF.get(d.media_type, d.media_type), d.digest,
+                              d.size).to_json() for d in layers],
+    }
+    return store.put_json(manifest, oci.MT_MANIFEST)
+
+
+def pull(store: Store, source: Reference, options: ConnectOptions, *, tag: str | None = None,
+         wanted: tuple[str, str, str | None] | None = None,
+         seed_cache: bool = True) -> PullResult:
+    """Pull `source` into the store and tag it `tag` (default: the source's own name);
+    with `seed_cache`, its sysbake stages become cache hits for local builds."""
+    local = normalize_ref(tag or source.local_name())
+    store.ensure()
+    store.clean_stale()
+    session = connect(source.registry, source.repository, options)
+    repo = source.repository
+    scopes = (f"repository:{repo}:pull",)
+    where = str(source)
+    with log.step(f"pulling {source}"):
+        data, media_type = _get_manifest(session, repo, source.reference, scopes, where)
+        if media_type in (oci.MT_INDEX, oci.MT_DOCKER_LIST):
+            chosen = select_platform(json.loads(data), wanted or host_platform(), where)
+            digest = str(chosen.get("digest"))
+            if not oci.is_digest(digest):
+                raise RegistryError(f"{where}: index entry without a sha256 digest")
+            data, media_type = _get_manifest(session, repo, digest, scopes, where)
+            if media_type not in (oci.MT_MANIFEST, oci.MT_DOCKER_MANIFEST):
+                raise RegistryError(f"{where}: nested indexes are not supported")
+        doc = json.loads(data)
+        try:
+            config = Descriptor.from_json(doc["config"])
+            layers = [Descriptor.from_json(d) for d in doc.get("layers") or []]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise RegistryError(f"{where}: malformed manifest ({exc})") from exc
+        for desc in (config, *layers):
+            if not oci.is_digest(desc.digest):
+                raise RegistryError(f"{where}: unsupported blob digest {desc.digest!r}")
+        for desc in layers:
+            if desc.media_type not in oci.LAYER_COMPRESSION:
+                raise RegistryError(f"{where}: unsupported layer type {desc.media_type!r}")
+        fetched = present = 0
+        for desc in (config, *layers):
+            if _fetch_blob(store, session, repo, desc, scopes):
+                fetched += 1
+            else:
+                present += 1
+        _verify_diff_ids(store, layers, store.read_json(config.digest), where)
+        manifest = _store_manifest(store, data, media_type, doc, where)
+        try:
+            image = store.load_image(manifest)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise RegistryError(f"{where}: malformed image config ({exc})") from exc
+        seeded = seed_stage_cache(store, image, where) if seed_cache else []
+        ref = store.tag(local, image)
+    remember_blobs(store, source.registry, repo, [d.digest for d in (config, *layers)])
+    return PullResult(where, ref, image, fetched, present,
+                      tuple(f"{r.image}/{r.stage}" for r in seeded))
