@@ -1,16 +1,18 @@
 """Build benchmarks (issue: foundation).
 
 1. Cold base build vs `mmdebstrap` alone into a directory, same inputs, same warm .deb
-   cache (goal <= 1.15).
+   cache (goal <= 1.15). The sides alternate over --rounds rounds (the first side of a
+   round changes each round); medians, with every sample printed.
 2. No-op rebuild (everything cached) vs `podman build` of an equivalent cached
    Containerfile (goal <= 0.5).
 3. Peak memory (max RSS) of the sysbake build process (goal < 300 MB).
 
-Run as root: .venv/bin/python bench/bench_build.py
+Run as root: .venv/bin/python bench/bench_build.py [--rounds N]
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -18,13 +20,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import EXAMPLE, WORK, podman_env, report, run, sysbake, timed
+from common import EXAMPLE, WORK, median, podman_env, report, run, sysbake, timed
 from sysbake.bootstrap import mmdebstrap_command
 from sysbake.build import bootstrap_plan
 from sysbake.config import load_project
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="cold-build rounds (default 3)")
+    args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     debs = WORK / "debs"
     debs.mkdir(exist_ok=True)
@@ -54,11 +59,20 @@ def main() -> None:
         (cold / "debs").symlink_to(debs)
         sysbake(cold, "build", "-t", "base", EXAMPLE)
 
-    anchor = timed(mmdebstrap_alone)
-    shutil.rmtree(target, ignore_errors=True)
-    ours = timed(cold_build)
-    report("cold base build", ours, anchor, "mmdebstrap alone", 1.15)
-    shutil.rmtree(cold, ignore_errors=True)
+    anchors: list[float] = []
+    builds: list[float] = []
+    for i in range(args.rounds):
+        for side in ("anchor", "ours") if i % 2 == 0 else ("ours", "anchor"):
+            if side == "anchor":
+                anchors.append(timed(mmdebstrap_alone))
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                builds.append(timed(cold_build))
+                shutil.rmtree(cold, ignore_errors=True)
+    print("  cold build seconds per round: sysbake "
+          + ", ".join(f"{t:.1f}" for t in builds) + "; mmdebstrap alone "
+          + ", ".join(f"{t:.1f}" for t in anchors), flush=True)
+    report("cold base build", median(builds), median(anchors), "mmdebstrap alone", 1.15)
 
     # No-op rebuild vs a cached podman build of the same rootfs.
     podman, env = podman_env(WORK / "podman")

@@ -17,7 +17,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "web"
-SYSBAKE = [sys.executable, "-m", "sysbake.cli"]
+# The console script users run (no runpy start-up), next to the interpreter running this.
+SYSBAKE = [str(Path(sys.executable).parent / "sysbake")]
 WORK = Path(os.environ.get("SYSBAKE_BENCH_ROOT", "/var/tmp/sysbake-bench"))
 PODMAN_CONF = """\
 [containers]

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from sysbake import __version__, oci
+from sysbake.fsutil import atomic_write
 from sysbake.oci import Descriptor, Layer
-from sysbake.store import Store, atomic_write
+from sysbake.store import Store
 
 KEY_SCHEMA = 1  # bump when the meaning of an input changes
 
@@ -112,9 +113,14 @@ class StageCache:
 
     def save(self, record: StageRecord) -> None:
         """Record a stage (idempotent) and remember it as the last build of its stage."""
+        self.add(record)
+        self.remember(record)
+
+    def add(self, record: StageRecord) -> None:
+        """Record a stage without making it the last build of its stage (a pulled one:
+        `--explain` must not compare against inputs this machine never had)."""
         atomic_write(self.stages_dir / f"{record.key}.json",
                      json.dumps(record.to_json(), indent=1, sort_keys=True).encode())
-        self.remember(record)
 
     def remember(self, record: StageRecord) -> None:
         atomic_write(self.last_dir / _safe(record.image) / _safe(record.stage),
@@ -165,6 +171,8 @@ def explain(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     """Why a stage is rebuilt: the first input that differs, with old and new values."""
     if old is None:
         return "no earlier build of this stage"
+    if "pulled" in old:
+        return f"the cached stage came from {old['pulled']} and its inputs differ"
     for path, a, b in _diff(old, new, ""):
         if path == "parent":
             return "its parent changed (an earlier stage or the parent image was rebuilt)"

@@ -24,7 +24,11 @@ def source_date_epoch() -> int | None:
 def commit_tree(store: Store, tree: Path, *, compression: str = "gzip",
                 mtime: int | None = None, overlay_upper: bool = False) -> Layer:
     """Write `tree` as a layer blob; with `overlay_upper`, `tree` is an overlayfs upper dir
-    and the layer is its diff (whiteouts for deletions). The same tree gives the same layer."""
+    and the layer is its diff (whiteouts for deletions). The same tree gives the same layer.
+    With `mtime`, the tree's later mtimes are clamped first: it equals its layer after."""
+    if mtime is not None:
+        # Kept as the layer's tree, it is what containers see and what exports re-read.
+        layers.clamp_mtimes(tree, mtime)
     writer = store.blob_writer()
     try:
         with compress.compressor(compression, writer,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import os
 import subprocess
 import tempfile
@@ -76,24 +77,45 @@ def compressor(kind: str, out: Writable, *, level: int | None = None) -> Iterato
     tool = "pigz" if kind == "gzip" else kind
     argv = [proc.require(tool, _PACKAGES[tool]), f"-{lvl}", "-c"]
     argv += ["-n"] if tool == "pigz" else ["-T0", "-q"]
-    with _spawn(argv, f"{tool} compression") as flt:
-        pump = threading.Thread(target=flt.pump_out, args=(out,), daemon=True)
-        pump.start()
+    out_fd = _file_descriptor(out)
+    with _spawn(argv, f"{tool} compression", stdout=out_fd) as flt:
+        pump = None
+        if out_fd is None:
+            pump = threading.Thread(target=flt.pump_out, args=(out,), daemon=True)
+            pump.start()
         try:
             yield flt.stdin
         except BaseException as exc:
             # A broken pipe means the tool died, or the pump stopped it: report why.
             tool_error = flt.failed_early() if isinstance(exc, BrokenPipeError) else None
             flt.abort()
-            pump.join()
+            if pump is not None:
+                pump.join()
             if flt.failure is not None:
                 raise flt.failure from exc
             if tool_error is not None:
                 raise tool_error from exc
             raise
         flt.finish_input()
-        pump.join()
+        if pump is not None:
+            pump.join()
         flt.check()
+
+
+def _file_descriptor(out: Writable) -> int | None:
+    """`out`'s descriptor when it is a real file the tool can write itself (no copy through
+    Python); everything buffered in `out` is flushed first. None for other writers."""
+    fileno = getattr(out, "fileno", None)
+    if fileno is None:
+        return None
+    try:
+        fd = int(fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None
+    flush = getattr(out, "flush", None)
+    if flush is not None:
+        flush()
+    return fd
 
 
 @contextlib.contextmanager
@@ -198,9 +220,9 @@ class _ZlibReader:
 
 
 @contextlib.contextmanager
-def _spawn(argv: list[str], what: str) -> Iterator[_Filter]:
+def _spawn(argv: list[str], what: str, stdout: int | None = None) -> Iterator[_Filter]:
     with tempfile.TemporaryFile() as err:
-        flt = _Filter(argv, what, err)
+        flt = _Filter(argv, what, err, stdout)
         try:
             yield flt
         finally:
@@ -208,24 +230,27 @@ def _spawn(argv: list[str], what: str) -> Iterator[_Filter]:
 
 
 class _Filter:
-    """A compression tool in a pipe: stdin/stdout pipes, stderr kept in a temp file."""
+    """A compression tool in a pipe: stdin and stdout pipes (or stdout straight into the
+    descriptor `stdout`), stderr kept in a temp file."""
 
-    def __init__(self, argv: list[str], what: str, err: IO[bytes]) -> None:
+    def __init__(self, argv: list[str], what: str, err: IO[bytes],
+                 stdout: int | None = None) -> None:
         self.what = what
         self._err = err
         log.debug("run: " + " ".join(argv))
         self._proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
+            stdout=subprocess.PIPE if stdout is None else stdout,
             stderr=self._err,
             bufsize=CHUNK,
             preexec_fn=proc.die_with_parent_hook,
         )
         for pipe in (self._proc.stdin, self._proc.stdout):
             # Bigger pipes mean fewer context switches; the default (64 KiB) is only slower.
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(_fd(pipe), fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
         self.failure: BaseException | None = None
 
     @property
@@ -298,6 +323,10 @@ class _Filter:
         self._err.seek(0)
         text = self._err.read()[-4096:].decode(errors="replace")
         lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if any("No space left on device" in line for line in lines):
+            # Writing its output itself, the tool met the full disk: say it as we would.
+            return CommandError(f"{self.what}: no space left on device", returncode=rc,
+                                tail="\n".join(lines[-20:]))
         tail = " | ".join(lines[-3:]) or "no output"
         return CommandError(f"{self.what} failed (exit {rc}): {tail}", returncode=rc,
                             tail="\n".join(lines[-20:]))

@@ -33,8 +33,9 @@ from sysbake import compress, layers, log, oci, proc
 from sysbake.commit import source_date_epoch
 from sysbake.compress import Readable
 from sysbake.errors import CommandError, StoreError, SysbakeError
+from sysbake.fsutil import remove_tree
 from sysbake.oci import Descriptor, Image, Layer
-from sysbake.store import Store, normalize_ref, remove_tree
+from sysbake.store import Store, normalize_ref
 
 FORMATS = ("oci", "oci-archive", "docker-archive", "rootfs")
 ROOTFS_COMPRESSIONS = ("none", "gzip", "zstd", "xz")
@@ -456,15 +457,26 @@ def export_docker_archive(store: Store, ref: str, out: BinaryIO, *,
 
 def export_rootfs(store: Store, ref: str, out: BinaryIO, compression: str = "xz") -> None:
     """Write the flattened root filesystem of image `ref` to `out` as one tar, compressed
-    with `compression` (none, gzip, zstd or xz); every layer is checked against its diff_id."""
+    with `compression` (none, gzip, zstd or xz). A one-layer image is re-read from its
+    unpacked tree when the store has it (the same bytes as the layer, no decompression);
+    otherwise every layer blob is checked against its digests while it is read."""
     kind = check_options("rootfs", compression)
     assert kind is not None
     src = _resolve(store, ref, None)
     openers = [functools.partial(_layer_stream, store, layer) for layer in src.image.layers]
     with log.step(f"exporting the root filesystem of {src.label} as a tar ({kind})"):
-        # One layer is already the whole tree (no whiteouts to apply): pipe it through.
-        if len(openers) == 1 and _piped_rootfs(store, src.image.layers[0], out, kind):
-            return
+        if len(openers) == 1:
+            tree = store.tree_path(src.image.layers[0].diff_id)
+            if tree.is_dir():
+                # The tree is the layer (commit_tree clamps it; see store.adopt_tree): our
+                # deterministic writer gives the layer's bytes back, faster than inflating
+                # the gzip blob on one core.
+                with compress.compressor(kind, out) as sink:
+                    layers.write_tree_tar(tree, sink, mtime=None)
+                return
+            # One layer is already the whole tree (no whiteouts to apply): pipe it through.
+            if _piped_rootfs(store, src.image.layers[0], out, kind):
+                return
         with compress.compressor(kind, out) as sink:
             if len(openers) == 1:
                 with openers[0]() as plain:

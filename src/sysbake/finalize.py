@@ -13,7 +13,7 @@ from typing import Any
 
 from sysbake import __version__
 from sysbake.config_specs import FinalizeSpec
-from sysbake.store import remove_tree
+from sysbake.fsutil import remove_tree
 
 # Units that cannot work in a container (no devices, no kernel modules, no hardware
 # clock, no real ttys, a read-only /sys) or that only make sense on a booted host.

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 
 from sysbake import log, proc
-from sysbake.errors import RuntimeFailure
+from sysbake.errors import CommandError, RuntimeFailure
 from sysbake.runtime import Container, console_tail, exit_code, status
 
 
@@ -61,8 +61,14 @@ def wait_for_boot(container: Container, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     state = "offline"
     while True:
-        _, out = exec_capture(container, ["systemctl", "is-system-running"],
-                              timeout=max(1.0, deadline - time.monotonic()))
+        # --wait returns the moment the boot ends (early only while systemd's socket is not
+        # up yet). Each wait is bounded: a killed exec leaves at most a harmless systemctl.
+        bound = min(_WAIT_SLICE, max(0.5, deadline - time.monotonic()))
+        try:
+            _, out = exec_capture(container, ["systemctl", "is-system-running", "--wait"],
+                                  timeout=bound)
+        except CommandError:
+            _, out = exec_capture(container, ["systemctl", "is-system-running"], timeout=10)
         state = (out.strip().splitlines() or ["offline"])[-1].strip()
         if state in ("running", "degraded", "maintenance", "stopping"):
             return state
@@ -71,4 +77,7 @@ def wait_for_boot(container: Container, timeout: float) -> str:
                                  f"{exit_code(container)}): {console_tail(container)}")
         if time.monotonic() >= deadline:
             return state
-        time.sleep(0.2)
+        time.sleep(0.02)
+
+
+_WAIT_SLICE = 5.0  # seconds of one `systemctl --wait`

@@ -38,8 +38,8 @@ from sysbake.layers_tar import (
     write_all,
 )
 
-__all__ = ["HashingWriter", "LayerOpener", "clean_name", "extract", "flatten", "keep_xattr",
-           "write_overlay_diff", "write_tree_tar"]
+__all__ = ["HashingWriter", "LayerOpener", "clamp_mtimes", "clean_name", "extract", "flatten",
+           "keep_xattr", "write_overlay_diff", "write_tree_tar"]
 
 # overlayfs features whose upper dir alone does not describe the change.
 _UNSUPPORTED_OVERLAY = ("redirect", "metacopy")
@@ -77,6 +77,21 @@ def write_tree_tar(
     `exclude(relpath)` (no "./", no trailing "/") drops an entry, and a directory's subtree.
     """
     _Archiver(Path(root), TarWriter(out), mtime, exclude, diff=False).run()
+
+
+def clamp_mtimes(root: Path, limit: int) -> None:
+    """Set every mtime under `root` (root included) that is later than `limit` to `limit`,
+    symlinks themselves included: the tree then holds what a layer clamped to `limit` holds."""
+    for top, dirs, files in os.walk(root, topdown=False):
+        for name in (*files, *dirs):
+            _clamp_one(os.path.join(top, name), limit)
+    _clamp_one(os.fspath(root), limit)
+
+
+def _clamp_one(path: str, limit: int) -> None:
+    st = os.lstat(path)
+    if st.st_mtime > limit:
+        os.utime(path, ns=(st.st_atime_ns, limit * 1_000_000_000), follow_symlinks=False)
 
 
 def write_overlay_diff(upper: Path, out: Writable, *, mtime: int | None) -> None:

@@ -1,19 +1,20 @@
-"""The detached keeper of one container (what conmon is to podman), run as
-`python -m sysbake.monitor`.
+"""The detached keeper of one container (what conmon is to podman), forked from the
+sysbake process that starts the container (no second interpreter to start).
 
-It outlives the sysbake command that started it: it starts the runtime detached with a
-console socket, copies the container's console (systemd's boot output) to console.log,
-reaps PID 1 as a child subreaper to learn its exit code, then deletes the runtime state,
-unmounts the rootfs and writes exit.json. The launching process waits only until the
-container runs (or failed to start) and prints PID 1's host pid.
+It outlives that process: it starts the runtime detached with a console socket, copies
+the container's console (systemd's boot output) to console.log, reaps PID 1 as a child
+subreaper to learn its exit code, then deletes the runtime state, unmounts the rootfs
+and writes exit.json. The launching process waits only until the container runs (or
+failed to start) and gets PID 1's host pid.
 
 Files in the container directory: bundle/ (config.json, rootfs), console.log,
-monitor.pid, monitor.log, init.pid, exit.json.
+monitor.pid, monitor.lock (runtime.MONITOR_LOCK, held by the monitor for its whole
+life: the proof that it lives, whatever its pid became), monitor.log, init.pid,
+exit.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import fcntl
@@ -24,56 +25,71 @@ import select
 import signal
 import socket
 import subprocess
-import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 from sysbake import overlay, proc
-from sysbake.store import atomic_write
+from sysbake.errors import RuntimeFailure
+from sysbake.fsutil import atomic_write
+from sysbake.runtime import MONITOR_LOCK
 
 _PR_SET_CHILD_SUBREAPER = 36
 _TIOCGPTPEER = 0x5441
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m sysbake.monitor")
-    parser.add_argument("--runtime", required=True, help="runc or crun executable")
-    parser.add_argument("--root", required=True, help="the runtime's state directory")
-    parser.add_argument("--id", required=True, help="the runtime's container ID")
-    parser.add_argument("--dir", required=True, type=Path, help="the container directory")
-    parser.add_argument("--socket", required=True, type=Path,
-                        help="where to listen for the console (at most 107 bytes)")
-    return parser.parse_args(argv)
+@dataclass(frozen=True)
+class MonitorSpec:
+    """What the monitor runs: the runtime executable, its state root, the container's
+    runtime ID, its directory and the console socket path (at most 107 bytes)."""
+
+    runtime: str
+    root: Path
+    id: str
+    dir: Path
+    socket: Path
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Fork the monitor; exit 0 printing PID 1's pid once it runs, or 1 with the error."""
-    args = _parse(argv)
+def spawn(spec: MonitorSpec) -> int:
+    """Start the monitor detached (double fork, own session); PID 1's host pid once the
+    container runs, or RuntimeFailure with the runtime's error."""
     rfd, wfd = os.pipe()
-    if os.fork():
-        os.close(wfd)
-        with os.fdopen(rfd, "rb") as r:
-            verdict = r.read().decode(errors="replace")
-        if verdict.startswith("ok "):
-            print(verdict[3:].strip())
-            return 0
-        print(verdict.strip() or "the container monitor died before the container started",
-              file=sys.stderr)
-        return 1
-    os.close(rfd)
-    os.setsid()
-    args.dir = args.dir.absolute()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the forked child
+        try:
+            os.close(rfd)
+            os.setsid()
+            if os.fork() == 0:
+                _run_detached(spec, wfd)
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as r:
+        verdict = r.read().decode(errors="replace")
+    os.waitpid(child, 0)
+    if verdict.startswith("ok "):
+        return int(verdict[3:].strip())
+    raise RuntimeFailure(verdict.strip() or "the container monitor died before the "
+                         "container started")
+
+
+def _run_detached(spec: MonitorSpec, wfd: int) -> None:  # pragma: no cover - forked child
+    # Nothing of the launching process may stay open here: its flocks (a build's owner
+    # lock) would live as long as the container, its pipes would never reach EOF.
+    os.closerange(3, wfd)
+    os.closerange(wfd + 1, 1 << 16)
+    for sig in (signal.SIGTERM, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_IGN)
     os.chdir("/")  # a long-lived process must not keep the caller's cwd busy
-    _detach_stdio(args.dir / "monitor.log")
+    _detach_stdio(spec.dir / "monitor.log")
     try:
-        return _monitor(args, wfd)
+        _monitor(spec, wfd)
     except BaseException as exc:
         _report(wfd, f"container monitor failed: {exc}")
         traceback.print_exc()
-        return 1
-    finally:
-        os._exit(0)
 
 
 def _detach_stdio(logfile: Path) -> None:
@@ -93,20 +109,20 @@ def _report(wfd: int, message: str) -> None:
         os.close(wfd)
 
 
-def _monitor(args: argparse.Namespace, wfd: int) -> int:
-    cdir: Path = args.dir
-    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
-        signal.signal(sig, signal.SIG_IGN)
+def _monitor(spec: MonitorSpec, wfd: int) -> None:
+    cdir = spec.dir
+    lock = os.open(cdir / MONITOR_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel when this process ends
     # Orphans of our descendants (PID 1 once `runc run -d` exits) become our children,
     # so waitpid gives us PID 1's exit status.
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     atomic_write(cdir / "monitor.pid", f"{os.getpid()}\n".encode())
-    master = _start(args)
+    master = _start(spec)
     if master is None:
         _report(wfd, (cdir / "start-error").read_text())
-        _finish(args, None)
-        return 1
+        _finish(spec, None)
+        return
     # Hold a slave end open ourselves: with none open, reads on the master fail with
     # EIO whenever systemd has closed /dev/console, which would end the copy early.
     peer = -1
@@ -118,27 +134,25 @@ def _monitor(args: argparse.Namespace, wfd: int) -> int:
     for fd in (master, peer):
         if fd >= 0:
             os.close(fd)
-    _finish(args, status)
-    return 0
+    _finish(spec, status)
 
 
-def _start(args: argparse.Namespace) -> int | None:
+def _start(spec: MonitorSpec) -> int | None:
     """Run the container detached; the pty master of its console, or None (the reason is
     in start-error)."""
-    cdir: Path = args.dir
-    sock_path: Path = args.socket
-    sock_path.parent.mkdir(parents=True, exist_ok=True)
+    cdir = spec.dir
+    spec.socket.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
-        sock_path.unlink()
+        spec.socket.unlink()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        listener.bind(str(sock_path))
+        listener.bind(str(spec.socket))
         listener.listen(1)
-        name = Path(args.runtime).name
+        name = Path(spec.runtime).name
         started = proc.run(
-            [args.runtime, "--root", args.root, "run", "--detach", "--bundle",
-             cdir / "bundle", "--console-socket", sock_path, "--pid-file",
-             cdir / "init.pid", args.id],
+            [spec.runtime, "--root", spec.root, "run", "--detach", "--bundle",
+             cdir / "bundle", "--console-socket", spec.socket, "--pid-file",
+             cdir / "init.pid", spec.id],
             check=False, timeout=120, what=f"{name} run")
         if started.returncode != 0:
             (cdir / "start-error").write_text(
@@ -156,7 +170,7 @@ def _start(args: argparse.Namespace) -> int | None:
     finally:
         listener.close()
         with contextlib.suppress(FileNotFoundError):
-            sock_path.unlink()
+            spec.socket.unlink()
 
 
 def _message(result: subprocess.CompletedProcess[bytes]) -> str:
@@ -170,11 +184,17 @@ def _copy_until_exit(master: int, logfile: Path, init_pid: int) -> int | None:
     """Copy the console to `logfile` until PID 1 is reaped; its wait status, or None."""
     os.set_blocking(master, False)
     out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    # A pidfd wakes us the moment PID 1 ends (a stop waits for exactly that).
+    try:
+        pidfd = os.pidfd_open(init_pid)
+    except OSError:
+        pidfd = -1
+    watched = [master] + ([pidfd] if pidfd >= 0 else [])
     status: int | None = None
     try:
         while True:
-            ready, _, _ = select.select([master], [], [], 0.1)
-            if ready:
+            ready, _, _ = select.select(watched, [], [], 1.0 if pidfd >= 0 else 0.1)
+            if master in ready:
                 _drain(master, out)
             reaped, status = _reap(init_pid)
             if reaped:
@@ -182,6 +202,8 @@ def _copy_until_exit(master: int, logfile: Path, init_pid: int) -> int | None:
                 return status
     finally:
         os.close(out)
+        if pidfd >= 0:
+            os.close(pidfd)
 
 
 def _drain(master: int, out: int) -> None:
@@ -208,10 +230,10 @@ def _reap(init_pid: int) -> tuple[bool, int | None]:
             return (True, status)
 
 
-def _finish(args: argparse.Namespace, status: int | None) -> None:
-    cdir: Path = args.dir
-    proc.run([args.runtime, "--root", args.root, "delete", "--force", args.id], check=False,
-             what=f"{Path(args.runtime).name} delete")
+def _finish(spec: MonitorSpec, status: int | None) -> None:
+    cdir = spec.dir
+    proc.run([spec.runtime, "--root", spec.root, "delete", "--force", spec.id], check=False,
+             what=f"{Path(spec.runtime).name} delete")
     overlay.umount(cdir / "bundle" / "rootfs")
     code: int | None = None
     sig: int | None = None
@@ -224,6 +246,3 @@ def _finish(args: argparse.Namespace, status: int | None) -> None:
     record = {"code": code, "signal": sig, "finished": time.time()}
     atomic_write(cdir / "exit.json", json.dumps(record).encode())
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from sysbake import proc
-from sysbake.errors import CommandError, RuntimeFailure
+from sysbake.errors import RuntimeFailure
 
 # Renamed directories and metadata-only copy-ups would be recorded in xattrs that an OCI
 # diff cannot express: turn both off so the upper dir is a plain changeset.
@@ -15,6 +15,8 @@ FEATURES = "redirect_dir=off,metacopy=off"
 
 # The kernel copies mount options into one page; keep a margin for the other options.
 _MAX_LOWERDIR = 3800
+_MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)  # mount(2) itself: no mount(8) per container
 
 
 def _unescape(field: str) -> str:
@@ -55,18 +57,20 @@ def mount_overlay(lowerdirs: Sequence[Path], upper: Path, work: Path, target: Pa
             raise RuntimeFailure(f"layer tree {d} is missing: expected an unpacked layer")
     options = (f"lowerdir={lowerdir_option(lowerdirs)},upperdir={os.path.abspath(upper)},"
                f"workdir={os.path.abspath(work)},{FEATURES}")
-    try:
-        proc.run(["mount", "-t", "overlay", "overlay", "-o", options, target],
-                 what=f"mounting the overlay rootfs at {target}")
-    except CommandError as exc:
-        raise RuntimeFailure(str(exc)) from exc
+    if _libc.mount(b"overlay", os.fsencode(target), b"overlay", 0, options.encode()) != 0:
+        err = ctypes.get_errno()
+        raise RuntimeFailure(f"mounting the overlay rootfs at {target} failed: "
+                             f"{os.strerror(err)}")
 
 
 def umount(target: Path) -> None:
     """Unmount `target` if mounted (idempotent); a busy mount is detached lazily."""
     if not is_mounted(target):
         return
-    result = proc.run(["umount", target], check=False, what=f"unmounting {target}")
-    if result.returncode != 0 and is_mounted(target):
-        # Busy (a shell of the user sits in it): detach now, the kernel frees it later.
-        proc.run(["umount", "--lazy", target], what=f"unmounting {target}")
+    path = os.fsencode(os.path.realpath(target))
+    if _libc.umount2(path, 0) == 0:
+        return
+    # Busy (a shell of the user sits in it): detach now, the kernel frees it later.
+    if _libc.umount2(path, _MNT_DETACH) != 0 and is_mounted(target):
+        err = ctypes.get_errno()
+        raise RuntimeFailure(f"unmounting {target} failed: {os.strerror(err)}")

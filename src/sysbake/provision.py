@@ -29,8 +29,9 @@ from sysbake.bundle import BindMount
 from sysbake.cache import StageCache, hash_tree
 from sysbake.commit import commit_tree
 from sysbake.errors import BuildError, CommandError, SysbakeError
+from sysbake.fsutil import remove_tree
 from sysbake.oci import Layer
-from sysbake.store import Store, remove_tree
+from sysbake.store import Store
 
 RUN_DIR = "/run/sysbake"
 CONF_DIR = f"{RUN_DIR}/conf"

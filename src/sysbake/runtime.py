@@ -8,14 +8,13 @@ while creating a container leaves no mount, runtime state or process behind.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import signal
-import sys
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -24,9 +23,10 @@ from typing import Any
 from sysbake import bundle, log, overlay, proc
 from sysbake.bundle import BindMount, BundleSpec
 from sysbake.errors import RuntimeFailure
-from sysbake.store import atomic_write, remove_tree
+from sysbake.fsutil import atomic_write, remove_tree
 
 STATE_ROOT = Path("/run/sysbake")
+MONITOR_LOCK = "monitor.lock"
 RUNTIMES = {"runc": "runc", "crun": "crun"}  # name -> Debian package
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\r")
 _RUNNING = ("running", "created", "paused", "starting")
@@ -232,15 +232,35 @@ def _runtime_state(container: Container) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def monitor_alive(cdir: Path) -> bool:
+    """Whether the monitor of the container in `cdir` still runs: it holds MONITOR_LOCK
+    for its whole life, whatever its pid became."""
+    try:
+        fd = os.open(cdir / MONITOR_LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def _monitor_pid(container: Container) -> int | None:
     """The pid of the container's monitor if it still runs."""
+    if not monitor_alive(container.dir):
+        return None
     try:
-        pid = int((container.dir / "monitor.pid").read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return int((container.dir / "monitor.pid").read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if b"sysbake.monitor" in cmdline and str(container.dir).encode() in cmdline \
-        else None
+
+
+def _runtime_known(container: Container) -> bool:
+    # runc and crun keep <root>/<id>/ while the container exists: no process to ask.
+    return (container.state_root / container.runtime_id).exists()
 
 
 def status(container: Container) -> Status:
@@ -272,7 +292,7 @@ def console_tail(container: Container, lines: int = 10) -> str:
 def _default_name(image: str) -> str:
     base = image.split("@")[0].rsplit("/", 1)[-1].split(":")[0]
     base = re.sub(r"[^A-Za-z0-9_.-]", "-", base).strip("-._")[:40] or "c"
-    return f"{base}-{uuid.uuid4().hex[:6]}"
+    return f"{base}-{os.urandom(3).hex()}"
 
 
 def _etc_binds(container_dir: Path, rootfs: Path, hostname: str,
@@ -309,16 +329,15 @@ def _cgroups_path(runtime_id: str) -> str:
 def _launch(container: Container, runtime: str) -> int:
     # The monitor's short socket path: unix socket paths are limited to 107 bytes.
     short = hashlib.sha256(container.runtime_id.encode()).hexdigest()[:16]
-    sock = STATE_ROOT / "console" / f"{short}.sock"
-    result = proc.run(
-        [sys.executable, "-m", "sysbake.monitor", "--runtime", runtime, "--root",
-         container.state_root, "--id", container.runtime_id, "--dir", container.dir,
-         "--socket", sock],
-        check=False, die_with_parent=False, timeout=180, what="container monitor")
-    if result.returncode != 0:
-        raise RuntimeFailure(f"starting container {container.name} failed: "
-                             f"{proc.tail_of(result)}")
-    return int(result.stdout.decode().strip())
+    from sysbake import monitor  # forks a keeper: only `run` needs it, not stop/exec/ps
+
+    spec = monitor.MonitorSpec(runtime=runtime, root=container.state_root,
+                               id=container.runtime_id, dir=container.dir.absolute(),
+                               socket=STATE_ROOT / "console" / f"{short}.sock")
+    try:
+        return monitor.spawn(spec)
+    except RuntimeFailure as exc:
+        raise RuntimeFailure(f"starting container {container.name} failed: {exc}") from None
 
 
 def _check_alive(container: Container, grace: float) -> None:
@@ -332,7 +351,7 @@ def _check_alive(container: Container, grace: float) -> None:
         if bundle.is_init(container.args) and container.pid and \
                 Path(f"/proc/{container.pid}/root/run/systemd/system").exists():
             return
-        time.sleep(0.05)
+        time.sleep(0.005)
 
 
 def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[str, Any], *,
@@ -368,7 +387,7 @@ def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[s
             raise NoSystemd(f"image {image} has no systemd: neither "
                             + " nor ".join(bundle.INIT_CANDIDATES) + " exists in it")
         process = bundle.process_from_image(image_config, init=init,
-                                            container_uuid=uuid.uuid4().hex,
+                                            container_uuid=os.urandom(16).hex(),
                                             env=options.env, command=options.command)
         if process.args[0].startswith("/") and find_in_root(rootfs, process.args[0]) is None:
             raise RuntimeFailure(f"image {image}: the command {process.args[0]} does not "
@@ -420,9 +439,45 @@ def send_signal(container: Container, sig: int) -> None:
 
 
 def _kill(container: Container, sig: int) -> None:
+    pidfd = _init_pidfd(container)
+    if pidfd is not None:
+        try:
+            signal.pidfd_send_signal(pidfd, sig)
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(pidfd)
+        return
     # The number, not a name: runc does not know "RTMIN+3".
     proc.run([container.runtime, "--root", container.state_root, "kill",
               container.runtime_id, str(int(sig))], check=False, what="runtime kill")
+
+
+def _init_pidfd(container: Container) -> int | None:
+    """A pidfd of PID 1 when it is certainly PID 1: a child of the living monitor, which
+    alone reaps it, so the pid cannot have been reused. None otherwise (ask the runtime)."""
+    monitor = _monitor_pid(container)
+    if container.pid is None or monitor is None:
+        return None
+    try:
+        pidfd = os.pidfd_open(container.pid)
+    except OSError:
+        return None
+    try:
+        status = Path(f"/proc/{container.pid}/status").read_text()
+    except OSError:
+        status = ""
+    if f"\nPPid:\t{monitor}\n" not in status:
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
+def _running(container: Container) -> bool:
+    # Without asking the runtime when the monitor answers: it lives until PID 1 is reaped.
+    if _exit_record(container) is not None:
+        return False
+    return monitor_alive(container.dir) or status(container).running
 
 
 def _wait_exit(container: Container, timeout: float) -> bool:
@@ -431,25 +486,24 @@ def _wait_exit(container: Container, timeout: float) -> bool:
     while True:
         if _exit_record(container) is not None:
             return True
-        if _monitor_pid(container) is None:
-            state = _runtime_state(container)
+        if not monitor_alive(container.dir):
+            state = _runtime_state(container) if _runtime_known(container) else None
             if state is None or state.get("status") == "stopped":
                 return True
         if time.monotonic() >= deadline:
             return False
-        time.sleep(0.1)
+        time.sleep(0.005)
 
 
 def _teardown(container: Container) -> None:
     # Idempotent: the monitor normally did all of this already.
-    monitor = _monitor_pid(container)
     deadline = time.monotonic() + 5
-    while monitor is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
-        monitor = _monitor_pid(container)
-    if monitor is not None:
-        os.kill(monitor, signal.SIGKILL)
-    if _runtime_state(container) is not None:
+    while monitor_alive(container.dir) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pid = _monitor_pid(container)
+    if pid is not None:
+        os.kill(pid, signal.SIGKILL)
+    if _runtime_known(container):
         proc.run([container.runtime, "--root", container.state_root, "delete", "--force",
                   container.runtime_id], what=f"deleting container {container.name}")
     overlay.umount(container.rootfs)
@@ -459,7 +513,7 @@ def stop(container: Container, timeout: float = 10.0) -> StopResult:
     """Stop with the image's stop signal, SIGKILL after `timeout` s; delete the runtime
     state and unmount the rootfs. Idempotent."""
     killed = False
-    if status(container).running:
+    if _running(container):
         log.info(f"stopping {container.name} (signal {container.stop_signal})")
         _kill(container, container.stop_signal)
         if not _wait_exit(container, timeout):

@@ -28,7 +28,8 @@ from typing import Any
 
 from sysbake import bootstrap, log, oci, proc
 from sysbake.errors import BuildError, CommandError
-from sysbake.store import Store, atomic_write, remove_tree
+from sysbake.fsutil import atomic_write, remove_tree
+from sysbake.store import Store
 
 DEFAULT_SALT_VERSION = "3007.16"  # the newest 3007.x whose dependencies the index serves here
 RECIPE = 2  # bump when the way a toolchain is built changes: every toolchain is rebuilt

@@ -16,13 +16,11 @@ is present is a no-op, so an interrupted write never leaves a referenced partial
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from typing import IO, Any, BinaryIO
 
 from sysbake import oci
 from sysbake.errors import ImageNotFound, StoreError
+from sysbake.fsutil import atomic_write, fsync_dir, raise_disk, remove_tree
 from sysbake.oci import Descriptor, Image, Layer
 
 _NAME_RE = re.compile(
@@ -57,41 +56,6 @@ def split_ref(ref: str) -> tuple[str, str]:
     return name, tag
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _raise_disk(exc: OSError, what: str) -> None:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise StoreError(f"{what}: no space left on device") from exc
-    raise StoreError(f"{what}: {exc.strerror or exc}") from exc
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically (temp file in the same dir, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide blobs from readers
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        _raise_disk(exc, f"writing {path}")
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 class BlobWriter:
     """A blob being written: bytes go to a temp file and are hashed on the way.
 
@@ -112,7 +76,7 @@ class BlobWriter:
         try:
             self._file.write(data)
         except OSError as exc:
-            _raise_disk(exc, "writing a blob")
+            raise_disk(exc, "writing a blob")
         self._hash.update(data)
         self.size += len(data)
         return len(data)
@@ -135,9 +99,9 @@ class BlobWriter:
                 self._path.unlink()
             else:
                 os.rename(self._path, final)
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
         except OSError as exc:
-            _raise_disk(exc, "committing a blob")
+            raise_disk(exc, "committing a blob")
         return Descriptor(media_type, self.digest, self.size)
 
     def discard(self) -> None:
@@ -185,7 +149,7 @@ class Store:
             if not (self.oci_dir / "index.json").exists():
                 self._write_index([])
         except OSError as exc:
-            _raise_disk(exc, f"creating the store at {self.root}")
+            raise_disk(exc, f"creating the store at {self.root}")
         self._ready = True
         return self
 
@@ -458,21 +422,3 @@ def _tree_in_use(tree: Path) -> bool:
     except OSError:
         return True
     return str(tree) in mounts
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a file or tree, including read-only dirs and immutable-free special files."""
-    if not os.path.lexists(path):
-        return
-    if path.is_symlink() or not path.is_dir():
-        path.unlink()
-        return
-
-    def onerror(func: Any, p: str, exc_info: Any) -> None:
-        try:
-            os.chmod(os.path.dirname(p), 0o700)
-            func(p)
-        except FileNotFoundError:
-            pass
-
-    shutil.rmtree(path, onerror=onerror)

@@ -200,6 +200,25 @@ def test_rootfs_export_is_the_source_tree(images: Images, scratch: Path) -> None
     assert tree_listing(tree) == tree_listing(images.rootfs)
 
 
+def test_rootfs_export_from_the_tree_is_the_layer(images: Images, scratch: Path) -> None:
+    """A one-layer rootfs is re-read from the layer's unpacked tree when the store has one
+    (no gzip decoding): the bytes must be the layer's, as from the blob."""
+    store, layer = images.store, images.one.layers[0]
+    tree = store.tree_path(layer.diff_id)
+    assert not tree.exists()
+    from_blob = export_image(store, ONE, "rootfs", scratch / "blob.tar", "none")
+    assert f"sha256:{sha256_file(from_blob)}" == layer.diff_id
+    run("cp", "-a", images.rootfs, tree)
+    try:
+        from_tree = export_image(store, ONE, "rootfs", scratch / "tree.tar", "none")
+        assert sha256_file(from_tree) == sha256_file(from_blob)
+        (tree / "etc" / "changed-behind-our-back").write_text("x")
+        changed = export_image(store, ONE, "rootfs", scratch / "changed.tar", "none")
+        assert sha256_file(changed) != sha256_file(from_blob), "the tree was not read"
+    finally:
+        run("rm", "-rf", "--one-file-system", tree)
+
+
 def test_rootfs_export_applies_deletions(images: Images, scratch: Path) -> None:
     archive = export_image(images.store, TWO, "rootfs", scratch / "rootfs.tar.gz",
                            "gzip")

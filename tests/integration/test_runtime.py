@@ -63,6 +63,12 @@ def processes_mentioning(text: str) -> list[int]:
     return pids
 
 
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie has ended: only its parent has yet to collect it)."""
+    stat = _read(Path(f"/proc/{pid}/stat"))
+    return bool(stat) and stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text()
@@ -79,6 +85,8 @@ class Running:
         self.dir = images.containers / name
         self.runtime_id: str = state["runtime_id"]
         self.pid: int = state["pid"]
+        self.monitor = int((self.dir / "monitor.pid").read_text())
+        assert _alive(self.monitor), "the container has no monitor"
         assert self.runtime_id in runc_ids()
         assert cgroup_dirs(self.runtime_id), "the container has no cgroup of its own"
 
@@ -92,8 +100,10 @@ class Running:
             problems.append(f"cgroups {cgroup_dirs(self.runtime_id)}")
         if Path(f"/proc/{self.pid}").exists():
             problems.append(f"PID 1 ({self.pid})")
+        if _alive(self.monitor):
+            problems.append(f"the monitor ({self.monitor})")
         if processes_mentioning(str(self.dir)):
-            problems.append("a monitor process")
+            problems.append("a process naming the container's directory")
         return problems
 
 

@@ -17,8 +17,9 @@ from helpers import new_store
 
 from sysbake import proc, salt
 from sysbake.errors import BuildError
+from sysbake.fsutil import remove_tree
 from sysbake.salt import SaltResult, SaltRun, Toolchain
-from sysbake.store import Store, remove_tree
+from sysbake.store import Store
 
 # Set to a directory to record salt-call's raw output as unit-test fixtures.
 RECORD = os.environ.get("SYSBAKE_RECORD_SALT_FIXTURES", "")
@@ -241,6 +242,25 @@ def test_states_apply_without_a_trace_and_are_idempotent(toolchain: Toolchain, b
     second = box.salt(run)
     assert second.ok, second.report()
     assert second.changes == 0 and len(second.states) == 4
+
+
+def test_custom_modules_in_the_state_tree_are_synced_and_found(toolchain: Toolchain, box: Box,
+                                                             tmp_path: Path) -> None:
+    """A tree with `_modules/` keeps Salt's sync and its search by virtual name (a module
+    file named unlike its virtual name): sysbake only skips both for trees without any."""
+    module = ('__virtualname__ = "greeter"\n\n\ndef __virtual__():\n'
+              '    return __virtualname__\n\n\ndef hello(name):\n'
+              '    return "hello " + name\n')
+    states = tree(tmp_path / "salt", {
+        "top.sls": TOP.format("custom"),
+        "_modules/greeting_impl.py": module,
+        "custom.sls": "/etc/custom-greeting:\n  file.managed:\n"
+                      "    - contents: {{ salt['greeter.hello']('world') }}\n"})
+    run = SaltRun(toolchain, (states,))
+    assert run.custom_modules()
+    result = box.salt(run)
+    assert result.ok, result.report()
+    assert (box.upper / "etc/custom-greeting").read_text().strip() == "hello world"
 
 
 def test_failing_states_are_reported(toolchain: Toolchain, box: Box, tmp_path: Path) -> None:

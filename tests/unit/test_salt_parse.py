@@ -392,3 +392,18 @@ def test_install_salt_copies_the_toolchain_and_a_wrapper(tmp_path: Path) -> None
     assert text.rstrip().endswith('"$@"')
     salt.install_salt(_toolchain(source), root)  # idempotent
     assert (kept / "usr/bin/python3.11").is_file()
+
+
+def test_without_custom_modules_salt_skips_their_sync_and_search(tmp_path: Path) -> None:
+    config = json.loads(_run(tmp_path).config_files()["/run/sysbake/conf/minion"])
+    assert config["autoload_dynamic_modules"] is False
+    assert config["lazy_loader_strict_matching"] is True
+
+
+def test_custom_modules_keep_salts_defaults(tmp_path: Path) -> None:
+    (tmp_path / "salt" / "_modules").mkdir(parents=True)
+    run = _run(tmp_path)
+    assert run.custom_modules()
+    config = json.loads(run.config_files()["/run/sysbake/conf/minion"])
+    assert "autoload_dynamic_modules" not in config
+    assert "lazy_loader_strict_matching" not in config

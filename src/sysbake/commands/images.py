@@ -8,8 +8,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sysbake import oci
 from sysbake.errors import SysbakeError
+
+COMMANDS = ("images", "inspect", "tag", "rmi", "export", "cache")
+
+def _short_id(digest: str) -> str:
+    # oci.hex_of without importing oci: this module loads for every command.
+    return digest.split(":", 1)[-1][:12]
 
 
 def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -98,7 +103,7 @@ def cmd_images(ctx: Any, args: argparse.Namespace) -> int:
     rows = [["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"]]
     for t in tagged:
         name, _, tag = t.ref.rpartition(":")
-        rows.append([name, tag, oci.hex_of(t.image.id)[:12],
+        rows.append([name, tag, _short_id(t.image.id),
                      _ago(t.image.config.get("created", "")), human_size(t.image.size)])
     _table(rows)
     return 0
@@ -160,7 +165,7 @@ def cmd_cache_ls(ctx: Any, args: argparse.Namespace) -> int:
         return 0
     rows = [["IMAGE", "STAGE", "KEY", "LAYER", "SIZE", "CREATED"]]
     for r in records:
-        rows.append([r.image, r.stage, r.key[:16], oci.hex_of(r.layer.diff_id)[:12],
+        rows.append([r.image, r.stage, r.key[:16], _short_id(r.layer.diff_id),
                      human_size(r.layer.blob.size), _ago(r.created)])
     _table(rows)
     return 0
@@ -172,7 +177,7 @@ def cmd_cache_prune(ctx: Any, args: argparse.Namespace) -> int:
     store = ctx.store()
     dropped, blobs, freed = StageCache(store).prune(all_records=args.all)
     if args.all and (store.root / "toolchains").exists():
-        from sysbake.store import remove_tree
+        from sysbake.fsutil import remove_tree
 
         remove_tree(store.root / "toolchains")
     if ctx.json:

@@ -13,8 +13,10 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sysbake.config import IMAGE_NAME, PROJECT_FILE, load_project
+from sysbake.commands import lazy_module
 from sysbake.errors import ConfigError
+
+config = lazy_module("sysbake.config")  # not on the start-up path of other commands
 
 if TYPE_CHECKING:
     from sysbake.cli import Context
@@ -63,8 +65,9 @@ def _write_atomic(path: Path, text: str) -> None:
 def init_project(directory: Path, name: str | None = None, force: bool = False) -> list[Path]:
     """Write the starter project into `directory` (made if missing) and return the files
     written. Refuses, writing nothing, when one of them exists and `force` is not set."""
-    if name is not None and not re.fullmatch(IMAGE_NAME, name):
-        raise ConfigError(f"--name: expected an image name matching {IMAGE_NAME}, got {name!r}")
+    if name is not None and not re.fullmatch(config.IMAGE_NAME, name):
+        raise ConfigError(f"--name: expected an image name matching {config.IMAGE_NAME}, "
+                          f"got {name!r}")
     if name == _PARENT_NAME:
         raise ConfigError(f"--name: {name!r} is the starter's parent image: choose another name")
     name = name or starter_name(directory)
@@ -93,7 +96,7 @@ def _init(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _validate(ctx: Context, args: argparse.Namespace) -> int:
-    project = load_project(args.path)
+    project = config.load_project(args.path)
     if ctx.json:
         ctx.emit(project.to_json())
     else:
@@ -102,6 +105,8 @@ def _validate(ctx: Context, args: argparse.Namespace) -> int:
         print(f"ok: {count} image{'s' if count != 1 else ''} ({names})")
     return 0
 
+
+COMMANDS = ("init", "validate")
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
              add_globals: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -117,10 +122,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     add_globals(init)
     init.set_defaults(handler=_init)
 
-    validate = sub.add_parser("validate", help=f"check a project file ({PROJECT_FILE})",
+    validate = sub.add_parser("validate", help="check a project file (sysbake.toml)",
                               description="Load and check a project file; with --json, print "
                               "it with every default filled in.")
     validate.add_argument("path", nargs="?", type=Path, default=None,
-                          help=f"the file, or a directory with a {PROJECT_FILE} (default: .)")
+                          help="the file, or a directory with a sysbake.toml (default: .)")
     add_globals(validate)
     validate.set_defaults(handler=_validate)

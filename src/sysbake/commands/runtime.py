@@ -23,6 +23,7 @@ else:
                                   for m in ("bundle", "checks", "inside", "runtime"))
 from sysbake.errors import ConfigError, RuntimeFailure
 
+COMMANDS = ("run", "shell", "exec", "stop", "ps", "logs", "rm", "test")
 
 def register(subparsers: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -> None:
     def sub(name: str, help_text: str) -> argparse.ArgumentParser:

@@ -1,0 +1,71 @@
+"""File-system primitives shared by the store and everything that keeps state on disk:
+atomic replacement of a file, removal of a tree, disk errors as one clear line. Kept
+apart from the store so that light commands (stop, exec, ps) do not import it."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, NoReturn
+
+from sysbake.errors import StoreError
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory: a rename into it survives a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def raise_disk(exc: OSError, what: str) -> NoReturn:
+    """A StoreError for `exc` met while doing `what` ("no space left" said plainly)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise StoreError(f"{what}: no space left on device") from exc
+    raise StoreError(f"{what}: {exc.strerror or exc}") from exc
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically (temp file in the same dir, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide blobs from readers
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise_disk(exc, f"writing {path}")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a file or tree, including read-only dirs and immutable-free special files."""
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+        return
+
+    def onerror(func: Any, p: str, exc_info: Any) -> None:
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            func(p)
+        except FileNotFoundError:
+            pass
+
+    shutil.rmtree(path, onerror=onerror)
