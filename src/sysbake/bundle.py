@@ -80,6 +80,7 @@ class BundleSpec:
     cgroups_path: str = ""
     terminal: bool = True
     annotations: tuple[tuple[str, str], ...] = field(default=())
+    volatile_journal: bool = False  # a tmpfs on /var/log/journal (the image has the dir)
 
 
 def check_name(name: str) -> str:
@@ -223,6 +224,10 @@ def _mounts(spec: BundleSpec) -> list[dict[str, Any]]:
         _tmpfs("/run/lock", "noexec"),
         _tmpfs("/tmp"),
     ]
+    if spec.volatile_journal:
+        # As podman does for systemd: the journal lives and dies with the container, its
+        # writes (and fsyncs at the flush) never reach the upper dir or a build's layer.
+        mounts.append(_tmpfs("/var/log/journal"))
     for bind in spec.binds:
         options = ["rbind", "rprivate"] + (["ro"] if bind.readonly else [])
         mounts.append({"destination": bind.destination, "type": "bind",

@@ -366,7 +366,8 @@ def _writing(dest: Path | str) -> Iterator[None]:
 @contextlib.contextmanager
 def _output(dest: Path) -> Iterator[BinaryIO]:
     """A file to write an archive to: `dest` via a temp file renamed on success, or
-    stdout for "-"."""
+    stdout for "-". Atomic against interruption, not fsynced: an export is the user's file
+    (like `tar -f` or `docker save -o` write it), unlike the store's blobs."""
     if str(dest) == "-":
         if sys.stdout.isatty():
             raise ExportError("refusing to write an archive to a terminal: redirect stdout "
@@ -383,7 +384,6 @@ def _output(dest: Path) -> Iterator[BinaryIO]:
         with _writing(dest), os.fdopen(fd, "wb") as f:
             yield cast(BinaryIO, f)
             f.flush()
-            os.fsync(f.fileno())
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)

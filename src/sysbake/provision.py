@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import filecmp
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -51,6 +52,7 @@ class StepPlan:
     files: dict[str, bytes] = field(default_factory=dict)
     judge: Callable[[int, bytes, bytes], None] | None = None
     keep_salt: Any = None  # a salt Toolchain to install into the image, if kept
+    waits_for_boot: bool = False  # the command itself waits for systemd (salt_toolchain)
 
 
 def reap_orphans(store: Store) -> None:
@@ -156,19 +158,23 @@ def _prepare(step: Any, store: Store, where: str) -> tuple[dict[str, Any], Calla
             toolchain = salt.ensure_toolchain(store, step.salt_version)
         except BuildError as exc:
             raise BuildError(f"{where}: {exc}") from exc
+        # Booted, salt-call's own start-up (~0.4 s of imports) overlaps systemd's boot;
+        # it waits for the boot to end before it applies anything.
+        wait = BOOT_TIMEOUT if step.mode == "boot" else None
         if step.type == "salt":
             run = salt.SaltRun(toolchain, state_trees=tuple(step.state_tree),
                                pillar=tuple(step.pillar), sls=tuple(step.sls),
-                               grains_json=step.grains_json)
+                               grains_json=step.grains_json, boot_timeout=wait)
         else:
             run = salt.SaltRun(toolchain, state_trees=(step.state_tree,),
                                pillar=tuple(step.pillar), project_pillar=step.project_pillar,
-                               grains_json=_project_grains(step))
+                               grains_json=_project_grains(step), boot_timeout=wait)
         return StepPlan(tuple(run.command()), {**run.env(), **dict(step.env)},
                         mounts=tuple((host, dest) for host, dest, _ro in run.mounts()),
                         files=run.config_files(),
                         judge=lambda rc, out, err: _judge_salt(rc, out, err, where),
-                        keep_salt=toolchain if step.keep_salt else None)
+                        keep_salt=toolchain if step.keep_salt else None,
+                        waits_for_boot=wait is not None)
 
     # Trees, pillars, SLS list and grains are in the step's own inputs already.
     key = {"schema": salt.RUN_SCHEMA,
@@ -345,10 +351,8 @@ def _booted(plan: StepPlan, store: Store, lowerdirs: list[Path], config: dict[st
                     options=runtime.RunOptions(name=name, binds=tuple(binds),
                                                network="host" if network else "none"),
                     require_init=True)
-                state = inside.wait_for_boot(container, BOOT_TIMEOUT)
-                if state not in ("running", "degraded"):
-                    raise BuildError(f"{where}: the image did not boot (systemd state "
-                                     f"{state!r})")
+                if not plan.waits_for_boot:
+                    _check_boot(inside.wait_for_boot(container, BOOT_TIMEOUT), where)
             yield container
         finally:
             if container is not None and name in _KEEP:
@@ -363,12 +367,23 @@ def _booted(plan: StepPlan, store: Store, lowerdirs: list[Path], config: dict[st
 _KEEP: set[str] = set()  # names of failed build containers to keep (--keep-failed)
 
 
+def _check_boot(state: str, where: str) -> None:
+    if state not in ("running", "degraded"):
+        raise BuildError(f"{where}: the image did not boot (systemd state {state!r})")
+
+
 def _exec_plan(container: runtime.Container, plan: StepPlan,
                where: str) -> tuple[int, bytes, bytes]:
     argv = inside.exec_argv(container, ["/usr/bin/env", "-i",
                                         *[f"{k}={v}" for k, v in plan.env.items()],
                                         *plan.command])
     result = proc.run(argv, check=False, die_with_parent=False, what=where)
+    from sysbake.salt_toolchain import BOOT_FAILED
+
+    if plan.waits_for_boot and result.returncode == BOOT_FAILED:
+        said = re.search(rb"sysbake: boot: (\S+)", result.stderr)
+        if said:
+            _check_boot(said.group(1).decode(errors="replace"), where)
     return result.returncode, result.stdout, result.stderr
 
 

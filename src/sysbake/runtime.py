@@ -160,6 +160,10 @@ def find_in_root(root: Path, path: str) -> Path | None:
     return current
 
 
+def _is_dir(path: Path | None) -> bool:
+    return path is not None and path.is_dir()
+
+
 def find_init(rootfs: Path) -> str | None:
     """The first of /lib/systemd/systemd and /sbin/init present in `rootfs`."""
     for candidate in bundle.INIT_CANDIDATES:
@@ -398,6 +402,7 @@ def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[s
             hostname=hostname, process=process, network=options.network,
             binds=_etc_binds(cdir, rootfs, hostname, options.network) + options.binds,
             cgroups_path=_cgroups_path(runtime_id),
+            volatile_journal=_is_dir(find_in_root(rootfs, "/var/log/journal")),
             annotations=(("org.sysbake.image", image), ("org.sysbake.name", name)))
         atomic_write(cdir / "bundle" / "config.json",
                      json.dumps(bundle.runtime_config(spec), indent=1).encode())

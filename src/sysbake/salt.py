@@ -98,6 +98,7 @@ class SaltRun:
     sls: tuple[str, ...] = ()
     grains_json: str = "{}"
     test: bool = False
+    boot_timeout: float | None = None  # in a booted container: wait for systemd first
 
     def __post_init__(self) -> None:
         if not self.state_trees:
@@ -191,10 +192,10 @@ class SaltRun:
     def command(self) -> list[str]:
         """The argv that runs salt-call inside the container (stdout: Salt's JSON result)."""
         fun = ["state.apply", ",".join(self.sls)] if self.sls else ["state.apply"]
-        return [*self.toolchain.argv(SALT_MOUNT), "-I", "-c",
-                boot_code(SALT_MOUNT, f"{VAR_DIR}/tmp"), "--local", f"--config-dir={CONF_DIR}",
-                "--out=json", "--retcode-passthrough", "--log-level=warning", *fun,
-                *(["test=True"] if self.test else [])]
+        code = boot_code(SALT_MOUNT, f"{VAR_DIR}/tmp", boot_timeout=self.boot_timeout)
+        return [*self.toolchain.argv(SALT_MOUNT), "-I", "-c", code, "--local",
+                f"--config-dir={CONF_DIR}", "--out=json", "--retcode-passthrough",
+                "--log-level=warning", *fun, *(["test=True"] if self.test else [])]
 
     def env(self) -> dict[str, str]:
         """The whole environment of the command (nothing of the host's)."""

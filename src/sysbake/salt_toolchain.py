@@ -85,10 +85,18 @@ def resolve_in_root(root: Path, rel: str) -> str:
     return "/".join(done)
 
 
-def boot_code(prefix: str, tmpdir: str | None) -> str:
+BOOT_FAILED = 97  # exit code of a salt-call whose container did not boot (see boot_code)
+
+
+def boot_code(prefix: str, tmpdir: str | None, *, boot_timeout: float | None = None) -> str:
     """The `python -c` program that starts salt-call from the toolchain mounted at `prefix`.
     sys.executable points at the toolchain's wrapper so the Pythons Salt spawns (cmd.run's
-    runas) also use the toolchain's loader; temp files go to `tmpdir` (a tmpfs)."""
+    runas) also use the toolchain's loader; temp files go to `tmpdir` (a tmpfs).
+
+    With `boot_timeout`, Salt's imports run while systemd still boots, then the program
+    waits for the boot to end (at most that many seconds) before any state is applied;
+    if systemd ends neither running nor degraded it prints `sysbake: boot: STATE` on stderr
+    and exits BOOT_FAILED."""
     lines = ["import os, sys, tempfile, warnings",
              # Salt imports crypt, which warns on every run (stderr noise): import it first.
              "with warnings.catch_warnings():",
@@ -102,8 +110,24 @@ def boot_code(prefix: str, tmpdir: str | None) -> str:
              "sys.argv[0] = 'salt-call'"]
     if tmpdir:
         lines += [f"os.makedirs({tmpdir!r}, exist_ok=True)", f"tempfile.tempdir = {tmpdir!r}"]
+    if boot_timeout is not None:
+        lines += _WAIT_FOR_BOOT.format(timeout=boot_timeout, failed=BOOT_FAILED).splitlines()
     lines += ["from salt.scripts import salt_call", "salt_call()"]
     return "\n".join(lines)
+
+
+_WAIT_FOR_BOOT = """\
+import salt.cli.call, salt.minion, salt.state, subprocess, time
+deadline = time.monotonic() + {timeout}
+while True:
+    state = subprocess.run(["systemctl", "is-system-running", "--wait"], text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout.strip()
+    if state in ("running", "degraded"):
+        break
+    if state not in ("", "offline", "initializing", "starting") or time.monotonic() > deadline:
+        sys.stderr.write("sysbake: boot: " + (state or "offline") + chr(10))
+        sys.exit({failed})
+    time.sleep(0.02)"""
 
 
 @dataclass(frozen=True)

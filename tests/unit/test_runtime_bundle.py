@@ -215,3 +215,9 @@ def test_test_report_verdicts() -> None:
     assert not failed_check.passed and "FAIL  port 80: no" in failed_check.summary()
     nosd = checks.TestReport(image="i", container="c", state="no-systemd", error="no init")
     assert not nosd.passed and nosd.to_json()["error"] == "no init"
+
+
+def test_the_journal_is_volatile_only_where_the_image_keeps_one() -> None:
+    assert _mount(_config(volatile_journal=True), "/var/log/journal")["type"] == "tmpfs"
+    # Without the directory in the image, a mount point would be created in the upper dir.
+    assert "/var/log/journal" not in [m["destination"] for m in _config()["mounts"]]

@@ -407,3 +407,35 @@ def test_custom_modules_keep_salts_defaults(tmp_path: Path) -> None:
     config = json.loads(run.config_files()["/run/sysbake/conf/minion"])
     assert "autoload_dynamic_modules" not in config
     assert "lazy_loader_strict_matching" not in config
+
+
+def _fake_salt(prefix: Path) -> None:
+    lib = prefix / "opt/salt/lib/salt"
+    for module in ("__init__", "minion", "state", "cli/__init__", "cli/call"):
+        (lib / f"{module}.py").parent.mkdir(parents=True, exist_ok=True)
+        (lib / f"{module}.py").write_text("")
+    (lib / "scripts.py").write_text("def salt_call():\n    print('salt-call ran')\n")
+
+
+@pytest.mark.parametrize(("states", "code", "said"), [
+    (["starting", "running"], 0, "salt-call ran"),
+    (["degraded"], 0, "salt-call ran"),
+    (["maintenance"], 97, "sysbake: boot: maintenance"),
+])
+def test_booted_salt_waits_for_systemd_first(tmp_path: Path, states: list[str], code: int,
+                                             said: str) -> None:
+    """salt-call in a booted container imports Salt, then waits for the boot to end; a
+    boot that ends badly stops it before any state runs (exit BOOT_FAILED)."""
+    _fake_salt(tmp_path)
+    answers = tmp_path / "answers"
+    answers.write_text("\n".join(states) + "\n")
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "systemctl").write_text(
+        f"#!/bin/sh\nhead -n1 {answers}\nsed -i 1d {answers}\n")
+    (fake_bin / "systemctl").chmod(0o755)
+    program = salt_toolchain.boot_code(str(tmp_path), None, boot_timeout=5)
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                         env={"PATH": f"{fake_bin}:/usr/bin:/bin"}, timeout=30, check=False)
+    assert (out.returncode, said) == (code, (out.stdout + out.stderr).strip())
+    assert code == salt_toolchain.BOOT_FAILED or code == 0
