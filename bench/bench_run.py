@@ -2,7 +2,7 @@
 
 1. Boot to `running`, and stop, vs `podman run --systemd=always` of the same image on the
    same machine (goal <= 1.0 for both). Boot: from the start of `run -d` until `systemctl
-   is-system-running` says `running`, polled by one engine-neutral probe for both sides
+   is-system-running --wait` says `running`, one engine-neutral probe for both sides
    (`nsenter` into PID 1's mount and pid namespaces; PID 1 found from sysbake's state
    file and from podman's conmon pid file), so neither side's `exec` start-up is counted
    as boot time; each engine's own `exec` is timed on its own row. Stop: `sysbake stop`
@@ -132,10 +132,12 @@ def podman_boot(podman: Podman, image: str) -> Boot:
 
 
 def nsenter_probe(pid: int) -> list[str]:
-    """`systemctl is-system-running` in the mount and pid namespaces of PID 1 (`pid` on
-    the host): the same probe whatever engine started the container."""
+    """`systemctl is-system-running --wait` in the mount and pid namespaces of PID 1 (`pid`
+    on the host): the same probe whatever engine started the container. --wait returns the
+    moment the boot ends (only "offline" earlier, while systemd's socket is not up), so
+    the time is not rounded up to the polling interval."""
     return ["nsenter", "--target", str(pid), "--mount", "--pid",
-            "systemctl", "is-system-running"]
+            "systemctl", "is-system-running", "--wait"]
 
 
 def conmon_child(pidfile: Path) -> int:

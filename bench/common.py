@@ -72,7 +72,7 @@ def report(name: str, ours: float, anchor: float, anchor_name: str, goal: float)
 # -- shared by bench_run.py and bench_provision.py -------------------------------------------
 
 STORE = WORK / "store"
-POLL = 0.1  # seconds between two `systemctl is-system-running` probes, for every engine
+POLL = 0.02  # seconds between two `systemctl is-system-running` probes, for every engine
 BOOTED = ("running", "degraded", "maintenance", "stopping")
 BIG_PROJECT = """\
 # The example base plus ~800 MB of random data (incompressible): a ~1 GB image.

@@ -31,8 +31,10 @@ def raise_disk(exc: OSError, what: str) -> NoReturn:
     raise StoreError(f"{what}: {exc.strerror or exc}") from exc
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically (temp file in the same dir, fsync, rename)."""
+def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace `path` with `data` atomically (temp file in the same dir, fsync, rename).
+    `durable=False` skips the fsync: for state that cannot outlive a reboot anyway (a
+    running container's files), where a journal commit per write costs milliseconds."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -40,7 +42,8 @@ def atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide blobs from readers
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.rename(tmp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):

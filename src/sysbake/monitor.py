@@ -117,7 +117,7 @@ def _monitor(spec: MonitorSpec, wfd: int) -> None:
     # so waitpid gives us PID 1's exit status.
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    atomic_write(cdir / "monitor.pid", f"{os.getpid()}\n".encode())
+    atomic_write(cdir / "monitor.pid", f"{os.getpid()}\n".encode(), durable=False)
     master = _start(spec)
     if master is None:
         _report(wfd, (cdir / "start-error").read_text())
@@ -244,5 +244,5 @@ def _finish(spec: MonitorSpec, status: int | None) -> None:
         else:
             code = os.waitstatus_to_exitcode(status)
     record = {"code": code, "signal": sig, "finished": time.time()}
-    atomic_write(cdir / "exit.json", json.dumps(record).encode())
+    atomic_write(cdir / "exit.json", json.dumps(record).encode(), durable=False)
 
