@@ -81,9 +81,6 @@ class BundleSpec:
     terminal: bool = True
     annotations: tuple[tuple[str, str], ...] = field(default=())
     volatile_journal: bool = False  # a tmpfs on /var/log/journal (the image has the dir)
-    # v1/hybrid hosts: the host path of the container's name=systemd cgroup. The controller
-    # hierarchies are then read-only, that one alone writable (podman's layout).
-    systemd_cgroup: str | None = None
 
 
 def check_name(name: str) -> str:
@@ -222,11 +219,7 @@ def _mounts(spec: BundleSpec) -> list[dict[str, Any]]:
         # controllers and name=systemd on v1/hybrid hosts, cgroup2 on v2 hosts); systemd
         # needs it writable to create its slices and scopes.
         {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-         "options": ["nosuid", "noexec", "nodev", "relatime",
-                     "ro" if spec.systemd_cgroup else "rw"]},
-        *([{"destination": "/sys/fs/cgroup/systemd", "type": "bind",
-            "source": spec.systemd_cgroup, "options": ["rbind", "rprivate", "rw"]}]
-          if spec.systemd_cgroup else []),
+         "options": ["nosuid", "noexec", "nodev", "relatime", "rw"]},
         _tmpfs("/run", "mode=755"),
         _tmpfs("/run/lock", "noexec"),
         _tmpfs("/tmp"),

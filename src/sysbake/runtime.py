@@ -325,15 +325,10 @@ def _etc_binds(container_dir: Path, rootfs: Path, hostname: str,
 
 
 def _cgroups_path(runtime_id: str) -> str:
-    # Absolute: on v2 a cgroup holding processes cannot have children with controllers,
-    # on v1/hybrid the name=systemd path must be known to bind it (see _systemd_cgroup).
-    return f"/sysbake/{runtime_id}"
-
-
-def _systemd_cgroup(runtime_id: str) -> str | None:
-    # v1/hybrid: the container's own name=systemd cgroup, bound writable over the read-only
-    # hierarchies (systemd needs only that one; it then does less per unit at boot).
-    return None if host_cgroup_mode() == "v2" else f"/sys/fs/cgroup/systemd/sysbake/{runtime_id}"
+    # Relative on v1/hybrid: nested under the cgroup of whoever starts it, as runc does by
+    # default. Absolute on v2, where a cgroup holding processes cannot have children with
+    # controllers.
+    return f"/sysbake/{runtime_id}" if host_cgroup_mode() == "v2" else f"sysbake/{runtime_id}"
 
 
 def _launch(container: Container, runtime: str) -> int:
@@ -408,7 +403,6 @@ def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[s
             hostname=hostname, process=process, network=options.network,
             binds=_etc_binds(cdir, rootfs, hostname, options.network) + options.binds,
             cgroups_path=_cgroups_path(runtime_id),
-            systemd_cgroup=_systemd_cgroup(runtime_id),
             volatile_journal=_is_dir(find_in_root(rootfs, "/var/log/journal")),
             annotations=(("org.sysbake.image", image), ("org.sysbake.name", name)))
         atomic_write(cdir / "bundle" / "config.json",

@@ -222,14 +222,3 @@ def test_the_journal_is_volatile_only_where_the_image_keeps_one() -> None:
     # Without the directory in the image, a mount point would be created in the upper dir.
     assert "/var/log/journal" not in [m["destination"] for m in _config()["mounts"]]
 
-
-def test_on_v1_hosts_only_the_systemd_hierarchy_is_writable() -> None:
-    config = _config(systemd_cgroup="/sys/fs/cgroup/systemd/sysbake/web.1")
-    dests = [m["destination"] for m in config["mounts"]]
-    assert "ro" in _mount(config, "/sys/fs/cgroup")["options"]
-    bind = _mount(config, "/sys/fs/cgroup/systemd")
-    assert bind["source"] == "/sys/fs/cgroup/systemd/sysbake/web.1"
-    assert "rw" in bind["options"] and bind["type"] == "bind"
-    assert dests.index("/sys/fs/cgroup/systemd") > dests.index("/sys/fs/cgroup")
-    # v2 hosts: one writable cgroup2 mount of the namespace's root.
-    assert "rw" in _mount(_config(), "/sys/fs/cgroup")["options"]
