@@ -78,7 +78,7 @@ def _run_detached(spec: MonitorSpec, wfd: int) -> None:  # pragma: no cover - fo
     # Nothing of the launching process may stay open here: its flocks (a build's owner
     # lock) would live as long as the container, its pipes would never reach EOF.
     os.closerange(3, wfd)
-    os.closerange(wfd + 1, 1 << 16)
+    os.closerange(wfd + 1, max(os.sysconf("SC_OPEN_MAX"), wfd + 1))
     for sig in (signal.SIGTERM, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
