@@ -77,7 +77,7 @@ def compressor(kind: str, out: Writable, *, level: int | None = None) -> Iterato
     tool = "pigz" if kind == "gzip" else kind
     argv = [proc.require(tool, _PACKAGES[tool]), f"-{lvl}", "-c"]
     argv += ["-n"] if tool == "pigz" else ["-T0", "-q"]
-    out_fd = _file_descriptor(out)
+    out_fd = file_descriptor(out)
     with _spawn(argv, f"{tool} compression", stdout=out_fd) as flt:
         pump = None
         if out_fd is None:
@@ -102,7 +102,7 @@ def compressor(kind: str, out: Writable, *, level: int | None = None) -> Iterato
         flt.check()
 
 
-def _file_descriptor(out: Writable) -> int | None:
+def file_descriptor(out: Writable) -> int | None:
     """`out`'s descriptor when it is a real file the tool can write itself (no copy through
     Python); everything buffered in `out` is flushed first. None for other writers."""
     fileno = getattr(out, "fileno", None)

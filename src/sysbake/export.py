@@ -494,9 +494,8 @@ def _piped_rootfs(store: Store, layer: Layer, out: BinaryIO, kind: str) -> bool:
     if kind not in tools or layer.compression not in tools or \
             compress.gzip_backend() != "pigz":
         return False
-    try:
-        out_fd = out.fileno()
-    except (AttributeError, OSError, io.UnsupportedOperation):
+    out_fd = compress.file_descriptor(out)
+    if out_fd is None:
         return False
     path = store.blob_path(layer.blob.digest)
     digest = hashlib.sha256()
@@ -509,7 +508,6 @@ def _piped_rootfs(store: Store, layer: Layer, out: BinaryIO, kind: str) -> bool:
     level = compress.DEFAULT_LEVELS[kind]
     decode = [tools[layer.compression], "-d", "-c", str(path)]
     encode = [tools[kind], f"-{level}", "-c", *(["-n"] if kind == "gzip" else ["-T0", "-q"])]
-    out.flush()
     with subprocess.Popen(decode, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           preexec_fn=proc.die_with_parent_hook) as dec:
         with subprocess.Popen(encode, stdin=dec.stdout, stdout=out_fd,

@@ -31,8 +31,9 @@ def raise_disk(exc: OSError, what: str) -> NoReturn:
     raise StoreError(f"{what}: {exc.strerror or exc}") from exc
 
 
-def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Replace `path` with `data` atomically (temp file in the same dir, fsync, rename).
+def atomic_write(path: Path, data: bytes, *, durable: bool = True, mode: int = 0o644) -> None:
+    """Replace `path` with `data` atomically (temp file in the same dir, fsync, rename),
+    with permissions `mode` (0644: blobs and state are for every reader).
     `durable=False` skips the fsync: for state that cannot outlive a reboot anyway (a
     running container's files), where a journal commit per write costs milliseconds."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,7 +42,7 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide blobs from readers
+            os.fchmod(f.fileno(), mode)
             if durable:
                 os.fsync(f.fileno())
         os.rename(tmp, path)

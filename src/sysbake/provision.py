@@ -374,12 +374,12 @@ def _check_boot(state: str, where: str) -> None:
 
 def _exec_plan(container: runtime.Container, plan: StepPlan,
                where: str) -> tuple[int, bytes, bytes]:
+    from sysbake.salt_toolchain import BOOT_FAILED
+
     argv = inside.exec_argv(container, ["/usr/bin/env", "-i",
                                         *[f"{k}={v}" for k, v in plan.env.items()],
                                         *plan.command])
     result = proc.run(argv, check=False, die_with_parent=False, what=where)
-    from sysbake.salt_toolchain import BOOT_FAILED
-
     if plan.waits_for_boot and result.returncode == BOOT_FAILED:
         said = re.search(rb"sysbake: boot: (\S+)", result.stderr)
         if said:

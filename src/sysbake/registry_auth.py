@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 
 from sysbake import log
 from sysbake.errors import SysbakeError
+from sysbake.fsutil import atomic_write
 
 
 class RegistryError(SysbakeError):
@@ -144,13 +143,7 @@ def normalize_key(key: str) -> str:
 
 def read_auths(path: Path) -> dict[str, Any]:
     """The "auths" map of an auth file ({} when the file is missing)."""
-    try:
-        doc = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise RegistryError(f"{path}: not a readable auth.json ({exc})") from exc
-    auths = doc.get("auths") if isinstance(doc, dict) else None
+    auths = _read_doc(path).get("auths")
     if auths is None:
         return {}
     if not isinstance(auths, dict):
@@ -197,20 +190,9 @@ def lookup_credentials(registry: str, repository: str,
 
 
 def _write_private(path: Path, doc: dict[str, Any]) -> None:
-    # Not store.atomic_write: that one makes files world-readable, these hold passwords.
+    # Mode 0600 and a 0700 directory: these files hold passwords.
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent="\t")
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, (json.dumps(doc, indent="\t") + "\n").encode(), mode=0o600)
 
 
 def _read_doc(path: Path) -> dict[str, Any]:

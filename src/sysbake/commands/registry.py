@@ -91,7 +91,7 @@ def _ask(prompt: str, *, secret: bool) -> str:
 
 
 def _options(args: argparse.Namespace) -> Any:
-    from sysbake.registry import ConnectOptions, TlsOptions
+    from sysbake.registry import ConnectOptions
     from sysbake.registry_auth import Credentials, parse_creds
 
     creds = None
@@ -100,8 +100,22 @@ def _options(args: argparse.Namespace) -> Any:
         if password is None:
             password = _ask(f"Password for {user}: ", secret=True)
         creds = Credentials(user, password)
-    return ConnectOptions(tls=TlsOptions(verify=args.tls_verify, cert_dir=args.cert_dir),
-                          creds=creds, auth_file=args.authfile)
+    return ConnectOptions(tls=_tls(args), creds=creds, auth_file=args.authfile)
+
+
+def _tls(args: argparse.Namespace) -> Any:
+    from sysbake.registry import TlsOptions
+
+    return TlsOptions(verify=args.tls_verify, cert_dir=args.cert_dir)
+
+
+def _done(ctx: Any, value: dict[str, Any], line: str) -> int:
+    """The result of a command: `value` with --json, else `line`."""
+    if ctx.json:
+        ctx.emit(value)
+    else:
+        print(line)
+    return 0
 
 
 def _platform(text: str | None) -> tuple[str, str, str | None] | None:
@@ -118,11 +132,7 @@ def cmd_push(ctx: Any, args: argparse.Namespace) -> int:
 
     dest = Reference.parse(args.dest) if args.dest else None
     result = push(ctx.store(), args.image, dest, _options(args))
-    if ctx.json:
-        ctx.emit(result.to_json())
-    else:
-        print(f"{result.ref} {result.digest}")
-    return 0
+    return _done(ctx, result.to_json(), f"{result.ref} {result.digest}")
 
 
 def cmd_pull(ctx: Any, args: argparse.Namespace) -> int:
@@ -131,15 +141,10 @@ def cmd_pull(ctx: Any, args: argparse.Namespace) -> int:
     source = Reference.parse(args.ref)
     result = pull(ctx.store(), source, _options(args), tag=args.tag,
                   wanted=_platform(args.platform), seed_cache=not args.no_cache_seed)
-    if ctx.json:
-        ctx.emit(result.to_json())
-    else:
-        print(f"{result.ref} {result.image.id}")
-    return 0
+    return _done(ctx, result.to_json(), f"{result.ref} {result.image.id}")
 
 
 def cmd_login(ctx: Any, args: argparse.Namespace) -> int:
-    from sysbake.registry import TlsOptions
     from sysbake.registry_auth import Credentials, default_auth_file, save_credentials
     from sysbake.registry_client import Session
 
@@ -151,16 +156,11 @@ def cmd_login(ctx: Any, args: argparse.Namespace) -> int:
         password = args.password if args.password is not None else _ask("Password: ",
                                                                         secret=True)
     creds = Credentials(user, password)
-    session = Session(registry, tls=TlsOptions(verify=args.tls_verify, cert_dir=args.cert_dir),
-                      creds=creds)
+    session = Session(registry, tls=_tls(args), creds=creds)
     session.check_login()
     path = args.authfile or default_auth_file()
     save_credentials(path, registry, creds)
-    if ctx.json:
-        ctx.emit({"registry": registry, "authfile": str(path)})
-    else:
-        print("Login Succeeded!")
-    return 0
+    return _done(ctx, {"registry": registry, "authfile": str(path)}, "Login Succeeded!")
 
 
 def cmd_logout(ctx: Any, args: argparse.Namespace) -> int:
@@ -172,11 +172,8 @@ def cmd_logout(ctx: Any, args: argparse.Namespace) -> int:
     path = args.authfile or default_auth_file()
     if not remove_credentials(path, registry):
         raise SysbakeError(f"not logged in to {registry or 'any registry'} (in {path})")
-    if ctx.json:
-        ctx.emit({"registry": registry, "authfile": str(path)})
-    else:
-        print(f"Removed login credentials for {registry or 'all registries'}")
-    return 0
+    return _done(ctx, {"registry": registry, "authfile": str(path)},
+                 f"Removed login credentials for {registry or 'all registries'}")
 
 
 def _registry_arg(text: str) -> str:
