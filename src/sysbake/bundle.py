@@ -9,9 +9,8 @@ from __future__ import annotations
 import re
 import signal
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 
 from sysbake.errors import RuntimeFailure
 
@@ -49,8 +48,7 @@ _READONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-tri
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
-@dataclass(frozen=True)
-class BindMount:
+class BindMount(NamedTuple):
     """A host path bind-mounted into the container (`-v SRC:DST[:ro]`)."""
 
     source: str
@@ -58,8 +56,7 @@ class BindMount:
     readonly: bool = False
 
 
-@dataclass(frozen=True)
-class ProcessSpec:
+class ProcessSpec(NamedTuple):
     """PID 1 of the container: argv, environment, working directory and ids."""
 
     args: tuple[str, ...]
@@ -69,8 +66,7 @@ class ProcessSpec:
     gid: int = 0
 
 
-@dataclass(frozen=True)
-class BundleSpec:
+class BundleSpec(NamedTuple):
     """Everything config.json depends on."""
 
     hostname: str
@@ -79,7 +75,7 @@ class BundleSpec:
     binds: tuple[BindMount, ...] = ()
     cgroups_path: str = ""
     terminal: bool = True
-    annotations: tuple[tuple[str, str], ...] = field(default=())
+    annotations: tuple[tuple[str, str], ...] = ()
     volatile_journal: bool = False  # a tmpfs on /var/log/journal (the image has the dir)
 
 

@@ -8,9 +8,8 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sysbake import __version__, log
 from sysbake.errors import Interrupted, SysbakeError
@@ -18,8 +17,7 @@ from sysbake.errors import Interrupted, SysbakeError
 DEFAULT_STORE = Path("/var/lib/sysbake")
 
 
-@dataclass(frozen=True)
-class Context:
+class Context(NamedTuple):
     """What every command gets: where the store is and how to talk back."""
 
     store_path: Path

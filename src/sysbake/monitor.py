@@ -26,9 +26,8 @@ import signal
 import socket
 import subprocess
 import time
-import traceback
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from sysbake import overlay, proc
 from sysbake.errors import RuntimeFailure
@@ -39,8 +38,7 @@ _PR_SET_CHILD_SUBREAPER = 36
 _TIOCGPTPEER = 0x5441
 
 
-@dataclass(frozen=True)
-class MonitorSpec:
+class MonitorSpec(NamedTuple):
     """What the monitor runs: the runtime executable, its state root, the container's
     runtime ID, its directory and the console socket path (at most 107 bytes)."""
 
@@ -89,6 +87,8 @@ def _run_detached(spec: MonitorSpec, wfd: int) -> None:  # pragma: no cover - fo
         _monitor(spec, wfd)
     except BaseException as exc:
         _report(wfd, f"container monitor failed: {exc}")
+        import traceback  # only on failure: start-up cost
+
         traceback.print_exc()
 
 
@@ -232,8 +232,9 @@ def _reap(init_pid: int) -> tuple[bool, int | None]:
 
 def _finish(spec: MonitorSpec, status: int | None) -> None:
     cdir = spec.dir
+    # Not killed with us: a delete that has begun had better finish.
     proc.run([spec.runtime, "--root", spec.root, "delete", "--force", spec.id], check=False,
-             what=f"{Path(spec.runtime).name} delete")
+             what=f"{Path(spec.runtime).name} delete", die_with_parent=False)
     overlay.umount(cdir / "bundle" / "rootfs")
     code: int | None = None
     sig: int | None = None

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 MT_INDEX = "application/vnd.oci.image.index.v1+json"
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -35,6 +33,8 @@ def canonical_json(value: Any) -> bytes:
 
 
 def sha256_digest(data: bytes) -> str:
+    import hashlib  # here: loading OpenSSL is start-up cost where nothing is hashed (run)
+
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
@@ -57,14 +57,13 @@ def chain_id(diff_ids: list[str] | tuple[str, ...]) -> str:
     return chain
 
 
-@dataclass(frozen=True)
-class Descriptor:
+class Descriptor(NamedTuple):
     """An OCI content descriptor."""
 
     media_type: str
     digest: str
     size: int
-    annotations: tuple[tuple[str, str], ...] = field(default=())
+    annotations: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest,
@@ -90,8 +89,7 @@ class Descriptor:
         return Descriptor(self.media_type, self.digest, self.size, tuple(sorted(merged.items())))
 
 
-@dataclass(frozen=True)
-class Layer:
+class Layer(NamedTuple):
     """A stored layer: its compressed blob and the digest of its uncompressed tar."""
 
     blob: Descriptor
@@ -102,8 +100,7 @@ class Layer:
         return LAYER_COMPRESSION.get(self.blob.media_type, "gzip")
 
 
-@dataclass(frozen=True)
-class Image:
+class Image(NamedTuple):
     """An image as stored: manifest descriptor, its config document and its layers."""
 
     manifest: Descriptor

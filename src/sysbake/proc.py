@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import signal
 import subprocess
 from collections import deque
@@ -33,12 +32,14 @@ ISOLATED = ("unshare", "--mount", "--propagation", "private", "--pid", "--kill-c
 
 
 def which(program: str) -> str | None:
+    import shutil  # here: the run/stop path never looks programs up (start-up cost)
+
     return shutil.which(program)
 
 
 def require(program: str, package: str) -> str:
     """Path of `program`, or a clear error naming the Debian package that provides it."""
-    path = shutil.which(program)
+    path = which(program)
     if path is None:
         raise CommandError(f"{program} not found: install the Debian package '{package}'")
     return path

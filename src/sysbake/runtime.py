@@ -9,16 +9,14 @@ while creating a container leaves no mount, runtime state or process behind.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sysbake import bundle, log, overlay, proc
 from sysbake.bundle import BindMount, BundleSpec
@@ -40,8 +38,7 @@ class NoSystemd(RuntimeFailure):
     """The image has no init to boot (checked before anything is started)."""
 
 
-@dataclass(frozen=True)
-class RunOptions:
+class RunOptions(NamedTuple):
     """How to run an image: name, mounts, network, runtime and overrides of its config."""
 
     name: str | None = None
@@ -52,8 +49,7 @@ class RunOptions:
     command: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class Container:
+class Container(NamedTuple):
     """A container as recorded in containers/<name>/state.json."""
 
     name: str
@@ -77,8 +73,7 @@ class Container:
         return STATE_ROOT / self.runtime
 
 
-@dataclass(frozen=True)
-class Status:
+class Status(NamedTuple):
     """What a container is doing now: running, exited, starting, dead (state lost), ..."""
 
     state: str
@@ -90,8 +85,7 @@ class Status:
         return self.state in _RUNNING
 
 
-@dataclass(frozen=True)
-class StopResult:
+class StopResult(NamedTuple):
     """How a container ended: PID 1's exit code (None if unknown) and whether it was killed."""
 
     exit_code: int | None
@@ -191,7 +185,7 @@ def load(containers_dir: Path, name: str) -> Container:
 
 
 def _save(container: Container) -> None:
-    data: dict[str, Any] = asdict(container)
+    data: dict[str, Any] = container._asdict()
     data["dir"] = str(container.dir)
     atomic_write(container.dir / "state.json", json.dumps(data, indent=1).encode(),
                  durable=False)
@@ -331,9 +325,15 @@ def _cgroups_path(runtime_id: str) -> str:
     return f"/sysbake/{runtime_id}" if host_cgroup_mode() == "v2" else f"sysbake/{runtime_id}"
 
 
+def _short_hash(text: str, length: int) -> str:
+    import hashlib  # loads OpenSSL: here, so that stop, exec and ps do not pay for it
+
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
 def _launch(container: Container, runtime: str) -> int:
     # The monitor's short socket path: unix socket paths are limited to 107 bytes.
-    short = hashlib.sha256(container.runtime_id.encode()).hexdigest()[:16]
+    short = _short_hash(container.runtime_id, 16)
     from sysbake import monitor  # forks a keeper: only `run` needs it, not stop/exec/ps
 
     spec = monitor.MonitorSpec(runtime=runtime, root=container.state_root,
@@ -360,10 +360,11 @@ def _check_alive(container: Container, grace: float) -> None:
 
 
 def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[str, Any], *,
-           image: str, image_id: str = "", options: RunOptions = RunOptions(),
+           image: str, image_id: str = "", options: RunOptions | None = None,
            require_init: bool = False, grace: float = 1.0) -> Container:
     """Start a container of the image whose layer trees are `lowerdirs` (bottom to top,
     never written); return it running, detached. On failure nothing is left behind."""
+    options = options or RunOptions()
     name = bundle.check_name(options.name or _default_name(image))
     runtime = runtime_path(options.runtime)
     if options.network not in bundle.NETWORKS:
@@ -380,7 +381,7 @@ def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[s
     except FileExistsError:
         raise RuntimeFailure(f"a container named {name!r} already exists: remove it with "
                              f"`sysbake rm {name}` or choose another --name") from None
-    salt = hashlib.sha256(str(containers_dir.resolve()).encode()).hexdigest()[:8]
+    salt = _short_hash(str(containers_dir.resolve()), 8)
     container: Container | None = None
     try:
         for sub in ("upper", "work", "bundle/rootfs"):
@@ -413,7 +414,7 @@ def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[s
             stop_signal=bundle.stop_signal(image_config, process.args),
             network=options.network)
         _save(container)
-        container = replace(container, pid=_launch(container, runtime))
+        container = container._replace(pid=_launch(container, runtime))
         _save(container)
         _check_alive(container, grace)
         return container

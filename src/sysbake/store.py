@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, NamedTuple
 
 from sysbake import oci
 from sysbake.errors import ImageNotFound, StoreError
@@ -64,6 +61,11 @@ class BlobWriter:
     """
 
     def __init__(self, store: Store) -> None:
+        # Imported here, like in staging(): `run` reads the store, never writes it, and
+        # these imports (OpenSSL for hashlib) are start-up cost on its path.
+        import hashlib
+        import tempfile
+
         self._store = store
         fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="blob-")
         self._path = Path(name)
@@ -111,8 +113,7 @@ class BlobWriter:
             self._path.unlink()
 
 
-@dataclass(frozen=True)
-class Tagged:
+class Tagged(NamedTuple):
     """A tag in the store and the image it points to."""
 
     ref: str
@@ -168,6 +169,8 @@ class Store:
     def staging(self, prefix: str) -> Iterator[Path]:
         """A private directory under tmp/, removed afterwards; flock-ed while in use so
         `clean_stale` (run by the next command) can remove it if we are killed."""
+        import tempfile
+
         self.ensure()
         path = Path(tempfile.mkdtemp(dir=self.tmp_dir, prefix=f"{prefix}-"))
         with open(path.with_suffix(".lock"), "a+b") as f:

@@ -25,7 +25,7 @@ Run = Callable[..., tuple[int, str, str]]
 @pytest.fixture
 def sysbake(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Run:
     """Run the real command line with only this module's commands registered."""
-    monkeypatch.setattr(commands, "_MODULES", ("project",))
+    monkeypatch.setattr(commands, "COMMANDS", {"project": commands.COMMANDS["project"]})
 
     def run(*argv: str) -> tuple[int, str, str]:
         code = cli.main(list(argv))

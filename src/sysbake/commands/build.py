@@ -9,7 +9,6 @@ from typing import Any
 
 from sysbake import log
 
-COMMANDS = ("build",)
 
 def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -> None:
     p = sub.add_parser("build", help="build the images of a project (cached per stage)",

@@ -19,7 +19,6 @@ else:
     hostint = lazy_module("sysbake.hostint")
 
 
-COMMANDS = ("flags", "apparmor", "load")
 
 def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -> None:
     p = sub.add_parser("flags", help="docker/podman run flags that boot systemd on this host")

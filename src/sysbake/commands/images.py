@@ -10,7 +10,6 @@ from typing import Any
 
 from sysbake.errors import SysbakeError
 
-COMMANDS = ("images", "inspect", "tag", "rmi", "export", "cache")
 
 def _short_id(digest: str) -> str:
     # oci.hex_of without importing oci: this module loads for every command.

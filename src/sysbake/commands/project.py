@@ -106,7 +106,6 @@ def _validate(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = ("init", "validate")
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
              add_globals: Callable[[argparse.ArgumentParser], None]) -> None:

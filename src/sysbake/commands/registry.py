@@ -11,8 +11,6 @@ from typing import Any
 
 from sysbake.errors import SysbakeError
 
-COMMANDS = ("push", "pull", "login", "logout")
-
 
 def _tls_verify(value: str) -> bool:
     lowered = value.lower()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import signal
 import sys
 import time
@@ -23,7 +22,6 @@ else:
                                   for m in ("bundle", "checks", "inside", "runtime"))
 from sysbake.errors import ConfigError, RuntimeFailure
 
-COMMANDS = ("run", "shell", "exec", "stop", "ps", "logs", "rm", "test")
 
 def register(subparsers: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -> None:
     def sub(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -213,6 +211,8 @@ def _stop(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _ps(ctx: Context, args: argparse.Namespace) -> int:
+    import datetime  # here, not at the top: only ps pays for it (start-up cost)
+
     rows: list[dict[str, Any]] = []
     for container in rt.all_containers(ctx.store_path / "containers"):
         status = rt.status(container)
