@@ -324,14 +324,14 @@ class Store:
 
     def resolve(self, ref: str) -> Image:
         """An image by 'name[:tag]', image ID (config digest) or its prefix, or manifest digest."""
-        tags = self.tags()
         try:
             wanted = normalize_ref(ref)
         except StoreError:
             wanted = None
-        for tagged in tags:
-            if tagged.ref == wanted:
-                return tagged.image
+        for desc in self._read_index():  # a tag: load that image only
+            if wanted is not None and desc.annotation(oci.ANN_REF_NAME) == wanted:
+                return self.load_image(desc)
+        tags = self.tags()
         probe = ref.removeprefix("sha256:")
         if len(probe) >= 4 and re.fullmatch(r"[0-9a-f]+", probe):
             hits = {t.image.manifest.digest: t.image for t in tags

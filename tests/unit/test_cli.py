@@ -45,6 +45,18 @@ def test_a_command_line_registers_only_its_module() -> None:
     assert len(modules_for(["no-such-command"])) == len(all_command_modules())
 
 
+def _subcommands(parser: argparse.ArgumentParser) -> set[str]:
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return set(actions[0].choices)
+
+
+def test_a_command_line_builds_only_its_own_parser() -> None:
+    assert _subcommands(cli.build_parser(["--json", "stop", "x"])) == {"stop"}
+    assert "build" in _subcommands(cli.build_parser(["--help"]))
+    assert len(_subcommands(cli.build_parser(["no-such-command"]))) == \
+        len(_subcommands(cli.build_parser()))
+
+
 def test_partial_and_full_parsers_agree() -> None:
     argv = ["--store", "/tmp/s", "stop", "--timeout", "3", "a", "b"]
     partial = vars(cli.build_parser(argv).parse_args(argv))
