@@ -5,7 +5,6 @@ Helpers of sysbake.layers; the contracts are documented there.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import stat
@@ -289,7 +288,7 @@ class Flattener:
 
     def _links(self, links: list[Entry], target: str) -> None:
         for link in links:
-            self.writer.entry(dataclasses.replace(link, linkname=target))
+            self.writer.entry(link._replace(linkname=target))
 
     def _serve(self, info: tarfile.TarInfo, data: Readable | None, links: list[Entry]) -> None:
         """Write a hidden file under the name of the first link that still needs it."""

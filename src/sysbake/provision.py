@@ -31,6 +31,7 @@ from sysbake.cache import StageCache, hash_tree
 from sysbake.commit import commit_tree
 from sysbake.errors import BuildError, CommandError, SysbakeError
 from sysbake.fsutil import remove_tree
+from sysbake.layers_tar import is_opaque, read_xattrs
 from sysbake.oci import Layer
 from sysbake.store import Store
 
@@ -107,12 +108,12 @@ def run_step(spec: Any, index: int, step: Any, cleanup: finalize.Cleanup, projec
                                 where, options.keep_failed)
             with _mounted(lowerdirs, upper, work, staging / "root") as root:
                 finalize.clean_tree(root, cleanup)
-            prune_copy_ups(upper, lowerdirs)
-            with _mounted(lowerdirs, upper, work, staging / "root") as root:
                 if plan.keep_salt is not None:
                     from sysbake import salt
 
                     salt.install_salt(plan.keep_salt, root)
+            # Unmounted: copy-ups equal to what the parent has (Salt's included) go.
+            prune_copy_ups(upper, lowerdirs)
             with log.step(f"{where}: committing the layer"):
                 layer = commit_tree(store, upper, compression=options.compression,
                                     overlay_upper=True)
@@ -253,8 +254,21 @@ def prune_copy_ups(upper: Path, lowerdirs: list[Path]) -> None:
     directories left empty whose mode and owner match the lower ones. The layer then holds
     only real changes."""
     tops = list(reversed(lowerdirs))
+    opaque: dict[Path, bool] = {}
+
+    def hidden(rel: Path) -> bool:
+        # Below an opaque dir of the upper (a dir removed and made again), nothing of the
+        # lower shows through: a file there equal to the lower one is no copy-up.
+        for parent in rel.parents:
+            if parent not in opaque:
+                opaque[parent] = is_opaque(read_xattrs(os.fspath(upper / parent)))
+            if opaque[parent]:
+                return True
+        return False
 
     def below(rel: Path) -> Path | None:
+        if hidden(rel):
+            return None
         for lower in tops:
             path = lower / rel
             if os.path.lexists(path):
