@@ -6,7 +6,6 @@ into a normalized one or raise `Invalid` (the reader adds the file and the dotte
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
@@ -51,6 +50,8 @@ def got(value: object) -> str:
 
 def did_you_mean(name: str, options: Sequence[str]) -> str:
     """` (did you mean 'x'?)` when one option is close to `name`, else ''."""
+    import difflib  # only for a misspelt key: not every command's start-up
+
     close = difflib.get_close_matches(name, options, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

@@ -19,7 +19,6 @@ import re
 import shlex
 import shutil
 import stat
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,7 +351,7 @@ def _booted(plan: StepPlan, store: Store, lowerdirs: list[Path], config: dict[st
     _write_files(plan.files, conf)
     binds = [BindMount(str(conf), CONF_DIR, readonly=False)]
     binds += [BindMount(str(host), dest, readonly=True) for host, dest in plan.mounts]
-    name = f"build-{uuid.uuid4().hex[:10]}"
+    name = f"build-{os.urandom(5).hex()}"
     store.containers_dir.mkdir(parents=True, exist_ok=True)
     owner_file = store.containers_dir / f"{name}.owner"
     with open(owner_file, "a+b") as owner:

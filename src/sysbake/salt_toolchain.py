@@ -20,8 +20,6 @@ import shlex
 import sys
 import tarfile
 import tomllib
-import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,6 +219,8 @@ def ensure_toolchain(store: Store, version: str = "", *, architecture: str = "")
             return Toolchain.load(final)
         with log.step(f"building the Salt {version} toolchain ({suite}, {arch}); "
                       "once per version"), store.staging("toolchain") as stage:
+            from concurrent.futures import ThreadPoolExecutor  # once per Salt version
+
             tree = stage / "tree"
             if not wheelhouse_path(store, version, arch).is_dir():
                 _check_version_exists(store, version)
@@ -289,6 +289,8 @@ def build_requirements(sdist: Path) -> list[str]:
     it has no pyproject.toml."""
     text = None
     if sdist.name.endswith(".zip"):
+        import zipfile  # rare: imported here, off every build's start-up
+
         with zipfile.ZipFile(sdist) as z:
             names = [n for n in z.namelist() if n.count("/") == 1
                      and n.endswith("/pyproject.toml")]

@@ -230,8 +230,10 @@ run = '''
 test -e /etc/issue.net
 rm /etc/issue.net
 test -e /etc/skel/.bashrc
-rm -rf /etc/skel
+mv /etc/skel /etc/skel.old
 mkdir /etc/skel
+cp -p /etc/skel.old/.bashrc /etc/skel/
+rm -rf /etc/skel.old
 echo recreated > /etc/skel/only-new
 state=$(systemctl is-system-running 2>/dev/null) && rc=0 || rc=$?
 echo "${state:-none} rc=$rc pid1=$(cat /proc/1/comm)" > /etc/chroot-step
@@ -254,7 +256,10 @@ state=$(systemctl is-system-running 2>/dev/null) && rc=0 || rc=$?
 echo "${state:-none} rc=$rc pid1=$(cat /proc/1/comm)" > /etc/boot-step
 '''
 """
-GONE = ("/etc/issue.net", "/etc/skel/.bashrc", "/etc/skel/.profile")
+GONE = ("/etc/issue.net", "/etc/skel/.profile")
+# /etc/skel is made again with .bashrc copied back unchanged: below the opaque dir it is
+# no copy-up to prune, or the image would lose it.
+SKEL = [".bashrc", "only-new"]
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +285,8 @@ def test_deletions_are_whiteouts_in_the_layer(steps_image: str, shared_store: Pa
     layers = layer_entries(shared_store, steps_image)
     assert len(layers) == len(base) + 3
     edit_layer = set(layers[len(base)])
-    assert {"etc/.wh.issue.net", "etc/skel/.wh..wh..opq", "etc/skel/only-new"} <= edit_layer
+    assert {"etc/.wh.issue.net", "etc/skel/.wh..wh..opq", "etc/skel/only-new",
+            "etc/skel/.bashrc"} <= edit_layer
     # Nothing of how the steps ran: no script, no policy-rc.d of the chroot.
     assert "usr/sbin/policy-rc.d" not in edit_layer
     assert [salt_traces(names) for names in layers[len(base):]] == [[], [], []]
@@ -291,8 +297,7 @@ def test_deleted_files_stay_deleted_under_runc(steps_image: str, shared_store: P
         for path in GONE:
             assert exec_in(shared_store, name, "test", "!", "-e", path,
                            check=False).returncode == 0, f"{path} came back"
-        assert exec_in(shared_store, name, "ls", "-A", "/etc/skel").stdout.split() == \
-            ["only-new"]
+        assert exec_in(shared_store, name, "ls", "-A", "/etc/skel").stdout.split() == SKEL
         assert exec_in(shared_store, name, "cat", "/etc/skel/only-new").stdout == "recreated\n"
 
 
@@ -300,7 +305,7 @@ def _deleted_in(engine: Engine, container: str) -> None:
     for path in GONE:
         assert engine.cli("exec", container, "test", "!", "-e", path,
                           check=False).returncode == 0, f"{path} came back"
-    assert engine.cli("exec", container, "ls", "-A", "/etc/skel").stdout.split() == ["only-new"]
+    assert engine.cli("exec", container, "ls", "-A", "/etc/skel").stdout.split() == SKEL
 
 
 def test_deleted_files_stay_deleted_under_docker(dockerd: DockerService, steps_image: str,
