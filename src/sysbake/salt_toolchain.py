@@ -110,8 +110,29 @@ def boot_code(prefix: str, tmpdir: str | None, *, boot_timeout: float | None = N
         lines += [f"os.makedirs({tmpdir!r}, exist_ok=True)", f"tempfile.tempdir = {tmpdir!r}"]
     if boot_timeout is not None:
         lines += _WAIT_FOR_BOOT.format(timeout=boot_timeout, failed=BOOT_FAILED).splitlines()
-    lines += ["from salt.scripts import salt_call", "salt_call()"]
+    lines += _CALL_AND_EXIT.splitlines()
     return "\n".join(lines)
+
+
+# salt-call, then its exit code without the interpreter's tear-down of Salt's modules
+# (~0.25 s of every run here). Its atexit handlers (logging's flush among them) still run.
+_CALL_AND_EXIT = """\
+import atexit
+from salt.scripts import salt_call
+try:
+    salt_call()
+    code = 0
+except SystemExit as exc:
+    code = exc.code
+if code is None:
+    code = 0
+elif not isinstance(code, int):
+    sys.stderr.write(str(code) + chr(10))
+    code = 1
+atexit._run_exitfuncs()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(code)"""
 
 
 _WAIT_FOR_BOOT = """\

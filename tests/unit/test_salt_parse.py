@@ -189,6 +189,31 @@ def test_boot_code_starts_salt_call_from_the_toolchain(tmp_path: Path) -> None:
     assert argv == ["salt-call", "--local", "state.apply"]
 
 
+@pytest.mark.parametrize(("body", "code", "err"), [
+    ("    sys.exit(3)\n", 3, ""),
+    ("    sys.exit('bad pillar')\n", 1, "bad pillar\n"),
+    ("    return None\n", 0, ""),
+])
+def test_boot_code_exits_with_salts_code_after_its_atexit_work(
+        tmp_path: Path, body: str, code: int, err: str) -> None:
+    """The program skips the interpreter's tear-down, not Salt's exit code, its buffered
+    output or its atexit handlers."""
+    lib = tmp_path / "opt/salt/lib/salt"
+    lib.mkdir(parents=True)
+    (lib / "__init__.py").write_text("")
+    flag = tmp_path / "atexit-ran"
+    (lib / "scripts.py").write_text(
+        "import atexit, sys\n"
+        f"atexit.register(lambda: open({str(flag)!r}, 'w').close())\n"
+        "def salt_call():\n"
+        "    sys.stdout.write('{\"local\": {}}')  # buffered, no newline\n" + body)
+    done = subprocess.run([sys.executable, "-I", "-c",
+                           salt_toolchain.boot_code(str(tmp_path), None)],
+                          capture_output=True, text=True, check=False)
+    assert (done.returncode, done.stdout, done.stderr) == (code, '{"local": {}}', err)
+    assert flag.exists()
+
+
 # -- a run: mounts, config, command ---------------------------------------------------------
 
 def _run(tmp_path: Path, **kw: object) -> SaltRun:
