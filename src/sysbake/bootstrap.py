@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import re
 import shlex
@@ -138,7 +139,9 @@ def source_lines(
     return lines
 
 
+@functools.cache
 def host_architecture() -> str:
+    """dpkg's architecture of this host (asked once per process: a build needs it twice)."""
     out = proc.run(["dpkg", "--print-architecture"], what="dpkg").stdout
     return out.decode().strip()
 

@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import re
+import select
 import signal
 import time
 from collections.abc import Sequence
@@ -257,6 +258,26 @@ def _monitor_pid(container: Container) -> int | None:
         return None
 
 
+def _until_monitor_ends(container: Container, seconds: float) -> bool:
+    """Wait until the monitor ends (it writes exit.json last), `seconds` at most, woken by
+    a pidfd rather than by polling (a stop waits for exactly this). False, at once, when
+    there is no monitor to wait for."""
+    pid = _monitor_pid(container)
+    try:
+        pidfd = os.pidfd_open(pid) if pid is not None else None
+    except OSError:
+        pidfd = None
+    if pidfd is None:
+        return False
+    try:
+        # Still the monitor once the pidfd is open: its lock is only released at its end.
+        if monitor_alive(container.dir):
+            select.select([pidfd], [], [], max(seconds, 0.0))
+    finally:
+        os.close(pidfd)
+    return True
+
+
 def _runtime_known(container: Container) -> bool:
     # runc and crun keep <root>/<id>/ while the container exists: no process to ask.
     return (container.state_root / container.runtime_id).exists()
@@ -499,14 +520,13 @@ def _wait_exit(container: Container, timeout: float) -> bool:
                 return True
         if time.monotonic() >= deadline:
             return False
-        time.sleep(0.005)
+        if not _until_monitor_ends(container, min(0.1, deadline - time.monotonic())):
+            time.sleep(0.005)  # no monitor: the runtime is asked again
 
 
 def _teardown(container: Container) -> None:
     # Idempotent: the monitor normally did all of this already.
-    deadline = time.monotonic() + 5
-    while monitor_alive(container.dir) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _until_monitor_ends(container, 5.0)
     pid = _monitor_pid(container)
     if pid is not None:
         os.kill(pid, signal.SIGKILL)
