@@ -30,6 +30,7 @@ from sysbake.layers_tar import (
     TarWriter,
     clamp,
     clean_name,
+    fsencode,
     is_opaque,
     join,
     keep_xattr,
@@ -175,10 +176,10 @@ class _Archiver:
         keyed = []
         for name, st in found:
             if self.diff and self._is_whiteout(os.path.join(base, name), st):
-                key = (0, os.fsencode(WH_PREFIX + name))
+                key = (0, fsencode(WH_PREFIX + name))
             else:
                 # In tar names "a.b" < "a/x": a directory sorts as its name plus "/".
-                key = (1, os.fsencode(name + "/" if stat.S_ISDIR(st.st_mode) else name))
+                key = (1, fsencode(name + "/" if stat.S_ISDIR(st.st_mode) else name))
             keyed.append((key, name, st))
         keyed.sort(key=lambda k: k[0])
         return ((join(rel, name), st) for _, name, st in keyed)
@@ -192,7 +193,8 @@ class _Archiver:
             name.endswith("overlay.whiteout") for name in read_xattrs(path))
 
     def _meta(self, st: os.stat_result, xattrs: dict[str, bytes] | None = None) -> Meta:
-        kept = tuple(sorted((k, v) for k, v in (xattrs or {}).items() if keep_xattr(k)))
+        kept = tuple(sorted((k, v) for k, v in xattrs.items() if keep_xattr(k))) \
+            if xattrs else ()
         return Meta(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
                      clamp(st.st_mtime, self.mtime), kept)
 
@@ -201,7 +203,7 @@ class _Archiver:
 
     def _add(self, rel: str, st: os.stat_result) -> bool:
         """Write one entry; True when it is a directory to descend into."""
-        path = os.path.join(self.root, rel)
+        path = f"{self.root}/{rel}"
         mode = st.st_mode
         if self.diff and self._is_whiteout(path, st):
             head, _, base = rel.rpartition("/")

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import tarfile
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from sysbake.compress import CHUNK, Readable, Writable
+from sysbake.compress import CHUNK, Readable, Writable, file_descriptor
 from sysbake.errors import LayerError
 
 WH_PREFIX = ".wh."
@@ -23,6 +24,14 @@ _DROPPED_XATTRS = ("security.selinux", "system.nfs4_acl")
 _XATTR_RECORD = "SCHILY.xattr."
 _TYPES = {tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE,
           tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE}
+
+
+def fsencode(name: str) -> bytes:
+    """os.fsencode for a str, without its type checks (called ~3 times per tar entry)."""
+    return name.encode(_FS_ENCODING, _FS_ERRORS)
+
+
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 
 def keep_xattr(name: str) -> bool:
@@ -64,18 +73,24 @@ class Entry(NamedTuple):
         Xattr values go in raw (as GNU tar and Go write them): no 'hdrcharset', which
         GNU tar warns about.
         """
-        name = os.fsencode(self.name + "/" if self.kind == tarfile.DIRTYPE else self.name)
-        link = os.fsencode(self.linkname)
+        name = fsencode(self.name + "/" if self.kind == tarfile.DIRTYPE else self.name)
+        link = fsencode(self.linkname)
         meta = self.meta
+        uid, gid, size, mtime = meta.uid, meta.gid, self.size, meta.mtime
+        # The common case first (~10k entries a rootfs): everything fits the ustar block.
+        if len(name) <= 100 and len(link) <= 100 and name.isascii() and link.isascii() \
+                and not meta.xattrs and 0 <= uid <= _MAX7 and 0 <= gid <= _MAX7 \
+                and 0 <= size <= _MAX11 and 0 <= mtime <= _MAX11:
+            return _ustar(name, self.kind, meta.mode & 0o7777, uid, gid, size, mtime, link,
+                          *self.dev)
         records: list[tuple[bytes, bytes]] = []
         if len(name) > 100 or not name.isascii():
             records.append((b"path", name))
         if len(link) > 100 or not link.isascii():
             records.append((b"linkpath", link))
         numbers = []
-        for key, value, limit in ((b"uid", meta.uid, 0o7777777), (b"gid", meta.gid, 0o7777777),
-                                  (b"size", self.size, 0o77777777777),
-                                  (b"mtime", meta.mtime, 0o77777777777)):
+        for key, value, limit in ((b"uid", uid, _MAX7), (b"gid", gid, _MAX7),
+                                  (b"size", size, _MAX11), (b"mtime", mtime, _MAX11)):
             if not 0 <= value <= limit:
                 records.append((key, b"%d" % value))
                 value = 0
@@ -91,17 +106,21 @@ class Entry(NamedTuple):
         return pax + payload + bytes(-len(payload) % 512) + block
 
 
+_MAX7, _MAX11 = 0o7777777, 0o77777777777  # the largest numbers 8- and 12-byte fields hold
 # name mode uid gid size mtime chksum type linkname magic+version uname+gname dev prefix
 _USTAR = struct.Struct("100s8s8s8s12s12s8sc100s8s64s8s8s167s")
 
 
 def _ustar(name: bytes, kind: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
            link: bytes, major: int, minor: int) -> bytes:
-    block = bytearray(_USTAR.pack(
-        name, b"%07o" % mode, b"%07o" % uid, b"%07o" % gid, b"%011o" % size, b"%011o" % mtime,
-        b" " * 8, kind, link, b"ustar\x0000", b"", b"%07o" % major, b"%07o" % minor, b""))
-    block[148:156] = b"%06o\0 " % sum(block)
-    return bytes(block)
+    fields = (name[:100], b"%07o" % mode, b"%07o" % uid, b"%07o" % gid, b"%011o" % size,
+              b"%011o" % mtime, kind, link[:100], b"ustar\x0000", b"%07o" % major,
+              b"%07o" % minor)
+    # The checksum counts its own field as 8 spaces (256); the zero padding adds nothing,
+    # so the fields' bytes are summed rather than the 512-byte block.
+    checksum = 256 + sum(map(sum, fields))
+    return _USTAR.pack(*fields[:6], b"%06o\0 " % checksum, *fields[6:9], b"", *fields[9:],
+                       b"")
 
 
 def _pax_record(key: bytes, value: bytes) -> bytes:
@@ -131,6 +150,9 @@ def write_all(out: Writable, data: bytes) -> None:
             view = view[out.write(view.tobytes()):]
 
 
+_SPLICE_MIN = 64 << 10  # files from this size on are sent by the kernel (see TarWriter)
+
+
 class TarWriter:
     """Writes entries to `out` in CHUNK-sized writes: 10k small files must not cost 30k
     calls through every stream layered below (hashing, compression pipe...)."""
@@ -139,11 +161,15 @@ class TarWriter:
         self._out = out
         self._pieces: list[bytes] = []
         self._pending = 0
+        self._out_fd: int | None = -1  # -1: not asked yet; None: `out` has no descriptor
 
     def entry(self, info: Entry, data: Readable | int | None = None) -> None:
         """A header, then `info.size` bytes from a stream or a file descriptor."""
         self._write(info.header())
         left = info.size
+        if isinstance(data, int) and left >= _SPLICE_MIN and self._descriptor() is not None:
+            self._send(info, data)
+            return
         while left > 0:
             want = min(CHUNK, left)
             if isinstance(data, int):
@@ -154,6 +180,30 @@ class TarWriter:
                 raise LayerError(f"{info.name}: {left} bytes short (did it change while read?)")
             self._write(chunk)
             left -= len(chunk)
+        if info.size % 512:
+            self._write(bytes(512 - info.size % 512))
+
+    def _descriptor(self) -> int | None:
+        if self._out_fd == -1:
+            self._out_fd = file_descriptor(self._out)
+        return self._out_fd
+
+    def _send(self, info: Entry, fd: int) -> None:
+        # A big file goes from the page cache to `out` in the kernel (sendfile): no copy
+        # through Python. What is buffered goes first, in order.
+        self._flush()
+        out = self._out
+        flush = getattr(out, "flush", None)
+        if flush is not None:
+            flush()
+        out_fd, sent = self._out_fd, 0
+        assert out_fd is not None
+        while sent < info.size:
+            count = os.sendfile(out_fd, fd, sent, info.size - sent)
+            if not count:
+                raise LayerError(f"{info.name}: {info.size - sent} bytes short (did it change "
+                                 "while read?)")
+            sent += count
         if info.size % 512:
             self._write(bytes(512 - info.size % 512))
 

@@ -177,6 +177,21 @@ def test_same_tree_same_bytes(tree: Path, tmp_path: Path) -> None:
     assert out.size == len(first)
 
 
+def test_big_files_sent_by_the_kernel_give_the_same_bytes(tree: Path, tmp_path: Path) -> None:
+    # Into a real file, files from 64 KiB on go through sendfile(2) between buffered
+    # headers: the stream must be byte for byte the one written through Python.
+    (tree / "big").write_bytes(os.urandom(200_003))
+    (tree / "small-after").write_text("after\n")
+    stamp(tree, EPOCH)
+    expected = tar_of(tree)
+    with open(tmp_path / "out.tar", "wb") as f:
+        layers.write_tree_tar(tree, f, mtime=None)
+    assert (tmp_path / "out.tar").read_bytes() == expected
+    with tarfile.open(tmp_path / "out.tar") as written:
+        member = written.extractfile("big")
+        assert member is not None and member.read() == (tree / "big").read_bytes()
+
+
 def test_mtimes_are_clamped(tree: Path) -> None:
     reference = tar_of(tree, mtime=EPOCH)
     stamp(tree, EPOCH + 5000)
