@@ -363,7 +363,7 @@ def _booted(plan: StepPlan, store: Store, lowerdirs: list[Path], config: dict[st
                     store.containers_dir, lowerdirs, config, image=where,
                     options=runtime.RunOptions(name=name, binds=tuple(binds),
                                                network="host" if network else "none"),
-                    require_init=True)
+                    require_init=True, ready=runtime.SYSTEMD_STARTED)
                 if not plan.waits_for_boot:
                     _check_boot(inside.wait_for_boot(container, BOOT_TIMEOUT), where)
             yield container

@@ -366,7 +366,14 @@ def _launch(container: Container, runtime: str) -> int:
         raise RuntimeFailure(f"starting container {container.name} failed: {exc}") from None
 
 
-def _check_alive(container: Container, grace: float) -> None:
+# What `create` waits for in the rootfs of a systemd PID 1 (`grace` s at most): by default
+# systemd's private socket, so that `run -d` then `exec systemctl ...` works at once; build
+# steps only need systemd started (their commands wait for the boot themselves).
+SYSTEMD_READY = "run/systemd/private"
+SYSTEMD_STARTED = "run/systemd/system"
+
+
+def _check_alive(container: Container, grace: float, ready: str) -> None:
     # A PID 1 that dies at once is an error of `run`, not a container to list later.
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
@@ -375,14 +382,15 @@ def _check_alive(container: Container, grace: float) -> None:
             raise RuntimeFailure(f"container {container.name} exited immediately with code "
                                  f"{record.get('code')}: {console_tail(container)}")
         if bundle.is_init(container.args) and container.pid and \
-                Path(f"/proc/{container.pid}/root/run/systemd/system").exists():
+                Path(f"/proc/{container.pid}/root/{ready}").exists():
             return
         time.sleep(0.005)
 
 
 def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[str, Any], *,
            image: str, image_id: str = "", options: RunOptions | None = None,
-           require_init: bool = False, grace: float = 1.0) -> Container:
+           require_init: bool = False, grace: float = 1.0,
+           ready: str = SYSTEMD_READY) -> Container:
     """Start a container of the image whose layer trees are `lowerdirs` (bottom to top,
     never written); return it running, detached. On failure nothing is left behind."""
     options = options or RunOptions()
@@ -437,7 +445,7 @@ def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[s
         _save(container)
         container = container._replace(pid=_launch(container, runtime))
         _save(container)
-        _check_alive(container, grace)
+        _check_alive(container, grace, ready)
         return container
     except BaseException:
         _teardown_dir(cdir, container)
