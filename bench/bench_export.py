@@ -65,6 +65,8 @@ def main() -> None:
                     anchors.append(timed(run_anchor))
                 else:
                     ours.append(timed(run_ours))
+        print(f"  {name} seconds: sysbake " + ", ".join(f"{v:.2f}" for v in ours)
+              + f"; {anchor_name} " + ", ".join(f"{v:.2f}" for v in anchors), flush=True)
         report(f"export {name}", min(ours), min(anchors), anchor_name, 1.2)
     for f in out.iterdir():
         f.unlink()
