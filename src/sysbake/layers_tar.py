@@ -5,6 +5,7 @@ Helpers of sysbake.layers; see there for the format's rules.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import sys
@@ -114,8 +115,8 @@ _USTAR = struct.Struct("100s8s8s8s12s12s8sc100s8s64s8s8s167s")
 def _ustar(name: bytes, kind: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
            link: bytes, major: int, minor: int) -> bytes:
     fields = (name[:100], b"%07o" % mode, b"%07o" % uid, b"%07o" % gid, b"%011o" % size,
-              b"%011o" % mtime, kind, link[:100], b"ustar\x0000", b"%07o" % major,
-              b"%07o" % minor)
+              b"%011o" % mtime, kind, link[:100], b"ustar\x0000", (b"%07o" % major)[:8],
+              (b"%07o" % minor)[:8])
     # The checksum counts its own field as 8 spaces (256); the zero padding adds nothing,
     # so the fields' bytes are summed rather than the 512-byte block.
     checksum = 256 + sum(map(sum, fields))
@@ -168,8 +169,8 @@ class TarWriter:
         self._write(info.header())
         left = info.size
         if isinstance(data, int) and left >= _SPLICE_MIN and self._descriptor() is not None:
-            self._send(info, data)
-            return
+            left -= self._send(info, data)
+            os.lseek(data, info.size - left, os.SEEK_SET)  # the rest, if any, is read
         while left > 0:
             want = min(CHUNK, left)
             if isinstance(data, int):
@@ -188,24 +189,29 @@ class TarWriter:
             self._out_fd = file_descriptor(self._out)
         return self._out_fd
 
-    def _send(self, info: Entry, fd: int) -> None:
-        # A big file goes from the page cache to `out` in the kernel (sendfile): no copy
-        # through Python. What is buffered goes first, in order.
+    def _send(self, info: Entry, fd: int) -> int:
+        """Send the file from the page cache to `out` in the kernel (sendfile: no copy
+        through Python), after what is buffered; the bytes sent. An output sendfile cannot
+        write (O_APPEND, some file systems) is not asked again: the caller reads the rest."""
         self._flush()
-        out = self._out
-        flush = getattr(out, "flush", None)
+        flush = getattr(self._out, "flush", None)
         if flush is not None:
             flush()
         out_fd, sent = self._out_fd, 0
         assert out_fd is not None
         while sent < info.size:
-            count = os.sendfile(out_fd, fd, sent, info.size - sent)
+            try:
+                count = os.sendfile(out_fd, fd, sent, info.size - sent)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                self._out_fd = None
+                return sent
             if not count:
                 raise LayerError(f"{info.name}: {info.size - sent} bytes short (did it change "
                                  "while read?)")
             sent += count
-        if info.size % 512:
-            self._write(bytes(512 - info.size % 512))
+        return sent
 
     def close(self) -> None:
         """The end-of-archive marker; flushes everything to `out`."""

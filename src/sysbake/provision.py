@@ -253,27 +253,35 @@ def prune_copy_ups(upper: Path, lowerdirs: list[Path]) -> None:
     directories left empty whose mode and owner match the lower ones. The layer then holds
     only real changes."""
     tops = list(reversed(lowerdirs))
-    opaque: dict[Path, bool] = {}
-
-    def hidden(rel: Path) -> bool:
-        # Below an opaque dir of the upper (a dir removed and made again), nothing of the
-        # lower shows through: a file there equal to the lower one is no copy-up.
-        for parent in rel.parents:
-            if parent not in opaque:
-                opaque[parent] = is_opaque(read_xattrs(os.fspath(upper / parent)))
-            if opaque[parent]:
-                return True
-        return False
+    # The upper's opaque dirs (a dir removed and made again), read before the walk below
+    # drops the marks that hide nothing: through them no lower file shows.
+    opaque = {Path(d).relative_to(upper) for d, _, _ in os.walk(upper)
+              if is_opaque(read_xattrs(d))}
 
     def below(rel: Path) -> Path | None:
-        if hidden(rel):
+        """What `rel` shadows in the lower layers, as overlayfs resolves it: None when
+        there is nothing, or a whiteout, a non-directory or an opaque dir hides it."""
+        if opaque.intersection(rel.parents):
             return None
+        ancestors = list(reversed(rel.parents))[1:]  # "a", "a/b" for "a/b/c"
         for lower in tops:
-            path = lower / rel
-            if os.path.lexists(path):
+            last = False  # an opaque ancestor here: the layers below are hidden
+            for ancestor in ancestors:
+                path = lower / ancestor
+                if not os.path.lexists(path):
+                    break  # not in this layer: look in the next one
                 st = path.lstat()
-                whiteout = stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-                return None if whiteout else path
+                if not stat.S_ISDIR(st.st_mode):
+                    return None  # a whiteout, file or symlink hides the layers below
+                last = last or is_opaque(read_xattrs(os.fspath(path)))
+            else:
+                path = lower / rel
+                if os.path.lexists(path):
+                    st = path.lstat()
+                    whiteout = stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+                    return None if whiteout else path
+            if last:
+                return None
         return None
 
     for dirpath, _dirs, files in os.walk(upper, topdown=False):

@@ -272,7 +272,9 @@ def _until_monitor_ends(container: Container, seconds: float) -> bool:
     try:
         # Still the monitor once the pidfd is open: its lock is only released at its end.
         if monitor_alive(container.dir):
-            select.select([pidfd], [], [], max(seconds, 0.0))
+            waiter = select.poll()
+            waiter.register(pidfd, select.POLLIN)
+            waiter.poll(max(seconds, 0.0) * 1000)
     finally:
         os.close(pidfd)
     return True
@@ -376,15 +378,23 @@ SYSTEMD_STARTED = "run/systemd/system"
 def _check_alive(container: Container, grace: float, ready: str) -> None:
     # A PID 1 that dies at once is an error of `run`, not a container to list later.
     deadline = time.monotonic() + grace
+    systemd = False
     while time.monotonic() < deadline:
         record = _exit_record(container)
         if record is not None:
             raise RuntimeFailure(f"container {container.name} exited immediately with code "
                                  f"{record.get('code')}: {console_tail(container)}")
-        if bundle.is_init(container.args) and container.pid and \
-                Path(f"/proc/{container.pid}/root/{ready}").exists():
-            return
+        if bundle.is_init(container.args) and container.pid:
+            root = f"/proc/{container.pid}/root/"
+            if os.path.exists(root + ready):
+                return
+            if not systemd and os.path.exists(root + SYSTEMD_STARTED):
+                # systemd itself: its socket will come, later on a loaded host.
+                systemd, deadline = True, time.monotonic() + _SOCKET_WAIT
         time.sleep(0.005)
+
+
+_SOCKET_WAIT = 30.0  # seconds a started systemd may take to open its private socket
 
 
 def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[str, Any], *,

@@ -31,6 +31,8 @@ def test_the_command_table_says_exactly_what_each_module_registers() -> None:
     (["run", "-d", "base"], "run"),
     (["--store", "/tmp/s", "--json", "stop", "x"], "stop"),
     (["--store", "stop", "ps"], "ps"),  # "stop" is the store path here
+    (["--sto", "test", "run", "img"], "run"),  # argparse's abbreviation of --store
+    (["-h", "stop"], None),  # top-level help: every command
     (["--debug"], None),
     ([], None),
 ])

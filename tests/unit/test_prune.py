@@ -50,3 +50,23 @@ def test_an_opaque_mark_with_nothing_below_is_dropped(tmp_path: Path) -> None:
     prune_copy_ups(upper, [lower])
     assert _files(upper) == {"opt/new/file"}
     assert "user.overlay.opaque" not in os.listxattr(upper / "opt" / "new")
+
+
+def test_a_file_hidden_by_a_lower_layer_is_no_copy_up(tmp_path: Path) -> None:
+    # The base has /etc/foo/x; a later layer replaced /etc/foo by a file (a whiteout hides
+    # the same way); a step made /etc/foo/x again with the base's content. Overlayfs
+    # never showed the base's copy: the step's file is a change and must stay.
+    base = _tree(tmp_path / "base", {"etc/foo/x": "same\n", "etc/keep": "k\n"})
+    middle = _tree(tmp_path / "middle", {"etc/foo": "now a file\n"})
+    upper = _tree(tmp_path / "upper", {"etc/foo/x": "same\n", "etc/keep": "k\n"})
+    prune_copy_ups(upper, [base, middle])
+    assert _files(upper) == {"etc/foo/x"}
+
+
+def test_an_opaque_lower_directory_hides_the_layers_below(tmp_path: Path) -> None:
+    base = _tree(tmp_path / "base", {"etc/foo/x": "same\n"})
+    middle = _tree(tmp_path / "middle", {"etc/foo/other": "o\n", "etc/bar/y": "y\n"})
+    os.setxattr(middle / "etc" / "foo", "user.overlay.opaque", b"y")
+    upper = _tree(tmp_path / "upper", {"etc/foo/x": "same\n", "etc/bar/y": "y\n"})
+    prune_copy_ups(upper, [base, middle])
+    assert _files(upper) == {"etc/foo/x"}

@@ -41,10 +41,13 @@ def modules_for(argv: Sequence[str]) -> list[ModuleType]:
 
 
 def first_command(argv: Sequence[str]) -> str | None:
-    """The sub-command word of `argv` (global options may come before it)."""
+    """The sub-command word of `argv` (global options may come before it); None when there
+    is none, or when top-level help comes first (it lists every command)."""
     args = iter(argv)
     for arg in args:
-        if arg == "--store":
+        if arg in ("-h", "--help"):
+            return None
+        if len(arg) >= 3 and "--store".startswith(arg):  # argparse takes "--sto" too
             next(args, None)
         elif not arg.startswith("-"):
             return arg
