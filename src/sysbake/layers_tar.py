@@ -162,15 +162,16 @@ class TarWriter:
         self._out = out
         self._pieces: list[bytes] = []
         self._pending = 0
-        self._out_fd: int | None = -1  # -1: not asked yet; None: `out` has no descriptor
+        self._sendfile = True  # until `out` turns out to have no descriptor or refuse it
 
     def entry(self, info: Entry, data: Readable | int | None = None) -> None:
         """A header, then `info.size` bytes from a stream or a file descriptor."""
         self._write(info.header())
         left = info.size
-        if isinstance(data, int) and left >= _SPLICE_MIN and self._descriptor() is not None:
+        if isinstance(data, int) and left >= _SPLICE_MIN and self._sendfile:
             left -= self._send(info, data)
-            os.lseek(data, info.size - left, os.SEEK_SET)  # the rest, if any, is read
+            if left:
+                os.lseek(data, info.size - left, os.SEEK_SET)  # the rest is read below
         while left > 0:
             want = min(CHUNK, left)
             if isinstance(data, int):
@@ -184,33 +185,26 @@ class TarWriter:
         if info.size % 512:
             self._write(bytes(512 - info.size % 512))
 
-    def _descriptor(self) -> int | None:
-        if self._out_fd == -1:
-            self._out_fd = file_descriptor(self._out)
-        return self._out_fd
-
     def _send(self, info: Entry, fd: int) -> int:
         """Send the file from the page cache to `out` in the kernel (sendfile: no copy
-        through Python), after what is buffered; the bytes sent. An output sendfile cannot
-        write (O_APPEND, some file systems) is not asked again: the caller reads the rest."""
+        through Python), after what is buffered; the bytes sent. An output without a
+        descriptor, or one sendfile cannot write (O_APPEND, some file systems), is not
+        tried again: the caller reads the rest."""
         self._flush()
-        flush = getattr(self._out, "flush", None)
-        if flush is not None:
-            flush()
-        out_fd, sent = self._out_fd, 0
-        assert out_fd is not None
-        while sent < info.size:
+        out_fd = file_descriptor(self._out)  # flushes what `out` itself buffers
+        sent = 0
+        while out_fd is not None and sent < info.size:
             try:
                 count = os.sendfile(out_fd, fd, sent, info.size - sent)
             except OSError as exc:
                 if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                     raise
-                self._out_fd = None
-                return sent
+                break
             if not count:
                 raise LayerError(f"{info.name}: {info.size - sent} bytes short (did it change "
                                  "while read?)")
             sent += count
+        self._sendfile = sent == info.size
         return sent
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sysbake import bundle, log, overlay, proc
+from sysbake import bundle, log, oci, overlay, proc
 from sysbake.bundle import BindMount, BundleSpec
 from sysbake.errors import RuntimeFailure
 from sysbake.fsutil import atomic_write, remove_tree
@@ -349,9 +349,7 @@ def _cgroups_path(runtime_id: str) -> str:
 
 
 def _short_hash(text: str, length: int) -> str:
-    import hashlib  # loads OpenSSL: here, so that stop, exec and ps do not pay for it
-
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
+    return oci.hex_of(oci.sha256_digest(text.encode()))[:length]
 
 
 def _launch(container: Container, runtime: str) -> int:
