@@ -9,6 +9,7 @@ while creating a container leaves no mount, runtime state or process behind.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import re
@@ -112,6 +113,7 @@ def cgroup_mode(mounts_text: str) -> str:
     raise RuntimeFailure("no cgroup file system is mounted under /sys/fs/cgroup")
 
 
+@functools.cache
 def host_cgroup_mode() -> str:
     return cgroup_mode(Path("/proc/self/mounts").read_text())
 
@@ -348,6 +350,29 @@ def _cgroups_path(runtime_id: str) -> str:
     return f"/sysbake/{runtime_id}" if host_cgroup_mode() == "v2" else f"sysbake/{runtime_id}"
 
 
+def systemd_cgroup(mounts_text: str, own_cgroups: str, cgroups_path: str) -> str:
+    """The host path of the container's name=systemd cgroup on a v1/hybrid host ("" when
+    that hierarchy is not mounted): `cgroups_path` is relative to the cgroup of this
+    process (`own_cgroups`: the text of /proc/self/cgroup), whose child starts the runtime.
+    `mounts_text` is the text of /proc/self/mounts."""
+    mountpoint = next((fields[1] for fields in map(str.split, mounts_text.splitlines())
+                       if len(fields) > 3 and fields[2] == "cgroup"
+                       and "name=systemd" in fields[3].split(",")), None)
+    own = next((line.split(":", 2)[2] for line in own_cgroups.splitlines()
+                if line.split(":", 2)[1:2] == ["name=systemd"]), None)
+    if mountpoint is None or own is None:
+        return ""
+    parts = (part.strip("/") for part in (mountpoint, own, cgroups_path))
+    return "/" + "/".join(part for part in parts if part)
+
+
+def _systemd_cgroup(cgroups_path: str) -> str:
+    if host_cgroup_mode() == "v2":
+        return ""
+    return systemd_cgroup(Path("/proc/self/mounts").read_text(),
+                          Path("/proc/self/cgroup").read_text(), cgroups_path)
+
+
 def _short_hash(text: str, length: int) -> str:
     return oci.hex_of(oci.sha256_digest(text.encode()))[:length]
 
@@ -437,10 +462,11 @@ def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[s
                                  "exist in the image")
         hostname = bundle.hostname_for(name)
         runtime_id = f"{name}.{salt}"
+        cgroups_path = _cgroups_path(runtime_id)
         spec = BundleSpec(
             hostname=hostname, process=process, network=options.network,
             binds=_etc_binds(cdir, rootfs, hostname, options.network) + options.binds,
-            cgroups_path=_cgroups_path(runtime_id),
+            cgroups_path=cgroups_path, systemd_cgroup=_systemd_cgroup(cgroups_path),
             volatile_journal=_is_dir(find_in_root(rootfs, "/var/log/journal")),
             annotations=(("org.sysbake.image", image), ("org.sysbake.name", name)))
         atomic_write(cdir / "bundle" / "config.json",

@@ -147,6 +147,14 @@ def test_boot_exec_stop_leaves_nothing(images: RuntimeImages) -> None:
     # --network none: a namespace of its own with only a loopback, up.
     assert cli(images, "exec", name, "ls", "/sys/class/net").stdout.split() == ["lo"]
     assert cli(images, "exec", name, "cat", "/sys/class/net/lo/flags").stdout.strip() == "0x9"
+    if runtime.host_cgroup_mode() != "v2":
+        # v1/hybrid: systemd's own hierarchy is writable for it, the controllers are not.
+        mountinfo = cli(images, "exec", name, "cat", "/proc/1/mountinfo").stdout
+        options = {f[4]: f[5].split(",") for f in map(str.split, mountinfo.splitlines())}
+        assert "rw" in options["/sys/fs/cgroup/systemd"]
+        assert "ro" in options["/sys/fs/cgroup/memory"]
+        units = cli(images, "exec", name, "ls", "/sys/fs/cgroup/systemd/system.slice").stdout
+        assert "systemd-journald.service" in units.split()
     # Unprivileged: no CAP_SYS_ADMIN (bit 21) in PID 1's effective set.
     status = cli(images, "exec", name, "cat", "/proc/1/status").stdout
     cap_eff = int(next(line for line in status.splitlines()

@@ -39,8 +39,9 @@ def test_config_follows_the_systemd_container_interface() -> None:
     assert "LANG=C.UTF-8" in env and any(e.startswith("PATH=") for e in env)
     for dest in ("/run", "/run/lock", "/tmp"):
         assert _mount(config, dest)["type"] == "tmpfs"
-    cgroup = _mount(config, "/sys/fs/cgroup")
+    cgroup = _mount(config, "/sys/fs/cgroup")  # a v2 host: the container's subtree
     assert cgroup["type"] == "cgroup" and "rw" in cgroup["options"]
+    assert "/sys/fs/cgroup/systemd" not in [m["destination"] for m in config["mounts"]]
     kinds = [ns["type"] for ns in config["linux"]["namespaces"]]
     assert sorted(kinds) == ["cgroup", "ipc", "mount", "network", "pid", "uts"]
     assert config["hostname"] == "web"
@@ -156,6 +157,23 @@ def test_cgroup_mode() -> None:
     assert runtime.cgroup_mode(v1) == "v1"
     with pytest.raises(RuntimeFailure, match="no cgroup file system"):
         runtime.cgroup_mode("proc /proc proc rw 0 0\n")
+
+
+def test_v1_controllers_are_read_only_and_name_systemd_writable() -> None:
+    own = "9:name=systemd:/user.slice/session-1.scope\n8:pids:/user.slice\n0::/\n"
+    path = runtime.systemd_cgroup(HYBRID, own, "sysbake/web.1234")
+    assert path == "/sys/fs/cgroup/systemd/user.slice/session-1.scope/sysbake/web.1234"
+    assert runtime.systemd_cgroup(HYBRID, "9:name=systemd:/\n", "sysbake/w.1") == \
+        "/sys/fs/cgroup/systemd/sysbake/w.1"
+    no_systemd = "\n".join(line for line in HYBRID.splitlines() if "name=systemd" not in line)
+    assert runtime.systemd_cgroup(no_systemd, own, "sysbake/w.1") == ""
+    config = _config(cgroups_path="sysbake/web.1234", systemd_cgroup=path)
+    mounts = [m["destination"] for m in config["mounts"]]
+    assert "ro" in _mount(config, "/sys/fs/cgroup")["options"]
+    writable = _mount(config, "/sys/fs/cgroup/systemd")
+    assert writable["type"] == "bind" and writable["source"] == path
+    assert "ro" not in writable["options"]
+    assert mounts.index("/sys/fs/cgroup/systemd") == mounts.index("/sys/fs/cgroup") + 1
 
 
 def test_lowerdir_option_puts_the_top_layer_first(tmp_path: Path) -> None:
