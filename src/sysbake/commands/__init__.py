@@ -9,10 +9,10 @@ A command's handler is set with `parser.set_defaults(handler=fn)` where
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 from collections.abc import Sequence
 from types import ModuleType
+from typing import Any
 
 # module -> the commands it registers, in help order (a unit test checks both agree)
 COMMANDS: dict[str, tuple[str, ...]] = {
@@ -54,17 +54,19 @@ def first_command(argv: Sequence[str]) -> str | None:
     return None
 
 
-def lazy_module(name: str) -> ModuleType:
+class _Lazy:
+    """A module's stand-in that imports it on first attribute access (and looks each
+    attribute up in the real module, so that a patched attribute is seen)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        module = sys.modules.get(self._name) or importlib.import_module(self._name)
+        return getattr(module, attr)
+
+
+def lazy_module(name: str) -> Any:
     """`name`, imported on first attribute access: command modules register their parsers
     without paying for the imports of every other command (start-up is on the no-op path)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.loader is None:
-        raise ModuleNotFoundError(name)
-    loader = importlib.util.LazyLoader(spec.loader)
-    spec.loader = loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    loader.exec_module(module)
-    return module
+    return _Lazy(name)
