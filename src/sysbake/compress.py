@@ -244,7 +244,7 @@ class _Filter:
             stdout=subprocess.PIPE if stdout is None else stdout,
             stderr=self._err,
             bufsize=CHUNK,
-            preexec_fn=proc.die_with_parent_hook,
+            preexec_fn=proc.die_with_parent_hook(),
         )
         for pipe in (self._proc.stdin, self._proc.stdout):
             # Bigger pipes mean fewer context switches; the default (64 KiB) is only slower.

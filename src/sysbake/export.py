@@ -509,10 +509,10 @@ def _piped_rootfs(store: Store, layer: Layer, out: BinaryIO, kind: str) -> bool:
     decode = [tools[layer.compression], "-d", "-c", str(path)]
     encode = [tools[kind], f"-{level}", "-c", *(["-n"] if kind == "gzip" else ["-T0", "-q"])]
     with subprocess.Popen(decode, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          preexec_fn=proc.die_with_parent_hook) as dec:
+                          preexec_fn=proc.die_with_parent_hook()) as dec:
         with subprocess.Popen(encode, stdin=dec.stdout, stdout=out_fd,
                               stderr=subprocess.PIPE,
-                              preexec_fn=proc.die_with_parent_hook) as enc:
+                              preexec_fn=proc.die_with_parent_hook()) as enc:
             assert dec.stdout is not None
             dec.stdout.close()
             _, enc_err = enc.communicate()

@@ -1,7 +1,10 @@
 """The detached keeper of one container (what conmon is to podman), forked from the
 sysbake process that starts the container (no second interpreter to start).
 
-It outlives that process: it starts the runtime detached with a console socket, copies
+It is forked before the container's rootfs is mounted and gets ready meanwhile (its
+imports, session, lock, console socket: off the launching process's path); once the
+bundle is written it is told to go. It outlives the launching process: it starts the
+runtime detached with a console socket, copies
 the container's console (systemd's boot output) to console.log, reaps PID 1 as a child
 subreaper to learn its exit code, then deletes the runtime state, unmounts the rootfs
 and writes exit.json. The launching process waits only until the container runs (or
@@ -16,18 +19,15 @@ exit.json.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
 import os
-import re
 import select
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from sysbake import overlay, proc
 from sysbake.errors import RuntimeFailure
@@ -49,34 +49,74 @@ class MonitorSpec(NamedTuple):
     socket: Path
 
 
-def spawn(spec: MonitorSpec) -> int:
-    """Start the monitor detached (double fork, own session); PID 1's host pid once the
-    container runs, or RuntimeFailure with the runtime's error."""
-    rfd, wfd = os.pipe()
+class Launch:
+    """A monitor forked ahead of its container's start (`prepare`): it gets ready (its
+    imports, session, lock, console socket) while the caller mounts the rootfs and writes
+    the bundle. Then `start` has it run the container, or `cancel` lets it go."""
+
+    def __init__(self, go: int, verdict: int) -> None:
+        self._go = go
+        self._verdict = verdict
+        self._started = False
+
+    def start(self) -> int:
+        """PID 1's host pid once the container runs, or RuntimeFailure with the runtime's
+        error."""
+        self._started = True
+        with contextlib.suppress(BrokenPipeError):  # it died: its verdict says why
+            os.write(self._go, b"go")
+        os.close(self._go)
+        verdict = self._read_verdict()
+        if verdict.startswith("ok "):
+            return int(verdict[3:].strip())
+        raise RuntimeFailure(verdict.strip() or "the container monitor died before the "
+                             "container started")
+
+    def cancel(self) -> None:
+        """Before `start`: the monitor ends without starting anything; returns once it has.
+        After it: only lets go of the pipe (the container is the caller's to stop)."""
+        if not self._started:
+            self._started = True
+            os.close(self._go)
+            self._read_verdict()
+        elif self._verdict >= 0:
+            fd, self._verdict = self._verdict, -1
+            os.close(fd)
+
+    def _read_verdict(self) -> str:
+        fd, self._verdict = self._verdict, -1
+        with os.fdopen(fd, "rb") as r:
+            return r.read().decode(errors="replace")
+
+
+def prepare(spec: MonitorSpec) -> Launch:
+    """Fork the monitor of `spec`'s container, detached (double fork, own session), to be
+    started with `Launch.start` once the bundle is written."""
+    go_r, go_w = os.pipe()
+    verdict_r, verdict_w = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the forked child
         try:
-            os.close(rfd)
+            os.close(go_w)
+            os.close(verdict_r)
             os.setsid()
             if os.fork() == 0:
-                _run_detached(spec, wfd)
+                _run_detached(spec, go_r, verdict_w)
         finally:
             os._exit(0)
-    os.close(wfd)
-    with os.fdopen(rfd, "rb") as r:
-        verdict = r.read().decode(errors="replace")
+    os.close(go_r)
+    os.close(verdict_w)
     os.waitpid(child, 0)
-    if verdict.startswith("ok "):
-        return int(verdict[3:].strip())
-    raise RuntimeFailure(verdict.strip() or "the container monitor died before the "
-                         "container started")
+    return Launch(go_w, verdict_r)
 
 
-def _run_detached(spec: MonitorSpec, wfd: int) -> None:  # pragma: no cover - forked child
+def _run_detached(spec: MonitorSpec, go: int, wfd: int) -> None:  # pragma: no cover - child
     # Nothing of the launching process may stay open here: its flocks (a build's owner
     # lock) would live as long as the container, its pipes would never reach EOF.
-    os.closerange(3, wfd)
-    os.closerange(wfd + 1, max(os.sysconf("SC_OPEN_MAX"), wfd + 1))
+    low, high = sorted((go, wfd))
+    os.closerange(3, low)
+    os.closerange(low + 1, high)
+    os.closerange(high + 1, max(os.sysconf("SC_OPEN_MAX"), high + 1))
     for sig in (signal.SIGTERM, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
@@ -84,7 +124,7 @@ def _run_detached(spec: MonitorSpec, wfd: int) -> None:  # pragma: no cover - fo
     os.chdir("/")  # a long-lived process must not keep the caller's cwd busy
     _detach_stdio(spec.dir / "monitor.log")
     try:
-        _monitor(spec, wfd)
+        _monitor(spec, go, wfd)
     except BaseException as exc:
         _report(wfd, f"container monitor failed: {exc}")
         import traceback  # only on failure: start-up cost
@@ -109,7 +149,9 @@ def _report(wfd: int, message: str) -> None:
         os.close(wfd)
 
 
-def _monitor(spec: MonitorSpec, wfd: int) -> None:
+def _monitor(spec: MonitorSpec, go: int, wfd: int) -> None:
+    import ctypes  # here, in the forked monitor: not start-up cost of the launching process
+
     cdir = spec.dir
     lock = os.open(cdir / MONITOR_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel when this process ends
@@ -118,7 +160,13 @@ def _monitor(spec: MonitorSpec, wfd: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     atomic_write(cdir / "monitor.pid", f"{os.getpid()}\n".encode(), durable=False)
-    master = _start(spec)
+    listener = _listen(spec.socket)
+    if os.read(go, 2) != b"go":  # cancelled, or the launching process died
+        _close_listener(listener, spec.socket)
+        (cdir / "monitor.pid").unlink(missing_ok=True)
+        return
+    os.close(go)
+    master = _start(spec, listener)
     if master is None:
         _report(wfd, (cdir / "start-error").read_text())
         _finish(spec, None)
@@ -137,17 +185,36 @@ def _monitor(spec: MonitorSpec, wfd: int) -> None:
     _finish(spec, status)
 
 
-def _start(spec: MonitorSpec) -> int | None:
-    """Run the container detached; the pty master of its console, or None (the reason is
-    in start-error)."""
-    cdir = spec.dir
-    spec.socket.parent.mkdir(parents=True, exist_ok=True)
+def _listen(path: Path) -> Any:
+    """The console socket the runtime will send the pty's master to."""
+    import socket  # here, in the forked monitor: not start-up cost of the launching process
+
+    path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
-        spec.socket.unlink()
+        path.unlink()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        listener.bind(str(spec.socket))
+        listener.bind(str(path))
         listener.listen(1)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
+def _close_listener(listener: Any, path: Path) -> None:
+    listener.close()
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _start(spec: MonitorSpec, listener: Any) -> int | None:
+    """Run the container detached; the pty master of its console, or None (the reason is
+    in start-error)."""
+    import socket
+
+    cdir = spec.dir
+    try:
         name = Path(spec.runtime).name
         started = proc.run(
             [spec.runtime, "--root", spec.root, "run", "--detach", "--bundle",
@@ -166,14 +233,14 @@ def _start(spec: MonitorSpec) -> int | None:
         if not fds:
             (cdir / "start-error").write_text(f"{name} sent no console")
             return None
-        return fds[0]
+        return int(fds[0])
     finally:
-        listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            spec.socket.unlink()
+        _close_listener(listener, spec.socket)
 
 
 def _message(result: subprocess.CompletedProcess[bytes]) -> str:
+    import re  # only on failure
+
     # runc logs as `time="..." level=error msg="..."`: keep the message.
     tail = proc.tail_of(result)
     found = re.findall(r'msg="((?:[^"\\]|\\.)*)"', tail)

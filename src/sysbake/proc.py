@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import os
 import signal
 import subprocess
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from sysbake import log
@@ -17,11 +17,19 @@ _PR_SET_PDEATHSIG = 1
 _TAIL_LINES = 20
 
 
-def die_with_parent_hook() -> None:
-    # Children of a build must not outlive sysbake (kill -9 included): the kernel
-    # sends them SIGKILL when we die.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+@functools.cache
+def die_with_parent_hook() -> Callable[[], None]:
+    """A preexec_fn: children of a build must not outlive sysbake (kill -9 included), the
+    kernel sends them SIGKILL when we die. ctypes is loaded here, in the parent, and only
+    by the commands that spawn such children (it is start-up cost)."""
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    return hook
 
 
 # Prefix for commands that mount or spawn trees of processes (mmdebstrap, chroot steps):
@@ -66,7 +74,7 @@ def run(
     argv = [os.fspath(c) for c in cmd]
     label = what or os.path.basename(argv[0])
     log.debug("run: " + " ".join(argv))
-    preexec = die_with_parent_hook if die_with_parent else None
+    preexec = die_with_parent_hook() if die_with_parent else None
     if stream:
         tail: deque[str] = deque(maxlen=_TAIL_LINES)
         with subprocess.Popen(

@@ -377,18 +377,15 @@ def _short_hash(text: str, length: int) -> str:
     return oci.hex_of(oci.sha256_digest(text.encode()))[:length]
 
 
-def _launch(container: Container, runtime: str) -> int:
-    # The monitor's short socket path: unix socket paths are limited to 107 bytes.
-    short = _short_hash(container.runtime_id, 16)
+def _prepare_monitor(cdir: Path, runtime: str, runtime_name: str, runtime_id: str) -> Any:
+    """The container's monitor, forked now to get ready while the bundle is written."""
     from sysbake import monitor  # forks a keeper: only `run` needs it, not stop/exec/ps
 
-    spec = monitor.MonitorSpec(runtime=runtime, root=container.state_root,
-                               id=container.runtime_id, dir=container.dir.absolute(),
-                               socket=STATE_ROOT / "console" / f"{short}.sock")
-    try:
-        return monitor.spawn(spec)
-    except RuntimeFailure as exc:
-        raise RuntimeFailure(f"starting container {container.name} failed: {exc}") from None
+    # A short console socket path: unix socket paths are limited to 107 bytes.
+    socket = STATE_ROOT / "console" / f"{_short_hash(runtime_id, 16)}.sock"
+    return monitor.prepare(monitor.MonitorSpec(
+        runtime=runtime, root=STATE_ROOT / runtime_name, id=runtime_id, dir=cdir.absolute(),
+        socket=socket))
 
 
 # What `create` waits for in the rootfs of a systemd PID 1 (`grace` s at most): by default
@@ -443,11 +440,13 @@ def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[s
     except FileExistsError:
         raise RuntimeFailure(f"a container named {name!r} already exists: remove it with "
                              f"`sysbake rm {name}` or choose another --name") from None
-    salt = _short_hash(str(containers_dir.resolve()), 8)
+    runtime_id = f"{name}.{_short_hash(str(containers_dir.resolve()), 8)}"
     container: Container | None = None
+    launch = None
     try:
         for sub in ("upper", "work", "bundle/rootfs"):
             (cdir / sub).mkdir(parents=True)
+        launch = _prepare_monitor(cdir, runtime, options.runtime, runtime_id)
         rootfs = cdir / "bundle" / "rootfs"
         overlay.mount_overlay(lowerdirs, cdir / "upper", cdir / "work", rootfs)
         init = find_init(rootfs)
@@ -461,7 +460,6 @@ def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[s
             raise RuntimeFailure(f"image {image}: the command {process.args[0]} does not "
                                  "exist in the image")
         hostname = bundle.hostname_for(name)
-        runtime_id = f"{name}.{salt}"
         cgroups_path = _cgroups_path(runtime_id)
         spec = BundleSpec(
             hostname=hostname, process=process, network=options.network,
@@ -477,11 +475,17 @@ def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[s
             stop_signal=bundle.stop_signal(image_config, process.args),
             network=options.network)
         _save(container)
-        container = container._replace(pid=_launch(container, runtime))
+        try:
+            pid = launch.start()
+        except RuntimeFailure as exc:
+            raise RuntimeFailure(f"starting container {name} failed: {exc}") from None
+        container = container._replace(pid=pid)
         _save(container)
         _check_alive(container, grace, ready)
         return container
     except BaseException:
+        if launch is not None:
+            launch.cancel()
         _teardown_dir(cdir, container)
         raise
 

@@ -20,6 +20,14 @@ def _image(store: Store, payload: bytes = b"layer"):
     return store.put_image(config, (Layer(blob, diff_id),))
 
 
+def test_sha256_digest_is_sha256_whichever_implementation_hashes() -> None:
+    import hashlib
+
+    assert oci._builtin_sha256() is not None  # CPython's own, for small data
+    for data in (b"", b"{}", os.urandom(4096), os.urandom((1 << 20) + 1)):
+        assert oci.sha256_digest(data) == "sha256:" + hashlib.sha256(data).hexdigest()
+
+
 def test_layout_is_an_oci_image_layout(tmp_path: Path) -> None:
     store = Store(tmp_path).ensure()
     assert json.loads((tmp_path / "oci/oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
