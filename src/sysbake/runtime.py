@@ -582,6 +582,26 @@ def _teardown(container: Container) -> None:
     overlay.umount(container.rootfs)
 
 
+_NUDGE = 0.5  # seconds between two SIGCHLDs to a stopping PID 1
+
+
+def _wait_exit_nudging(container: Container, timeout: float) -> bool:
+    """`_wait_exit`, sending PID 1 a SIGCHLD every _NUDGE s. Processes that `exec` started
+    are not PID 1's children (their parent is the runtime, outside): when one ends, PID 1
+    gets no SIGCHLD. systemd-shutdown sends every process SIGTERM, then sleeps until a
+    SIGCHLD or its 90 s timeout before it looks again for those still alive; one that was
+    still ending at its first look kept a stop waiting until we killed the container.
+    A spare SIGCHLD only makes PID 1 look again (its default action is to ignore it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if _wait_exit(container, min(_NUDGE, max(left, 0.0))):
+            return True
+        if left <= _NUDGE:
+            return False
+        _kill(container, signal.SIGCHLD)
+
+
 def stop(container: Container, timeout: float = 10.0) -> StopResult:
     """Stop with the image's stop signal, SIGKILL after `timeout` s; delete the runtime
     state and unmount the rootfs. Idempotent."""
@@ -589,7 +609,7 @@ def stop(container: Container, timeout: float = 10.0) -> StopResult:
     if _running(container):
         log.info(f"stopping {container.name} (signal {container.stop_signal})")
         _kill(container, container.stop_signal)
-        if not _wait_exit(container, timeout):
+        if not _wait_exit_nudging(container, timeout):
             log.warn(f"{container.name} did not stop within {timeout:.0f}s: killing it")
             killed = True
             _kill(container, signal.SIGKILL)

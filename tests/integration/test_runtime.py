@@ -381,6 +381,29 @@ def test_killed_sysbake_leaves_a_manageable_container(images: RuntimeImages) -> 
     assert running.leftovers() == []
 
 
+def test_stop_does_not_wait_on_an_exec_process_that_has_ended(images: RuntimeImages) -> None:
+    """An exec'd process is not PID 1's child: its end sends PID 1 no SIGCHLD, and
+    systemd-shutdown, having sent it SIGTERM, slept ~10 s before looking again."""
+    name = unique("execstop")
+    cli(images, "run", "-d", "--name", name, images.systemd)
+    running = Running(images, name)
+    assert wait_booted(images, name) == "running"
+    script = 'trap "sleep 2; exit 0" TERM HUP; while :; do sleep 0.1; done'
+    exec_proc = subprocess.Popen([*SYSBAKE, "--store", str(images.store), "exec", name,
+                                  "sh", "-c", script], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not [p for p in processes_mentioning("trap ")
+               if running.runtime_id in _read(Path(f"/proc/{p}/cgroup"))]:
+        assert time.monotonic() < deadline, "the exec'd shell never started"
+        time.sleep(0.1)
+    stopped = cli(images, "stop", "--timeout", "8", name)
+    assert f"{name}: stopped (exit code 0)" in stopped.stdout, stopped.stderr
+    assert exec_proc.wait(timeout=30) == 0  # its trap ran: SIGTERM, then exit 0
+    assert running.leftovers() == []
+    cli(images, "rm", name)
+
+
 def test_stop_kills_a_pid1_that_ignores_the_stop_signal(images: RuntimeImages) -> None:
     name = unique("trap")
     cli(images, "run", "-d", "--name", name, images.trap)
