@@ -52,40 +52,40 @@ class MonitorSpec(NamedTuple):
 class Launch:
     """A monitor forked ahead of its container's start (`prepare`): it gets ready (its
     imports, session, lock, console socket) while the caller mounts the rootfs and writes
-    the bundle. Then `start` has it run the container, or `cancel` lets it go."""
+    the bundle. Then `start` has it run the container, or `cancel` lets it go. Each pipe
+    end is -1 once closed."""
 
     def __init__(self, go: int, verdict: int) -> None:
         self._go = go
         self._verdict = verdict
-        self._started = False
 
     def start(self) -> int:
         """PID 1's host pid once the container runs, or RuntimeFailure with the runtime's
         error."""
-        self._started = True
         with contextlib.suppress(BrokenPipeError):  # it died: its verdict says why
             os.write(self._go, b"go")
-        os.close(self._go)
-        verdict = self._read_verdict()
+        verdict = self._close()
         if verdict.startswith("ok "):
             return int(verdict[3:].strip())
         raise RuntimeFailure(verdict.strip() or "the container monitor died before the "
                              "container started")
 
-    def cancel(self) -> None:
-        """Before `start`: the monitor ends without starting anything; returns once it has.
-        After it: only lets go of the pipe (the container is the caller's to stop)."""
-        if not self._started:
-            self._started = True
-            os.close(self._go)
-            self._read_verdict()
-        elif self._verdict >= 0:
-            fd, self._verdict = self._verdict, -1
-            os.close(fd)
+    def cancel(self) -> int | None:
+        """Let go of the monitor; returns once it has ended, or has started the container
+        after all (an interrupted `start`): then PID 1's host pid, for the caller to stop."""
+        verdict = self._close()
+        return int(verdict[3:].strip()) if verdict.startswith("ok ") else None
 
-    def _read_verdict(self) -> str:
-        fd, self._verdict = self._verdict, -1
-        with os.fdopen(fd, "rb") as r:
+    def _close(self) -> str:
+        # Closing `go` unsent makes the monitor end; its verdict (or EOF) then tells us
+        # what it did. Idempotent.
+        go, self._go = self._go, -1
+        if go >= 0:
+            os.close(go)
+        verdict, self._verdict = self._verdict, -1
+        if verdict < 0:
+            return ""
+        with os.fdopen(verdict, "rb") as r:
             return r.read().decode(errors="replace")
 
 
@@ -106,8 +106,13 @@ def prepare(spec: MonitorSpec) -> Launch:
             os._exit(0)
     os.close(go_r)
     os.close(verdict_w)
-    os.waitpid(child, 0)
-    return Launch(go_w, verdict_r)
+    launch = Launch(go_w, verdict_r)
+    try:
+        os.waitpid(child, 0)  # the intermediate child, which exits at once
+    except BaseException:
+        launch.cancel()
+        raise
+    return launch
 
 
 def _run_detached(spec: MonitorSpec, go: int, wfd: int) -> None:  # pragma: no cover - child

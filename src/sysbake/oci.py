@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import re
@@ -42,9 +43,10 @@ def sha256_digest(data: bytes) -> str:
         import hashlib
 
         new = hashlib.sha256
-    return "sha256:" + str(new(data).hexdigest())
+    return "sha256:" + new(data).hexdigest()
 
 
+@functools.cache
 def _builtin_sha256() -> Any:
     for name in ("_sha256", "_sha2"):  # Python 3.11, 3.12+
         with contextlib.suppress(ImportError, AttributeError):

@@ -18,12 +18,15 @@ import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sysbake import bundle, log, oci, overlay, proc
 from sysbake.bundle import BindMount, BundleSpec
 from sysbake.errors import RuntimeFailure
 from sysbake.fsutil import atomic_write, remove_tree
+
+if TYPE_CHECKING:
+    from sysbake import monitor
 
 STATE_ROOT = Path("/run/sysbake")
 MONITOR_LOCK = "monitor.lock"
@@ -350,26 +353,32 @@ def _cgroups_path(runtime_id: str) -> str:
     return f"/sysbake/{runtime_id}" if host_cgroup_mode() == "v2" else f"sysbake/{runtime_id}"
 
 
-def systemd_cgroup(mounts_text: str, own_cgroups: str, cgroups_path: str) -> str:
-    """The host path of the container's name=systemd cgroup on a v1/hybrid host ("" when
-    that hierarchy is not mounted): `cgroups_path` is relative to the cgroup of this
-    process (`own_cgroups`: the text of /proc/self/cgroup), whose child starts the runtime.
-    `mounts_text` is the text of /proc/self/mounts."""
-    mountpoint = next((fields[1] for fields in map(str.split, mounts_text.splitlines())
-                       if len(fields) > 3 and fields[2] == "cgroup"
-                       and "name=systemd" in fields[3].split(",")), None)
+def systemd_cgroup(mountinfo: str, own_cgroups: str, cgroups_path: str) -> str:
+    """The host path of the container's name=systemd cgroup on a v1/hybrid host, where runc
+    puts a relative `cgroups_path`: below the cgroup of this process (`own_cgroups`: the
+    text of /proc/self/cgroup), whose child starts runc. `mountinfo` is the text of
+    /proc/self/mountinfo: the hierarchy's mount may show a subtree (its root). "" when the
+    hierarchy is not mounted or this process's cgroup is not visible in it."""
+    mount = next((fields for fields in map(str.split, mountinfo.splitlines())
+                  if "-" in fields and fields[fields.index("-") + 1:][:1] == ["cgroup"]
+                  and "name=systemd" in fields[-1].split(",")), None)
     own = next((line.split(":", 2)[2] for line in own_cgroups.splitlines()
                 if line.split(":", 2)[1:2] == ["name=systemd"]), None)
-    if mountpoint is None or own is None:
+    if mount is None or own is None:
         return ""
-    parts = (part.strip("/") for part in (mountpoint, own, cgroups_path))
+    root, mountpoint = mount[3].rstrip("/"), mount[4]
+    if own != root and not own.startswith(root + "/"):
+        return ""
+    parts = (part.strip("/") for part in (mountpoint, own[len(root):], cgroups_path))
     return "/" + "/".join(part for part in parts if part)
 
 
-def _systemd_cgroup(cgroups_path: str) -> str:
-    if host_cgroup_mode() == "v2":
+def _systemd_cgroup(runtime_name: str, cgroups_path: str) -> str:
+    # Only for runc: crun puts a relative path below the hierarchy's root instead, and
+    # keeps the whole subtree writable (as before; crun runs on v2 and pure v1 hosts only).
+    if runtime_name != "runc" or host_cgroup_mode() == "v2":
         return ""
-    return systemd_cgroup(Path("/proc/self/mounts").read_text(),
+    return systemd_cgroup(Path("/proc/self/mountinfo").read_text(),
                           Path("/proc/self/cgroup").read_text(), cgroups_path)
 
 
@@ -377,7 +386,8 @@ def _short_hash(text: str, length: int) -> str:
     return oci.hex_of(oci.sha256_digest(text.encode()))[:length]
 
 
-def _prepare_monitor(cdir: Path, runtime: str, runtime_name: str, runtime_id: str) -> Any:
+def _prepare_monitor(cdir: Path, runtime: str, runtime_name: str,
+                     runtime_id: str) -> monitor.Launch:
     """The container's monitor, forked now to get ready while the bundle is written."""
     from sysbake import monitor  # forks a keeper: only `run` needs it, not stop/exec/ps
 
@@ -464,7 +474,8 @@ def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[s
         spec = BundleSpec(
             hostname=hostname, process=process, network=options.network,
             binds=_etc_binds(cdir, rootfs, hostname, options.network) + options.binds,
-            cgroups_path=cgroups_path, systemd_cgroup=_systemd_cgroup(cgroups_path),
+            cgroups_path=cgroups_path,
+            systemd_cgroup=_systemd_cgroup(options.runtime, cgroups_path),
             volatile_journal=_is_dir(find_in_root(rootfs, "/var/log/journal")),
             annotations=(("org.sysbake.image", image), ("org.sysbake.name", name)))
         atomic_write(cdir / "bundle" / "config.json",
@@ -484,9 +495,12 @@ def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[s
         _check_alive(container, grace, ready)
         return container
     except BaseException:
-        if launch is not None:
-            launch.cancel()
-        _teardown_dir(cdir, container)
+        try:
+            started = launch.cancel() if launch is not None else None
+            if started is not None and container is not None:
+                container = container._replace(pid=started)
+        finally:
+            _teardown_dir(cdir, container)
         raise
 
 

@@ -39,12 +39,19 @@ def test_cancel_ends_the_monitor_with_nothing_started(tmp_path: Path) -> None:
     runtime.chmod(0o755)
     spec = _spec(tmp_path, str(runtime))
     launch = monitor.prepare(spec)
-    launch.cancel()  # returns once the monitor has ended
+    deadline = time.monotonic() + 30
+    while not spec.socket.exists():  # ready: locked, pid written, listening
+        assert time.monotonic() < deadline, "the monitor never got ready"
+        time.sleep(0.01)
+    assert not _lock_is_free(spec.dir)
+    assert (spec.dir / "monitor.pid").read_text().strip().isdigit()
+    assert launch.cancel() is None  # returns once the monitor has ended
     assert _lock_is_free(spec.dir)
     assert not (spec.dir / "monitor.pid").exists()
     assert not spec.socket.exists()
+    assert (spec.dir / "monitor.log").read_text() == ""  # no traceback
     assert not (tmp_path / "calls").exists()  # the runtime was never run
-    launch.cancel()  # idempotent
+    assert launch.cancel() is None  # idempotent
 
 
 def test_a_failing_runtime_is_the_verdict_of_start(tmp_path: Path) -> None:
@@ -58,7 +65,7 @@ def test_a_failing_runtime_is_the_verdict_of_start(tmp_path: Path) -> None:
     launch = monitor.prepare(spec)
     with pytest.raises(RuntimeFailure, match=r'runtime run failed \(exit 3\): no such "thing"'):
         launch.start()
-    launch.cancel()  # after start: lets go of nothing twice
+    assert launch.cancel() is None  # after start: nothing left to let go of
     # Then the monitor finishes its work: it writes the exit record, its lock goes.
     deadline = time.monotonic() + 30
     while not _lock_is_free(spec.dir):

@@ -159,13 +159,27 @@ def test_cgroup_mode() -> None:
         runtime.cgroup_mode("proc /proc proc rw 0 0\n")
 
 
+MOUNTINFO = """\
+30 25 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+35 30 0:31 / /sys/fs/cgroup/memory rw,nosuid shared:15 - cgroup cgroup rw,memory
+36 30 0:32 / /sys/fs/cgroup/systemd rw,nosuid shared:16 - cgroup cgroup rw,xattr,name=systemd
+37 30 0:27 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw,nsdelegate
+"""
+
+
 def test_v1_controllers_are_read_only_and_name_systemd_writable() -> None:
     own = "9:name=systemd:/user.slice/session-1.scope\n8:pids:/user.slice\n0::/\n"
-    path = runtime.systemd_cgroup(HYBRID, own, "sysbake/web.1234")
+    path = runtime.systemd_cgroup(MOUNTINFO, own, "sysbake/web.1234")
     assert path == "/sys/fs/cgroup/systemd/user.slice/session-1.scope/sysbake/web.1234"
-    assert runtime.systemd_cgroup(HYBRID, "9:name=systemd:/\n", "sysbake/w.1") == \
+    assert runtime.systemd_cgroup(MOUNTINFO, "9:name=systemd:/\n", "sysbake/w.1") == \
         "/sys/fs/cgroup/systemd/sysbake/w.1"
-    no_systemd = "\n".join(line for line in HYBRID.splitlines() if "name=systemd" not in line)
+    # In a container that sees only its own subtree (the mount's root): relative to it.
+    subtree = MOUNTINFO.replace("0:32 / /sys/fs/cgroup/systemd", "0:32 /docker/ab "
+                                "/sys/fs/cgroup/systemd")
+    assert runtime.systemd_cgroup(subtree, "9:name=systemd:/docker/ab\n", "sysbake/w.1") == \
+        "/sys/fs/cgroup/systemd/sysbake/w.1"
+    assert runtime.systemd_cgroup(subtree, "9:name=systemd:/other\n", "sysbake/w.1") == ""
+    no_systemd = "\n".join(line for line in MOUNTINFO.splitlines() if "name=systemd" not in line)
     assert runtime.systemd_cgroup(no_systemd, own, "sysbake/w.1") == ""
     config = _config(cgroups_path="sysbake/web.1234", systemd_cgroup=path)
     mounts = [m["destination"] for m in config["mounts"]]
