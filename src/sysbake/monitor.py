@@ -19,6 +19,7 @@ exit.json.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import json
 import os
@@ -155,8 +156,6 @@ def _report(wfd: int, message: str) -> None:
 
 
 def _monitor(spec: MonitorSpec, go: int, wfd: int) -> None:
-    import ctypes  # here, in the forked monitor: not start-up cost of the launching process
-
     cdir = spec.dir
     lock = os.open(cdir / MONITOR_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel when this process ends
