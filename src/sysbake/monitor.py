@@ -2,13 +2,12 @@
 sysbake process that starts the container (no second interpreter to start).
 
 It is forked before the container's rootfs is mounted and gets ready meanwhile (its
-imports, session, lock, console socket: off the launching process's path); once the
-bundle is written it is told to go. It outlives the launching process: it starts the
-runtime detached with a console socket, copies
-the container's console (systemd's boot output) to console.log, reaps PID 1 as a child
-subreaper to learn its exit code, then deletes the runtime state, unmounts the rootfs
-and writes exit.json. The launching process waits only until the container runs (or
-failed to start) and gets PID 1's host pid.
+session, lock and console socket: off the launching process's path); once the bundle is
+written it is told to go. It outlives the launching process: it starts the runtime
+detached with a console socket, copies the container's console (systemd's boot output) to
+console.log, reaps PID 1 as a child subreaper to learn its exit code, then deletes the
+runtime state, unmounts the rootfs and writes exit.json. The launching process waits only
+until the container runs (or failed to start) and gets PID 1's host pid.
 
 Files in the container directory: bundle/ (config.json, rootfs), console.log,
 monitor.pid, monitor.lock (runtime.MONITOR_LOCK, held by the monitor for its whole
@@ -52,7 +51,7 @@ class MonitorSpec(NamedTuple):
 
 class Launch:
     """A monitor forked ahead of its container's start (`prepare`): it gets ready (its
-    imports, session, lock, console socket) while the caller mounts the rootfs and writes
+    session, lock, console socket) while the caller mounts the rootfs and writes
     the bundle. Then `start` has it run the container, or `cancel` lets it go. Each pipe
     end is -1 once closed."""
 

@@ -568,9 +568,17 @@ def _running(container: Container) -> bool:
     return monitor_alive(container.dir) or status(container).running
 
 
-def _wait_exit(container: Container, timeout: float) -> bool:
-    """Wait until PID 1 is gone (and the monitor recorded it, if it lives); True if so."""
-    deadline = time.monotonic() + timeout
+def _wait_exit(container: Container, timeout: float, *, nudge: bool = False) -> bool:
+    """Wait until PID 1 is gone (and the monitor recorded it, if it lives); True if so.
+
+    `nudge`: send PID 1 a SIGCHLD every _NUDGE s meanwhile. Processes that `exec` started
+    are not its children (their parent is the runtime, outside), so their end sends it no
+    SIGCHLD. systemd-shutdown sends every process SIGTERM, then sleeps until a SIGCHLD
+    (~10 s here) before it looks again for those still alive: one still ending at its first
+    look held a stop until the container was killed. A spare SIGCHLD only makes PID 1 look
+    again (its default action is to ignore it)."""
+    start = time.monotonic()
+    deadline, nudged = start + timeout, start
     while True:
         if _exit_record(container) is not None:
             return True
@@ -578,10 +586,17 @@ def _wait_exit(container: Container, timeout: float) -> bool:
             state = _runtime_state(container) if _runtime_known(container) else None
             if state is None or state.get("status") == "stopped":
                 return True
-        if time.monotonic() >= deadline:
+        now = time.monotonic()
+        if now >= deadline:
             return False
-        if not _until_monitor_ends(container, min(0.1, deadline - time.monotonic())):
+        if nudge and now - nudged >= _NUDGE:
+            _kill(container, signal.SIGCHLD)
+            nudged = now
+        if not _until_monitor_ends(container, min(0.1, deadline - now)):
             time.sleep(0.005)  # no monitor: the runtime is asked again
+
+
+_NUDGE = 0.5  # seconds between two SIGCHLDs to a stopping PID 1
 
 
 def _teardown(container: Container) -> None:
@@ -596,26 +611,6 @@ def _teardown(container: Container) -> None:
     overlay.umount(container.rootfs)
 
 
-_NUDGE = 0.5  # seconds between two SIGCHLDs to a stopping PID 1
-
-
-def _wait_exit_nudging(container: Container, timeout: float) -> bool:
-    """`_wait_exit`, sending PID 1 a SIGCHLD every _NUDGE s. Processes that `exec` started
-    are not PID 1's children (their parent is the runtime, outside): when one ends, PID 1
-    gets no SIGCHLD. systemd-shutdown sends every process SIGTERM, then sleeps until a
-    SIGCHLD or its 90 s timeout before it looks again for those still alive; one that was
-    still ending at its first look kept a stop waiting until we killed the container.
-    A spare SIGCHLD only makes PID 1 look again (its default action is to ignore it)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if _wait_exit(container, min(_NUDGE, max(left, 0.0))):
-            return True
-        if left <= _NUDGE:
-            return False
-        _kill(container, signal.SIGCHLD)
-
-
 def stop(container: Container, timeout: float = 10.0) -> StopResult:
     """Stop with the image's stop signal, SIGKILL after `timeout` s; delete the runtime
     state and unmount the rootfs. Idempotent."""
@@ -623,7 +618,7 @@ def stop(container: Container, timeout: float = 10.0) -> StopResult:
     if _running(container):
         log.info(f"stopping {container.name} (signal {container.stop_signal})")
         _kill(container, container.stop_signal)
-        if not _wait_exit_nudging(container, timeout):
+        if not _wait_exit(container, timeout, nudge=True):
             log.warn(f"{container.name} did not stop within {timeout:.0f}s: killing it")
             killed = True
             _kill(container, signal.SIGKILL)

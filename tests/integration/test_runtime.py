@@ -90,6 +90,14 @@ class Running:
         assert self.runtime_id in runc_ids()
         assert cgroup_dirs(self.runtime_id), "the container has no cgroup of its own"
 
+    def wait_for_process(self, cmdline: str) -> None:
+        """Until a process whose command line has `cmdline` runs in the container."""
+        deadline = time.monotonic() + 30
+        while not [p for p in processes_mentioning(cmdline)
+                   if self.runtime_id in _read(Path(f"/proc/{p}/cgroup"))]:
+            assert time.monotonic() < deadline, f"{cmdline!r} never started in {self.name}"
+            time.sleep(0.1)
+
     def leftovers(self) -> list[str]:
         problems = []
         if str(self.dir) in Path("/proc/mounts").read_text():
@@ -345,11 +353,7 @@ def test_killed_sysbake_leaves_a_manageable_container(images: RuntimeImages) -> 
     assert wait_booted(images, name) == "running"
     exec_proc = subprocess.Popen([*SYSBAKE, "--store", str(images.store), "exec", name,
                                   "sleep", "100"], stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while not [p for p in processes_mentioning("sleep\0" + "100")
-               if running.runtime_id in _read(Path(f"/proc/{p}/cgroup"))]:
-        assert time.monotonic() < deadline, "the exec'd sleep never started"
-        time.sleep(0.1)
+    running.wait_for_process("sleep\0" + "100")
     exec_proc.kill()
     exec_proc.wait()
     listed = json.loads(cli(images, "ps", "--json").stdout)
@@ -392,11 +396,7 @@ def test_stop_does_not_wait_on_an_exec_process_that_has_ended(images: RuntimeIma
     exec_proc = subprocess.Popen([*SYSBAKE, "--store", str(images.store), "exec", name,
                                   "sh", "-c", script], stdin=subprocess.DEVNULL,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while not [p for p in processes_mentioning("trap ")
-               if running.runtime_id in _read(Path(f"/proc/{p}/cgroup"))]:
-        assert time.monotonic() < deadline, "the exec'd shell never started"
-        time.sleep(0.1)
+    running.wait_for_process("trap ")
     stopped = cli(images, "stop", "--timeout", "8", name)
     assert f"{name}: stopped (exit code 0)" in stopped.stdout, stopped.stderr
     assert exec_proc.wait(timeout=30) == 0  # its trap ran: SIGTERM, then exit 0
