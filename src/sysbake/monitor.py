@@ -167,6 +167,9 @@ def _monitor(spec: MonitorSpec, go: int, wfd: int) -> None:
     if os.read(go, 2) != b"go":  # cancelled, or the launching process died
         _close_listener(listener, spec.socket)
         (cdir / "monitor.pid").unlink(missing_ok=True)
+        # Now, not at exit, where the kernel may drop it after the verdict pipe's EOF:
+        # `cancel` returns to a free lock.
+        os.close(lock)
         return
     os.close(go)
     master = _start(spec, listener)
