@@ -371,7 +371,8 @@ def _booted(plan: StepPlan, store: Store, lowerdirs: list[Path], config: dict[st
                     store.containers_dir, lowerdirs, config, image=where,
                     options=runtime.RunOptions(name=name, binds=tuple(binds),
                                                network="host" if network else "none"),
-                    require_init=True, ready=runtime.SYSTEMD_STARTED)
+                    require_init=True,
+                    ready=None if plan.waits_for_boot else runtime.SYSTEMD_STARTED)
                 if not plan.waits_for_boot:
                     _check_boot(inside.wait_for_boot(container, BOOT_TIMEOUT), where)
             yield container
@@ -401,6 +402,9 @@ def _exec_plan(container: runtime.Container, plan: StepPlan,
                                         *[f"{k}={v}" for k, v in plan.env.items()],
                                         *plan.command])
     result = proc.run(argv, check=False, die_with_parent=False, what=where)
+    if result.returncode != 0 and runtime.ended(container, within=0.2):
+        raise BuildError(f"{where}: the image's systemd ended during the step: "
+                         f"{runtime.console_tail(container)}")
     if plan.waits_for_boot and result.returncode == BOOT_FAILED:
         said = re.search(rb"sysbake: boot: (\S+)", result.stderr)
         if said:

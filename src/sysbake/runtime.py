@@ -399,13 +399,14 @@ def _prepare_monitor(cdir: Path, runtime: str, runtime_name: str,
 
 
 # What `create` waits for in the rootfs of a systemd PID 1 (`grace` s at most): by default
-# systemd's private socket, so that `run -d` then `exec systemctl ...` works at once; build
-# steps only need systemd started (their commands wait for the boot themselves).
+# systemd's private socket, so that `run -d` then `exec systemctl ...` works at once; a
+# build step's script waits for systemd started; Salt, which waits for the boot itself,
+# for nothing (None).
 SYSTEMD_READY = "run/systemd/private"
 SYSTEMD_STARTED = "run/systemd/system"
 
 
-def _check_alive(container: Container, grace: float, ready: str) -> None:
+def _check_alive(container: Container, grace: float, ready: str | None) -> None:
     # A PID 1 that dies at once is an error of `run`, not a container to list later.
     deadline = time.monotonic() + grace
     systemd = False
@@ -414,6 +415,8 @@ def _check_alive(container: Container, grace: float, ready: str) -> None:
         if record is not None:
             raise RuntimeFailure(f"container {container.name} exited immediately with code "
                                  f"{record.get('code')}: {console_tail(container)}")
+        if ready is None:
+            return
         if bundle.is_init(container.args) and container.pid:
             root = f"/proc/{container.pid}/root/"
             if os.path.exists(root + ready):
@@ -430,9 +433,10 @@ _SOCKET_WAIT = 30.0  # seconds a started systemd may take to open its private so
 def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[str, Any], *,
            image: str, image_id: str = "", options: RunOptions | None = None,
            require_init: bool = False, grace: float = 1.0,
-           ready: str = SYSTEMD_READY) -> Container:
+           ready: str | None = SYSTEMD_READY) -> Container:
     """Start a container of the image whose layer trees are `lowerdirs` (bottom to top,
-    never written); return it running, detached. On failure nothing is left behind."""
+    never written); return it running, detached, once the path `ready` exists in it (for
+    at most `grace` s; None: at once). On failure nothing is left behind."""
     options = options or RunOptions()
     name = bundle.check_name(options.name or _default_name(image))
     runtime = runtime_path(options.runtime)
@@ -597,6 +601,12 @@ def _wait_exit(container: Container, timeout: float, *, nudge: bool = False) -> 
 
 
 _NUDGE = 0.5  # seconds between two SIGCHLDs to a stopping PID 1
+
+
+def ended(container: Container, *, within: float = 0.0) -> bool:
+    """Whether PID 1 has ended, waiting at most `within` s for it (and for its end to be
+    recorded)."""
+    return _wait_exit(container, within)
 
 
 def _teardown(container: Container) -> None:

@@ -91,8 +91,9 @@ def boot_code(prefix: str, tmpdir: str | None, *, boot_timeout: float | None = N
     sys.executable points at the toolchain's wrapper so the Pythons Salt spawns (cmd.run's
     runas) also use the toolchain's loader; temp files go to `tmpdir` (a tmpfs).
 
-    With `boot_timeout`, Salt's imports run while systemd still boots, then the program
-    waits for the boot to end (at most that many seconds) before any state is applied;
+    With `boot_timeout`, Salt's imports run while systemd still boots (and a first
+    `systemctl is-system-running --wait` beside them), then the program waits for the boot
+    to end (at most that many seconds) before any state is applied;
     if systemd ends neither running nor degraded it prints `sysbake: boot: STATE` on stderr
     and exits BOOT_FAILED."""
     lines = ["import os, sys, tempfile, warnings",
@@ -136,17 +137,22 @@ os._exit(code)"""
 
 
 _WAIT_FOR_BOOT = """\
-import salt.cli.call, salt.minion, salt.state, subprocess, time
+import subprocess, time
 deadline = time.monotonic() + {timeout}
+def boot_probe():
+    return subprocess.Popen(["systemctl", "is-system-running", "--wait"], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+probe = boot_probe()
+import salt.cli.call, salt.minion, salt.state
 while True:
-    state = subprocess.run(["systemctl", "is-system-running", "--wait"], text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout.strip()
+    state = probe.communicate()[0].strip()
     if state in ("running", "degraded"):
         break
     if state not in ("", "offline", "initializing", "starting") or time.monotonic() > deadline:
         sys.stderr.write("sysbake: boot: " + (state or "offline") + chr(10))
         sys.exit({failed})
-    time.sleep(0.02)"""
+    time.sleep(0.02)
+    probe = boot_probe()"""
 
 
 @dataclass(frozen=True)

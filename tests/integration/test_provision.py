@@ -450,6 +450,33 @@ def test_bad_input_is_one_clear_error_and_leaves_nothing(case: str, shared_store
     StoreState.of(shared_store).assert_same_as(before)
 
 
+def test_a_systemd_that_ends_at_once_fails_the_salt_step_clearly(
+        shared_store: Path, base_image: str, tmp_path: Path) -> None:
+    """Salt starts beside the booting systemd (no wait for it first): a PID 1 that ends at
+    once is still reported as such, with its console output."""
+    project = write_project(tmp_path / "nosystemd", {
+        "sysbake.toml": '[images.broken]\nfrom = "base:latest"\n\n'
+                        '[[images.broken.provision]]\ntype = "script"\nname = "break"\n'
+                        'mode = "chroot"\nrun = """\nprintf \'#!/bin/sh\\necho no-boot-here\\n'
+                        'exit 3\\n\' > /lib/systemd/systemd\n"""\n\n'
+                        '[images.bad]\nfrom = "broken:latest"\n\n'
+                        '[[images.bad.provision]]\ntype = "salt"\nname = "system"\n'
+                        'state_tree = "salt"\n',
+        "salt/top.sls": TOP.format("ok"),
+        "salt/ok.sls": "fine:\n  test.succeed_without_changes: []\n"})
+    sysbake("build", "-t", "broken", project, store=shared_store)
+    before = StoreState.of(shared_store)
+    result = sysbake("build", "-t", "bad", project, store=shared_store, check=False,
+                     timeout=300)
+    assert result.returncode == 1, result.stderr
+    errors = error_lines(result)
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith(
+        "sysbake: error: bad: system: the image's systemd ended during the step: "), errors
+    assert "no-boot-here" in errors[0]
+    StoreState.of(shared_store).assert_same_as(before)
+
+
 def test_unknown_salt_version_fails_fast(shared_store: Path, base_image: str,
                                          tmp_path: Path) -> None:
     project = write_project(tmp_path / "bad", _bad(

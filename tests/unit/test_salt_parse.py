@@ -464,3 +464,26 @@ def test_booted_salt_waits_for_systemd_first(tmp_path: Path, states: list[str], 
                          env={"PATH": f"{fake_bin}:/usr/bin:/bin"}, timeout=30, check=False)
     assert (out.returncode, said) == (code, (out.stdout + out.stderr).strip())
     assert code == salt_toolchain.BOOT_FAILED or code == 0
+
+
+def test_booted_salt_asks_systemd_while_salt_imports(tmp_path: Path) -> None:
+    """The first `systemctl is-system-running --wait` starts before Salt's imports (they
+    take ~0.4 s, the boot about as long): the answer is there when they end. Salt's
+    stand-in here only imports once that systemctl has run."""
+    _fake_salt(tmp_path)
+    started = tmp_path / "systemctl-started"
+    (tmp_path / "opt/salt/lib/salt/__init__.py").write_text(
+        "import os, time\n"
+        "deadline = time.monotonic() + 10\n"
+        f"while not os.path.exists({str(started)!r}):\n"
+        "    if time.monotonic() > deadline:\n"
+        "        raise SystemExit('salt imported before systemd was asked')\n"
+        "    time.sleep(0.01)\n")
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "systemctl").write_text(f"#!/bin/sh\ntouch {started}\necho running\n")
+    (fake_bin / "systemctl").chmod(0o755)
+    program = salt_toolchain.boot_code(str(tmp_path), None, boot_timeout=5)
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                         env={"PATH": f"{fake_bin}:/usr/bin:/bin"}, timeout=30, check=False)
+    assert (out.returncode, (out.stdout + out.stderr).strip()) == (0, "salt-call ran")
