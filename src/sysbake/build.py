@@ -211,6 +211,7 @@ def _bootstrap_stage(spec: Any, plan: bootstrap.BootstrapPlan, cleanup: finalize
         "bootstrap": plan.key_inputs(),
         "hooks": [hash_tree(h) for h in plan.hooks],
         "cleanup": _cleanup_inputs(cleanup),
+        "container_ready": finalize.container_ready_inputs(cleanup),
         "compression": options.compression,
         "mtime": source_date_epoch(),
     }

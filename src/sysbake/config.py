@@ -209,8 +209,8 @@ def _finalize(r: Reader) -> FinalizeSpec:
         apt_lists=r.boolean("apt_lists", True), apt_cache=r.boolean("apt_cache", True),
         logs=r.boolean("logs", True), ssh_host_keys=r.boolean("ssh_host_keys", True),
         machine_id=r.boolean("machine_id", True), tmp=r.boolean("tmp", True),
-        salt=r.boolean("salt", True), mask=r.items("mask", check.unit, what="a unit name"),
-        unmask=r.items("unmask", check.unit, what="a unit name"),
+        salt=r.boolean("salt", True), mask=r.items("mask", check.maskable, what="a unit name"),
+        unmask=r.items("unmask", check.maskable, what="a unit name"),
         remove=r.items("remove", check.removable, what="a path"),
     )
 

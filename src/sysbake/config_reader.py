@@ -247,6 +247,16 @@ def unit(value: str) -> str:
     return value if value.rsplit(".", 1)[-1] in _UNIT_SUFFIXES else f"{value}.service"
 
 
+def maskable(value: str) -> str:
+    """What can be masked: a unit (see `unit`) or a generator (a name ending -generator)."""
+    if re.fullmatch(r"[A-Za-z0-9_.-]+-generator", value) and not value.startswith("."):
+        return value
+    try:
+        return unit(value)
+    except Invalid:
+        raise Invalid(f"expected a systemd unit or generator name, got {got(value)}") from None
+
+
 def port(value: int | str) -> str:
     """An exposed port, normalized to "N/tcp" or "N/udp"."""
     match = re.fullmatch(r"(\d+)(?:/(tcp|udp))?", str(value))

@@ -136,7 +136,7 @@ ssh_host_keys = false
 machine_id = false
 tmp = false
 salt = false
-mask = ["getty@tty1", "foo.socket"]
+mask = ["getty@tty1", "foo.socket", "systemd-fstab-generator"]
 unmask = ["systemd-logind.service"]
 remove = ["/usr/share/doc/*"]
 
@@ -201,7 +201,7 @@ from = "debian@sha256:""" + "a" * 64 + """"
         stop_signal="SIGRTMIN+3", workdir="/srv", user="www-data", container="docker")
     assert web.finalize == FinalizeSpec(
         apt_lists=False, apt_cache=False, logs=False, ssh_host_keys=False, machine_id=False,
-        tmp=False, salt=False, mask=("getty@tty1.service", "foo.socket"),
+        tmp=False, salt=False, mask=("getty@tty1.service", "foo.socket", "systemd-fstab-generator"),
         unmask=("systemd-logind.service",), remove=("/usr/share/doc/*",))
     salt, proj_step, script, inline, files = web.provision
     assert isinstance(salt, SaltStep) and isinstance(inline, ScriptStep)
@@ -539,9 +539,9 @@ def test_wrong_types_of_tables(proj: Path, text: str, key: str, expected: str) -
      "expected a non-empty string"),
     # finalize
     (BASE + '[images.base.finalize]\nmask = ["a b"]\n', "images.base.finalize.mask[1]",
-     'expected a systemd unit name, got string "a b"'),
+     'expected a systemd unit or generator name, got string "a b"'),
     (BASE + '[images.base.finalize]\nunmask = [""]\n', "images.base.finalize.unmask[1]",
-     "expected a systemd unit name"),
+     "expected a systemd unit or generator name"),
     (BASE + '[images.base.finalize]\nremove = ["/"]\n', "images.base.finalize.remove[1]",
      "expected a path to delete, got '/'"),
     (BASE + '[images.base.finalize]\nremove = ["var/log"]\n', "images.base.finalize.remove[1]",

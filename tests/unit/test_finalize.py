@@ -49,13 +49,19 @@ def test_clean_tree_respects_switches(tmp_path: Path) -> None:
 def test_container_ready_masks_units_and_neutralises_host_files(tmp_path: Path) -> None:
     root = _tree(tmp_path)
     (root / "dev/null").write_text("")  # stands in for a device node
-    cleanup = Cleanup(mask=("foo.service",), unmask=("systemd-logind.service",))
+    cleanup = Cleanup(mask=("foo.service", "systemd-fstab-generator"),
+                      unmask=("systemd-logind.service", "systemd-gpt-auto-generator"))
     finalize.make_container_ready(root, cleanup)
     finalize.make_container_ready(root, cleanup)  # idempotent
     units = root / "etc/systemd/system"
     assert os.readlink(units / "systemd-udevd.service") == "/dev/null"
     assert os.readlink(units / "foo.service") == "/dev/null"
     assert not (units / "systemd-logind.service").is_symlink()
+    generators = root / "etc/systemd/system-generators"
+    assert os.readlink(generators / "systemd-cryptsetup-generator") == "/dev/null"
+    assert os.readlink(generators / "systemd-fstab-generator") == "/dev/null"
+    assert not (generators / "systemd-gpt-auto-generator").exists()
+    assert not (units / "systemd-cryptsetup-generator").exists()
     assert (units / "multi-user.target.wants" / finalize.SSH_KEYGEN_UNIT).is_symlink()
     assert list((root / "dev").iterdir()) == []
     assert (root / "etc/resolv.conf").read_text() == ""
