@@ -11,9 +11,9 @@ As in dataclasses: fields come from the class's own annotations, in order, after
 its record bases (a redeclared field keeps its place and takes the new default);
 `ClassVar` annotations are not fields; a default is the class attribute's value or given
 by `field()`; `__post_init__` runs after __init__ has set the fields. Records are frozen
-(hashable) unless `frozen=False` (then unhashable). Not supported, as no record needs it:
-InitVar, KW_ONLY, init/compare/hash per field, order, slots, match_args, the refusal of
-mutable defaults.
+and hashed by their field values unless `frozen=False` (then unhashable). Not supported,
+as no record needs it: InitVar, KW_ONLY, init/compare/hash per field, order, slots,
+match_args, a generated __doc__, the refusal of mutable defaults.
 """
 
 from __future__ import annotations
