@@ -14,11 +14,11 @@ import os
 import re
 import shlex
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from sysbake import log, proc
 from sysbake.errors import BuildError, CommandError
+from sysbake.records import record
 
 # Packages every system-container base needs to boot systemd as PID 1.
 BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus")
@@ -26,7 +26,7 @@ EATMYDATA_HOOKS = Path("/usr/share/mmdebstrap/hooks/eatmydata")
 _ROLE_SUFFIXES = {"updates": "-updates", "security": "-security"}
 
 
-@dataclass(frozen=True)
+@record
 class AptSource:
     """One `deb` entry of the host's apt sources."""
 
@@ -146,7 +146,7 @@ def host_architecture() -> str:
     return out.decode().strip()
 
 
-@dataclass(frozen=True)
+@record
 class BootstrapPlan:
     """Everything mmdebstrap is given; `key_inputs` is what the stage key hashes."""
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,11 @@ from sysbake.cache import StageCache, StageRecord, explain, hash_tree, stage_key
 from sysbake.commit import commit_tree, source_date_epoch
 from sysbake.errors import BuildError
 from sysbake.oci import Image, Layer
+from sysbake.records import field, record
 from sysbake.store import Store
 
 
-@dataclass(frozen=True)
+@record
 class StageResult:
     """What happened to one stage: reused from the cache or rebuilt, and why."""
 
@@ -41,7 +41,7 @@ class StageResult:
                 "digest": self.layer.blob.digest, "seconds": round(self.seconds, 3)}
 
 
-@dataclass(frozen=True)
+@record
 class BuildResult:
     name: str
     ref: str
@@ -54,7 +54,7 @@ class BuildResult:
                 "stages": [s.to_json() for s in self.stages]}
 
 
-@dataclass(frozen=True)
+@record
 class BuildOptions:
     targets: tuple[str, ...] = ()
     no_cache: bool = False
@@ -62,7 +62,7 @@ class BuildOptions:
     keep_failed: bool = False
 
 
-@dataclass
+@record(frozen=False)
 class _ImageBuild:
     """The state of one image while its stages run (private to this module)."""
 
@@ -117,8 +117,8 @@ def build_image(spec: Any, project: Any, store: Store, cache: StageCache,
                          report)
     created = _created(state)
     labels = {**inherited_labels, **state.labels, "io.sysbake.image": spec.name}
-    for record in state.records:
-        labels[f"io.sysbake.stage.{record.stage}"] = record.key
+    for rec in state.records:
+        labels[f"io.sysbake.stage.{rec.stage}"] = rec.key
     config = finalize.image_config(
         finalize.OciSettings.from_spec(spec.config), architecture=architecture,
         diff_ids=[layer.diff_id for layer in state.layers], history=state.history,

@@ -11,13 +11,13 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sysbake import __version__, oci
 from sysbake.fsutil import atomic_write
 from sysbake.oci import Descriptor, Layer
+from sysbake.records import record
 from sysbake.store import Store
 
 KEY_SCHEMA = 1  # bump when the meaning of an input changes
@@ -61,7 +61,7 @@ def _hash_file(h: Any, path: Path) -> None:
     h.update(b"\0")
 
 
-@dataclass(frozen=True)
+@record
 class StageRecord:
     """A cached stage: its inputs and the layer it produced."""
 
@@ -154,9 +154,9 @@ class StageCache:
         if self.last_dir.is_dir():
             last = {p.read_text().strip() for p in self.last_dir.glob("*/*")}
         dropped = 0
-        for record in self.records():
-            if all_records or (record.key not in last and record.layer.diff_id not in tagged):
-                self.remove(record.key)
+        for rec in self.records():
+            if all_records or (rec.key not in last and rec.layer.diff_id not in tagged):
+                self.remove(rec.key)
                 dropped += 1
         if all_records and self.last_dir.is_dir():
             for p in self.last_dir.glob("*/*"):

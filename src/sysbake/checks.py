@@ -7,13 +7,13 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from sysbake import inside, log
 from sysbake import runtime as rt
 from sysbake.errors import RuntimeFailure, SysbakeError
+from sysbake.records import field, record, replace
 
 _STOP_TIMEOUT = 30.0
 _PORT_WAIT = 15.0  # services of a `running` system may still be binding their sockets
@@ -32,7 +32,7 @@ class TestSpecLike(Protocol):
     def ports(self) -> tuple[int, ...]: ...
 
 
-@dataclass(frozen=True)
+@record
 class SystemdOnly:
     """The checks of an image without a [test] section: systemd's own state only."""
 
@@ -44,7 +44,7 @@ class SystemdOnly:
     ports: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True)
+@record
 class FailedUnit:
     """A unit systemd lists as failed, with the tail of its journal."""
 
@@ -52,7 +52,7 @@ class FailedUnit:
     journal: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@record
 class CheckResult:
     """One check: its name ('systemd', 'command: ...', 'unit ...', 'port N', 'stop')."""
 
@@ -64,7 +64,7 @@ class CheckResult:
 Check = Callable[[rt.Container], CheckResult]
 
 
-@dataclass(frozen=True)
+@record
 class TestReport:
     """The outcome of `sysbake test` for one image."""
 

@@ -11,12 +11,12 @@ import os
 import re
 import signal
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any
 
 from sysbake.errors import ConfigError
+from sysbake.records import record
 
 Pairs = tuple[tuple[str, str], ...]
 Check = Callable[[str], str]
@@ -74,7 +74,7 @@ def _is(value: object, kinds: tuple[type, ...]) -> bool:
     return isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
 
 
-@dataclass(frozen=True)
+@record
 class Source:
     """The file being read: how to name it in errors, and where relative paths start."""
 

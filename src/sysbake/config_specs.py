@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from sysbake.config_reader import Pairs, did_you_mean, display_path, rel_path
 from sysbake.errors import ConfigError
+from sysbake.records import field, fields, is_record, record
 
 DEFAULT_CMD = ("/lib/systemd/systemd",)
 DEFAULT_STOP_SIGNAL = "SIGRTMIN+3"
 _MAP: dict[str, bool] = {"mapping": True}  # field metadata: a Pairs field shown as a table
 
 
-@dataclass(frozen=True, kw_only=True)
+@record(kw_only=True)
 class BootstrapSpec:
     """How to make a root filesystem from scratch (mmdebstrap's inputs)."""
 
@@ -53,7 +53,7 @@ class BootstrapSpec:
         return ((self.keyring,) if self.keyring else ()) + self.hooks
 
 
-@dataclass(frozen=True, kw_only=True)
+@record(kw_only=True)
 class OciConfigSpec:
     """The OCI image config of the result."""
 
@@ -76,7 +76,7 @@ class OciConfigSpec:
                 "workdir": self.workdir, "user": self.user, "container": self.container}
 
 
-@dataclass(frozen=True, kw_only=True)
+@record(kw_only=True)
 class FinalizeSpec:
     """Clean-up applied to each layer before it is committed."""
 
@@ -97,7 +97,7 @@ class FinalizeSpec:
                 for f in fields(self)}
 
 
-@dataclass(frozen=True, kw_only=True)
+@record(kw_only=True)
 class TestSpec:
     """What `sysbake test` checks in a booted container."""
 
@@ -116,7 +116,7 @@ class TestSpec:
                 "idempotence": self.idempotence}
 
 
-@dataclass(frozen=True, kw_only=True)
+@record(kw_only=True)
 class _StepBase:
     type: ClassVar[str]
     index: int  # position in the image's provision list, from 1
@@ -136,7 +136,7 @@ class _StepBase:
         return ()
 
 
-@dataclass(frozen=True, kw_only=True)
+@record(kw_only=True)
 class _SaltBase(_StepBase):
     grains_json: str = "{}"  # canonical JSON of the grains table (kept as text: hashable)
     salt_version: str = ""  # "" = sysbake's default
@@ -151,7 +151,7 @@ class _SaltBase(_StepBase):
                                      "keep_salt": self.keep_salt}
 
 
-@dataclass(frozen=True, kw_only=True)
+@record(kw_only=True)
 class SaltStep(_SaltBase):
     """Masterless salt-call with file_roots, pillar_roots, and a top file or an SLS list."""
 
@@ -170,7 +170,7 @@ class SaltStep(_SaltBase):
         return self.state_tree + self.pillar
 
 
-@dataclass(frozen=True, kw_only=True)
+@record(kw_only=True)
 class ProjectStep(_SaltBase):
     """A project directory (its own salt/ and pillar/) deployed as /srv/projects/<project>."""
 
@@ -197,7 +197,7 @@ class ProjectStep(_SaltBase):
         return (self.path, *self.pillar)
 
 
-@dataclass(frozen=True, kw_only=True)
+@record(kw_only=True)
 class ScriptStep(_StepBase):
     """A shell script (a file or inline `run` text) executed inside the image."""
 
@@ -214,7 +214,7 @@ class ScriptStep(_StepBase):
         return (self.script,) if self.script else ()
 
 
-@dataclass(frozen=True, kw_only=True)
+@record(kw_only=True)
 class FilesStep(_StepBase):
     """A file or tree copied into the image. It runs nothing, hence no boot and no network;
     its TOML `mode` key is the octal file mode (`file_mode` here)."""
@@ -241,7 +241,7 @@ class FilesStep(_StepBase):
 Step = SaltStep | ProjectStep | ScriptStep | FilesStep
 
 
-@dataclass(frozen=True, kw_only=True)
+@record(kw_only=True)
 class ImageSpec:
     """One image of the project: its parent (or bootstrap), steps, clean-up and config."""
 
@@ -266,7 +266,7 @@ class ImageSpec:
                 "description": self.description}
 
 
-@dataclass(frozen=True, kw_only=True)
+@record(kw_only=True)
 class Project:
     """A loaded sysbake.toml."""
 
@@ -301,7 +301,7 @@ class Project:
 
 
 def _jsonable(value: object) -> Any:
-    if is_dataclass(value) and not isinstance(value, type):
+    if is_record(value) and not isinstance(value, type):
         out: dict[str, Any] = {"type": value.type} if isinstance(value, _StepBase) else {}
         for f in fields(value):
             item = getattr(value, f.name)

@@ -25,7 +25,6 @@ import tarfile
 import tempfile
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -35,6 +34,7 @@ from sysbake.compress import Readable
 from sysbake.errors import CommandError, StoreError, SysbakeError
 from sysbake.fsutil import remove_tree
 from sysbake.oci import Descriptor, Image, Layer
+from sysbake.records import record
 from sysbake.store import Store, normalize_ref
 
 FORMATS = ("oci", "oci-archive", "docker-archive", "rootfs")
@@ -162,7 +162,7 @@ def _file_stream(path: Path, digest: str) -> Iterator[Readable]:
         checked.finish()
 
 
-@dataclass(frozen=True)
+@record
 class _Entry:
     """One file of an export: its name inside, size, digest and how to read it; `path`
     is a file holding exactly that content (it may be hard-linked)."""
@@ -219,7 +219,7 @@ def _copy_exactly(entry: _Entry, out: BinaryIO) -> None:
 # -- OCI layouts ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class _Source:
     image: Image
     name: str | None  # the "name:tag" the export carries

@@ -7,13 +7,13 @@ import glob
 import os
 import signal
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sysbake import __version__
 from sysbake.config_specs import FinalizeSpec
 from sysbake.fsutil import remove_tree
+from sysbake.records import record
 
 # Units that cannot work in a container (no devices, no kernel modules, no hardware
 # clock, no real ttys, a read-only /sys) or that only make sense on a booted host.
@@ -218,7 +218,7 @@ def signal_name(value: str | int) -> str:
     return upper if upper.startswith("SIG") else f"SIG{upper}"
 
 
-@dataclass(frozen=True)
+@record
 class OciSettings:
     """The image config a user asked for (from the project file's [config])."""
 

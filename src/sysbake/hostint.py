@@ -12,12 +12,12 @@ import os
 import re
 import shlex
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from sysbake import log, proc
 from sysbake.errors import CommandError, SysbakeError
+from sysbake.records import record
 
 CgroupMode = Literal["v1", "hybrid", "v2"]
 Engine = Literal["docker", "podman"]
@@ -36,7 +36,7 @@ class HostError(SysbakeError):
     """The host cannot do what was asked (no AppArmor, no docker daemon, no cgroup fs...)."""
 
 
-@dataclass(frozen=True)
+@record
 class HostFacts:
     """What decides the run flags: the cgroup layout, privileges and security modules."""
 
@@ -47,7 +47,7 @@ class HostFacts:
     cap_sys_resource: bool = True
 
 
-@dataclass(frozen=True)
+@record
 class ImageFacts:
     """What an image's config already provides to systemd (so flags need not repeat it)."""
 
@@ -72,7 +72,7 @@ class ImageFacts:
                    container_env=container, command=(*entry, *cmd))
 
 
-@dataclass(frozen=True)
+@record
 class RunFlags:
     """`<engine> run` flags for systemd as PID 1, with notes the user should read."""
 

@@ -20,7 +20,6 @@ import shlex
 import shutil
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from sysbake.errors import BuildError, CommandError, SysbakeError
 from sysbake.fsutil import remove_tree
 from sysbake.layers_tar import is_opaque, read_xattrs
 from sysbake.oci import Layer
+from sysbake.records import field, record
 from sysbake.store import Store
 
 RUN_DIR = "/run/sysbake"
@@ -41,7 +41,7 @@ _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _POLICY_RC = "#!/bin/sh\n# sysbake chroot step: no service starts\nexit 101\n"
 
 
-@dataclass(frozen=True)
+@record
 class StepPlan:
     """What a step runs: its command and environment, read-only mounts, generated files
     (container path under CONF_DIR -> bytes), and how to judge its output."""

@@ -18,13 +18,13 @@ import json
 import platform
 import time
 import urllib.parse
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from sysbake import compress, log, oci
 from sysbake.errors import StoreError
 from sysbake.oci import Descriptor, Image
+from sysbake.records import field, record
 from sysbake.registry_auth import Credentials, RegistryError, auth_files, lookup_credentials
 from sysbake.registry_cache import blob_repositories, remember_blobs, seed_stage_cache
 from sysbake.registry_client import Reference, Session, TlsOptions
@@ -41,7 +41,7 @@ _MACHINE_ARCH = {"x86_64": ("amd64", None), "aarch64": ("arm64", None),
                  "riscv64": ("riscv64", None)}
 
 
-@dataclass(frozen=True)
+@record
 class ConnectOptions:
     """How to reach a registry: TLS settings, explicit credentials, the auth file to read."""
 
@@ -50,7 +50,7 @@ class ConnectOptions:
     auth_file: Path | None = None
 
 
-@dataclass(frozen=True)
+@record
 class PushResult:
     ref: str
     digest: str
@@ -63,7 +63,7 @@ class PushResult:
                 "present": self.present, "mounted": self.mounted}
 
 
-@dataclass(frozen=True)
+@record
 class PullResult:
     source: str
     ref: str

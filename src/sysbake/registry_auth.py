@@ -16,20 +16,20 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sysbake import log
 from sysbake.errors import SysbakeError
 from sysbake.fsutil import atomic_write
+from sysbake.records import record
 
 
 class RegistryError(SysbakeError):
     """Talking to a registry failed: refused, dropped, denied, not found or lied to."""
 
 
-@dataclass(frozen=True)
+@record
 class Credentials:
     """A user name and password (or token) for one registry."""
 
@@ -58,7 +58,7 @@ _SCHEME_RE = re.compile(rf"[\s,]*({_TOKEN})")
 _PARAM_RE = re.compile(rf"[\s,]*({_TOKEN})\s*=\s*(?:\"((?:[^\"\\]|\\.)*)\"|([^\s,\"]+))")
 
 
-@dataclass(frozen=True)
+@record
 class Challenge:
     """One authentication challenge: a scheme ('basic', 'bearer') and its parameters."""
 

@@ -16,11 +16,11 @@ import socket
 import ssl
 import urllib.parse
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from sysbake import log, oci
+from sysbake.records import field, record
 from sysbake.registry_auth import (
     Challenge,
     Credentials,
@@ -47,7 +47,7 @@ class Body(Protocol):
     def seek(self, pos: int) -> int: ...
 
 
-@dataclass(frozen=True)
+@record
 class Reference:
     """An image in a registry: host[:port]/repository[:tag][@digest]."""
 
@@ -108,7 +108,7 @@ def is_loopback(registry: str) -> bool:
         return False
 
 
-@dataclass(frozen=True)
+@record
 class TlsOptions:
     """--tls-verify and --cert-dir (a directory of *.crt CAs and *.cert/*.key pairs, or one
     CA file); without cert_dir, /etc/containers/certs.d/HOST and /etc/docker/certs.d/HOST."""
@@ -197,7 +197,7 @@ def _reason(exc: BaseException) -> str:
     return str(getattr(exc, "strerror", None) or exc) or type(exc).__name__
 
 
-@dataclass
+@record(frozen=False)
 class Session:
     """Requests to one registry with its scheme, TLS context and auth state (mutable:
     the scheme is probed and tokens are fetched on first use)."""

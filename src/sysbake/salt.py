@@ -26,13 +26,13 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sysbake import cache, proc
 from sysbake.errors import BuildError
 from sysbake.fsutil import remove_tree
+from sysbake.records import record
 from sysbake.salt_toolchain import (
     DEFAULT_SALT_VERSION,
     Toolchain,
@@ -85,7 +85,7 @@ _RENAMED_TOP = """\
 """
 
 
-@dataclass(frozen=True)
+@record
 class SaltRun:
     """One `salt-call --local state.apply`: state trees (Salt's file_roots), global pillar
     roots, an optional project pillar merged over them, SLS names (empty = highstate from
@@ -238,7 +238,7 @@ def install_salt(toolchain: Toolchain, root: Path) -> None:
     wrapper.chmod(0o755)
 
 
-@dataclass(frozen=True)
+@record
 class StateOutcome:
     """One state of a Salt run, as salt-call's JSON output reports it."""
 
@@ -256,7 +256,7 @@ class StateOutcome:
         return f"{self.id} ({self.function} {self.name!r}, sls {self.sls}): {first}"
 
 
-@dataclass(frozen=True)
+@record
 class SaltResult:
     """What a run did: its states in run order, or the errors that stopped it before any
     state ran (a top file, an SLS or the pillar that failed to render), with the details

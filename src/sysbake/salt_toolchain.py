@@ -20,13 +20,13 @@ import shlex
 import sys
 import tarfile
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sysbake import bootstrap, log, oci, proc
 from sysbake.errors import BuildError, CommandError
 from sysbake.fsutil import atomic_write, remove_tree
+from sysbake.records import record
 from sysbake.store import Store
 
 DEFAULT_SALT_VERSION = "3007.16"  # the newest 3007.x whose dependencies the index serves here
@@ -155,7 +155,7 @@ while True:
     probe = boot_probe()"""
 
 
-@dataclass(frozen=True)
+@record
 class Toolchain:
     """A built toolchain: `python`, `loader`, `library_path` are relative to `path`; `key`
     is `toolchain_key` of what built it (for stage keys)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -25,6 +24,7 @@ from sysbake.config import (
     load_project,
 )
 from sysbake.errors import ConfigError
+from sysbake.records import FrozenInstanceError
 
 BASE = '[images.base.bootstrap]\nsuite = "bookworm"\n'
 
@@ -232,7 +232,7 @@ def test_values_are_frozen_and_hashable(proj: Path) -> None:
     project = load(proj, image('[[images.web.provision]]\ntype = "salt"\nstate_tree = "salt"\n'
                                "grains = { a = [1, { b = 2 }] }\n"))
     assert hash(project) == hash(load(proj, (proj / "sysbake.toml").read_text()))
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(FrozenInstanceError):
         project.images[0].tag = "x"  # type: ignore[misc]
     step = project.images[1].provision[0]
     assert isinstance(step, SaltStep)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -17,6 +16,7 @@ import pytest
 
 from sysbake import salt, salt_toolchain
 from sysbake.errors import BuildError
+from sysbake.records import replace
 from sysbake.salt import SaltRun, Toolchain
 
 DATA = Path(__file__).parent / "data" / "salt"
@@ -159,7 +159,7 @@ def test_toolchain_argv_and_metadata_round_trip(tmp_path: Path) -> None:
             "python": tc.python, "loader": tc.loader, "library_path": list(tc.library_path),
             "key": tc.key}
     salt_toolchain._write_wrapper(tmp_path, meta)
-    assert Toolchain.load(tmp_path) == dataclasses.replace(tc, ordered_pillar=False)
+    assert Toolchain.load(tmp_path) == replace(tc, ordered_pillar=False)
     pillar = tmp_path / "opt/salt/lib/salt/pillar"
     pillar.mkdir(parents=True)
     (pillar / "__init__.py").write_text('env_order = self.opts.get("env_order") or []\n')
@@ -307,7 +307,7 @@ def test_bad_runs_are_refused(tmp_path: Path) -> None:
         _run(tmp_path, pillar=(Path("pillar"),))
     with pytest.raises(BuildError, match=r"grains '\[1\]': expected a JSON object"):
         _run(tmp_path, grains_json="[1]")
-    old = dataclasses.replace(_toolchain(), version="3007.1", ordered_pillar=False)
+    old = replace(_toolchain(), version="3007.1", ordered_pillar=False)
     with pytest.raises(BuildError, match=r"^salt_version '3007.1' cannot merge a project "):
         SaltRun(old, (tmp_path,), project_pillar=tmp_path)
 
