@@ -52,6 +52,8 @@ class RunOptions(NamedTuple):
     runtime: str = "runc"
     env: tuple[str, ...] = ()
     command: tuple[str, ...] = ()
+    # PID 1 starts as this program, which must exec its arguments: the image's command.
+    wrapper: tuple[str, ...] = ()
 
 
 class Container(NamedTuple):
@@ -470,13 +472,15 @@ def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[s
         process = bundle.process_from_image(image_config, init=init,
                                             container_uuid=os.urandom(16).hex(),
                                             env=options.env, command=options.command)
-        if process.args[0].startswith("/") and find_in_root(rootfs, process.args[0]) is None:
-            raise RuntimeFailure(f"image {image}: the command {process.args[0]} does not "
-                                 "exist in the image")
+        for exe in (*options.wrapper[:1], process.args[0]):
+            if exe.startswith("/") and find_in_root(rootfs, exe) is None:
+                raise RuntimeFailure(f"image {image}: the command {exe} does not exist in "
+                                     "the image")
         hostname = bundle.hostname_for(name)
         cgroups_path = _cgroups_path(runtime_id)
         spec = BundleSpec(
-            hostname=hostname, process=process, network=options.network,
+            hostname=hostname, process=process._replace(args=options.wrapper + process.args),
+            network=options.network,
             binds=_etc_binds(cdir, rootfs, hostname, options.network) + options.binds,
             cgroups_path=cgroups_path,
             systemd_cgroup=_systemd_cgroup(options.runtime, cgroups_path),

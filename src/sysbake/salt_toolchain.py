@@ -145,7 +145,11 @@ def boot_probe():
 probe = boot_probe()
 import salt.cli.call, salt.minion, salt.state
 while True:
-    state = probe.communicate()[0].strip()
+    try:
+        state = probe.communicate(timeout=max(deadline - time.monotonic(), 0.1))[0].strip()
+    except subprocess.TimeoutExpired:  # a boot that never ends
+        probe.kill()
+        state = probe.communicate()[0].strip()
     if state in ("running", "degraded"):
         break
     if state not in ("", "offline", "initializing", "starting") or time.monotonic() > deadline:
