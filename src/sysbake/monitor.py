@@ -5,8 +5,8 @@ It is forked before the container's rootfs is mounted and gets ready meanwhile (
 session, lock and console socket: off the launching process's path); once the bundle is
 written it is told to go. It outlives the launching process: it starts the runtime
 detached with a console socket, copies the container's console (systemd's boot output) to
-console.log, reaps PID 1 as a child subreaper to learn its exit code, then deletes the
-runtime state, unmounts the rootfs and writes exit.json. The launching process waits only
+console.log, reaps PID 1 as a child subreaper to learn its exit code, then unmounts the
+rootfs, writes exit.json and deletes the runtime state. The launching process waits only
 until the container runs (or failed to start) and gets PID 1's host pid.
 
 Files in the container directory: bundle/ (config.json, rootfs), console.log,
@@ -304,10 +304,9 @@ def _reap(init_pid: int) -> tuple[bool, int | None]:
 
 
 def _finish(spec: MonitorSpec, status: int | None) -> None:
+    # The exit record as soon as the rootfs is unmounted (what a build waits for to take
+    # the upper dir), then the runtime's delete, which the record does not wait for.
     cdir = spec.dir
-    # Not killed with us: a delete that has begun had better finish.
-    proc.run([spec.runtime, "--root", spec.root, "delete", "--force", spec.id], check=False,
-             what=f"{Path(spec.runtime).name} delete", die_with_parent=False)
     overlay.umount(cdir / "bundle" / "rootfs")
     code: int | None = None
     sig: int | None = None
@@ -319,4 +318,7 @@ def _finish(spec: MonitorSpec, status: int | None) -> None:
             code = os.waitstatus_to_exitcode(status)
     record = {"code": code, "signal": sig, "finished": time.time()}
     atomic_write(cdir / "exit.json", json.dumps(record).encode(), durable=False)
+    # Not killed with us: a delete that has begun had better finish.
+    proc.run([spec.runtime, "--root", spec.root, "delete", "--force", spec.id], check=False,
+             what=f"{Path(spec.runtime).name} delete", die_with_parent=False)
 

@@ -490,7 +490,8 @@ def _run_booted(plan: StepPlan, store: Store, lowerdirs: list[Path],
             if keep_failed:
                 _KEEP.add(container.name)
             raise
-        if runtime.stop(container, timeout=60).killed:
+        # The runtime's delete goes on meanwhile; `_booted` removes the container after it.
+        if runtime.halt(container, timeout=60).killed:
             log.warn(f"{where}: the build container had to be killed to stop")
         os.rename(container.dir / "upper", staging / "upper")
         os.rename(container.dir / "work", staging / "work")

@@ -266,9 +266,9 @@ def _monitor_pid(container: Container) -> int | None:
 
 
 def _until_monitor_ends(container: Container, seconds: float) -> bool:
-    """Wait until the monitor ends (it writes exit.json last), `seconds` at most, woken by
-    a pidfd rather than by polling (a stop waits for exactly this). False, at once, when
-    there is no monitor to wait for."""
+    """Wait until the monitor ends (after exit.json: the runtime's delete), `seconds` at
+    most, woken by a pidfd rather than by polling (a stop waits for exactly this). False,
+    at once, when there is no monitor to wait for."""
     pid = _monitor_pid(container)
     try:
         pidfd = os.pidfd_open(pid) if pid is not None else None
@@ -628,6 +628,15 @@ def _teardown(container: Container) -> None:
 def stop(container: Container, timeout: float = 10.0) -> StopResult:
     """Stop with the image's stop signal, SIGKILL after `timeout` s; delete the runtime
     state and unmount the rootfs. Idempotent."""
+    result = halt(container, timeout)
+    _teardown(container)
+    return result
+
+
+def halt(container: Container, timeout: float = 10.0) -> StopResult:
+    """`stop`, but returning once PID 1's end is recorded (its rootfs unmounted), while
+    the runtime's state may still be being deleted (`stop` and `remove` wait for that).
+    Idempotent."""
     killed = False
     if _running(container):
         log.info(f"stopping {container.name} (signal {container.stop_signal})")
@@ -638,7 +647,8 @@ def stop(container: Container, timeout: float = 10.0) -> StopResult:
             _kill(container, signal.SIGKILL)
             if not _wait_exit(container, 30.0):
                 raise RuntimeFailure(f"container {container.name} survived SIGKILL")
-    _teardown(container)
+    if _exit_record(container) is None:  # no monitor recorded the end: it did not unmount
+        overlay.umount(container.rootfs)
     return StopResult(exit_code(container), killed)
 
 
