@@ -401,9 +401,8 @@ def _prepare_monitor(cdir: Path, runtime: str, runtime_name: str,
 
 
 # What `create` waits for in the rootfs of a systemd PID 1 (`grace` s at most): by default
-# systemd's private socket, so that `run -d` then `exec systemctl ...` works at once; a
-# build step's script waits for systemd started; Salt, which waits for the boot itself,
-# for nothing (None).
+# systemd's private socket, so that `run -d` then `exec systemctl ...` works at once; build
+# steps, which wait for the boot themselves, for nothing (None).
 SYSTEMD_READY = "run/systemd/private"
 SYSTEMD_STARTED = "run/systemd/system"
 
