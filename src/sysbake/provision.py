@@ -446,8 +446,8 @@ def _check_boot(state: str, where: str) -> None:
 
 
 def _step_result(booted: _Booted, where: str) -> tuple[int, bytes, bytes]:
-    """Wait for the step's exit code (checking every 0.5 s that systemd still runs), then
-    its exit code, stdout and stderr."""
+    """The step's exit code, stdout and stderr, once it has ended (meanwhile, every
+    0.5 s, a check that systemd still runs)."""
     from sysbake.salt_toolchain import BOOT_FAILED
 
     waiter = select.poll()
