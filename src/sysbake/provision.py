@@ -354,6 +354,7 @@ def _write_files(files: dict[str, bytes], conf: Path) -> None:
 # of the conf dir and its exit code into a FIFO there (which the build process waits on),
 # then becomes the image's init (exec keeps PID 1). The step is systemd's descendant.
 _STEP_OUT, _STEP_ERR, _STEP_DONE = "step.out", "step.err", "step.done"
+_STEP_STARTED = "step.started"  # a FIFO: PID 1 execs its init once the step is set up
 # For a command that does not wait for the boot itself (Salt's does): the same wait, the
 # same BOOT_FAILED exit with "sysbake: boot: STATE" on stderr when it ends badly.
 _WAIT_FOR_BOOT = """\
@@ -371,8 +372,10 @@ done"""
 
 def _wrapper(plan: StepPlan) -> tuple[str, ...]:
     """The program PID 1 starts as: the step in the background, then `exec` of the init.
-    The step gets a session of its own (setsid): systemd, taking over the console,
-    hangs up the session it started in; the subshell around it only traps that."""
+    systemd, taking over the console, at once hangs up the session it started in: the
+    step gets a session of its own (setsid) and PID 1 execs systemd only once the step
+    runs in it (a rendezvous on the step.started FIFO); the subshell that reports the
+    step's exit code traps the hang-up."""
     from sysbake.salt_toolchain import BOOT_FAILED
 
     step = "exec " + shlex.join(["/usr/bin/env", "-i",
@@ -380,10 +383,11 @@ def _wrapper(plan: StepPlan) -> tuple[str, ...]:
     if not plan.waits_for_boot:
         wait = _WAIT_FOR_BOOT.format(timeout=int(BOOT_TIMEOUT), failed=BOOT_FAILED)
         step = f"{wait}\n{step}"
+    step = f": >{CONF_DIR}/{_STEP_STARTED}\n{step}"
     script = (f"(trap : HUP; setsid /bin/sh -c {shlex.quote(step)} </dev/null "
               f">{CONF_DIR}/{_STEP_OUT} 2>{CONF_DIR}/{_STEP_ERR}; "
               f"echo $? >{CONF_DIR}/{_STEP_DONE}) </dev/null >/dev/null 2>&1 & "
-              'exec "$@"')
+              f': <{CONF_DIR}/{_STEP_STARTED}; exec "$@"')
     return ("/bin/sh", "-c", script, "sysbake-step")
 
 
@@ -406,7 +410,8 @@ def _booted(plan: StepPlan, store: Store, lowerdirs: list[Path], config: dict[st
     conf = staging / "conf"
     conf.mkdir()
     _write_files(plan.files, conf)
-    os.mkfifo(conf / _STEP_DONE, 0o600)
+    for fifo in (_STEP_STARTED, _STEP_DONE):
+        os.mkfifo(conf / fifo, 0o600)
     binds = [BindMount(str(conf), CONF_DIR, readonly=False)]
     binds += [BindMount(str(host), dest, readonly=True) for host, dest in plan.mounts]
     name = f"build-{os.urandom(5).hex()}"

@@ -23,6 +23,7 @@ def _run(tmp_path: Path, plan: StepPlan, systemctl: str = "echo running",
     conf.mkdir()
     fifo = conf / "step.done"
     os.mkfifo(fifo)
+    os.mkfifo(conf / "step.started")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "systemctl").write_text(f"#!/bin/sh\n{systemctl}\n")
@@ -76,10 +77,11 @@ def test_a_boot_that_ends_badly_stops_the_step_before_it_runs(tmp_path: Path,
 
 
 def test_the_step_survives_the_hang_up_of_the_session_it_started_in(tmp_path: Path) -> None:
-    """systemd, taking over the console as PID 1, hangs up the session it was started in:
-    the step has a session of its own; the subshell reporting its exit code ignores it."""
+    """systemd, taking over the console as PID 1, hangs up the session it was started in,
+    as soon as it starts: the step has a session of its own; the subshell reporting its
+    exit code traps the hang-up before PID 1 execs the init."""
     plan = StepPlan(("/bin/sh", "-c", "sleep 0.5; echo survived"), {"PATH": "/usr/bin:/bin"},
                     waits_for_boot=True)
-    init = ("/bin/sh", "-c", "trap '' HUP; sleep 0.1; kill -HUP 0; echo init ran")
+    init = ("/bin/sh", "-c", "trap '' HUP; kill -HUP 0; echo init ran")  # at once
     assert _run(tmp_path, plan, init=init) == ("0", "init ran")
     assert (tmp_path / "conf/step.out").read_text() == "survived\n"
