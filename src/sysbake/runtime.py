@@ -606,10 +606,9 @@ def _wait_exit(container: Container, timeout: float, *, nudge: bool = False) -> 
 _NUDGE = 0.5  # seconds between two SIGCHLDs to a stopping PID 1
 
 
-def ended(container: Container, *, within: float = 0.0) -> bool:
-    """Whether PID 1 has ended, waiting at most `within` s for it (and for its end to be
-    recorded)."""
-    return _wait_exit(container, within)
+def ended(container: Container) -> bool:
+    """Whether PID 1 has ended (and, if its monitor lives, its end is recorded)."""
+    return _wait_exit(container, 0.0)
 
 
 def _teardown(container: Container) -> None:
