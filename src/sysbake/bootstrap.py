@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sysbake import log, proc
 from sysbake.errors import BuildError, CommandError
+from sysbake.fsutil import no_space_line, raise_disk
 from sysbake.records import record
 
 # Packages every system-container base needs to boot systemd as PID 1.
@@ -208,16 +209,34 @@ def _explain_failure(tail: str) -> str:
     lines = [line.strip() for line in tail.splitlines() if line.strip()]
     for pattern in (r"Unable to locate package", r"does not have a Release file",
                     r"Failed to fetch", r"Could not resolve", r"Connection refused",
-                    r"No space left", r"^E:"):
+                    r"^E:"):
         for line in lines:
             if re.search(pattern, line):
                 return re.sub(r"^(E|W|I): ", "", line)
     return lines[-1] if lines else "no output"
 
 
+APT_ARCHIVES = "/var/cache/apt/archives"  # where the .deb cache is mounted in the root
+
+
+def failure_message(suite: str, output: str, target: Path, debs: Path) -> str:
+    """The one-line error of a failed bootstrap of `suite` into `target`, from the
+    output of mmdebstrap (or debootstrap): a full disk names the directory it filled
+    (the .deb cache when apt's download hit it, else the root being made) and the line
+    of tar, dpkg or apt that met it."""
+    full = no_space_line(output)
+    if full is None:
+        return f"bootstrap {suite}: {_explain_failure(output)}"
+    where = debs if APT_ARCHIVES in full else target
+    return f"bootstrap {suite}: no space left on device writing {where}: {full}"
+
+
 def run_bootstrap(plan: BootstrapPlan, target: Path, debs: Path) -> None:
     """Bootstrap `plan` into the (non-existing or empty) directory `target`."""
-    debs.mkdir(parents=True, exist_ok=True)
+    try:
+        debs.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise_disk(exc, f"bootstrap {plan.suite}: creating the .deb cache {debs}")
     if proc.which("mmdebstrap") is None:
         _debootstrap(plan, target, debs)
         return
@@ -225,10 +244,14 @@ def run_bootstrap(plan: BootstrapPlan, target: Path, debs: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("APT_", "DEBIAN_"))}
     with _cache_lock(debs):
         try:
-            proc.run(cmd, what="mmdebstrap", stream=log.debug_enabled(), env=env)
+            # Not checked by proc: the whole output is searched, not only its tail.
+            result = proc.run(cmd, what="mmdebstrap", stream=log.debug_enabled(), env=env,
+                              check=False)
         except CommandError as exc:
-            detail = _explain_failure(exc.tail or str(exc))
-            raise BuildError(f"bootstrap {plan.suite}: {detail}") from exc
+            raise BuildError(f"bootstrap {plan.suite}: {exc}") from exc
+    if result.returncode != 0:
+        output = (result.stdout + b"\n" + result.stderr).decode(errors="replace")
+        raise BuildError(failure_message(plan.suite, output, target, debs))
 
 
 @contextlib.contextmanager
@@ -256,8 +279,8 @@ def _debootstrap(plan: BootstrapPlan, target: Path, debs: Path) -> None:
            f"--include={','.join(plan.packages)}", f"--cache-dir={debs}"]
     if plan.keyring:
         cmd.append(f"--keyring={plan.keyring}")
-    try:
-        proc.run([*cmd, plan.suite, str(target), uri], what="debootstrap")
-    except CommandError as exc:
-        raise BuildError(f"bootstrap {plan.suite}: {_explain_failure(exc.tail)}") from exc
+    result = proc.run([*cmd, plan.suite, str(target), uri], what="debootstrap", check=False)
+    if result.returncode != 0:
+        output = (result.stdout + b"\n" + result.stderr).decode(errors="replace")
+        raise BuildError(failure_message(plan.suite, output, target, debs))
     proc.run(["chroot", str(target), "apt-get", "clean"], what="apt-get clean", check=False)

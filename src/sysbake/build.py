@@ -19,7 +19,8 @@ from sysbake.cache import StageCache, StageRecord, explain, hash_tree, stage_key
 from sysbake.commit import commit_tree, source_date_epoch
 from sysbake.errors import BuildError
 from sysbake.oci import Image, Layer
-from sysbake.records import field, record
+from sysbake.records import field, record, replace
+from sysbake.rootfs import Root
 from sysbake.store import Store
 
 
@@ -34,11 +35,13 @@ class StageResult:
     reason: str
     layer: Layer
     seconds: float
+    origin: str = ""  # the cache source a reused stage came from ("": this store)
 
     def to_json(self) -> dict[str, Any]:
         return {"image": self.image, "stage": self.stage, "key": self.key,
                 "reused": self.reused, "reason": self.reason, "diff_id": self.layer.diff_id,
-                "digest": self.layer.blob.digest, "seconds": round(self.seconds, 3)}
+                "digest": self.layer.blob.digest, "seconds": round(self.seconds, 3),
+                "origin": self.origin}
 
 
 @record
@@ -60,6 +63,8 @@ class BuildOptions:
     no_cache: bool = False
     compression: str = "gzip"
     keep_failed: bool = False
+    # Stages offered by the cache sources the user named (--cache-from), for this build.
+    cache_from: tuple[StageRecord, ...] = ()
 
 
 @record(frozen=False)
@@ -175,9 +180,14 @@ def run_stage(
     record it (only after the layer blob is committed)."""
     started = time.monotonic()
     key = stage_key(inputs)
-    hit = None if options.no_cache else cache.lookup(key)
-    if hit is not None:
+    hit = None if options.no_cache else cache.lookup(key, options.cache_from)
+    if hit is not None and hit.origin is not None:
+        # Taken from a named cache source: now this store's record of its stage.
+        hit = replace(hit, image=state.name, stage=stage)
+        cache.save(hit)
+    elif hit is not None:
         cache.remember(hit)
+    if hit is not None:
         record, reused, reason = hit, True, "all inputs unchanged"
     else:
         last = cache.last(state.name, stage)
@@ -197,7 +207,8 @@ def run_stage(
     state.history.append({"created": record.created, "created_by": record.created_by,
                           "comment": f"sysbake {stage} {key[:16]}"})
     result = StageResult(state.name, stage, key, reused, reason, record.layer,
-                         time.monotonic() - started)
+                         time.monotonic() - started,
+                         str(record.origin) if reused and record.origin else "")
     state.results.append(result)
     report(result)
     return record
@@ -222,8 +233,9 @@ def _bootstrap_stage(spec: Any, plan: bootstrap.BootstrapPlan, cleanup: finalize
             with log.step(f"{spec.name}: mmdebstrap {plan.suite} ({plan.variant}, "
                           f"{plan.architecture})"):
                 bootstrap.run_bootstrap(plan, tree, store.debs_dir)
-            finalize.make_container_ready(tree, cleanup)
-            finalize.clean_tree(tree, cleanup)
+            with Root(tree) as root:
+                finalize.make_container_ready(root, cleanup)
+                finalize.clean_tree(root, cleanup)
             with log.step(f"{spec.name}: committing the base layer"):
                 layer = commit_tree(store, tree, compression=options.compression,
                                     mtime=source_date_epoch())
@@ -245,7 +257,5 @@ def _provision_stage(spec: Any, index: int, step: Any, cleanup: finalize.Cleanup
                      options: BuildOptions, report: Reporter) -> None:
     from sysbake import provision  # imported on demand: the no-step fast path stays lean
 
-    if index == 0:
-        provision.reap_orphans(store)
     provision.run_step(spec, index, step, cleanup, project, store, cache, state, options,
                        report, run_stage)

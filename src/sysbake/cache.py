@@ -11,10 +11,13 @@ import hashlib
 import json
 import os
 import re
+import stat
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from sysbake import __version__, oci
+from sysbake.errors import BuildError
 from sysbake.fsutil import atomic_write
 from sysbake.oci import Descriptor, Layer
 from sysbake.records import record
@@ -31,39 +34,96 @@ def stage_key(inputs: dict[str, Any]) -> str:
 
 def hash_tree(path: Path) -> str:
     """A digest of a file or directory tree: names, types, modes, link targets, contents.
-    Owners and mtimes are left out on purpose: a fresh checkout must hit the cache."""
-    h = hashlib.sha256()
-    if not path.exists():
+    Owners and mtimes are left out on purpose: a fresh checkout must hit the cache. `path`
+    itself is followed when it is a link (the project file checks where it leads); nothing
+    under it is: a link is hashed as its target, and names as bytes, whatever their encoding."""
+    top = os.fsencode(os.path.realpath(path))
+    try:
+        st = os.stat(top)
+    except FileNotFoundError:
         return "missing"
-    if path.is_file():
-        h.update(b"F" + oct(path.stat().st_mode & 0o7777).encode())
-        _hash_file(h, path)
+    except OSError as exc:
+        raise BuildError(f"{path}: cannot read: {exc.strerror}") from None
+    h = hashlib.sha256()
+    if not stat.S_ISDIR(st.st_mode):
+        h.update(b"F" + oct(st.st_mode & 0o7777).encode())
+        _hash_file(h, top)
         return "sha256:" + h.hexdigest()
-    for dirpath, dirs, files in os.walk(path):
-        dirs.sort()
-        rel = os.path.relpath(dirpath, path)
-        h.update(b"D\0" + rel.encode() + b"\0")
-        for name in sorted(files + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]):
-            full = Path(dirpath, name)
-            st = full.lstat()
-            h.update(name.encode() + b"\0" + oct(st.st_mode).encode() + b"\0")
-            if full.is_symlink():
-                h.update(os.readlink(full).encode() + b"\0")
-            elif full.is_file():
-                _hash_file(h, full)
+    # Depth first, each directory's entries in byte order; iterative: a tree may be deeper
+    # than Python's recursion limit.
+    todo = [(b".", st.st_mode)]
+    while todo:
+        rel, mode = todo.pop()
+        h.update(b"D\0" + rel + b"\0" + oct(mode).encode() + b"\0")
+        where = top if rel == b"." else os.path.join(top, rel)
+        try:
+            subdirs = _hash_entries(h, where)
+        except OSError as exc:
+            raise BuildError(f"{os.fsdecode(where)}: cannot read: {exc.strerror}") from None
+        todo += [(name if rel == b"." else rel + b"/" + name, m) for name, m in
+                 reversed(subdirs)]
     return "sha256:" + h.hexdigest()
 
 
-def _hash_file(h: Any, path: Path) -> None:
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
+def _hash_entries(h: Any, directory: bytes) -> list[tuple[bytes, int]]:
+    """Hash the entries of `directory` that are not directories (links to them included);
+    return its subdirectories (name, mode), sorted. Nothing is opened through a link."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        with os.scandir(fd) as it:
+            entries = sorted((os.fsencode(e.name), e.stat(follow_symlinks=False).st_mode)
+                             for e in it)
+        subdirs = []
+        for name, mode in entries:
+            if stat.S_ISDIR(mode):
+                subdirs.append((name, mode))
+                continue
+            h.update(name + b"\0" + oct(mode).encode() + b"\0")
+            if stat.S_ISLNK(mode):
+                h.update(os.readlink(name, dir_fd=fd) + b"\0")
+            elif stat.S_ISREG(mode):
+                _hash_file(h, name, dir_fd=fd)
+        return subdirs
+    finally:
+        os.close(fd)
+
+
+def _hash_file(h: Any, path: bytes, dir_fd: int | None = None) -> None:
+    # O_NOFOLLOW: a file swapped for a link is not read; O_NONBLOCK: nor does a FIFO hang.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                 dir_fd=dir_fd)
+    with os.fdopen(fd, "rb") as f:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
     h.update(b"\0")
 
 
 @record
+class Origin:
+    """Where a stage came from when it was not built here: the image a cache source named
+    by the user (`build --cache-from`) published it in."""
+
+    registry: str
+    repository: str
+    manifest: str  # the manifest digest in that registry
+
+    def __str__(self) -> str:
+        return f"{self.registry}/{self.repository}@{self.manifest}"
+
+    def to_json(self) -> dict[str, str]:
+        return {"registry": self.registry, "repository": self.repository,
+                "manifest": self.manifest}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Origin:
+        return cls(str(doc["registry"]), str(doc["repository"]), str(doc["manifest"]))
+
+
+@record
 class StageRecord:
-    """A cached stage: its inputs and the layer it produced."""
+    """A cached stage: its inputs and the layer it produced; `origin` names the cache
+    source it was taken from (None: built by this store)."""
 
     key: str
     image: str
@@ -72,20 +132,26 @@ class StageRecord:
     layer: Layer
     created: str
     created_by: str
+    origin: Origin | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc = {
             "key": self.key, "image": self.image, "stage": self.stage, "inputs": self.inputs,
             "layer": self.layer.blob.to_json(), "diff_id": self.layer.diff_id,
             "created": self.created, "created_by": self.created_by,
         }
+        if self.origin is not None:
+            doc["origin"] = self.origin.to_json()
+        return doc
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> StageRecord:
+        origin = doc.get("origin")
         return cls(
             key=doc["key"], image=doc["image"], stage=doc["stage"], inputs=doc["inputs"],
             layer=Layer(Descriptor.from_json(doc["layer"]), doc["diff_id"]),
             created=doc["created"], created_by=doc.get("created_by", ""),
+            origin=Origin.from_json(origin) if origin is not None else None,
         )
 
 
@@ -94,22 +160,31 @@ def _safe(name: str) -> str:
 
 
 class StageCache:
-    """Stage records of one store. `lookup` only answers with records whose blob exists."""
+    """Stage records of one store. `lookup` only answers with records whose blob exists,
+    that this store made (a build here, or a stage a build took from a cache source the
+    user named) or that a cache source named for this build offers."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self.stages_dir = store.cache_dir / "stages"
         self.last_dir = store.cache_dir / "last"
 
-    def lookup(self, key: str) -> StageRecord | None:
+    def lookup(self, key: str, offered: Iterable[StageRecord] = ()) -> StageRecord | None:
+        """The record of stage `key`: this store's own first, else one of `offered` (the
+        stages of this build's cache sources, each naming its origin)."""
         path = self.stages_dir / f"{key}.json"
         try:
             record = StageRecord.from_json(json.loads(path.read_bytes()))
-        except (FileNotFoundError, ValueError, KeyError):
-            return None
-        if not self.store.has_blob(record.layer.blob.digest):
-            return None
-        return record
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            record = None
+        if record is not None and _trusted(record) and self.store.has_blob(
+                record.layer.blob.digest):
+            return record
+        for offer in offered:
+            if offer.key == key and offer.origin is not None and \
+                    self.store.has_blob(offer.layer.blob.digest):
+                return offer
+        return None
 
     def save(self, record: StageRecord) -> None:
         """Record a stage (idempotent) and remember it as the last build of its stage."""
@@ -167,12 +242,18 @@ class StageCache:
         return dropped, blobs, freed
 
 
+def _trusted(record: StageRecord) -> bool:
+    # Records written by an older sysbake's `pull` from any image's labels: never reused.
+    return record.origin is not None or "pulled" not in record.inputs
+
+
 def explain(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     """Why a stage is rebuilt: the first input that differs, with old and new values."""
     if old is None:
         return "no earlier build of this stage"
-    if "pulled" in old:
-        return f"the cached stage came from {old['pulled']} and its inputs differ"
+    source = old.get("cache_from") or old.get("pulled")  # "pulled": an older sysbake's
+    if source:
+        return f"the cached stage came from {source} and its inputs differ"
     for path, a, b in _diff(old, new, ""):
         if path == "parent":
             return "its parent changed (an earlier stage or the parent image was rebuilt)"

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from sysbake import inside, log
 from sysbake import runtime as rt
 from sysbake.errors import RuntimeFailure, SysbakeError
+from sysbake.owners import OwnerLock
 from sysbake.records import field, record, replace
 
 _STOP_TIMEOUT = 30.0
@@ -255,14 +256,19 @@ def run_test(store: Any, image_ref: str, spec: TestSpecLike | None = None, *,
     name = f"test-{base.strip('-') or 'image'}-{uuid.uuid4().hex[:6]}"
     options = rt.RunOptions(name=name, runtime=runtime)
     log.info(f"==> testing {image_ref} in container {name}")
-    try:
-        container = rt.run_image(store, image_ref, options, require_init=True)
-    except rt.NoSystemd as exc:
-        return TestReport(image=image_ref, container=name, state="no-systemd", error=str(exc))
-    except RuntimeFailure as exc:  # PID 1 died at once, a mount failed...
-        return TestReport(image=image_ref, container=name, state="error", error=str(exc))
-    return test_container(container, image_ref, spec, timeout=boot_timeout, keep=keep,
-                          extra_checks=extra_checks)
+    # Owned by this process until removed (or kept): if it is killed, even with SIGKILL,
+    # the next sysbake command removes the container (sysbake.owners).
+    with OwnerLock(store.containers_dir, name) as owner:
+        try:
+            container = rt.run_image(store, image_ref, options, require_init=True,
+                                     owner=owner)
+        except rt.NoSystemd as exc:
+            return TestReport(image=image_ref, container=name, state="no-systemd",
+                              error=str(exc))
+        except RuntimeFailure as exc:  # PID 1 died at once, a mount failed...
+            return TestReport(image=image_ref, container=name, state="error", error=str(exc))
+        return test_container(container, image_ref, spec, timeout=boot_timeout, keep=keep,
+                              extra_checks=extra_checks)
 
 
 def test_image(store: Any, ref: str, image_spec: Any, *, timeout: float | None = None,

@@ -3,26 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sysbake import __version__, log
+from sysbake.commands import first_command, touches_store
 from sysbake.errors import Interrupted, SysbakeError
+
+if TYPE_CHECKING:
+    from sysbake.owners import Orphan
 
 DEFAULT_STORE = Path("/var/lib/sysbake")
 
 
 class Context(NamedTuple):
-    """What every command gets: where the store is and how to talk back."""
+    """What every command gets: where the store is, how to talk back, and the orphaned
+    containers removed before it ran (sysbake.owners)."""
 
     store_path: Path
     json: bool
     debug: bool
+    reaped: tuple[Orphan, ...] = ()
 
     def emit(self, value: Any) -> None:
         """Print a machine-readable result (used when --json is given)."""
@@ -100,6 +107,27 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def reap_orphans(ctx: Context, command: str | None) -> Context:
+    """Remove the containers whose owning sysbake process died (a build step's, a
+    `sysbake test`'s, kill -9 included) before `command` looks at the store; `ctx` with
+    what was found. Costs a listing and a non-blocking flock per owner when there is
+    nothing to remove."""
+    from sysbake import owners
+
+    containers = ctx.store_path / "containers"
+    if not touches_store(command) or not owners.any_orphan(containers):
+        return ctx
+    from sysbake import runtime
+
+    reaped = tuple(runtime.reap_orphans(containers))
+    for orphan in reaped:
+        if orphan.error:
+            log.warn(f"container {orphan.name}: {orphan.describe()}")
+        else:
+            log.info(f"removed container {orphan.name} ({orphan.describe()})")
+    return ctx._replace(reaped=reaped)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
@@ -111,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `kill PID` cleans up like Ctrl-C does: containers, mounts and staging are removed.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        # Not args.command: a sub-command's own `command` argument (exec's) shadows it.
+        ctx = reap_orphans(ctx, first_command(argv))
         return handler(ctx, args)
     except KeyboardInterrupt:
         if ctx.debug:
@@ -123,6 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sysbake: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:
+        return 1
+    except OSError as exc:  # a disk filled where no caller said what it was writing
+        if ctx.debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = exc.filename or f"to the store {ctx.store_path} or the output"
+        print(f"sysbake: error: no space left on device writing {where}", file=sys.stderr)
         return 1
 
 

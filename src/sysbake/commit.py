@@ -24,8 +24,9 @@ def source_date_epoch() -> int | None:
 def commit_tree(store: Store, tree: Path, *, compression: str = "gzip",
                 mtime: int | None = None, overlay_upper: bool = False) -> Layer:
     """Write `tree` as a layer blob; with `overlay_upper`, `tree` is an overlayfs upper dir
-    and the layer is its diff (whiteouts for deletions). The same tree gives the same layer.
-    With `mtime`, the tree's later mtimes are clamped first: it equals its layer after."""
+    and the layer is its diff (whiteouts for deletions). The same tree gives the same layer,
+    marked as checked in the store when it passes (see Store.check_layer). With `mtime`,
+    the tree's later mtimes are clamped first: it equals its layer after."""
     if mtime is not None:
         # Kept as the layer's tree, it is what containers see and what exports re-read.
         layers.clamp_mtimes(tree, mtime)
@@ -35,11 +36,16 @@ def commit_tree(store: Store, tree: Path, *, compression: str = "gzip",
                                  level=LAYER_LEVELS.get(compression)) as packed:
             plain = layers.HashingWriter(packed)
             if overlay_upper:
-                layers.write_overlay_diff(tree, plain, mtime=mtime)
+                passes = layers.write_overlay_diff(tree, plain, mtime=mtime)
             else:
-                layers.write_tree_tar(tree, plain, mtime=mtime)
+                passes = layers.write_tree_tar(tree, plain, mtime=mtime)
         blob = writer.commit(oci.LAYER_MEDIA_TYPE[compression])
     except BaseException:
         writer.discard()
         raise
+    if passes:
+        # Our writer walked a real directory: no "..", no absolute names, hardlinks only
+        # to earlier entries; and it saw no device node the check refuses. Otherwise the
+        # layer is checked (and refused) where it is read: export, pull elsewhere.
+        store.mark_checked(plain.digest)
     return Layer(blob, plain.digest)

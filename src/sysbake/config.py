@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sysbake import config_reader as check
-from sysbake.config_reader import Reader, Source, display_path, got, join_key
+from sysbake.config_reader import Reader, Source, display_path, got, join_key, rel_path
 from sysbake.config_specs import (
     DEFAULT_CMD,
     DEFAULT_STOP_SIGNAL,
@@ -90,17 +90,65 @@ def load_project(path: Path | None = None) -> Project:
     file = find_project_file(Path.cwd() if path is None else path)
     display = display_path(file)
     try:
-        data = tomllib.loads(file.read_bytes().decode())
+        text = file.read_bytes().decode()
+        _check_nesting(display, text)
+        data = tomllib.loads(text)
     except OSError as exc:
         raise ConfigError(f"{display}: cannot read: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{display}: not UTF-8 text (byte {exc.start})") from None
+    except RecursionError:
+        # Only if the scan missed a nesting: the parser recurses once per level.
+        raise ConfigError(f"{display}: nested too deeply (expected at most {MAX_NESTING} "
+                          "levels of arrays, tables or dotted keys)") from None
     except tomllib.TOMLDecodeError as exc:
         match = re.fullmatch(r"(?s)(.*) \(at (line \d+, column \d+|end of document)\)", str(exc))
         where, what = (match[2].replace("end of document", "end of file"), match[1]) if match \
             else ("syntax", str(exc))
         raise ConfigError(f"{display}: {where}: {what}") from None
     return _project(Source(display, file.parent), file, data)
+
+
+# Python's TOML parser recurses once per level of arrays and inline tables (it crashes near
+# 350 levels) and keeps every prefix of a dotted key (100,000 parts exhaust the memory), so
+# deeper nesting is refused before parsing; no project needs a tenth of it.
+MAX_NESTING = 100
+# Strings match up to their end or, unterminated, to the end of the text or line: a scan
+# never backtracks over the rest of the text (quadratic on a line of escaped quotes).
+_TOML_TOKEN = re.compile(r'''
+    """(?:[^\\]|\\.)*?(?:"""(?:""?)?|\Z)  # multi-line basic string
+  | \'\'\'.*?(?:\'\'\'(?:\'\'?)?|\Z)     # multi-line literal string
+  | "(?:[^"\\\n]|\\.)*"?               # basic string
+  | '[^'\n]*'?                         # literal string
+  | (?P<comment>\#[^\n]*)
+  | (?P<space>[ \t]+)
+  | (?P<bare>[A-Za-z0-9_+:-]+)         # a bare key or value
+  | (?P<open>[\[{]) | (?P<close>[\]}]) | (?P<dot>\.) | .
+''', re.S | re.X)
+
+
+def _check_nesting(display: str, text: str) -> None:
+    """Refuse a TOML text whose arrays and tables, or dotted keys, nest beyond MAX_NESTING:
+    a scan that skips strings and comments, run only on texts with that many '[{' or dots."""
+    if text.count("[") + text.count("{") <= MAX_NESTING and text.count(".") <= MAX_NESTING:
+        return
+    depth = dots = 0
+    last = ""  # "part" (a bare or quoted key), "dot", or "" (anything else)
+    for token in _TOML_TOKEN.finditer(text):
+        kind = token.lastgroup
+        if kind in ("space", "comment"):
+            continue
+        part = kind == "bare" or (kind is None and token[0][0] in "\"'")
+        if kind == "dot":
+            dots = dots + 1 if last == "part" else 0
+        elif not (part and last == "dot"):
+            dots = 0  # anything but the next part of a dotted key ends it
+        last = "part" if part else "dot" if kind == "dot" else ""
+        depth = max(depth + {"open": 1, "close": -1}.get(kind or "", 0), 0)
+        if depth > MAX_NESTING or dots > MAX_NESTING:
+            line = text.count("\n", 0, token.start()) + 1
+            raise ConfigError(f"{display}: line {line}: nested more than {MAX_NESTING} levels "
+                              "deep (arrays, tables or dotted keys)")
 
 
 def _project(src: Source, file: Path, data: dict[str, Any]) -> Project:
@@ -273,6 +321,11 @@ def _step(src: Source, key: str, index: int, data: object) -> Step:
                "keep_salt": r.boolean("keep_salt", False), "pillar": r.paths("pillar", "dir")}
     if kind == "project":
         path = r.required_path("path", "dir")
+        for sub in ("salt", "pillar"):  # mounted into the step: they must stay inside too
+            if escape := check.escaping_link(src.root, path / sub):
+                named = json.dumps(rel_path(src.root, path / sub))
+                raise r.fail("path", f"{named} resolves outside the project ({escape}): name "
+                                     "the outside path explicitly if you mean it")
         if not (path / "salt").is_dir():
             raise r.fail("path", f"directory not found: {path / 'salt'} (a project keeps its "
                                  "states in salt/)")

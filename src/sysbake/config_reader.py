@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import stat
 from collections.abc import Callable, Sequence
 from datetime import date, datetime, time
 from pathlib import Path
@@ -211,17 +212,59 @@ _NOUNS = {"dir": "directory", "file": "file", "any": "file or directory"}
 
 
 def existing(root: Path, kind: str) -> Callable[[str], Path]:
-    """A check resolving a path against `root`; it must exist as a dir, file or either ('any')."""
+    """A check resolving a path against `root`; it must exist as a dir, file or either ('any'),
+    and, when it is named inside the project, resolve inside it (see `escaping_link`)."""
     def check(value: str) -> Path:
         if not value:
             raise Invalid("expected a path, got an empty string")
+        if "\0" in value:
+            raise Invalid(f"expected a path, got {got(value)} (it holds a NUL character)")
         path = Path(os.path.normpath(root / value))
-        ok = {"dir": path.is_dir, "file": path.is_file, "any": path.exists}[kind]()
-        if not ok:
-            raise Invalid(f"{_NOUNS[kind]} not found: {path}" if not path.exists()
-                          else f"not a {_NOUNS[kind]}: {path}")
+        escape = escaping_link(root, path)
+        if escape:
+            raise Invalid(f"{json.dumps(value)} resolves outside the project ({escape}): name "
+                          "the outside path explicitly if you mean it")
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            raise Invalid(f"{_NOUNS[kind]} not found: {path}") from None
+        except OSError as exc:
+            raise Invalid(f"cannot use {path}: {exc.strerror}") from None
+        is_dir, is_file = stat.S_ISDIR(mode), stat.S_ISREG(mode)
+        if not {"dir": is_dir, "file": is_file, "any": is_dir or is_file}[kind]:
+            raise Invalid(f"not a {_NOUNS[kind]}: {path}")
         return path
     return check
+
+
+def within(root: Path | str, path: Path | str) -> bool:
+    """Whether `path` is `root` or under it, by name only (both absolute and normalized)."""
+    root, path = Path(root), Path(path)
+    return path == root or root in path.parents
+
+
+def escaping_link(root: Path, path: Path) -> str | None:
+    """Why `path`, named inside the project `root`, resolves outside it through a symlink
+    ("a symlink to /etc", "salt is a symlink to /etc"); None when it stays inside, or when it
+    is named outside the project (absolute elsewhere, or up with '..'): the user's choice."""
+    if not within(root, path):
+        return None
+    real_root = os.path.realpath(root)
+    parts = path.relative_to(root).parts
+    for end in range(1, len(parts) + 1):
+        # Each component is looked up through the ones before it, as the kernel would.
+        prefix = root.joinpath(*parts[:end])
+        if not os.path.islink(prefix):
+            continue
+        try:
+            target = os.path.realpath(prefix)
+        except (OSError, ValueError):
+            return f"{Path(*parts[:end]).as_posix()} is a symlink that cannot be resolved"
+        if not within(real_root, target):
+            link = "a symlink" if end == len(parts) else \
+                f"{Path(*parts[:end]).as_posix()} is a symlink"
+            return f"{link} to {target}"
+    return None
 
 
 def absolute(value: str) -> str:

@@ -8,17 +8,43 @@ so that moving a project keeps its caches. Mappings are key-sorted tuples of pai
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sysbake.config_reader import Pairs, did_you_mean, display_path, rel_path
+from sysbake.config_reader import Pairs, did_you_mean, display_path, escaping_link, rel_path
 from sysbake.errors import ConfigError
 from sysbake.records import field, fields, is_record, record
 
 DEFAULT_CMD = ("/lib/systemd/systemd",)
 DEFAULT_STOP_SIGNAL = "SIGRTMIN+3"
 _MAP: dict[str, bool] = {"mapping": True}  # field metadata: a Pairs field shown as a table
+
+
+def read_input(path: Path, within: Path) -> bytes:
+    """The bytes of the input file `path` (a script, a pillar's top file) read on the host.
+    Named inside `within`, it must resolve inside it: a symlink there to a host file is
+    refused (ConfigError), never read; the file itself is opened without following links."""
+    escape = escaping_link(within, path)
+    if escape:
+        raise ConfigError(f"{display_path(path)}: resolves outside {display_path(within)} "
+                          f"({escape}): sysbake does not read host files through a link")
+    real = os.path.realpath(path)
+    try:
+        # Checked before opening (a device may act on open) and after (it may be swapped).
+        regular = stat.S_ISREG(os.lstat(real).st_mode)
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK) \
+            if regular else -1
+    except OSError as exc:
+        raise ConfigError(f"{display_path(path)}: cannot read: {exc.strerror}") from None
+    if fd < 0:
+        raise ConfigError(f"{display_path(path)}: not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{display_path(path)}: not a regular file")
+        return f.read()
 
 
 @record(kw_only=True)
@@ -204,6 +230,10 @@ class ScriptStep(_StepBase):
     type: ClassVar[str] = "script"
     script: Path | None = None
     run: str = ""
+
+    def body(self) -> bytes:
+        """What the step runs: the script file's bytes (see `read_input`) or the `run` text."""
+        return read_input(self.script, self.root) if self.script else self.run.encode()
 
     def key_inputs(self) -> dict[str, object]:
         """The step's cache inputs; the script's contents are left to the cache."""

@@ -1,6 +1,10 @@
 """Exports of stored images: an OCI layout, an oci-archive (a tar of one), a docker-archive
 (`docker save` format) and the flattened root filesystem as one tar (`baseimage.tar.xz`).
 
+Every layer passes the store's layer check (Store.check_layer: the same EntryCheck that
+extraction applies) before anything is written, whatever the format: no export copies a
+`..`, an absolute name, an escaping hardlink or a disk's device node out of a pulled layer.
+
 Everything streams (no layer is held in memory) and writes are atomic: a file or a new
 layout is written as `<dest>.tmp-XXXX` and renamed; an existing layout gets its blobs
 (each temp + rename) before its index.json is replaced. Exports carry the full "name:tag"
@@ -227,7 +231,10 @@ class _Source:
 
 
 def _resolve(store: Store, ref: str, name: str | None) -> _Source:
+    """The image to export, its layers checked first (once per layer, see
+    Store.check_layer): a refused layer is a LayerError before anything is written."""
     image = store.resolve(ref)
+    store.check_image(image)
     named = export_name(ref, {t.ref for t in store.tags()}, name)
     return _Source(image, named, named or oci.hex_of(image.id)[:12])
 
@@ -535,7 +542,8 @@ def export_image(store: Store, ref: str, fmt: str, dest: Path,
     if fmt == "rootfs" and compression is None:
         compression = rootfs_compression_for(dest)
     kind = check_options(fmt, compression)
-    store.resolve(ref)  # an unknown image fails before anything is created
+    # An unknown image, or a layer the check refuses, fails before anything is created.
+    store.check_image(store.resolve(ref))
     if fmt == "oci":
         if str(dest) == "-":
             raise ExportError("the oci format writes a directory: give one as the output "

@@ -3,17 +3,16 @@ image config (systemd's container interface: https://systemd.io/CONTAINER_INTERF
 
 from __future__ import annotations
 
-import glob
 import os
 import signal
+import stat
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 from sysbake import __version__
 from sysbake.config_specs import FinalizeSpec
-from sysbake.fsutil import remove_tree
 from sysbake.records import record
+from sysbake.rootfs import Root
 
 # Units that cannot work in a container (no devices, no kernel modules, no hardware
 # clock, no real ttys, a read-only /sys) or that only make sense on a booted host.
@@ -91,9 +90,9 @@ def masked_units(cleanup: Cleanup) -> list[str]:
     return sorted((set(DEFAULT_MASK) | set(cleanup.mask)) - set(cleanup.unmask))
 
 
-def _mask_link(root: Path, name: str) -> Path:
+def _mask_link(name: str) -> str:
     kind = "system-generators" if name.endswith("-generator") else "system"
-    return root / "etc/systemd" / kind / name
+    return f"etc/systemd/{kind}/{name}"
 
 
 def container_ready_inputs(cleanup: Cleanup) -> dict[str, object]:
@@ -101,110 +100,90 @@ def container_ready_inputs(cleanup: Cleanup) -> dict[str, object]:
     return {"mask": masked_units(cleanup), "files": [_SSH_KEYGEN, _HOSTS]}
 
 
-def _inside(root: Path, path: str) -> Path:
-    return root / path.lstrip("/")
-
-
-def _clear_dir(path: Path, keep: Iterable[str] = ()) -> None:
-    if not path.is_dir() or path.is_symlink():
-        return
-    kept = set(keep)
-    for entry in path.iterdir():
-        if entry.name not in kept:
-            remove_tree(entry)
-
-
-def make_container_ready(root: Path, cleanup: Cleanup) -> None:
+def make_container_ready(root: Root, cleanup: Cleanup) -> None:
     """Mask units and generators that cannot work in a container, install the ssh
     first-boot key unit, and give the tree an empty machine-id and neutral host files.
     Idempotent."""
-    units = root / "etc/systemd/system"
-    units.mkdir(parents=True, exist_ok=True)
+    units = "etc/systemd/system"
+    root.mkdir(units)
     for name in masked_units(cleanup):
-        link = _mask_link(root, name)
-        if link.is_symlink() and os.readlink(link) == "/dev/null":
-            continue
-        link.parent.mkdir(parents=True, exist_ok=True)
-        remove_tree(link)
-        link.symlink_to("/dev/null")
+        link = _mask_link(name)
+        root.mkdir(os.path.dirname(link))
+        root.symlink("/dev/null", link)
     for name in cleanup.unmask:
-        link = _mask_link(root, name)
-        if link.is_symlink() and os.readlink(link) == "/dev/null":
-            link.unlink()
-    (units / SSH_KEYGEN_UNIT).write_text(_SSH_KEYGEN)
-    wants = units / "multi-user.target.wants"
-    wants.mkdir(exist_ok=True)
-    link = wants / SSH_KEYGEN_UNIT
-    if not link.is_symlink():
-        link.symlink_to(f"/etc/systemd/system/{SSH_KEYGEN_UNIT}")
+        if root.readlink(_mask_link(name)) == "/dev/null":
+            root.unlink(_mask_link(name))
+    _write_if_changed(root, f"{units}/{SSH_KEYGEN_UNIT}", _SSH_KEYGEN.encode())
+    root.mkdir(f"{units}/multi-user.target.wants")
+    link = f"{units}/multi-user.target.wants/{SSH_KEYGEN_UNIT}"
+    if not root.is_symlink(link):
+        root.symlink(f"/etc/systemd/system/{SSH_KEYGEN_UNIT}", link)
     # The runtime provides /dev, the hostname and DNS; nothing of the build host stays.
-    _clear_dir(root / "dev")
+    root.clear_dir("dev")
     for name in ("etc/resolv.conf", "etc/hostname"):
-        path = root / name
-        if path.is_file() and not path.is_symlink():
-            path.write_text("")
-    hosts = root / "etc/hosts"
-    if not hosts.exists():
-        hosts.write_text(_HOSTS)
+        if not root.is_symlink(name) and root.is_file(name):
+            _write_if_changed(root, name, b"")
+    if not root.exists("etc/hosts"):
+        root.write_bytes("etc/hosts", _HOSTS.encode())
 
 
-def clean_tree(root: Path, cleanup: Cleanup) -> None:
+def clean_tree(root: Root, cleanup: Cleanup) -> None:
     """Remove caches, logs, keys and identities from a tree before it is committed."""
+    patterns: list[str] = []
     if cleanup.apt_lists:
-        _clear_dir(root / "var/lib/apt/lists", keep=("lock", "partial"))
-        _clear_dir(root / "var/lib/apt/lists/partial")
+        root.clear_dir("var/lib/apt/lists", keep=("lock", "partial"))
+        root.clear_dir("var/lib/apt/lists/partial")
     if cleanup.apt_cache:
-        for pattern in ("var/cache/apt/*.bin", "var/cache/apt/archives/*.deb",
-                        "var/cache/apt/archives/partial/*", "var/cache/debconf/*-old"):
-            for hit in glob.glob(str(root / pattern)):
-                remove_tree(Path(hit))
+        patterns += ["var/cache/apt/*.bin", "var/cache/apt/archives/*.deb",
+                     "var/cache/apt/archives/partial/*", "var/cache/debconf/*-old"]
     if cleanup.logs:
-        log = root / "var/log"
-        for dirpath, _dirs, files in os.walk(log):
-            for name in files:
-                path = Path(dirpath) / name
-                if path.is_symlink():
-                    continue
-                if name in ("wtmp", "btmp", "lastlog", "faillog"):
-                    _empty(path)  # login accounting files must exist
-                else:
-                    path.unlink()
-        # Journal directories of the machine IDs the build booted with.
-        for sub in (log / "journal").glob("*") if (log / "journal").is_dir() else ():
-            if sub.is_dir() and not any(sub.iterdir()):
-                sub.rmdir()
+        _clean_logs(root)
     if cleanup.ssh_host_keys:
-        for hit in glob.glob(str(root / "etc/ssh/ssh_host_*")):
-            remove_tree(Path(hit))
+        patterns.append("etc/ssh/ssh_host_*")
     if cleanup.machine_id:
-        mid = root / "etc/machine-id"
-        if mid.is_symlink():
-            mid.unlink()
-        _empty(mid)  # empty: systemd generates one per container at boot
-        dbus = root / "var/lib/dbus/machine-id"
-        if dbus.exists() or dbus.is_symlink():
-            dbus.unlink()
+        if root.is_symlink("etc/machine-id"):
+            root.unlink("etc/machine-id")
+        _write_if_changed(root, "etc/machine-id", b"")  # systemd makes one per container
+        root.unlink("var/lib/dbus/machine-id")
     if cleanup.tmp:
-        _clear_dir(root / "tmp")
-        _clear_dir(root / "var/tmp")
+        root.clear_dir("tmp")
+        root.clear_dir("var/tmp")
     if cleanup.salt:
         for name in ("etc/salt/pki", "etc/salt/minion_id", "var/cache/salt", "var/log/salt",
                      "var/run/salt"):
-            remove_tree(root / name)
-    for pattern in cleanup.remove:
-        for hit in glob.glob(str(_inside(root, pattern))):
-            remove_tree(Path(hit))
+            root.remove(name)
     # Traces of a boot during the build: seeds, timer stamps, shell history.
-    for pattern in ("root/.bash_history", "var/lib/systemd/random-seed",
-                    "var/lib/systemd/timers/stamp-*"):
-        for hit in glob.glob(str(root / pattern)):
-            remove_tree(Path(hit))
+    patterns += [*cleanup.remove, "root/.bash_history", "var/lib/systemd/random-seed",
+                 "var/lib/systemd/timers/stamp-*"]
+    for pattern in patterns:
+        for hit in root.glob(pattern):
+            root.remove(hit)
 
 
-def _empty(path: Path) -> None:
-    # Only write when needed: on an overlay, writing an unchanged file still copies it up.
-    if not path.exists() or path.stat().st_size:
-        path.write_bytes(b"")
+def _clean_logs(root: Root) -> None:
+    """Empty /var/log: log files go, login accounting files (which must exist) are
+    emptied, the journal directories of the machine IDs the build booted with go."""
+    for here, _dirs, names, _fd in root.walk("var/log"):
+        for name in names:
+            path = f"{here}/{name}"
+            st = root.lstat(path)
+            if st is None or not stat.S_ISREG(st.st_mode):
+                continue  # symlinks, devices, FIFOs: not logs of ours
+            if name in ("wtmp", "btmp", "lastlog", "faillog"):
+                _write_if_changed(root, path, b"")
+            else:
+                root.unlink(path)
+    for sub in root.glob("var/log/journal/*"):
+        if root.is_dir(sub) and not root.is_symlink(sub) and not root.listdir(sub):
+            root.remove(sub)
+
+
+def _write_if_changed(root: Root, path: str, data: bytes) -> None:
+    # On an overlay, writing an unchanged file still copies it up: only write when needed.
+    st = root.stat(path)
+    if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != len(data) \
+            or root.read_bytes(path) != data:
+        root.write_bytes(path, data)
 
 
 def signal_name(value: str | int) -> str:

@@ -23,10 +23,42 @@ def fsync_dir(path: Path) -> None:
 
 
 def raise_disk(exc: OSError, what: str) -> NoReturn:
-    """A StoreError for `exc` met while doing `what` ("no space left" said plainly)."""
+    """A StoreError for `exc` met while doing `what` ("no space left" said plainly),
+    naming the file the error names when `what` does not already."""
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in what else ""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise StoreError(f"{what}: no space left on device") from exc
-    raise StoreError(f"{what}: {exc.strerror or exc}") from exc
+        raise StoreError(f"{what}{where}: no space left on device") from exc
+    raise StoreError(f"{what}{where}: {exc.strerror or exc}") from exc
+
+
+# How tar, dpkg, apt, cp, Python and Salt say that a write found the disk full.
+_NO_SPACE = ("No space left on device", "Disk quota exceeded", "[Errno 28]", "(28: ")
+
+
+def no_space_line(output: str) -> str | None:
+    """The first line of a command's `output` saying that the disk is full (the cause;
+    what follows is its fallout), stripped of apt's "E: " prefix and cut to what leads
+    to the message when long (JSON on one line); None if none does."""
+    for raw in output.splitlines():
+        found = [(raw.index(sign), sign) for sign in _NO_SPACE if sign in raw]
+        if not found:
+            continue
+        line = raw.strip()
+        line = line[3:] if line[:3] in ("E: ", "W: ") else line
+        if len(line) > 300:
+            at, sign = min(found)
+            at = line.find(sign)
+            line = "..." + line[max(0, at - 200):at + len(sign) + 60]
+        return line
+    return None
+
+
+def raise_if_no_space(output: bytes, what: str) -> None:
+    """StoreError "`what`: no space left on device: LINE" when a failed command's
+    `output` says the disk was full."""
+    line = no_space_line(output.decode(errors="replace"))
+    if line is not None:
+        raise StoreError(f"{what}: no space left on device: {line}")
 
 
 def atomic_write(path: Path, data: bytes, *, durable: bool = True, mode: int = 0o644) -> None:

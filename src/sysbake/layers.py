@@ -7,6 +7,12 @@ overlayfs' own). Entries come in bytewise name order, except that in a diff the 
 a directory's children directly follow the directory (the image spec asks for whiteouts
 before their siblings). The archive ends with two zero blocks and no record padding, as
 Go's archive/tar (hence docker) writes it.
+
+Reading, one check applies everywhere: EntryCheck (layers_tar) vets each entry for the
+Extractor, the Flattener and validate_layer alike: what validation refuses, they refuse
+too, and they add only what needs the other layers or the disk (a hardlink's target, a
+lower layer's symlink). Names that are not UTF-8 are carried as surrogate escapes and
+written back byte for byte.
 """
 
 from __future__ import annotations
@@ -18,14 +24,16 @@ import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from sysbake.compress import Readable, Writable
+from sysbake.compress import CHUNK, Readable, Writable
 from sysbake.errors import LayerError
 from sysbake.layers_apply import Extractor, Flattener, LayerOpener
 from sysbake.layers_tar import (
     OVERLAY_XATTRS,
+    STANDARD_DEVICES,
     WH_OPAQUE,
     WH_PREFIX,
     Entry,
+    EntryCheck,
     Meta,
     TarWriter,
     clamp,
@@ -39,8 +47,9 @@ from sysbake.layers_tar import (
     write_all,
 )
 
-__all__ = ["HashingWriter", "LayerOpener", "clamp_mtimes", "clean_name", "extract", "flatten",
-           "keep_xattr", "write_overlay_diff", "write_tree_tar"]
+__all__ = ["STANDARD_DEVICES", "EntryCheck", "HashingWriter", "LayerOpener", "clamp_mtimes",
+           "clean_name", "extract", "flatten", "keep_xattr", "validate_layer",
+           "write_overlay_diff", "write_tree_tar"]
 
 # overlayfs features whose upper dir alone does not describe the change.
 _UNSUPPORTED_OVERLAY = ("redirect", "metacopy")
@@ -72,12 +81,14 @@ def write_tree_tar(
     *,
     mtime: int | None,
     exclude: Callable[[str], bool] | None = None,
-) -> None:
+) -> bool:
     """Write the tree under `root` (not root itself) to `out` as a deterministic tar.
 
     `exclude(relpath)` (no "./", no trailing "/") drops an entry, and a directory's subtree.
+    True when the tar passes EntryCheck (False: it holds a device node that EntryCheck
+    refuses; a directory walk gives no other reason).
     """
-    _Archiver(Path(root), TarWriter(out), mtime, exclude, diff=False).run()
+    return _Archiver(Path(root), TarWriter(out), mtime, exclude, diff=False).run()
 
 
 def clamp_mtimes(root: Path, limit: int) -> None:
@@ -95,43 +106,89 @@ def _clamp_one(path: str, limit: int) -> None:
         os.utime(path, ns=(st.st_atime_ns, limit * 1_000_000_000), follow_symlinks=False)
 
 
-def write_overlay_diff(upper: Path, out: Writable, *, mtime: int | None) -> None:
+def write_overlay_diff(upper: Path, out: Writable, *, mtime: int | None) -> bool:
     """Write an overlayfs upper dir as an OCI diff layer (whiteouts, opaque markers).
 
     The overlay must be mounted with redirect_dir=off and metacopy=off: otherwise the upper
-    dir alone does not hold the change, and this raises LayerError.
+    dir alone does not hold the change, and this raises LayerError. Returns what
+    write_tree_tar returns.
     """
-    _Archiver(Path(upper), TarWriter(out), mtime, None, diff=True).run()
+    return _Archiver(Path(upper), TarWriter(out), mtime, None, diff=True).run()
 
 
-def extract(src: Readable, dest: Path, *, overlay: bool, allow_devices: bool = True) -> None:
+def validate_layer(src: Readable, what: str, *, diff_id: str | None = None,
+                   allow_devices: bool = True) -> None:
+    """Read the uncompressed layer tar `src` to its end through the EntryCheck that
+    extraction and flattening apply; raise LayerError "<what>: ..." if it is not a tar,
+    holds an entry they would refuse, or (given `diff_id`) does not hash to `diff_id`."""
+    hashed = _HashingReader(src)
+    check = EntryCheck(allow_devices=allow_devices)
+    try:
+        for info, _ in read_entries(hashed):
+            check.entry(info)
+        while hashed.read(CHUNK):  # what follows the end-of-archive blocks counts too
+            pass
+    except LayerError as exc:
+        raise LayerError(f"{what}: {exc}") from exc
+    except tarfile.TarError as exc:
+        raise LayerError(f"{what}: not a valid tar ({exc})") from exc
+    if diff_id is not None and hashed.digest != diff_id:
+        raise LayerError(f"{what}: its content hashes to {hashed.digest}, not to its diff_id "
+                         f"{diff_id}")
+
+
+class _HashingReader:
+    """Passes reads through, hashing them (sha256)."""
+
+    def __init__(self, inner: Readable) -> None:
+        self._inner = inner
+        self._hash = hashlib.sha256()
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self._inner.read(size)
+        self._hash.update(data)
+        return data
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self._hash.hexdigest()
+
+
+def extract(src: Readable, dest: Path, *, overlay: bool, allow_devices: bool = True,
+            diff_id: str | None = None) -> None:
     """Apply the uncompressed layer tar `src` onto `dest`, never writing outside it.
 
     overlay=False applies whiteouts to what `dest` holds; overlay=True writes them in
-    overlayfs form (0/0 char devices, trusted.overlay.opaque) for a lowerdir. A leading "/"
-    is stripped from names (as docker does); "..", writing through a symlink, hardlinks
-    leaving `dest`, and devices unless `allow_devices` raise LayerError naming the entry.
+    overlayfs form (0/0 char devices, trusted.overlay.opaque) for a lowerdir. What
+    EntryCheck refuses, writing through a symlink and hardlinks to what `dest` does not
+    hold raise LayerError naming the entry; so does content not hashing to `diff_id`.
     """
+    hashed = _HashingReader(src)
     extractor = Extractor(Path(dest), overlay=overlay, allow_devices=allow_devices)
     try:
-        for info, data in read_entries(src):
+        for info, data in read_entries(hashed):
             extractor.entry(info, data)
+        while hashed.read(CHUNK):
+            pass
     except tarfile.TarError as exc:
-        raise LayerError(f"malformed layer tar for {dest}: {exc}") from exc
+        raise LayerError(f"not a valid tar ({exc})") from exc
     extractor.finish()
+    if diff_id is not None and hashed.digest != diff_id:
+        raise LayerError(f"its content hashes to {hashed.digest}, not to its diff_id "
+                         f"{diff_id}")
 
 
-def flatten(layers: Sequence[LayerOpener], out: Writable, *, mtime: int | None) -> None:
+def flatten(layers: Sequence[LayerOpener], out: Writable, *, mtime: int | None,
+            allow_devices: bool = True) -> None:
     """Merge uncompressed layer tars (bottom to top) into one rootfs tar, streaming.
 
     Layers are read top-down and an entry is written unless an upper layer replaced or
     deleted it, so memory grows with the number of paths only. A hardlink whose target an
-    upper layer replaced gets the target's content (that layer is then read twice).
+    upper layer replaced gets the target's content (that layer is then read twice). Every
+    layer passes the EntryCheck; a lower layer's file or symlink where an upper layer
+    writes into a directory is refused too. Errors name the layer ("layer 2 of 3: ...").
     """
-    try:
-        Flattener(TarWriter(out), mtime).run(layers)
-    except tarfile.TarError as exc:
-        raise LayerError(f"malformed layer tar: {exc}") from exc
+    Flattener(TarWriter(out), mtime, allow_devices=allow_devices).run(layers)
 
 
 class _Archiver:
@@ -145,8 +202,9 @@ class _Archiver:
         self.exclude = exclude
         self.diff = diff
         self.links: dict[tuple[int, int], str] = {}
+        self.passes = True  # False once a device node EntryCheck refuses is written
 
-    def run(self) -> None:
+    def run(self) -> bool:
         if not os.path.isdir(self.root):
             raise LayerError(f"cannot archive {self.root}: not a directory")
         if self.diff and is_opaque(read_xattrs(self.root)):
@@ -165,6 +223,7 @@ class _Archiver:
                 if descend:
                     stack.append(self._children(item[0]))
         self.writer.close()
+        return self.passes
 
     def _children(self, rel: str) -> Iterator[tuple[str, os.stat_result]]:
         base = os.path.join(self.root, rel)
@@ -239,6 +298,7 @@ class _Archiver:
         elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
             kind = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
             dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+            self.passes &= kind == tarfile.CHRTYPE and dev in STANDARD_DEVICES
             self.writer.entry(Entry(rel, kind, meta, dev=dev))
         elif stat.S_ISFIFO(mode):
             self.writer.entry(Entry(rel, tarfile.FIFOTYPE, meta))

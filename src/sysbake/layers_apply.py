@@ -21,6 +21,7 @@ from sysbake.layers_tar import (
     WH_OPAQUE,
     WH_PREFIX,
     Entry,
+    EntryCheck,
     Meta,
     TarWriter,
     clamp,
@@ -40,14 +41,15 @@ def _mtime_ns(info: tarfile.TarInfo) -> int:
 
 
 class Extractor:
-    """Applies entries one by one; directories get their mode and mtime at the end."""
+    """Applies entries one by one, each checked by an EntryCheck first, then against what
+    the disk holds; directories get their mode and mtime at the end."""
 
     def __init__(self, dest: Path, *, overlay: bool, allow_devices: bool) -> None:
         self.dest = os.fspath(dest)
         if not os.path.isdir(self.dest):
             raise LayerError(f"cannot extract into {self.dest}: not a directory")
         self.overlay = overlay
-        self.allow_devices = allow_devices
+        self.check = EntryCheck(allow_devices=allow_devices)
         self.chown = os.geteuid() == 0
         self.created: set[str] = set()  # what this layer wrote: whiteouts spare it
         self.whited: set[str] = set()  # overlay=True: whiteouts this layer made
@@ -55,7 +57,7 @@ class Extractor:
         self.known_dirs: set[str] = {""}  # checked: real directories, not symlinks
 
     def entry(self, info: tarfile.TarInfo, data: Readable | None) -> None:
-        rel = clean_name(info.name)
+        rel = self.check.entry(info)
         if not rel:
             return  # the root itself: `dest` keeps its own attributes
         try:
@@ -67,7 +69,7 @@ class Extractor:
                 self.created.add(rel)
         except OSError as exc:
             raise LayerError(f"layer entry {info.name!r}: {exc.strerror or exc}") from exc
-        except tarfile.TarError as exc:
+        except (tarfile.TarError, ValueError) as exc:
             raise LayerError(f"layer entry {info.name!r}: {exc}") from exc
 
     def finish(self) -> None:
@@ -151,10 +153,7 @@ class Extractor:
             return
         if base.startswith(WH_META):
             return  # aufs bookkeeping (.wh..wh.plnk...): nothing to apply
-        name = base[len(WH_PREFIX):]
-        if name in ("", ".", ".."):
-            raise self._error(info, "not a valid whiteout name")
-        target = join(head, name)
+        target = join(head, base[len(WH_PREFIX):])
         if not self._parents(info, target, create=self.overlay):
             return  # its directory is not there: nothing to delete
         if target in self.created:
@@ -171,10 +170,8 @@ class Extractor:
 
     def _create(self, info: tarfile.TarInfo, rel: str, data: Readable | None) -> None:
         path = os.path.join(self.dest, rel)
-        if (info.ischr() or info.isblk()) and not self.allow_devices:
-            raise self._error(info, "device nodes are not allowed in this layer")
         if info.islnk():
-            target = self._link_target(info, rel)
+            target = self._link_target(info)
         self._parents(info, rel, create=True)
         was_whited = rel in self.whited
         self.whited.discard(rel)
@@ -213,10 +210,8 @@ class Extractor:
             os.mknod(path, kind | 0o600, os.makedev(info.devmajor, info.devminor))
             self._meta(path, info)
 
-    def _link_target(self, info: tarfile.TarInfo, rel: str) -> str:
-        target = clean_name(info.linkname)
-        if not target or target == rel:
-            raise self._error(info, f"invalid hardlink target {info.linkname!r}")
+    def _link_target(self, info: tarfile.TarInfo) -> str:
+        target = clean_name(info.linkname)  # EntryCheck vouched for it
         if not self._parents(info, target, create=False) or not os.path.lexists(
                 os.path.join(self.dest, target)):
             raise self._error(info, f"hardlink target {target} does not exist")
@@ -249,19 +244,27 @@ class Extractor:
 
 
 class Flattener:
-    """Top-down merge: `gone` paths and `masked` subtrees are hidden from lower layers."""
+    """Top-down merge: `gone` paths and `masked` subtrees are hidden from lower layers;
+    each layer's entries pass an EntryCheck."""
 
-    def __init__(self, writer: TarWriter, mtime: int | None) -> None:
+    def __init__(self, writer: TarWriter, mtime: int | None, *, allow_devices: bool) -> None:
         self.writer = writer
         self.mtime = mtime
+        self.allow_devices = allow_devices
         self.gone: set[str] = set()
         self.masked: set[str] = set()
+        # Directories that upper layers write into: a lower layer may not make one of them
+        # a symlink or a file (extracting the result would write through it).
+        self.implied: set[str] = set()
         # Hardlinks from upper layers to files of lower ones, by target path.
         self.pending: dict[str, list[Entry]] = {}
 
     def run(self, layers: Sequence[LayerOpener]) -> None:
-        for opener in reversed(layers):
-            self._layer(opener)
+        for number in range(len(layers), 0, -1):
+            try:
+                self._layer(layers[number - 1])
+            except (LayerError, tarfile.TarError) as exc:
+                raise LayerError(f"layer {number} of {len(layers)}: {exc}") from exc
         for target, links in sorted(self.pending.items()):
             raise LayerError(f"hardlink {links[0].name} -> {target}: no lower layer has it")
         self.writer.close()
@@ -299,14 +302,16 @@ class Flattener:
         self._links(links[1:], links[0].name)
 
     def _layer(self, opener: LayerOpener) -> None:
+        check = EntryCheck(allow_devices=self.allow_devices)
         gone: set[str] = set()
         masked: set[str] = set()
+        implied: set[str] = set()
         written: dict[str, bool] = {}  # this layer's paths: written, or hidden from above
         reread: dict[str, list[Entry]] = {}
         pending: dict[str, list[Entry]] = {}
         with opener() as stream:
             for info, data in read_entries(stream):
-                rel = clean_name(info.name)
+                rel = check.entry(info)
                 head, _, base = rel.rpartition("/")
                 if not rel:
                     continue
@@ -323,7 +328,9 @@ class Flattener:
                 if not hidden:
                     gone.add(rel)
                     if not info.isdir():
+                        self._not_implied(rel, info)
                         masked.add(rel)
+                    self._imply(head, implied)
                 if info.islnk():
                     target = clean_name(info.linkname)
                     links = wanted + ([] if hidden else [self._entry(info, rel)])
@@ -345,8 +352,21 @@ class Flattener:
                 raise LayerError(f"hardlink {links[0].name} -> {target}: deleted before it")
         self.gone |= gone
         self.masked |= masked
+        self.implied |= implied
         for target, links in pending.items():
             self.pending.setdefault(target, []).extend(links)
+
+    def _not_implied(self, rel: str, info: tarfile.TarInfo) -> None:
+        if rel in self.implied:
+            kind = "symlink" if info.issym() else "file"
+            raise LayerError(f"layer entry {info.name!r}: a {kind}, but an upper layer writes "
+                             "into it as a directory")
+
+    def _imply(self, head: str, implied: set[str]) -> None:
+        """Note `head` and its parents as directories this layer writes into."""
+        while head and head not in implied and head not in self.implied:
+            implied.add(head)
+            head = head.rpartition("/")[0]
 
     def _reread(self, opener: LayerOpener, wanted: dict[str, list[Entry]]) -> None:
         with opener() as stream:

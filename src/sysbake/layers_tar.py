@@ -41,11 +41,136 @@ def keep_xattr(name: str) -> bool:
 
 
 def clean_name(name: str) -> str:
-    """A tar member name made relative ("/", "./", "//" dropped); ".." is a LayerError."""
+    """A tar member name in canonical form ("./", "//" and a trailing "/" dropped; "" for
+    the root); "..", an absolute name or a NUL byte is a LayerError."""
+    rel, problem = _canonical(name)
+    if problem:
+        raise LayerError(f"layer entry {name!r}: {problem}")
+    return rel
+
+
+def _canonical(name: str) -> tuple[str, str]:
+    """(canonical name, "") or ("", what is wrong with `name`)."""
+    if name.startswith("/"):
+        return "", "absolute names are not allowed"
+    if "\0" in name:
+        return "", "a NUL byte is not allowed in a name"
     parts = [part for part in name.split("/") if part not in ("", ".")]
     if ".." in parts:
-        raise LayerError(f"layer entry {name!r}: '..' is not allowed in a path")
-    return "/".join(parts)
+        return "", "'..' is not allowed in a path"
+    return "/".join(parts), ""
+
+
+# The pseudo devices a root file system may carry (mmdebstrap creates them in /dev): they
+# grant nothing. Any other node (a disk, /dev/mem, a 0:0 overlay whiteout) is refused.
+STANDARD_DEVICES = {(1, 3): "null", (1, 5): "zero", (1, 7): "full", (1, 8): "random",
+                    (1, 9): "urandom", (5, 0): "tty", (5, 1): "console", (5, 2): "ptmx"}
+
+
+class EntryCheck:
+    """The one check of a layer's entries, shared by extraction, flattening and validation:
+    feed it every entry of one layer in order; `entry()` returns the canonical name or
+    raises LayerError naming the entry.
+
+    Refused: unknown entry types, "..", absolute names, NUL bytes, paths through a symlink
+    of the same layer, hardlinks whose target is not a clean name, goes through such a
+    symlink or is a directory of the layer, whiteouts of "." or "..", and device nodes
+    other than STANDARD_DEVICES (all of them unless `allow_devices`). Links to lower
+    layers can only be checked against those layers (the Extractor checks the disk).
+    """
+
+    def __init__(self, *, allow_devices: bool = True) -> None:
+        self.allow_devices = allow_devices
+        self.symlinks: set[str] = set()  # this layer's symlinks, as they stand
+        self.dirs: set[str] = set()  # this layer's directories, as they stand
+
+    def entry(self, info: tarfile.TarInfo) -> str:
+        """Check `info`; its canonical name ("" for the root itself, which has no effect)."""
+        if info.type not in _TYPES:
+            raise _refused(info, f"unsupported tar entry type {info.type!r}")
+        rel = clean_name(info.name)
+        if not rel:
+            return rel
+        _check_numbers(info)
+        head, _, base = rel.rpartition("/")
+        self._not_through_symlink(info, head)
+        if base.startswith(WH_PREFIX):
+            self._whiteout(info, base)
+            return rel
+        if info.ischr() or info.isblk():
+            self._device(info)
+        elif info.islnk():
+            self._hardlink(info, rel)
+        elif info.issym() and "\0" in info.linkname:
+            raise _refused(info, "a NUL byte in the symlink target")
+        self._replace(rel, symlink=info.issym(), directory=info.isdir())
+        return rel
+
+    def _not_through_symlink(self, info: tarfile.TarInfo, head: str) -> None:
+        if not self.symlinks or not head:
+            return
+        cut = head.find("/")
+        while True:
+            parent = head if cut == -1 else head[:cut]
+            if parent in self.symlinks:
+                raise _refused(info, f"{parent} is a symlink: refusing to write through it")
+            if cut == -1:
+                return
+            cut = head.find("/", cut + 1)
+
+    @staticmethod
+    def _whiteout(info: tarfile.TarInfo, base: str) -> None:
+        if base == WH_OPAQUE or base.startswith(WH_META):
+            return  # an opaque marker hides lower layers only; aufs bookkeeping: nothing
+        if base[len(WH_PREFIX):] in ("", ".", ".."):
+            raise _refused(info, "not a valid whiteout name")
+        # Nothing else to note: a whiteout spares what its own layer writes.
+
+    def _device(self, info: tarfile.TarInfo) -> None:
+        if not self.allow_devices:
+            raise _refused(info, "device nodes are not allowed in this layer")
+        number = (info.devmajor, info.devminor)
+        if not info.ischr() or number not in STANDARD_DEVICES:
+            kind = "character" if info.ischr() else "block"
+            raise _refused(info, f"{kind} device {number[0]}:{number[1]} is not allowed in "
+                                 "a layer (only " + ", ".join(STANDARD_DEVICES.values()) + ")")
+
+    def _hardlink(self, info: tarfile.TarInfo, rel: str) -> None:
+        target, problem = _canonical(info.linkname)
+        if problem:
+            raise _refused(info, f"hardlink target {info.linkname!r}: {problem}")
+        if not target or target == rel:
+            raise _refused(info, f"invalid hardlink target {info.linkname!r}")
+        self._not_through_symlink(info, target.rpartition("/")[0])
+        if target in self.dirs:
+            raise _refused(info, f"hardlink target {target} is a directory")
+
+    def _replace(self, rel: str, *, symlink: bool, directory: bool) -> None:
+        """Record that `rel` now holds an entry of that kind."""
+        if rel in self.dirs and not directory:
+            # Whatever the directory held is gone with it.
+            below = rel + "/"
+            self.dirs = {d for d in self.dirs if not d.startswith(below)}
+            self.symlinks = {s for s in self.symlinks if not s.startswith(below)}
+        (self.dirs.add if directory else self.dirs.discard)(rel)
+        (self.symlinks.add if symlink else self.symlinks.discard)(rel)
+
+
+_MAX_ID = 2**32 - 2  # (uid_t)-1 means "unchanged" to chown
+_MAX_SECONDS = 2**62  # a time_t, even in nanoseconds' arithmetic
+
+
+def _check_numbers(info: tarfile.TarInfo) -> None:
+    """Owners and mtime that files can have (PAX records may hold any number)."""
+    for what, value in (("uid", info.uid), ("gid", info.gid)):
+        if not 0 <= value <= _MAX_ID:
+            raise _refused(info, f"{what} {value} is out of range")
+    if not -_MAX_SECONDS < info.mtime < _MAX_SECONDS:  # also false for NaN
+        raise _refused(info, f"mtime {info.mtime} is out of range")
+
+
+def _refused(info: tarfile.TarInfo, problem: str) -> LayerError:
+    return LayerError(f"layer entry {info.name!r}: {problem}")
 
 
 # NamedTuples, not frozen dataclasses: a rootfs is ~10k entries, and a frozen dataclass's
@@ -254,9 +379,6 @@ class _TarSource:
 def read_entries(src: Readable) -> Iterator[tuple[tarfile.TarInfo, Readable | None]]:
     with tarfile.open(fileobj=_TarSource(src), mode="r|") as archive:
         for info in archive:
-            if info.type not in _TYPES:
-                raise LayerError(f"layer entry {info.name!r}: unsupported tar entry type "
-                                 f"{info.type!r}")
             yield info, (archive.extractfile(info) if info.isreg() else None)
 
 

@@ -42,7 +42,10 @@ def lowerdir_option(lowerdirs: Sequence[Path]) -> str:
     for d in lowerdirs:
         if ":" in str(d) or "," in str(d):
             raise RuntimeFailure(f"layer path {d} contains ':' or ',' (overlayfs cannot use it)")
-    value = ":".join(os.path.abspath(d) for d in reversed(lowerdirs))
+    # A layer may come twice (two steps that changed the same, or nothing): overlayfs
+    # refuses a dir given twice (ELOOP), and below its topmost use a layer adds nothing.
+    top_first = dict.fromkeys(os.path.abspath(d) for d in reversed(lowerdirs))
+    value = ":".join(top_first)
     if len(value) > _MAX_LOWERDIR:
         raise RuntimeFailure(f"{len(lowerdirs)} layers are too many for one overlay mount "
                              f"(lowerdir= would be {len(value)} bytes, at most "

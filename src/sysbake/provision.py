@@ -12,27 +12,26 @@ whiteouts). Inputs (state trees, pillar, scripts) are bind-mounted read-only und
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import filecmp
 import os
 import re
 import select
 import shlex
-import shutil
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sysbake import finalize, log, overlay, proc, runtime
+from sysbake import finalize, log, overlay, owners, proc, runtime
 from sysbake.bundle import BindMount
 from sysbake.cache import StageCache, hash_tree
 from sysbake.commit import commit_tree
 from sysbake.errors import BuildError, CommandError, SysbakeError
-from sysbake.fsutil import remove_tree
+from sysbake.fsutil import raise_if_no_space
 from sysbake.layers_tar import is_opaque, read_xattrs
 from sysbake.oci import Layer
 from sysbake.records import field, record
+from sysbake.rootfs import Root
 from sysbake.store import Store
 
 RUN_DIR = "/run/sysbake"
@@ -54,22 +53,6 @@ class StepPlan:
     judge: Callable[[int, bytes, bytes], None] | None = None
     keep_salt: Any = None  # a salt Toolchain to install into the image, if kept
     waits_for_boot: bool = False  # the command itself waits for systemd (salt_toolchain)
-
-
-def reap_orphans(store: Store) -> None:
-    """Remove build containers whose sysbake process died (kill -9): their owner lock
-    is free. Idempotent."""
-    for owner in sorted(store.containers_dir.glob("*.owner")):
-        with open(owner, "a+b") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
-            name = owner.name.removesuffix(".owner")
-            with contextlib.suppress(SysbakeError):
-                runtime.remove(runtime.load(store.containers_dir, name), force=True)
-            remove_tree(store.containers_dir / name)
-            owner.unlink(missing_ok=True)
 
 
 def run_step(spec: Any, index: int, step: Any, cleanup: finalize.Cleanup, project: Any,
@@ -98,7 +81,8 @@ def run_step(spec: Any, index: int, step: Any, cleanup: finalize.Cleanup, projec
             if step.type == "files":
                 upper.mkdir()
                 work.mkdir()
-                with _mounted(lowerdirs, upper, work, staging / "root") as root:
+                with _mounted(lowerdirs, upper, work, staging / "root") as top, \
+                        Root(top) as root:
                     _copy_files(step, root, where)
             else:
                 if step.mode == "chroot":
@@ -106,7 +90,7 @@ def run_step(spec: Any, index: int, step: Any, cleanup: finalize.Cleanup, projec
                 else:
                     _run_booted(plan, store, lowerdirs, parent_config, staging, step.network,
                                 where, options.keep_failed)
-            with _mounted(lowerdirs, upper, work, staging / "root") as root:
+            with _mounted(lowerdirs, upper, work, staging / "root") as top, Root(top) as root:
                 finalize.clean_tree(root, cleanup)
                 if plan.keep_salt is not None:
                     from sysbake import salt
@@ -141,7 +125,7 @@ def _prepare(step: Any, store: Store, where: str) -> tuple[dict[str, Any], Calla
     if step.type == "files":
         return {}, lambda: StepPlan((), {})
     if step.type == "script":
-        body = step.script.read_bytes() if step.script else step.run.encode()
+        body = step.body()  # never through a link to a host file (config_specs.read_input)
         env = {"PATH": _PATH, "HOME": "/root", "LANG": "C.UTF-8", **dict(step.env)}
 
         def script_plan() -> StepPlan:
@@ -194,6 +178,7 @@ def _project_grains(step: Any) -> str:
 
 def _judge_script(rc: int, out: bytes, err: bytes, where: str) -> None:
     if rc != 0:
+        raise_if_no_space(out + err, where)
         text = (out + err).decode(errors="replace").strip().splitlines()
         tail = " | ".join(line.strip() for line in text[-5:] if line.strip()) or "no output"
         for line in text[-20:]:
@@ -210,42 +195,42 @@ def _judge_salt(rc: int, out: bytes, err: bytes, where: str) -> None:
         return
     for line in result.report().splitlines():
         log.info(f"    {line}")
+    raise_if_no_space(err + b"\n" + out, where)
     raise BuildError(f"{where}: salt: {result.error_line()}")
 
 
-def _copy_files(step: Any, root: Path, where: str) -> None:
-    dest = root / step.dest.lstrip("/")
-    if step.source.is_dir():
-        dest.mkdir(parents=True, exist_ok=True)
-        proc.run(["cp", "-a", "--no-preserve=ownership", f"{step.source}/.", str(dest)],
-                 what=f"{where}: copying {step.source}")
-        targets = [dest / p.relative_to(step.source) for p in step.source.rglob("*")]
-    else:
-        final = dest / step.source.name if step.dest.endswith("/") or dest.is_dir() else dest
-        final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(step.source, final)
-        targets = [final]
-    # Names resolve against the image's own passwd/group, never the host's.
-    uid = _image_id(root / "etc/passwd", step.owner, f"{where}: owner")
-    gid = _image_id(root / "etc/group", step.group, f"{where}: group")
-    for path in targets:
-        os.lchown(path, uid, gid)
-        if step.file_mode is not None and path.is_file() and not path.is_symlink():
-            path.chmod(step.file_mode)
+def _copy_files(step: Any, root: Root, where: str) -> None:
+    """The `files` step: `source` copied to `dest` inside the image (symlinks in it copied
+    as symlinks), then given the step's owner, group and file mode."""
+    dest = step.dest
+    if not step.source.is_dir() and (dest.endswith("/") or root.is_dir(dest)):
+        dest = f"{dest.rstrip('/')}/{step.source.name}"
+    try:
+        targets = root.copy_in(step.source, dest)
+        # Names resolve against the image's own passwd/group, never the host's.
+        uid = _image_id(root, "etc/passwd", step.owner, f"{where}: owner")
+        gid = _image_id(root, "etc/group", step.group, f"{where}: group")
+        for path in targets:
+            root.chown(path, uid, gid)
+            st = root.lstat(path)
+            if step.file_mode is not None and st is not None and stat.S_ISREG(st.st_mode):
+                root.chmod(path, step.file_mode)
+    except OSError as exc:
+        raise BuildError(f"{where}: copying {step.source} to {step.dest}: "
+                         f"{exc.strerror or exc}") from exc
+    except SysbakeError as exc:
+        raise BuildError(f"{where}: {exc}") from exc
 
 
-def _image_id(table: Path, name: str, what: str) -> int:
+def _image_id(root: Root, table: str, name: str, what: str) -> int:
     if name.isdigit():
         return int(name)
-    try:
-        lines = table.read_text().splitlines()
-    except FileNotFoundError:
-        lines = []
-    for line in lines:
+    text = root.read_bytes(table).decode(errors="replace") if root.is_file(table) else ""
+    for line in text.splitlines():
         fields = line.split(":")
         if len(fields) > 2 and fields[0] == name:
             return int(fields[2])
-    raise BuildError(f"{what} {name!r}: not in the image's /{table.parent.name}/{table.name}")
+    raise BuildError(f"{what} {name!r}: not in the image's /{table}")
 
 
 def prune_copy_ups(upper: Path, lowerdirs: list[Path]) -> None:
@@ -406,7 +391,8 @@ def _booted(plan: StepPlan, store: Store, lowerdirs: list[Path], config: dict[st
             staging: Path, network: bool, where: str) -> Iterator[_Booted]:
     """A container of the image booting with systemd, the plan's files and mounts in
     place and its step started (see _wrapper). Stopped and removed afterwards unless the
-    body named it in _KEEP (--keep-failed); if sysbake is killed, `reap_orphans` removes it."""
+    body named it in _KEEP (--keep-failed); if sysbake is killed, the next command
+    removes it (its owner lock: sysbake.owners)."""
     conf = staging / "conf"
     conf.mkdir()
     _write_files(plan.files, conf)
@@ -415,12 +401,9 @@ def _booted(plan: StepPlan, store: Store, lowerdirs: list[Path], config: dict[st
     binds = [BindMount(str(conf), CONF_DIR, readonly=False)]
     binds += [BindMount(str(host), dest, readonly=True) for host, dest in plan.mounts]
     name = f"build-{os.urandom(5).hex()}"
-    store.containers_dir.mkdir(parents=True, exist_ok=True)
-    owner_file = store.containers_dir / f"{name}.owner"
     # Open before the step can write: its `echo` waits for a reader, never the other way.
     done = os.open(conf / _STEP_DONE, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with open(owner_file, "a+b") as owner:
-        fcntl.flock(owner, fcntl.LOCK_EX)
+    with owners.owned(store.containers_dir, name):
         container = None
         try:
             with log.step(f"{where}: booting the image"):
@@ -439,7 +422,6 @@ def _booted(plan: StepPlan, store: Store, lowerdirs: list[Path], config: dict[st
                          f"then `sysbake rm -f {name}`")
             elif container is not None:
                 runtime.remove(container, force=True)
-            owner_file.unlink(missing_ok=True)
 
 
 _KEEP: set[str] = set()  # names of failed build containers to keep (--keep-failed)
@@ -548,6 +530,11 @@ def _run_chroot(plan: StepPlan, lowerdirs: list[Path], staging: Path, network: b
         f"mount -t overlay overlay -o lowerdir={overlay.lowerdir_option(lowerdirs)},"
         f"upperdir={upper},workdir={work},{overlay.FEATURES} {root}",
         f'r={shlex.quote(str(root))}',
+        # Mounts go on the image's own top-level dirs only: a symlink there (say /proc
+        # -> /etc) would be followed on the host. Everything else is written under the
+        # fresh tmpfs on /run, or by the image's own shell inside the chroot.
+        'for d in proc sys dev run etc; do if [ -L "$r/$d" ] || ! mkdir -p "$r/$d"; then '
+        'echo "sysbake: the image\'s /$d is not a directory" >&2; exit 125; fi; done',
         'mount -t proc proc "$r/proc"',
         'mount --rbind /sys "$r/sys"',
         'mount -t tmpfs -o mode=755 tmpfs "$r/dev"',
@@ -561,6 +548,8 @@ def _run_chroot(plan: StepPlan, lowerdirs: list[Path], staging: Path, network: b
         lines.append('[ -f "$r/etc/resolv.conf" ] && [ ! -L "$r/etc/resolv.conf" ] && '
                      'mount --bind /etc/resolv.conf "$r/etc/resolv.conf" || true')
     for host, dest, ro in binds:
+        if not dest.startswith(RUN_DIR + "/"):
+            raise BuildError(f"internal: step mount {dest} outside {RUN_DIR}")
         target = f'"$r"{shlex.quote(dest)}'
         if Path(host).is_dir():
             lines.append(f"mkdir -p {target}")
@@ -569,15 +558,20 @@ def _run_chroot(plan: StepPlan, lowerdirs: list[Path], staging: Path, network: b
         lines.append(f"mount --bind {shlex.quote(host)} {target}")
         if ro:
             lines.append(f"mount -o remount,bind,ro {target}")
-    # policy-rc.d only ever exists in the upper dir: created now, removed after the step.
+    # policy-rc.d only ever exists in the upper dir: created now, removed after the step,
+    # both by the image's shell inside the chroot (its /usr/sbin resolves there).
+    policy = shlex.quote(_POLICY_RC)
     lines += [
-        'had_policy=0; [ -e "$r/usr/sbin/policy-rc.d" ] && had_policy=1',
-        f'[ $had_policy = 1 ] || printf %s {shlex.quote(_POLICY_RC)} > "$r/usr/sbin/policy-rc.d"',
-        '[ $had_policy = 1 ] || chmod 755 "$r/usr/sbin/policy-rc.d"',
+        'made_policy=0',
+        f'chroot "$r" /bin/sh -c \'[ -e /usr/sbin/policy-rc.d ] && exit 1; '
+        f'printf %s "$1" >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d || exit 2\' '
+        f'sh {policy} || made_policy=$?',
+        '[ $made_policy -le 1 ] || { echo "sysbake: cannot write /usr/sbin/policy-rc.d in '
+        'the image" >&2; exit 125; }',
         "set +e",
         'chroot "$r" /usr/bin/env -i "$@"',
         "rc=$?",
-        '[ $had_policy = 1 ] || rm -f "$r/usr/sbin/policy-rc.d"',
+        '[ $made_policy = 1 ] || chroot "$r" /bin/rm -f /usr/sbin/policy-rc.d',
         "exit $rc",
     ]
     env = [f"{k}={v}" for k, v in {**plan.env, "SYSBAKE_CHROOT": "1"}.items()]

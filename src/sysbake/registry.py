@@ -8,6 +8,12 @@ each missing blob streamed into the store and verified against its digest before
 committed; the image is tagged last, so a failed pull tags nothing and leaves no partial blob.
 Docker schema2 manifests are stored as OCI manifests (same config and layer bytes, so the
 image ID is kept); OCI manifests are stored byte for byte.
+
+A registry is not trusted: manifests and configs are capped in size, blobs whose declared
+sizes the store's file system cannot hold are refused before any download, every transfer
+keeps to a minimum rate (registry_client.Limits), and a pull never writes into the stage
+cache: only `cache_source`, for a source the user named (`build --cache-from`), offers an
+image's stages, to one build.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
 import platform
 import time
 import urllib.parse
@@ -22,17 +29,28 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from sysbake import compress, log, oci
+from sysbake.cache import Origin, StageRecord
 from sysbake.errors import StoreError
 from sysbake.oci import Descriptor, Image
 from sysbake.records import field, record
 from sysbake.registry_auth import Credentials, RegistryError, auth_files, lookup_credentials
-from sysbake.registry_cache import blob_repositories, remember_blobs, seed_stage_cache
-from sysbake.registry_client import Reference, Session, TlsOptions
+from sysbake.registry_cache import blob_repositories, remember_blobs, stage_records
+from sysbake.registry_client import (
+    Limits,
+    RateWindow,
+    Reference,
+    Session,
+    SlowTransfer,
+    TlsOptions,
+)
 from sysbake.store import Store, normalize_ref
 
-__all__ = ["ConnectOptions", "PullResult", "PushResult", "Reference", "RegistryError",
-           "TlsOptions", "connect", "host_platform", "pull", "push", "select_platform"]
+__all__ = ["ConnectOptions", "Limits", "PullResult", "PushResult", "Reference", "RegistryError",
+           "TlsOptions", "cache_source", "connect", "host_platform", "pull", "push",
+           "select_platform"]
 
+MAX_MANIFEST = 4 << 20  # bytes: what docker and containerd accept for a manifest or index
+MAX_CONFIG = 8 << 20  # bytes: an image config (labels, history) is kilobytes in practice
 MANIFEST_TYPES = (oci.MT_MANIFEST, oci.MT_INDEX, oci.MT_DOCKER_MANIFEST, oci.MT_DOCKER_LIST)
 _OCI_LAYER_OF = {oci.MT_DOCKER_LAYER_GZIP: oci.MT_LAYER_GZIP}
 _MACHINE_ARCH = {"x86_64": ("amd64", None), "aarch64": ("arm64", None),
@@ -43,11 +61,13 @@ _MACHINE_ARCH = {"x86_64": ("amd64", None), "aarch64": ("arm64", None),
 
 @record
 class ConnectOptions:
-    """How to reach a registry: TLS settings, explicit credentials, the auth file to read."""
+    """How to reach a registry: TLS settings, explicit credentials, the auth file to read,
+    how slow it may be."""
 
     tls: TlsOptions = field(default_factory=TlsOptions)
     creds: Credentials | None = None
     auth_file: Path | None = None
+    limits: Limits = field(default_factory=Limits.from_env)
 
 
 @record
@@ -65,24 +85,27 @@ class PushResult:
 
 @record
 class PullResult:
+    """A pulled image; `ref` is its store tag ("" when pulled without tagging), `digest`
+    its manifest digest in the registry (a Docker manifest is stored converted to OCI)."""
+
     source: str
     ref: str
     image: Image
     fetched: int
     present: int
-    stages: tuple[str, ...]
+    digest: str
 
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "ref": self.ref, "id": self.image.id,
                 "manifest": self.image.manifest.digest, "fetched": self.fetched,
-                "present": self.present, "stages": list(self.stages)}
+                "present": self.present}
 
 
 def connect(registry: str, repository: str, options: ConnectOptions) -> Session:
     """A session to `registry`, with explicit credentials or those of the auth files."""
     creds = options.creds or lookup_credentials(registry, repository,
                                                 auth_files(options.auth_file))
-    return Session(registry, tls=options.tls, creds=creds)
+    return Session(registry, tls=options.tls, creds=creds, limits=options.limits)
 
 
 def _short(digest: str) -> str:
@@ -118,14 +141,19 @@ class _Progress:
 
 
 class _Reader:
-    """A store blob as an upload body: read in chunks (never whole), progress counted."""
+    """A store blob as an upload body: read in chunks (never whole), progress counted; a
+    registry that takes the chunks slower than the minimum rate is a SlowTransfer."""
 
-    def __init__(self, f: BinaryIO, progress: _Progress) -> None:
+    def __init__(self, f: BinaryIO, progress: _Progress, limits: Limits) -> None:
         self.f, self.progress = f, progress
+        self.window = RateWindow(limits, "accepted")
 
     def read(self, n: int = -1) -> bytes:
+        # Called by http.client for each block once the previous one was sent.
+        self.window.check()
         data = self.f.read(n)
         self.progress.add(len(data))
+        self.window.add(len(data))
         return data
 
     def tell(self) -> int:
@@ -213,7 +241,8 @@ def _push_blob(store: Store, session: Session, repo: str, desc: Descriptor,
         {"digest": desc.digest})
     progress = _Progress("pushing", desc)
     with store.open_blob(desc.digest) as f:
-        resp = session.request("PUT", location, scopes=scopes, body=_Reader(f, progress),
+        resp = session.request("PUT", location, scopes=scopes,
+                               body=_Reader(f, progress, session.limits),
                                headers={"Content-Type": "application/octet-stream",
                                         "Content-Length": str(desc.size)})
     if resp.status not in (201, 204):
@@ -267,7 +296,15 @@ def _get_manifest(session: Session, repo: str, reference: str,
     if resp.status != 200:
         raise session.fail(resp, f"GET manifest {where}")
     with resp:
-        data = resp.read()
+        declared = resp.headers.get("Content-Length") or "0"
+        if not declared.isdigit() or int(declared) > MAX_MANIFEST:
+            raise RegistryError(f"pull {where}: the registry declares a manifest of "
+                                f"{declared} bytes (at most {MAX_MANIFEST} are accepted): "
+                                "refused")
+        try:
+            data = resp.read(MAX_MANIFEST)
+        except RegistryError as exc:
+            raise RegistryError(f"pull {where}: manifest: {exc}") from exc
         content_type = (resp.headers.get("Content-Type") or "").split(";")[0].strip()
         echoed = resp.headers.get("Docker-Content-Digest")
     digest = oci.sha256_digest(data)
@@ -286,8 +323,35 @@ def _get_manifest(session: Session, repo: str, reference: str,
     return data, media_type
 
 
+def _free_bytes(store: Store) -> int:
+    """Bytes an unprivileged writer may still use on the store's file system."""
+    st = os.statvfs(store.tmp_dir)
+    return st.f_bavail * st.f_frsize
+
+
+def _check_sizes(store: Store, config: Descriptor, blobs: list[Descriptor], where: str) -> None:
+    """Refuse, before any download, declared sizes that are nonsense or that the store's
+    file system cannot hold (the blobs still missing, together)."""
+    for desc in blobs:
+        if desc.size < 0:
+            raise RegistryError(f"pull {where}: blob {desc.digest} declares a negative size")
+    if config.size > MAX_CONFIG:
+        raise RegistryError(f"pull {where}: config {config.digest} declares {config.size} "
+                            f"bytes (at most {MAX_CONFIG} are accepted): refused")
+    missing = {d.digest: d.size for d in blobs if not store.has_blob(d.digest)}
+    free = _free_bytes(store)
+    for digest, size in missing.items():
+        if size > free:
+            raise RegistryError(f"pull {where}: blob {digest} declares {size} bytes, more "
+                                f"than the {free} bytes free in {store.root}: refused")
+    if sum(missing.values()) > free:
+        raise RegistryError(f"pull {where}: the image's blobs declare "
+                            f"{sum(missing.values())} bytes, more than the {free} bytes "
+                            f"free in {store.root}: refused")
+
+
 def _fetch_blob(store: Store, session: Session, repo: str, desc: Descriptor,
-                scopes: tuple[str, ...]) -> bool:
+                scopes: tuple[str, ...], where: str) -> bool:
     """Stream a blob into the store, verified; False when it was already there."""
     if store.has_blob(desc.digest):
         return False
@@ -308,6 +372,9 @@ def _fetch_blob(store: Store, session: Session, repo: str, desc: Descriptor,
                                             f"than its {desc.size} bytes")
             except (OSError, http.client.HTTPException) as exc:
                 dropped = exc
+        if isinstance(dropped, SlowTransfer):
+            raise RegistryError(f"pull {where}: blob {desc.digest}: {dropped}: "
+                                "dropped") from dropped
         if dropped is not None or writer.size < desc.size:
             # http.client returns a short body, rather than raising, when the peer hangs up.
             raise RegistryError(
@@ -363,9 +430,9 @@ def _store_manifest(store: Store, data: bytes, media_type: str, doc: dict[str, A
 
 def pull(store: Store, source: Reference, options: ConnectOptions, *, tag: str | None = None,
          wanted: tuple[str, str, str | None] | None = None,
-         seed_cache: bool = True) -> PullResult:
-    """Pull `source` into the store and tag it `tag` (default: the source's own name);
-    with `seed_cache`, its sysbake stages become cache hits for local builds."""
+         untagged: bool = False) -> PullResult:
+    """Pull `source` into the store and tag it `tag` (default: the source's own name), or
+    with `untagged` only fetch it (tags it already has stay). Never touches the stage cache."""
     local = normalize_ref(tag or source.local_name())
     store.ensure()
     store.clean_stale()
@@ -380,6 +447,10 @@ def pull(store: Store, source: Reference, options: ConnectOptions, *, tag: str |
             digest = str(chosen.get("digest"))
             if not oci.is_digest(digest):
                 raise RegistryError(f"{where}: index entry without a sha256 digest")
+            size = chosen.get("size")
+            if not isinstance(size, int) or not 0 <= size <= MAX_MANIFEST:
+                raise RegistryError(f"pull {where}: the index declares a manifest of {size} "
+                                    f"bytes (at most {MAX_MANIFEST} are accepted): refused")
             data, media_type = _get_manifest(session, repo, digest, scopes, where)
             if media_type not in (oci.MT_MANIFEST, oci.MT_DOCKER_MANIFEST):
                 raise RegistryError(f"{where}: nested indexes are not supported")
@@ -395,9 +466,10 @@ def pull(store: Store, source: Reference, options: ConnectOptions, *, tag: str |
         for desc in layers:
             if desc.media_type not in oci.LAYER_COMPRESSION:
                 raise RegistryError(f"{where}: unsupported layer type {desc.media_type!r}")
+        _check_sizes(store, config, [config, *layers], where)
         fetched = present = 0
         for desc in (config, *layers):
-            if _fetch_blob(store, session, repo, desc, scopes):
+            if _fetch_blob(store, session, repo, desc, scopes, where):
                 fetched += 1
             else:
                 present += 1
@@ -407,8 +479,16 @@ def pull(store: Store, source: Reference, options: ConnectOptions, *, tag: str |
             image = store.load_image(manifest)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise RegistryError(f"{where}: malformed image config ({exc})") from exc
-        seeded = seed_stage_cache(store, image, where) if seed_cache else []
-        ref = store.tag(local, image)
+        store.check_image(image)  # a hostile or broken layer: refused before any tag
+        ref = "" if untagged else store.tag(local, image)
     remember_blobs(store, source.registry, repo, [d.digest for d in (config, *layers)])
-    return PullResult(where, ref, image, fetched, present,
-                      tuple(f"{r.image}/{r.stage}" for r in seeded))
+    return PullResult(where, ref, image, fetched, present, oci.sha256_digest(data))
+
+
+def cache_source(store: Store, source: Reference, options: ConnectOptions) -> list[StageRecord]:
+    """Fetch cache source `source` (named by the user: `build --cache-from`) into the store
+    without tagging it, and return the stage records its labels and history prove, each
+    naming its origin (registry, repository, manifest digest); nothing is recorded."""
+    result = pull(store, source, options, untagged=True)
+    origin = Origin(source.registry, source.repository, result.digest)
+    return stage_records(result.image, origin)

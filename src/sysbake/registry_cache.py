@@ -1,10 +1,13 @@
-"""What the local store learns from a registry: stage records seeded from a pulled image's
-labels (so a build on this machine reuses stages built elsewhere), and where blobs were
-seen (so a push can mount a blob from another repository instead of uploading it).
+"""What the local store learns from a registry: the stages a cache source publishes (so a
+build reuses stages built elsewhere, from a source the user named with `--cache-from`), and
+where blobs were seen (so a push can mount a blob from another repository instead of
+uploading it).
 
 A sysbake image carries `io.sysbake.stage.<stage>` = stage key labels and, per layer, a
 history entry whose comment is `sysbake <stage> <first 16 hex of the key>`: together they
-map each stage key to its layer, which is all a StageRecord needs to be a cache hit.
+map each stage key to its layer, which is all a StageRecord needs to be a cache hit. Any
+image can carry such labels, so they are read only from a cache source the user named, and
+offered to one build; a pull never writes them into the stage cache.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sysbake.cache import StageCache, StageRecord
+from sysbake.cache import Origin, StageRecord
 from sysbake.fsutil import atomic_write
 from sysbake.oci import Image
 from sysbake.store import Store
@@ -24,45 +27,44 @@ _COMMENT_RE = re.compile(r"^sysbake (\S+) ([0-9a-f]{16})$")
 _HINTS_PER_BLOB = 8
 
 
-def stage_records(image: Image, source: str) -> list[StageRecord]:
-    """The stage records an image's labels and history prove (pure: nothing is written).
-    Layers whose history names no stage key, or an ambiguous one, are left out."""
+def stage_records(image: Image, origin: Origin) -> list[StageRecord]:
+    """The stage records an image's labels and history prove, each naming `origin` (pure:
+    nothing is written). A record's layer is exactly the one the image publishes for its
+    key: the manifest's blob and the config's diff_id at the position whose history entry
+    names the stage and the key, whose label names the same stage. A key claimed by no
+    label, by two labels or by two layers, and a history that does not line up with the
+    layers, prove nothing and are left out."""
     config = image.config
     labels: dict[str, Any] = (config.get("config") or {}).get("Labels") or {}
-    keys = [str(v) for k, v in labels.items() if k.startswith(STAGE_LABEL)]
-    history = [h for h in config.get("history") or [] if not h.get("empty_layer")]
+    keys = {str(v): k.removeprefix(STAGE_LABEL) for k, v in labels.items()
+            if k.startswith(STAGE_LABEL)}
+    history = [h for h in config.get("history") or []
+               if isinstance(h, dict) and not h.get("empty_layer")]
     if len(history) != len(image.layers):
         return []
-    name = str(labels.get("io.sysbake.image") or source)
-    out = []
+    name = str(labels.get("io.sysbake.image") or origin.repository)
+    found: dict[str, StageRecord] = {}
+    claimed: set[str] = set()
     for entry, layer in zip(history, image.layers, strict=True):
         m = _COMMENT_RE.match(str(entry.get("comment") or ""))
         if m is None:
             continue
         matches = [k for k in keys if k.startswith(m[2])]
-        if len(matches) != 1:
+        if len(matches) != 1 or keys[matches[0]] != m[1]:
             continue
-        out.append(StageRecord(
-            key=matches[0], image=name, stage=m[1],
+        key = matches[0]
+        if key in claimed:
+            found.pop(key, None)  # two layers claim it: neither is proven
+            continue
+        claimed.add(key)
+        found[key] = StageRecord(
+            key=key, image=name, stage=m[1],
             # The inputs stay on the machine that built the stage; the key stands for them.
-            inputs={"pulled": source},
+            inputs={"cache_from": str(origin)},
             layer=layer, created=str(entry.get("created") or config.get("created") or ""),
-            created_by=str(entry.get("created_by") or f"pulled from {source}"),
-        ))
-    return out
-
-
-def seed_stage_cache(store: Store, image: Image, source: str) -> list[StageRecord]:
-    """Record the stages of a pulled image (whose blobs are in the store) unless this
-    store already has a record of that key; returns the records added. Idempotent."""
-    cache = StageCache(store)
-    added = []
-    for record in stage_records(image, source):
-        if cache.lookup(record.key) is not None:
-            continue
-        cache.add(record)
-        added.append(record)
-    return added
+            created_by=str(entry.get("created_by") or f"from {origin}"), origin=origin,
+        )
+    return list(found.values())
 
 
 # -- where blobs live in registries (hints for cross-repository mounts) -------------------------

@@ -3,19 +3,28 @@
 Plain http is used only with --tls-verify=false or for a loopback registry (127.0.0.0/8,
 ::1, localhost) that does not speak TLS, as docker does for loopback; a loopback registry
 that does offer TLS is still verified. Bearer tokens (realm/service/scope) and Basic auth
-answer the registry's `WWW-Authenticate` challenge.
+answer the registry's `WWW-Authenticate` challenge; Basic credentials go to a token realm
+only on the registry's own host or over https.
+
+Every transfer must keep moving (`Limits`): a response that brings fewer than
+`min_rate` bytes/s over a window (default 1 KiB/s over 30 s), or a request body the registry
+does not take at that rate, is dropped with an error saying so.
 """
 
 from __future__ import annotations
 
+import functools
 import http.client
+import io
 import ipaddress
 import json
+import os
 import re
 import socket
 import ssl
+import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,11 +38,16 @@ from sysbake.registry_auth import (
     pick_challenge,
 )
 
-TIMEOUT = 60.0  # seconds without a byte before a stalled registry is an error
+DEFAULT_MIN_RATE = 1.0  # KiB/s: a registry that drips bytes is dropped
+DEFAULT_WINDOW = 30.0  # seconds: what docker and podman allow a silent connection
+MIN_RATE_ENV = "SYSBAKE_REGISTRY_MIN_RATE"
+WINDOW_ENV = "SYSBAKE_REGISTRY_WINDOW"
 CHUNK = 1 << 20
+SEND_BLOCK = 64 << 10  # small enough that a slow but honest uplink moves a block per window
 _CERT_DIRS = (Path("/etc/containers/certs.d"), Path("/etc/docker/certs.d"))
 
-_HOST_RE = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]+)?$")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOST_RE = re.compile(rf"^(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]+\])(?::[0-9]+)?$")
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REPO_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -45,6 +59,117 @@ class Body(Protocol):
     def read(self, n: int = -1) -> bytes: ...
     def tell(self) -> int: ...
     def seek(self, pos: int) -> int: ...
+
+
+class SlowTransfer(OSError):
+    """A registry moved fewer bytes than the minimum rate over a window (the message says
+    how many); an OSError so that it unwinds http.client like a dropped connection."""
+
+
+@record
+class Limits:
+    """How slow a registry may be: at least `min_rate` KiB/s over every `window` seconds
+    of a transfer (0: any rate, but never a whole window without a byte)."""
+
+    min_rate: float = DEFAULT_MIN_RATE
+    window: float = DEFAULT_WINDOW
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Limits:
+        """The defaults, overridden by $SYSBAKE_REGISTRY_MIN_RATE (KiB/s) and
+        $SYSBAKE_REGISTRY_WINDOW (seconds)."""
+        env = os.environ if env is None else env
+        return cls(_number(env, MIN_RATE_ENV, DEFAULT_MIN_RATE, minimum=0.0),
+                   _number(env, WINDOW_ENV, DEFAULT_WINDOW, minimum=0.1))
+
+    def floor(self) -> float:
+        """The fewest bytes a window must move."""
+        return self.min_rate * 1024 * self.window
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= minimum or value == float("inf"):
+        raise RegistryError(f"${name}={text!r}: expected a number of at least {minimum:g}")
+    return value
+
+
+class RateWindow:
+    """Counts the bytes a transfer moves per window of `limits.window` seconds (the first
+    window opens at the first `deadline()` call); `check` raises SlowTransfer when a window
+    that has ended moved too few, else opens the next one."""
+
+    def __init__(self, limits: Limits, verb: str) -> None:
+        self.limits, self.verb = limits, verb
+        self.start: float | None = None
+        self.count = 0
+
+    def deadline(self) -> float:
+        if self.start is None:
+            self.start = time.monotonic()
+        return self.start + self.limits.window
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now < self.deadline():
+            return
+        if self.count == 0 or self.count < self.limits.floor():
+            raise SlowTransfer(f"the registry {self.verb} {self.count} bytes in "
+                               f"{self.limits.window:g} s (less than the minimum of "
+                               f"{self.limits.min_rate:g} KiB/s)")
+        self.start, self.count = now, 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+
+
+class _MeteredSocket(io.RawIOBase):
+    """A response socket read under a RateWindow: each wait ends at the window's end."""
+
+    def __init__(self, sock: socket.socket, limits: Limits) -> None:
+        # makefile() keeps the socket open until this file is closed, as http.client expects
+        # (it closes the connection early and lets the response finish reading).
+        self._file = sock.makefile("rb", buffering=0)
+        self._sock = sock
+        self._window = RateWindow(limits, "sent")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while True:
+            self._window.check()
+            self._sock.settimeout(max(self._window.deadline() - time.monotonic(), 0.001))
+            try:
+                n = self._sock.recv_into(buffer)
+            except TimeoutError:
+                continue  # the window ended: check() decides
+            self._window.add(n)
+            return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
+
+
+@functools.lru_cache(maxsize=8)
+def _response_class(limits: Limits) -> type[http.client.HTTPResponse]:
+    """An HTTPResponse whose socket reads (status line, headers, body) keep to `limits`."""
+
+    class MeteredResponse(http.client.HTTPResponse):
+        def __init__(self, sock: socket.socket, *args: Any, **kw: Any) -> None:
+            super().__init__(sock, *args, **kw)
+            self.fp.close()
+            self.fp = io.BufferedReader(_MeteredSocket(sock, limits), CHUNK)
+
+    return MeteredResponse
 
 
 @record
@@ -66,11 +191,12 @@ class Reference:
         if not slash or not ("." in host or ":" in host or host == "localhost"):
             raise RegistryError(f"{text!r} names no registry: expected "
                                 "host[:port]/repository[:tag]")
-        if not _HOST_RE.match(host):
-            raise RegistryError(f"{text!r}: invalid registry host {host!r}")
         repository, colon, tag = path.rpartition(":")
         if not colon or "/" in tag:
             repository, colon, tag = path, "", ""
+        _refuse_path_tricks(text, [host, *repository.split("/")])
+        if not _HOST_RE.match(host):
+            raise RegistryError(f"{text!r}: invalid registry host {host!r}")
         if not _REPO_RE.match(repository):
             raise RegistryError(f"{text!r}: invalid repository {repository!r}: expected "
                                 "lowercase [a-z0-9] components joined by . _ - and /")
@@ -95,6 +221,15 @@ class Reference:
         digest only (the cosign convention: a store tag cannot hold '@')."""
         tag = self.tag or (self.digest or "").replace(":", "-")
         return f"{self.registry}/{self.repository}:{tag}"
+
+
+def _refuse_path_tricks(text: str, components: list[str]) -> None:
+    """Refuse a name with a '..', '.' or empty component: registries and stores map names
+    to paths and URLs, where such a component would climb out of its place."""
+    for part in components:
+        if part in ("", ".", "..") or ".." in part:
+            raise RegistryError(f"{text!r}: the image name has a path component {part!r}: "
+                                "'..', '.' and empty components are not allowed")
 
 
 def is_loopback(registry: str) -> bool:
@@ -157,11 +292,14 @@ class Response:
         """The whole body (small documents only: manifests, errors, tokens)."""
         try:
             data = self.raw.read(limit + 1)
+        except SlowTransfer as exc:
+            raise RegistryError(f"{self.url}: {exc}: dropped") from exc
         except (OSError, http.client.HTTPException) as exc:
             raise RegistryError(f"{self.url}: connection dropped while reading "
                                 f"the response ({_reason(exc)})") from exc
         if len(data) > limit:
-            raise RegistryError(f"{self.url}: response larger than {limit} bytes")
+            raise RegistryError(f"{self.url}: the response is larger than {limit} bytes: "
+                                "refused")
         return data
 
     def chunks(self) -> Iterator[bytes]:
@@ -189,11 +327,13 @@ class Response:
             return f"HTTP {self.status} {self.raw.reason}".strip()
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException, window: float = DEFAULT_WINDOW) -> str:
     if isinstance(exc, http.client.IncompleteRead):
         return f"got {len(exc.partial)} more bytes, {exc.expected} missing"
+    if isinstance(exc, SlowTransfer):
+        return str(exc)
     if isinstance(exc, TimeoutError | socket.timeout):
-        return f"no data for {TIMEOUT:.0f}s"
+        return f"no progress for {window:g} s"
     return str(getattr(exc, "strerror", None) or exc) or type(exc).__name__
 
 
@@ -205,6 +345,7 @@ class Session:
     registry: str
     tls: TlsOptions = field(default_factory=TlsOptions)
     creds: Credentials | None = None
+    limits: Limits = field(default_factory=Limits.from_env)
     scheme: str | None = None
     _challenge: Challenge | None = None
     _tokens: dict[tuple[str, ...], str] = field(default_factory=dict)
@@ -221,11 +362,15 @@ class Session:
               body: bytes | Body | None) -> Response:
         parts = urllib.parse.urlsplit(url)
         conn: http.client.HTTPConnection
+        # The socket timeout bounds connecting and each block sent; responses are metered.
+        window = self.limits.window
         if parts.scheme == "https":
-            conn = http.client.HTTPSConnection(parts.netloc, timeout=TIMEOUT,
-                                               context=self.context(), blocksize=CHUNK)
+            conn = http.client.HTTPSConnection(parts.netloc, timeout=window,
+                                               context=self.context(), blocksize=SEND_BLOCK)
         else:
-            conn = http.client.HTTPConnection(parts.netloc, timeout=TIMEOUT, blocksize=CHUNK)
+            conn = http.client.HTTPConnection(parts.netloc, timeout=window,
+                                              blocksize=SEND_BLOCK)
+        conn.response_class = _response_class(self.limits)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         log.debug(f"{method} {url}")
         try:
@@ -242,10 +387,20 @@ class Session:
         except socket.gaierror as exc:
             conn.close()
             raise RegistryError(f"cannot resolve {parts.hostname}: {exc.strerror}") from exc
+        except SlowTransfer as exc:
+            conn.close()
+            raise RegistryError(f"{method} {url}: {exc}: dropped") from exc
+        except TimeoutError as exc:
+            # Responses are metered (SlowTransfer): a timeout is in connecting or sending.
+            doing = "accepted no data" if conn.sock is not None else \
+                "did not accept the connection"
+            conn.close()
+            raise RegistryError(f"{method} {url}: the registry {doing} for {window:g} s: "
+                                "dropped") from exc
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             raise RegistryError(f"{method} {url}: connection failed or dropped "
-                                f"({_reason(exc)})") from exc
+                                f"({_reason(exc, window)})") from exc
         return Response(conn, raw, url)
 
     def _probe(self) -> None:
@@ -265,7 +420,8 @@ class Session:
                     continue  # not a TLS server: try plain http
                 if plain_http and cause is not None:
                     raise RegistryError(
-                        f"TLS handshake with {self.registry} failed ({_reason(cause)}): for "
+                        f"TLS handshake with {self.registry} failed "
+                        f"({_reason(cause, self.limits.window)}): for "
                         "a plain-http registry pass --tls-verify=false") from exc
                 raise
             with resp:
@@ -306,8 +462,16 @@ class Session:
             else []
         query += [("scope", s) for s in scopes]
         url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(query)
-        headers = {"Authorization": self.creds.basic()} if self.creds else {}
+        withheld = self.creds is not None and not self._may_see_creds(realm)
+        headers = {"Authorization": self.creds.basic()} \
+            if self.creds is not None and not withheld else {}
         with self._send("GET", url, headers, None) as resp:
+            if resp.status in (401, 403) and withheld:
+                raise RegistryError(
+                    f"{self.registry}: the token service {realm} refused an anonymous "
+                    f"request; the credentials for {self.registry} were withheld because "
+                    "that realm is on another host over plain http (it must be on the "
+                    "registry's host or use https)")
             if resp.status in (401, 403):
                 raise self._denied(resp.status, "the token service")
             if resp.status != 200:
@@ -317,6 +481,13 @@ class Session:
                 return str(doc.get("token") or doc["access_token"])
             except (ValueError, KeyError, AttributeError) as exc:
                 raise RegistryError(f"token service {realm} sent no token") from exc
+
+    def _may_see_creds(self, realm: str) -> bool:
+        """Whether Basic credentials may go to token `realm`: over https, or on the
+        registry's own host (any port); a plain-http realm elsewhere could be anyone's."""
+        parts = urllib.parse.urlsplit(realm)
+        own = urllib.parse.urlsplit(f"//{self.registry}").hostname
+        return parts.scheme == "https" or (parts.hostname or "").lower() == (own or "")
 
     def _denied(self, status: int, what: str) -> RegistryError:
         if self.creds is None:

@@ -3,7 +3,9 @@ bundle (sysbake.bundle), runc or crun started detached under sysbake's monitor.
 
 A container lives in `<store>/containers/<name>/`; its state survives the sysbake
 process that started it, so any later `ps`, `stop` or `rm` manages it. Every failure
-while creating a container leaves no mount, runtime state or process behind.
+while creating a container leaves no mount, runtime state or process behind. A container
+made for the life of one process (a build step's, `sysbake test`'s) has an owner lock
+(sysbake.owners): once that process is gone, `reap_orphans` removes it.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sysbake import bundle, log, oci, overlay, proc
+from sysbake import bundle, log, oci, overlay, owners, proc
 from sysbake.bundle import BindMount, BundleSpec
-from sysbake.errors import RuntimeFailure
+from sysbake.errors import RuntimeFailure, SysbakeError
 from sysbake.fsutil import atomic_write, remove_tree
+from sysbake.rootfs import Root
 
 if TYPE_CHECKING:
     from sysbake import monitor
@@ -135,42 +138,10 @@ def runtime_path(name: str) -> str:
     return path
 
 
-def find_in_root(root: Path, path: str) -> Path | None:
-    """Host path of `path` inside `root`, following symlinks as the container would
-    (absolute targets stay inside `root`); None when it does not exist."""
-    parts = [p for p in path.split("/") if p]
-    current = root
-    hops = 0
-    while parts:
-        part = parts.pop(0)
-        if part == "..":
-            current = current.parent if current != root else root
-            continue
-        candidate = current / part
-        if candidate.is_symlink():
-            hops += 1
-            if hops > 40:
-                return None
-            target = os.readlink(candidate)
-            parts = [p for p in target.split("/") if p] + parts
-            if target.startswith("/"):
-                current = root
-            continue
-        if not os.path.lexists(candidate):
-            return None
-        current = candidate
-    return current
-
-
-def _is_dir(path: Path | None) -> bool:
-    return path is not None and path.is_dir()
-
-
-def find_init(rootfs: Path) -> str | None:
-    """The first of /lib/systemd/systemd and /sbin/init present in `rootfs`."""
+def find_init(root: Root) -> str | None:
+    """The first of /lib/systemd/systemd and /sbin/init that is a file in the image."""
     for candidate in bundle.INIT_CANDIDATES:
-        found = find_in_root(rootfs, candidate)
-        if found is not None and found.is_file():
+        if root.is_file(candidate):
             return candidate
     return None
 
@@ -324,7 +295,7 @@ def _default_name(image: str) -> str:
     return f"{base}-{os.urandom(3).hex()}"
 
 
-def _etc_binds(container_dir: Path, rootfs: Path, hostname: str,
+def _etc_binds(container_dir: Path, root: Root, hostname: str,
                network: str) -> tuple[BindMount, ...]:
     # Generated per container and bind-mounted, never written into the rootfs: a commit
     # of the upper dir (provisioning) must not capture them. A symlink in the image (say
@@ -341,7 +312,7 @@ def _etc_binds(container_dir: Path, rootfs: Path, hostname: str,
              "resolv.conf": resolv}
     binds = []
     for name, content in files.items():
-        if (rootfs / "etc" / name).is_symlink():
+        if root.is_symlink(f"etc/{name}"):
             continue
         (etc / name).write_text(content)
         binds.append(BindMount(str(etc / name), f"/etc/{name}"))
@@ -464,26 +435,29 @@ def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[s
         launch = _prepare_monitor(cdir, runtime, options.runtime, runtime_id)
         rootfs = cdir / "bundle" / "rootfs"
         overlay.mount_overlay(lowerdirs, cdir / "upper", cdir / "work", rootfs)
-        init = find_init(rootfs)
-        if require_init and init is None:
-            raise NoSystemd(f"image {image} has no systemd: neither "
-                            + " nor ".join(bundle.INIT_CANDIDATES) + " exists in it")
-        process = bundle.process_from_image(image_config, init=init,
-                                            container_uuid=os.urandom(16).hex(),
-                                            env=options.env, command=options.command)
-        for exe in (*options.wrapper[:1], process.args[0]):
-            if exe.startswith("/") and find_in_root(rootfs, exe) is None:
-                raise RuntimeFailure(f"image {image}: the command {exe} does not exist in "
-                                     "the image")
         hostname = bundle.hostname_for(name)
+        with Root(rootfs) as root:
+            init = find_init(root)
+            if require_init and init is None:
+                raise NoSystemd(f"image {image} has no systemd: neither "
+                                + " nor ".join(bundle.INIT_CANDIDATES) + " exists in it")
+            process = bundle.process_from_image(image_config, init=init,
+                                                container_uuid=os.urandom(16).hex(),
+                                                env=options.env, command=options.command)
+            for exe in (*options.wrapper[:1], process.args[0]):
+                if exe.startswith("/") and not root.exists(exe):
+                    raise RuntimeFailure(f"image {image}: the command {exe} does not exist "
+                                         "in the image")
+            etc_binds = _etc_binds(cdir, root, hostname, options.network)
+            volatile_journal = root.is_dir("var/log/journal")
         cgroups_path = _cgroups_path(runtime_id)
         spec = BundleSpec(
             hostname=hostname, process=process._replace(args=options.wrapper + process.args),
             network=options.network,
-            binds=_etc_binds(cdir, rootfs, hostname, options.network) + options.binds,
+            binds=etc_binds + options.binds,
             cgroups_path=cgroups_path,
             systemd_cgroup=_systemd_cgroup(options.runtime, cgroups_path),
-            volatile_journal=_is_dir(find_in_root(rootfs, "/var/log/journal")),
+            volatile_journal=volatile_journal,
             annotations=(("org.sysbake.image", image), ("org.sysbake.name", name)))
         atomic_write(cdir / "bundle" / "config.json",
                      json.dumps(bundle.runtime_config(spec), indent=1).encode(), durable=False)
@@ -662,16 +636,49 @@ def remove(container: Container, *, force: bool = False) -> None:
     remove_tree(container.dir)
 
 
+# -- orphans -------------------------------------------------------------------------------
+
+
+def reap_orphans(containers_dir: Path) -> list[owners.Orphan]:
+    """Remove every container whose owning process is gone (see sysbake.owners): PID 1
+    killed, runtime state deleted, rootfs unmounted, directory removed. What was found,
+    each with the error that kept it, if any. Idempotent."""
+    found = []
+    for orphan in owners.claim_orphans(containers_dir):
+        cdir = containers_dir / orphan.name
+        try:
+            container: Container | None = load(containers_dir, orphan.name)
+        except RuntimeFailure:  # killed before its state was written: a dir to clear
+            container = None
+        if container is not None:
+            orphan = orphan._replace(image=container.image)
+        try:
+            if container is not None:
+                remove(container, force=True)
+            _teardown_dir(cdir, None)
+            if cdir.exists():
+                raise RuntimeFailure(f"{cdir / 'bundle' / 'rootfs'} is still mounted")
+        except (SysbakeError, OSError) as exc:
+            found.append(orphan._replace(error=str(exc)))
+            continue
+        owners.forget(containers_dir, orphan.name)
+        found.append(orphan)
+    return found
+
+
 # -- store glue ------------------------------------------------------------------------------
 
 
-def run_image(store: Any, ref: str, options: RunOptions, *,
-              require_init: bool = False) -> Container:
-    """Resolve `ref` in `store` (a sysbake.store.Store) and start a container of it."""
+def run_image(store: Any, ref: str, options: RunOptions, *, require_init: bool = False,
+              owner: owners.OwnerLock | None = None) -> Container:
+    """Resolve `ref` in `store` (a sysbake.store.Store) and start a container of it;
+    `owner`, the container's owner lock, is taken before it is made."""
     image = store.resolve(ref)
     if not image.layers:
         raise RuntimeFailure(f"image {ref} has no layers")
     store.ensure()
+    if owner is not None:
+        owner.acquire()
     lowerdirs = [store.layer_tree(layer) for layer in image.layers]
     return create(store.containers_dir, lowerdirs, image.config, image=ref,
                   image_id=image.id, options=options, require_init=require_init)

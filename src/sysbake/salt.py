@@ -24,22 +24,23 @@ top.sls but with an init.sls gets `'*': [init]`.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 from pathlib import Path
 from typing import Any
 
-from sysbake import cache, proc
+from sysbake import cache, log
+from sysbake.config_specs import read_input
 from sysbake.errors import BuildError
-from sysbake.fsutil import remove_tree
 from sysbake.records import record
+from sysbake.rootfs import Root
 from sysbake.salt_toolchain import (
     DEFAULT_SALT_VERSION,
     Toolchain,
     boot_code,
     ensure_toolchain,
     loader_path,
-    resolve_in_root,
     toolchain_key,
 )
 
@@ -125,12 +126,15 @@ class SaltRun:
         return dict(json.loads(self.grains_json))
 
     def mounts(self) -> list[tuple[Path, str, bool]]:
-        """(host path, container path, read-only) bind mounts the run needs."""
+        """(host path, container path, read-only) bind mounts the run needs. Host paths are
+        the trees' real directories (the project file made sure those of the project stay in
+        it); links inside a tree are resolved by the step, in the image's own root."""
         out = [(self.toolchain.path, SALT_MOUNT, True)]
-        out += [(p, f"{SRV_DIR}/salt/{i}", True) for i, p in enumerate(self.state_trees)]
-        out += [(p, f"{SRV_DIR}/pillar/{i}", True) for i, p in enumerate(self.pillar)]
+        out += [(_real(p), f"{SRV_DIR}/salt/{i}", True) for i, p in enumerate(self.state_trees)]
+        out += [(_real(p), f"{SRV_DIR}/pillar/{i}", True) for i, p in enumerate(self.pillar)]
         if self.project_pillar is not None:
-            out.append((self.project_pillar, f"{SRV_DIR}/pillar/{PROJECT_PILLAR_ENV}", True))
+            out.append((_real(self.project_pillar), f"{SRV_DIR}/pillar/{PROJECT_PILLAR_ENV}",
+                        True))
         return out
 
     def _project_tops(self) -> dict[str, bytes]:
@@ -139,8 +143,11 @@ class SaltRun:
         gen = f"{CONF_DIR}/pillar-top/{PROJECT_PILLAR_ENV}"
         top = self.project_pillar / "top.sls"
         if top.is_file():
+            # Read here, not by Salt: a link may only lead within the pillar dir (as it
+            # would, mounted in the step), never to a host file.
+            user_top = read_input(top, self.project_pillar)
             text = _RENAMED_TOP % {"env": PROJECT_PILLAR_ENV, "user_top": _USER_TOP}
-            return {f"{gen}/top.sls": text.encode(), f"{gen}/{_USER_TOP}": top.read_bytes()}
+            return {f"{gen}/top.sls": text.encode(), f"{gen}/{_USER_TOP}": user_top}
         if (self.project_pillar / "init.sls").is_file():
             return {f"{gen}/top.sls": json.dumps({PROJECT_PILLAR_ENV: {"*": ["init"]}}).encode()}
         return {}
@@ -175,6 +182,9 @@ class SaltRun:
             "enable_fqdns_grains": False,
             "enable_gpu_grains": False,
             **({} if self.custom_modules() else _NO_CUSTOM_MODULES),
+            # Salt's file server cannot list a name that is not UTF-8 (it crashes writing
+            # its file list): such files are left out (`config_files` warns of them).
+            "file_ignore_regex": [_NOT_UTF8],
         }
 
     def custom_modules(self) -> bool:
@@ -186,6 +196,12 @@ class SaltRun:
     def config_files(self) -> dict[str, bytes]:
         """Container path -> content of the files to write before the run (under CONF_DIR).
         The minion config is JSON, which Salt's YAML loader reads as is."""
+        odd = [name for tree in (*self.state_trees, *self.pillar,
+                                 *filter(None, [self.project_pillar])) for name in _odd_names(tree)]
+        if odd:
+            more = f" and {len(odd) - 1} more" if len(odd) > 1 else ""
+            log.warn(f"{odd[0]}{more}: names that are not UTF-8, which Salt cannot serve: "
+                     "they are left out of the state tree or pillar")
         minion = json.dumps(self.minion_config(), indent=2, sort_keys=True) + "\n"
         return {f"{CONF_DIR}/minion": minion.encode(), **self._project_tops()}
 
@@ -200,6 +216,34 @@ class SaltRun:
     def env(self) -> dict[str, str]:
         """The whole environment of the command (nothing of the host's)."""
         return {"PATH": _PATH, "HOME": "/root", "LANG": "C.UTF-8"}
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+# A lone surrogate: how Python names a byte that is not UTF-8 (a regex escape, for Salt).
+_NOT_UTF8 = "[\\udc80-\\udcff]"
+
+
+def _odd_names(tree: Path) -> list[str]:
+    """Paths under `tree` (links not followed) whose names are not UTF-8, shown escaped."""
+    out, todo = [], [os.fsencode(tree)]
+    while todo:  # no recursion: a tree may be deeper than Python's limit
+        try:
+            with os.scandir(todo.pop()) as it:
+                entries = list(it)
+        except OSError:
+            continue  # not ours to report: Salt says what it cannot read
+        for entry in entries:
+            try:
+                entry.name.decode()
+            except UnicodeDecodeError:
+                out.append(entry.path.decode(errors="backslashreplace"))
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                todo.append(entry.path)
+    return sorted(out)
 
 
 def salt_key_inputs(run: SaltRun) -> dict[str, Any]:
@@ -218,24 +262,19 @@ def salt_key_inputs(run: SaltRun) -> dict[str, Any]:
     }
 
 
-def install_salt(toolchain: Toolchain, root: Path) -> None:
-    """Copy the toolchain into the tree `root` at KEEP_DIR, with a KEEP_WRAPPER salt-call
-    (`keep_salt = true`). Idempotent: a previous copy is replaced."""
-    dest = root / resolve_in_root(root, KEEP_DIR)
-    remove_tree(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    proc.run(["cp", "-a", "--reflink=auto", f"{toolchain.path}/.", str(dest)],
-             what=f"copying Salt into the image at {KEEP_DIR}")
+def install_salt(toolchain: Toolchain, root: Root) -> None:
+    """Copy the toolchain into the image tree `root` at KEEP_DIR, with a KEEP_WRAPPER
+    salt-call (`keep_salt = true`). Idempotent: a previous copy is replaced."""
+    root.remove(root.resolve(KEEP_DIR))
+    root.copy_in(toolchain.path, KEEP_DIR, keep_owner=True)
     argv = [*toolchain.argv(KEEP_DIR), "-I", "-c", boot_code(KEEP_DIR, None)]
-    wrapper = root / resolve_in_root(root, KEEP_WRAPPER)
-    wrapper.parent.mkdir(parents=True, exist_ok=True)
-    remove_tree(wrapper)
-    wrapper.write_text(
+    root.mkdir(os.path.dirname(KEEP_WRAPPER))
+    root.remove(root.resolve(KEEP_WRAPPER))
+    root.write_bytes(KEEP_WRAPPER, (
         "#!/bin/sh\n"
         f"# Installed by sysbake (keep_salt = true): Salt {toolchain.version} from {KEEP_DIR},\n"
         "# started with that tree's own loader and libraries (it needs no Python here).\n"
-        f"exec {shlex.join(argv)} \"$@\"\n")
-    wrapper.chmod(0o755)
+        f"exec {shlex.join(argv)} \"$@\"\n").encode(), mode=0o755)
 
 
 @record

@@ -27,6 +27,7 @@ from sysbake import bootstrap, log, oci, proc
 from sysbake.errors import BuildError, CommandError
 from sysbake.fsutil import atomic_write, remove_tree
 from sysbake.records import record
+from sysbake.rootfs import Root
 from sysbake.store import Store
 
 DEFAULT_SALT_VERSION = "3007.16"  # the newest 3007.x whose dependencies the index serves here
@@ -55,32 +56,6 @@ def loader_path(architecture: str) -> str:
     except KeyError:
         raise BuildError(f"salt toolchain: architecture {architecture!r} is not supported "
                          f"(expected one of {', '.join(sorted(_LOADERS))})") from None
-
-
-def resolve_in_root(root: Path, rel: str) -> str:
-    """`rel` with every symlink resolved as if `root` were '/' (absolute targets stay inside
-    it), relative to `root`. Links are followed as the loader would inside the container."""
-    parts = [p for p in rel.split("/") if p not in ("", ".")]
-    done: list[str] = []
-    hops = 0
-    while parts:
-        part = parts.pop(0)
-        if part == "..":
-            if done:
-                done.pop()
-            continue
-        path = root.joinpath(*done, part)
-        if path.is_symlink():
-            hops += 1
-            if hops > 40:
-                raise BuildError(f"{root / rel}: too many levels of symbolic links")
-            target = os.readlink(path)
-            if target.startswith("/"):
-                done = []
-            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
-            continue
-        done.append(part)
-    return "/".join(done)
 
 
 BOOT_FAILED = 97  # exit code of a salt-call whose container did not boot (see boot_code)
@@ -391,7 +366,8 @@ def _chroot_script(script: str, what: str) -> None:
 def _install_salt(tree: Path, wheels: Path, version: str) -> None:
     pips = sorted(wheels.glob("pip-*.whl"))
     inner = "/tmp/sysbake-wheels"
-    (tree / inner.lstrip("/")).mkdir(parents=True)
+    with Root(tree) as root:
+        root.mkdir(inner)
     pip = [f"/usr/bin/python3 {inner}/{pips[-1].name}/pip install", "--no-index",
            f"--find-links {inner}", "--target /opt/salt/lib", "--no-cache-dir",
            "--disable-pip-version-check", "--no-warn-script-location",
@@ -405,7 +381,8 @@ def _install_salt(tree: Path, wheels: Path, version: str) -> None:
         lines = [ln for ln in exc.tail.splitlines() if re.search(r"error|ERROR", ln)]
         raise BuildError(f"salt_version {version!r}: installing Salt into the toolchain "
                          f"failed: {(lines or [str(exc)])[-1].strip()}") from exc
-    (tree / inner.lstrip("/")).rmdir()
+    with Root(tree) as root:
+        root.remove(inner)
 
 
 def _slim(tree: Path) -> None:
@@ -440,7 +417,8 @@ def _relativize_symlinks(tree: Path) -> None:
 
 def _toolchain_python(tree: Path, suite: str) -> str:
     # The host's pip picks wheels for the Python it runs on: they must fit the toolchain's.
-    python = resolve_in_root(tree, "usr/bin/python3")
+    with Root(tree) as root:
+        python = root.resolve("usr/bin/python3")
     wanted = f"python{sys.version_info.major}.{sys.version_info.minor}"
     if Path(python).name != wanted:
         raise BuildError(f"salt toolchain: the {suite} python is {Path(python).name} but "
@@ -453,26 +431,30 @@ def _describe(tree: Path, ident: dict[str, Any], key: str, python: str,
               wheels: Path) -> dict[str, Any]:
     arch = str(ident["architecture"])
     triplet = _TRIPLETS[arch]
-    libs = dict.fromkeys(resolve_in_root(tree, d) for d in (f"lib/{triplet}",
-                                                             f"usr/lib/{triplet}"))
+    with Root(tree) as root:
+        libs = [d for d in dict.fromkeys(root.resolve(d) for d in (f"lib/{triplet}",
+                                                                   f"usr/lib/{triplet}"))
+                if root.is_dir(d)]
+        loader = root.resolve(loader_path(arch))
     # The exact wheels are recorded for people; they are not in the key: a toolchain
     # rebuilt later (newer dependencies) must not invalidate every cached salt stage.
     return {"version": ident["version"], "suite": ident["suite"], "architecture": arch,
-            "python": python, "loader": resolve_in_root(tree, loader_path(arch)),
-            "library_path": [d for d in libs if (tree / d).is_dir()], "key": key,
+            "python": python, "loader": loader,
+            "library_path": libs, "key": key,
             "identity": ident, "wheels": sorted(p.name for p in wheels.iterdir())}
 
 
 def _write_wrapper(tree: Path, meta: dict[str, Any]) -> None:
     # Relocatable: the toolchain root is two levels above the script, wherever it is mounted.
     libs = ":".join(f'"$root/{d}"' for d in meta["library_path"])
-    wrapper = tree / PYTHON_WRAPPER
-    wrapper.parent.mkdir(parents=True, exist_ok=True)
-    wrapper.write_text(
-        "#!/bin/sh\n# sysbake: the toolchain's python, with the toolchain's loader and libraries\n"
-        'root="${0%/*/*}"\n'
-        f'exec "$root/{meta["loader"]}" --library-path {libs} "$root/{meta["python"]}" "$@"\n')
-    wrapper.chmod(0o755)
+    with Root(tree) as root:
+        root.mkdir(os.path.dirname(PYTHON_WRAPPER))
+        root.write_bytes(PYTHON_WRAPPER, (
+            "#!/bin/sh\n# sysbake: the toolchain's python, with the toolchain's loader and "
+            "libraries\n"
+            'root="${0%/*/*}"\n'
+            f'exec "$root/{meta["loader"]}" --library-path {libs} "$root/{meta["python"]}" '
+            '"$@"\n').encode(), mode=0o755)
     atomic_write(tree / META, json.dumps(meta, indent=1, sort_keys=True).encode())
 
 

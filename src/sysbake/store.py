@@ -4,6 +4,7 @@ Layout under the store root::
 
     oci/                OCI image layout (oci-layout, index.json, blobs/sha256/<hex>)
     trees/<hex>/        a layer unpacked as an overlayfs lowerdir, keyed by its diff ID
+    checked/<hex>       an empty file: the layer with this diff ID passed the layer check
     cache/              stage records (see sysbake.cache)
     debs/               the persistent .deb cache shared by bootstraps
     containers/<name>/  state of containers (see sysbake.runtime)
@@ -11,6 +12,17 @@ Layout under the store root::
 
 Every write is atomic (temp file + fsync + rename) and idempotent: writing a blob that
 is present is a no-op, so an interrupted write never leaves a referenced partial blob.
+
+The store is closed: its top directory is 0700 (made so, and tightened whenever its owner
+opens it), so the setuid files and device nodes of unpacked layers, containers' merged
+views and staging trees are out of other users' reach, wherever they sit below it.
+
+Layers are checked once per diff ID (`check_layer`: the EntryCheck of sysbake.layers,
+plus the diff ID) before anything reads them as a tree or tar: pull, export and run.
+A layer counts as checked when its marker checked/<hex> exists: written atomically once
+`check_layer` or an extraction (`layer_tree`: the same EntryCheck, and the diff ID) passed,
+or by commit_tree for a layer this store wrote from a directory walk that the check would
+pass. A tree alone proves nothing: a build adopts its trees without checking them.
 """
 
 from __future__ import annotations
@@ -22,12 +34,15 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, BinaryIO, NamedTuple
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 from sysbake import oci
-from sysbake.errors import ImageNotFound, StoreError
+from sysbake.errors import CommandError, ImageNotFound, LayerError, StoreError
 from sysbake.fsutil import atomic_write, fsync_dir, raise_disk, remove_tree
 from sysbake.oci import Descriptor, Image, Layer
+
+if TYPE_CHECKING:  # sysbake.compress costs start-up time that `run` need not pay
+    from sysbake.compress import Readable
 
 _NAME_RE = re.compile(
     r"^(?:[a-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-]+[a-z0-9]+)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*$"
@@ -78,7 +93,7 @@ class BlobWriter:
         try:
             self._file.write(data)
         except OSError as exc:
-            raise_disk(exc, "writing a blob")
+            raise_disk(exc, f"writing a blob into {self._store.tmp_dir}")
         self._hash.update(data)
         self.size += len(data)
         return len(data)
@@ -103,7 +118,7 @@ class BlobWriter:
                 os.rename(self._path, final)
                 fsync_dir(final.parent)
         except OSError as exc:
-            raise_disk(exc, "committing a blob")
+            raise_disk(exc, f"committing a blob into {self._store.blobs_dir}")
         return Descriptor(media_type, self.digest, self.size)
 
     def discard(self) -> None:
@@ -132,7 +147,20 @@ class Store:
         self.debs_dir = root / "debs"
         self.containers_dir = root / "containers"
         self.tmp_dir = root / "tmp"
+        self.checked_dir = root / "checked"
         self._ready = False
+        self._close_top()
+
+    def _close_top(self) -> None:
+        """Tighten an existing top directory of ours to 0700 (stores before this rule were
+        0755): one stat when it already is."""
+        try:
+            st = os.stat(self.root)
+        except OSError:
+            return
+        if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+            with contextlib.suppress(OSError):  # a read-only mount: nothing to protect
+                os.chmod(self.root, 0o700)
 
     # -- set-up and locking ------------------------------------------------------------
 
@@ -141,8 +169,10 @@ class Store:
         if self._ready:
             return self
         try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._close_top()
             for d in (self.blobs_dir, self.trees_dir, self.cache_dir, self.debs_dir,
-                      self.containers_dir, self.tmp_dir):
+                      self.containers_dir, self.tmp_dir, self.checked_dir):
                 d.mkdir(parents=True, exist_ok=True)
             layout = self.oci_dir / "oci-layout"
             if not layout.exists():
@@ -360,24 +390,72 @@ class Store:
 
     def layer_tree(self, layer: Layer) -> Path:
         """The layer unpacked as an overlayfs lowerdir (whiteouts as overlay expects them);
-        unpacked once, then reused. Idempotent; safe against concurrent callers."""
+        unpacked once, then reused. Idempotent; safe against concurrent callers. A layer
+        the check refuses (or whose content is not its diff ID) is a LayerError naming it,
+        and leaves no tree."""
         final = self.tree_path(layer.diff_id)
         if final.exists():
             return final
-        from sysbake import compress, layers
+        from sysbake import layers
 
         with self.staging("unpack") as staging:
             target = staging / "tree"
             target.mkdir()
-            with self.open_blob(layer.blob.digest) as raw, \
-                    compress.decompressor(layer.compression, raw) as plain:
-                layers.extract(plain, target, overlay=True)
+            with self._layer_error(layer), self._plain_layer(layer) as plain:
+                layers.extract(plain, target, overlay=True, diff_id=layer.diff_id)
+            self.mark_checked(layer.diff_id)
             with contextlib.suppress(FileExistsError, OSError):
                 if not final.exists():
                     os.rename(target, final)
         if not final.exists():
             raise StoreError(f"could not unpack layer {layer.diff_id}")
         return final
+
+    def check_layer(self, layer: Layer) -> None:
+        """Refuse `layer` (LayerError naming its blob and the entry) unless it is a tar that
+        sysbake.layers.validate_layer accepts and whose content is its diff ID; the check
+        runs once per diff ID (see the module docstring)."""
+        if (self.checked_dir / oci.hex_of(layer.diff_id)).exists():
+            return
+        from sysbake import layers
+
+        with self._layer_error(layer), self._plain_layer(layer) as plain:
+            layers.validate_layer(plain, f"layer {layer.blob.digest}", diff_id=layer.diff_id)
+        self.mark_checked(layer.diff_id)
+
+    def check_image(self, image: Image) -> None:
+        """check_layer for every layer of `image`, bottom to top."""
+        for layer in image.layers:
+            self.check_layer(layer)
+
+    def mark_checked(self, diff_id: str) -> None:
+        """Remember that the layer `diff_id` passed the check (or was written by us)."""
+        self.ensure()
+        # Not fsynced: a marker lost in a crash only costs one more check.
+        atomic_write(self.checked_dir / oci.hex_of(diff_id), b"", durable=False)
+
+    @contextlib.contextmanager
+    def _plain_layer(self, layer: Layer) -> Iterator[Readable]:
+        from sysbake import compress
+
+        with self.open_blob(layer.blob.digest) as raw, \
+                compress.decompressor(layer.compression, raw) as plain:
+            yield plain
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _layer_error(layer: Layer) -> Iterator[None]:
+        """Name the layer in what its decompression or its check says."""
+        what = f"layer {layer.blob.digest}"
+        try:
+            yield
+        except LayerError as exc:
+            if str(exc).startswith(what):
+                raise
+            raise LayerError(f"{what}: {exc}") from exc
+        except CommandError as exc:  # the decompressor refused the stream
+            raise LayerError(f"{what}: not a valid {layer.compression} stream ({exc})") \
+                from exc
 
     # -- garbage collection ------------------------------------------------------------
 
@@ -415,6 +493,10 @@ class Store:
             for tree in self.trees_dir.iterdir():
                 if tree.name not in keep_trees and not _tree_in_use(tree):
                     remove_tree(tree)
+            if self.checked_dir.is_dir():
+                for marker in self.checked_dir.iterdir():
+                    if marker.name not in keep_trees:
+                        marker.unlink()
         return removed, freed
 
 

@@ -20,6 +20,7 @@ import pytest
 from sysbake import runtime
 from sysbake.commit import commit_tree
 from sysbake.oci import Layer
+from sysbake.rootfs import Root
 from sysbake.store import Store
 
 ECHO_PORT = 7777
@@ -85,10 +86,10 @@ def _no_init_layer(store: Store, tree: Path, base: Path) -> Layer:
     # Overlay whiteouts (0/0 character devices) over wherever the base keeps its inits.
     tree.mkdir()
     for candidate in ("/lib/systemd/systemd", "/sbin/init"):
-        found = runtime.find_in_root(base, candidate)
-        if found is None:
-            continue
-        rel = found.relative_to(base)
+        with Root(base) as root:
+            if not root.exists(candidate):
+                continue
+            rel = Path(root.resolve(candidate))
         (tree / rel.parent).mkdir(parents=True, exist_ok=True)
         if not (tree / rel).exists():
             os.mknod(tree / rel, stat.S_IFCHR | 0o600, os.makedev(0, 0))

@@ -1,6 +1,7 @@
 """push/pull against a real registry (docker-registry on loopback), read back by skopeo and
 podman; auth, TLS, login/logout; Docker schema2 images; stage cache shared through the
-registry; registries that refuse, drop, stall or lie."""
+registry (`build --cache-from`); registries that refuse, drop, stall or lie. Hostile
+registries and cache poisoning: test_registry_hostile.py."""
 
 from __future__ import annotations
 
@@ -186,17 +187,22 @@ def test_docker_schema2_image_pulls_and_boots(registry: RegistryService, pushed:
     sysbake("test", dest, store=store, timeout=600)
 
 
-def test_pulled_stages_seed_the_cache(registry: RegistryService, pushed: str,
-                                      shared_store: Path, base_image: str,
-                                      tmp_path: Path) -> None:
+def test_cache_from_reuses_the_pushed_stages(registry: RegistryService, pushed: str,
+                                            shared_store: Path, base_image: str,
+                                            tmp_path: Path) -> None:
     store = new_store(tmp_path / "store")
-    pulled = json.loads(sysbake("pull", "--json", f"{registry.address}/base:latest",
-                                store=store).stdout)
-    assert pulled["stages"] == ["base/bootstrap"]
-    explained = sysbake("build", "--explain", "-t", "base", EXAMPLE, store=store)
-    assert "base: bootstrap: reused" in explained.stdout, explained.stdout
+    source = f"{registry.address}/base:latest"
+    explained = sysbake("build", "--explain", "--cache-from", source, "-t", "base", EXAMPLE,
+                        store=store)
+    assert f"base: bootstrap: reused: from {registry.address}/base@{pushed}" in \
+        explained.stdout, explained.stdout
     # Same stage, same labels, same timestamps: the very same image.
     assert _image_id(store, "base:latest") == _image_id(shared_store, base_image)
+    # The cache source was fetched, not tagged: the store's only tag is the build's.
+    assert [t.ref for t in Store(store).tags()] == ["base:latest"]
+    # The stage is now this store's, with its origin: a build without --cache-from reuses it.
+    again = sysbake("build", "--explain", "-t", "base", EXAMPLE, store=store)
+    assert f"base: bootstrap: reused: from {registry.address}/base@{pushed}" in again.stdout
 
 
 # -- auth and TLS --------------------------------------------------------------------------------

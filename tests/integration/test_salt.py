@@ -18,6 +18,7 @@ from helpers import new_store
 from sysbake import proc, salt
 from sysbake.errors import BuildError
 from sysbake.fsutil import remove_tree
+from sysbake.rootfs import Root
 from sysbake.salt import SaltResult, SaltRun, Toolchain
 from sysbake.store import Store
 
@@ -374,7 +375,7 @@ def test_dry_run_changes_nothing(toolchain: Toolchain, box: Box, tmp_path: Path)
 
 
 def test_keep_salt_installs_a_working_salt_call(toolchain: Toolchain, box: Box) -> None:
-    salt.install_salt(toolchain, box.upper)
+    salt.install_salt(toolchain, Root(box.upper))
     assert (box.upper / "opt/sysbake/salt" / toolchain.python).is_file()
     rc, out, err = box.chroot(["/usr/local/sbin/salt-call", "--local", "--out=json",
                                "grains.item", "os", "osfinger"])

@@ -1,7 +1,14 @@
+import contextlib
 import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from sysbake.cache import StageCache, StageRecord, explain, hash_tree, stage_key
+from sysbake.errors import BuildError
 from sysbake.oci import MT_LAYER_GZIP, Layer
 from sysbake.store import Store
 
@@ -75,3 +82,86 @@ def test_explain_names_a_pulled_stage() -> None:
     reason = explain({"pulled": "127.0.0.1:5000/base:latest"}, {"stage": "bootstrap"})
     assert reason == ("the cached stage came from 127.0.0.1:5000/base:latest and its "
                       "inputs differ")
+
+
+def test_hash_tree_hashes_a_link_inside_as_a_link_never_its_target(tmp_path: Path) -> None:
+    host = tmp_path / "host-secret"
+    host.write_bytes(b"one")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "link").symlink_to(host)
+    (tree / "dirlink").symlink_to(tmp_path)  # not walked into
+    first = hash_tree(tree)
+    host.write_bytes(b"two")  # the target changes: the tree does not
+    (tmp_path / "new").write_bytes(b"")
+    assert hash_tree(tree) == first
+    (tree / "link").unlink()
+    (tree / "link").symlink_to(tmp_path / "other")
+    assert hash_tree(tree) != first
+
+
+def test_hash_tree_follows_the_top_itself(tmp_path: Path) -> None:
+    # The project file checks where a named path leads; its contents are the input.
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "f").write_bytes(b"one")
+    (tmp_path / "alias").symlink_to("real")
+    assert hash_tree(tmp_path / "alias") == hash_tree(tmp_path / "real")
+    (tmp_path / "file-alias").symlink_to("real/f")
+    assert hash_tree(tmp_path / "file-alias") == hash_tree(tmp_path / "real" / "f")
+    (tmp_path / "dangling").symlink_to("nowhere")
+    assert hash_tree(tmp_path / "dangling") == "missing"
+
+
+def test_hash_tree_takes_names_that_are_not_utf8(tmp_path: Path) -> None:
+    tree = os.fsencode(tmp_path)
+    os.mkdir(tree + b"/d\xff")
+    with open(tree + b"/d\xff/f\xfe\x80", "wb") as f:
+        f.write(b"x")
+    os.symlink(b"t\xff", tree + b"/l\xff")
+    first = hash_tree(tmp_path)
+    os.rename(tree + b"/d\xff/f\xfe\x80", tree + b"/d\xff/f\xfe\x81")
+    assert hash_tree(tmp_path) != first
+    assert hash_tree(Path(os.fsdecode(tree + b"/d\xff"))).startswith("sha256:")
+
+
+def test_hash_tree_sees_directory_modes_and_skips_fifos(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    os.mkfifo(tmp_path / "d" / "pipe")  # listed, never opened (it would block)
+    first = hash_tree(tmp_path)
+    (tmp_path / "d").chmod(0o700)
+    assert hash_tree(tmp_path) != first
+
+
+@contextlib.contextmanager
+def nested(name: str, depth: int) -> Iterator[Path]:
+    """A directory holding `depth` nested directories `name` (made through descriptors: the
+    path may exceed PATH_MAX). Not under pytest's tmp_path: its clean-up (rmtree, which
+    recurses in Python 3.11) would fail on it in every later pytest run; rm -rf does not."""
+    top = Path(tempfile.mkdtemp(prefix="sysbake-test-deep-"))
+    try:
+        fd = os.open(top, os.O_RDONLY)
+        try:
+            for _ in range(depth):
+                os.mkdir(name, dir_fd=fd)
+                inner = os.open(name, os.O_RDONLY, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+        finally:
+            os.close(fd)
+        yield top
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(top)], check=True)
+
+
+def test_hash_tree_walks_trees_deeper_than_the_recursion_limit() -> None:
+    with nested("d", 1100) as top:  # one letter: the whole path is under PATH_MAX
+        first = hash_tree(top)
+        assert first.startswith("sha256:")
+        os.chmod(top / "/".join(["d"] * 1100), 0o700)
+        assert hash_tree(top) != first  # the deepest level was hashed
+
+
+def test_hash_tree_says_which_directory_it_cannot_read() -> None:
+    with nested("x" * 200, 25) as top, \
+            pytest.raises(BuildError, match="cannot read: File name too long"):
+        hash_tree(top)  # a path longer than PATH_MAX

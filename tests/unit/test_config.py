@@ -313,6 +313,74 @@ def test_file_that_is_not_utf8(proj: Path) -> None:
         load_project()
 
 
+DEEP = 100_000
+
+
+@pytest.mark.parametrize("text", [
+    "a = " + "[" * DEEP + "]" * DEEP,
+    "a = " + "{b = " * DEEP + "1" + "}" * DEEP,
+    ".".join(["a"] * DEEP) + " = 1",
+    ".".join(['"a"'] * DEEP) + " = 1",
+    "[" + ".".join(["a"] * DEEP) + "]\nx = 1",
+    "[[" + " . ".join(["a"] * DEEP) + "]]\nx = 1",
+], ids=["arrays", "inline-tables", "dotted-key", "quoted-dotted-key", "table", "array-table"])
+def test_toml_nested_100000_deep_is_one_error_naming_the_file(proj: Path, text: str) -> None:
+    assert error(proj, f"{BASE}{text}\n") == (
+        "sysbake.toml: line 3: nested more than 100 levels deep (arrays, tables or dotted keys)")
+
+
+def test_toml_nested_100_deep_still_loads(proj: Path) -> None:
+    grains = "x = " + "[" * 100 + "]" * 100 + "\n" + ".".join(["k"] * 100) + " = 1\n"
+    text = image('[[images.web.provision]]\ntype = "salt"\nstate_tree = "salt"\n'
+                 f"[images.web.provision.grains]\n{grains}")
+    (step,) = load(proj, text).image("web").provision
+    assert isinstance(step, SaltStep) and "k" in step.grains
+    # Brackets and dots in strings and comments are not nesting.
+    many = "[{." * 1000
+    for quote in ('"', "'", '"""', "'''"):
+        project = load(proj, f"[images.base]\ndescription = {quote}{many}{quote}\n# {many}\n"
+                             '[images.base.bootstrap]\nsuite = "bookworm"\n')
+        assert project.images[0].description == many
+
+
+def test_dots_and_quotes_that_are_no_nesting(proj: Path) -> None:
+    # Dots that follow no key are a syntax error, not a dotted key 101 parts deep.
+    assert error(proj, f"{BASE}a = 1 {'.' * 101}\n") == \
+        "sysbake.toml: line 3, column 7: Expected newline or end of document after a statement"
+    # A line of escaped quotes in an unterminated string: scanned once, not once per quote.
+    quotes = '\\"' * 100_000
+    assert error(proj, f'{BASE}description = "{quotes}\n# {"[" * 101}\n').startswith(
+        "sysbake.toml: line 3, column ")
+
+
+def test_a_recursion_error_of_the_parser_is_one_error(proj: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import tomllib
+
+    def deep(text: str) -> dict[str, object]:
+        raise RecursionError("maximum recursion depth exceeded")
+    monkeypatch.setattr(tomllib, "loads", deep)
+    assert error(proj, BASE) == ("sysbake.toml: nested too deeply (expected at most 100 "
+                                 "levels of arrays, tables or dotted keys)")
+
+
+def test_build_refuses_deep_and_non_utf8_files_in_one_line(proj: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    for content in [(f"{BASE}a = " + "[" * DEEP + "]" * DEEP + "\n").encode(),
+                    BASE.encode() + b'description = "\xff"\n']:
+        write(proj, "").write_bytes(content)
+        for command in ("validate", "build"):
+            result = subprocess.run(
+                [sys.executable, "-m", "sysbake.cli", "--store", str(tmp_path / "store"),
+                 command], cwd=proj, capture_output=True, text=True, check=False)
+            assert result.returncode == 2, result.stderr
+            (line,) = result.stderr.splitlines()
+            assert line.startswith("sysbake: error: sysbake.toml: ")
+            assert "nested more than 100 levels" in line or "not UTF-8 text" in line
+
+
 def test_errors_name_the_file_as_the_user_would(proj: Path, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     write(proj, "[images.base]\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sysbake import oci
-from sysbake.errors import ImageNotFound, StoreError
+from sysbake.errors import ImageNotFound, LayerError, StoreError
 from sysbake.export import (
     ExportError,
     check_options,
@@ -286,8 +286,129 @@ def test_a_corrupt_layer_fails_loudly_and_leaves_nothing(store: Store, tmp_path:
     blob = store.blob_path(image.layers[0].blob.digest)
     blob.chmod(0o644)
     blob.write_bytes(gzip.compress(_tar({"a": b"2"}), mtime=0))
+    # Never checked: the layer check finds that it does not hash to its diff_id.
+    with pytest.raises(LayerError, match=f"layer {image.layers[0].blob.digest}: its content "
+                                         f"hashes to .*, not to its diff_id "
+                                         f"{image.diff_ids[0]}"):
+        export_image(store, "t", "rootfs", tmp_path / "x.tar")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+    # Checked before it was damaged: the export's own digest check still catches it.
+    image = _image(store, {"b": b"1"}, ref="u:latest")
+    export_image(store, "u", "rootfs", tmp_path / "ok.tar", "none")
+    (tmp_path / "ok.tar").unlink()
+    blob = store.blob_path(image.layers[0].blob.digest)
+    blob.chmod(0o644)
+    blob.write_bytes(gzip.compress(_tar({"b": b"2"}), mtime=0))
     for fmt in ("docker-archive", "rootfs"):
         with pytest.raises(ExportError, match=f"content has digest .* expected "
                                               f"{image.diff_ids[0]}"):
-            export_image(store, "t", fmt, tmp_path / "x.tar")
+            export_image(store, "u", fmt, tmp_path / "x.tar")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def _crafted_image(store: Store, plain: bytes, *, below: bytes | None = None,
+                   ref: str = "bad:latest") -> Image:
+    """An image whose top layer is the uncompressed bytes `plain` (gzip-compressed, as
+    registries serve it), on top of `below` when given."""
+    layers = []
+    for data in ([below] if below is not None else []) + [plain]:
+        blob = store.put_bytes(gzip.compress(data, mtime=0), oci.MT_LAYER_GZIP)
+        layers.append(Layer(blob, oci.sha256_digest(data)))
+    config = {"architecture": "amd64", "os": "linux", "config": {},
+              "rootfs": {"type": "layers", "diff_ids": [la.diff_id for la in layers]}}
+    image = store.put_image(config, tuple(layers))
+    store.tag(ref, image)
+    return image
+
+
+def _hostile(kind: str) -> tuple[bytes, str]:
+    """A hostile layer tar and the problem its refusal names."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo({"dotdot": "../x", "absolute": "/etc/x"}.get(kind, "x"))
+        if kind == "hardlink":
+            info.type, info.linkname = tarfile.LNKTYPE, "/etc/shadow"
+        elif kind == "device":
+            info.type, info.devmajor, info.devminor = tarfile.BLKTYPE, 8, 0
+        tar.addfile(info)
+    problems = {"dotdot": "'..' is not allowed", "absolute": "absolute names are not allowed",
+                "hardlink": "hardlink target '/etc/shadow': absolute names",
+                "device": "block device 8:0 is not allowed"}
+    return buf.getvalue(), problems[kind]
+
+
+HOSTILE_KINDS = ("dotdot", "absolute", "hardlink", "device")
+FORMATS = (("oci", None), ("oci-archive", None), ("oci-archive", "zstd"),
+           ("docker-archive", None), ("rootfs", "none"), ("rootfs", "xz"))
+
+
+@pytest.mark.parametrize("kind", HOSTILE_KINDS)
+@pytest.mark.parametrize("below", [False, True], ids=["one-layer", "two-layers"])
+def test_hostile_layers_are_refused_by_every_format(store: Store, tmp_path: Path, kind: str,
+                                                    below: bool) -> None:
+    plain, problem = _hostile(kind)
+    image = _crafted_image(store, plain, below=_tar({"ok": b"ok"}) if below else None)
+    digest = image.layers[-1].blob.digest
+    for fmt, compression in FORMATS:
+        with pytest.raises(LayerError) as caught:
+            export_image(store, "bad", fmt, tmp_path / "out", compression)
+        message = str(caught.value)
+        assert message.startswith(f"layer {digest}: layer entry ") and problem in message
+        assert "\n" not in message
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+    assert not (store.checked_dir / oci.hex_of(image.diff_ids[-1])).exists()
+
+
+def test_a_layer_that_is_not_a_tar_is_refused(store: Store, tmp_path: Path) -> None:
+    image = _crafted_image(store, b"this is no tar archive" * 40)
+    for fmt, compression in FORMATS:
+        with pytest.raises(LayerError, match=f"layer {image.layers[0].blob.digest}: not a "
+                                             "valid tar"):
+            export_image(store, "bad", fmt, tmp_path / "out", compression)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_a_layer_that_does_not_decompress_is_refused(store: Store, tmp_path: Path) -> None:
+    blob = store.put_bytes(b"\x1f\x8b" + b"not gzip at all" * 50, oci.MT_LAYER_GZIP)
+    config = {"architecture": "amd64", "os": "linux", "config": {},
+              "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "0" * 64]}}
+    store.tag("bad", store.put_image(config, (Layer(blob, "sha256:" + "0" * 64),)))
+    for fmt, compression in FORMATS:
+        with pytest.raises(LayerError, match=f"layer {blob.digest}: "):
+            export_image(store, "bad", fmt, tmp_path / "out", compression)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_standard_devices_and_setuid_files_export(store: Store, tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        null = tarfile.TarInfo("dev/null")
+        null.type, null.devmajor, null.devminor, null.mode = tarfile.CHRTYPE, 1, 3, 0o666
+        tar.addfile(null)
+        su = tarfile.TarInfo("bin/su")
+        su.mode, su.size = 0o4755, 3
+        tar.addfile(su, io.BytesIO(b"elf"))
+    image = _crafted_image(store, buf.getvalue(), ref="fine:latest")
+    out = export_image(store, "fine", "rootfs", tmp_path / "r.tar", "none")
+    assert out.read_bytes() == buf.getvalue()
+    # Checked once: the marker spares the next export the pass over the layer.
+    assert (store.checked_dir / oci.hex_of(image.diff_ids[0])).is_file()
+
+
+def test_non_utf8_names_export_byte_exact(store: Store, tmp_path: Path) -> None:
+    name = os.fsdecode(b"caf\xe9/\xff\xfe-latin1")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT,
+                      encoding="utf-8", errors="surrogateescape") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    plain = buf.getvalue()
+    _crafted_image(store, plain, below=_tar({"ok": b"ok"}), ref="latin:latest")
+    merged = export_image(store, "latin", "rootfs", tmp_path / "r.tar", "none").read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(merged), encoding="utf-8",
+                      errors="surrogateescape") as tar:
+        names = {os.fsencode(m.name) for m in tar.getmembers()}
+    assert b"caf\xe9/\xff\xfe-latin1" in names
+    docker = export_image(store, "latin", "docker-archive", tmp_path / "d.tar").read_bytes()
+    assert _read_member(docker, f"{oci.hex_of(oci.sha256_digest(plain))}/layer.tar") == plain

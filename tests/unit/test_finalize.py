@@ -1,8 +1,10 @@
 import os
+import shutil
 from pathlib import Path
 
 from sysbake import finalize
 from sysbake.finalize import Cleanup, OciSettings
+from sysbake.rootfs import Root
 
 
 def _tree(root: Path) -> Path:
@@ -25,7 +27,7 @@ def _tree(root: Path) -> Path:
 
 def test_clean_tree_removes_caches_keys_and_identity(tmp_path: Path) -> None:
     root = _tree(tmp_path)
-    finalize.clean_tree(root, Cleanup(remove=("/etc/ssh/sshd_config",)))
+    finalize.clean_tree(Root(root), Cleanup(remove=("/etc/ssh/sshd_config",)))
     assert (root / "etc/machine-id").read_text() == ""
     assert not (root / "var/lib/dbus/machine-id").exists()
     assert list((root / "etc/ssh").iterdir()) == []
@@ -40,7 +42,7 @@ def test_clean_tree_removes_caches_keys_and_identity(tmp_path: Path) -> None:
 
 def test_clean_tree_respects_switches(tmp_path: Path) -> None:
     root = _tree(tmp_path)
-    finalize.clean_tree(root, Cleanup(ssh_host_keys=False, logs=False, machine_id=False))
+    finalize.clean_tree(Root(root), Cleanup(ssh_host_keys=False, logs=False, machine_id=False))
     assert (root / "etc/ssh/ssh_host_rsa_key").exists()
     assert (root / "var/log/apt/history.log").exists()
     assert (root / "etc/machine-id").read_text() == "abc\n"
@@ -51,8 +53,8 @@ def test_container_ready_masks_units_and_neutralises_host_files(tmp_path: Path) 
     (root / "dev/null").write_text("")  # stands in for a device node
     cleanup = Cleanup(mask=("foo.service", "systemd-fstab-generator"),
                       unmask=("systemd-logind.service", "systemd-gpt-auto-generator"))
-    finalize.make_container_ready(root, cleanup)
-    finalize.make_container_ready(root, cleanup)  # idempotent
+    finalize.make_container_ready(Root(root), cleanup)
+    finalize.make_container_ready(Root(root), cleanup)  # idempotent
     units = root / "etc/systemd/system"
     assert os.readlink(units / "systemd-udevd.service") == "/dev/null"
     assert os.readlink(units / "foo.service") == "/dev/null"
@@ -90,3 +92,63 @@ def test_signal_names() -> None:
     assert finalize.signal_name("SIGRTMIN+3") == "SIGRTMIN+3"
     assert finalize.signal_name("term") == "SIGTERM"
     assert finalize.signal_name(15) == "SIGTERM"
+
+
+# Every directory that clean_tree and make_container_ready touch, as a hostile image may
+# make it: a symlink to a host directory (absolute, or climbing out with ..).
+_TOUCHED = ("var/log", "var/log/journal", "var/lib/apt/lists", "var/lib/apt/lists/partial",
+            "var/cache/apt", "var/cache/apt/archives", "var/cache/debconf", "etc/ssh", "tmp",
+            "var/tmp", "etc/salt", "etc/salt/pki", "var/cache/salt", "var/lib/dbus", "root",
+            "var/lib/systemd", "var/lib/systemd/timers", "dev", "etc/systemd",
+            "etc/systemd/system", "etc/systemd/system-generators", "etc")
+
+
+def _host_files(host: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(host)): p.read_bytes() if p.is_file() else b"<dir>"
+            for p in sorted(host.rglob("*"))}
+
+
+def _plant(host: Path) -> None:
+    names = ("machine-id", "hostname", "resolv.conf", "x.deb", "pkgcache.bin", "ssh_host_key",
+             "wtmp", "history.log", "random-seed", "stamp-x", ".bash_history", "deb_Packages",
+             "minion.pem", "hosts", "sysbake-ssh-host-keys.service", "null", "x-old")
+    for name in names:
+        (host / name).write_bytes(b"host file " + name.encode())
+    (host / "journal").mkdir(exist_ok=True)
+    (host / "journal" / "0123").mkdir(exist_ok=True)
+
+
+def test_clean_and_ready_never_touch_host_files_through_image_symlinks(tmp_path: Path) -> None:
+    host = tmp_path / "host"
+    host.mkdir()
+    _plant(host)
+    before = _host_files(host)
+    for i, touched in enumerate(_TOUCHED):
+        root = tmp_path / f"img{i}"
+        _tree(root)
+        target = root / touched
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Absolute for even ones, climbing out for odd ones.
+        depth = touched.count("/") + 1 + len(root.parts) + 3
+        link = str(host) if i % 2 == 0 else "../" * depth + str(host).lstrip("/")
+        target.symlink_to(link)
+        with Root(root) as r:
+            finalize.make_container_ready(r, Cleanup(remove=("/etc/*", "/var/log/*")))
+            finalize.clean_tree(r, Cleanup(remove=("/etc/*", "/var/log/*")))
+        assert _host_files(host) == before, touched
+
+
+def test_clean_tree_never_opens_an_image_device_or_fifo(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "img")
+    (root / "etc/machine-id").unlink()
+    os.mkfifo(root / "etc/machine-id")  # opening it for writing would block
+    os.mkfifo(root / "var/log/wtmp.fifo")
+    try:
+        finalize.clean_tree(Root(root), Cleanup())
+    except Exception as exc:  # one clear error naming the path is fine; a hang is not
+        assert "etc/machine-id" in str(exc)
+    assert (root / "var/log/wtmp.fifo").exists()  # not a log of ours: left alone

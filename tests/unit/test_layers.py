@@ -321,7 +321,7 @@ LOWER = {"a": "a", "keep": "k", "d/": None, "d/x": "x", "d/sub/": None, "d/sub/y
 
 def test_whiteouts_flatten_onto_a_directory(tmp_path: Path) -> None:
     dest = build(tmp_path / "dest", LOWER)
-    layer = crafted(("/.wh.a", tarfile.REGTYPE, {}),  # absolute: stripped
+    layer = crafted(("./.wh.a", tarfile.REGTYPE, {}),  # "./": dropped
                     ("d/", tarfile.DIRTYPE, {}),
                     ("d/new", tarfile.REGTYPE, {"data": b"new"}),
                     ("d/.wh..wh..opq", tarfile.REGTYPE, {}),  # after d/new: spares it
@@ -438,7 +438,11 @@ HOSTILE = {
     "symlink-then-opaque": ([("a", tarfile.SYMTYPE, {"linkname": "OUTSIDE"}),
                              ("a/.wh..wh..opq", tarfile.REGTYPE, {})], "a is a symlink"),
     "hardlink-absolute": ([("shadow", tarfile.LNKTYPE, {"linkname": "/etc/shadow"})],
-                          "hardlink target etc/shadow does not exist"),
+                          "hardlink target '/etc/shadow': absolute names are not allowed"),
+    "hardlink-missing": ([("shadow", tarfile.LNKTYPE, {"linkname": "etc/shadow"})],
+                         "hardlink target etc/shadow does not exist"),
+    "absolute": ([("/etc/", tarfile.DIRTYPE, {}), ("/etc/motd", tarfile.REGTYPE, {})],
+                 "'/etc': absolute names are not allowed"),
     "hardlink-dotdot": ([("v", tarfile.LNKTYPE, {"linkname": "../outside/victim"})],
                         "'..' is not allowed"),
     "hardlink-through-symlink": ([("a", tarfile.SYMTYPE, {"linkname": "OUTSIDE"}),
@@ -464,9 +468,10 @@ def test_hostile_tars_are_refused(case: str, tmp_path: Path, outside: Path) -> N
     assert_untouched(outside)
 
 
-def test_absolute_names_land_inside(tmp_path: Path) -> None:
-    dest = apply(tmp_path / "dest", crafted(("/etc/", tarfile.DIRTYPE, {}),
-                                            ("/etc/motd", tarfile.REGTYPE, {"data": b"hi"})))
+def test_dot_slash_names_land_inside(tmp_path: Path) -> None:
+    dest = apply(tmp_path / "dest", crafted(("./", tarfile.DIRTYPE, {}),
+                                            ("./etc/", tarfile.DIRTYPE, {}),
+                                            ("./etc/motd", tarfile.REGTYPE, {"data": b"hi"})))
     assert (dest / "etc/motd").read_bytes() == b"hi"
 
 
@@ -497,6 +502,11 @@ def test_truncated_tar(tree: Path, tmp_path: Path) -> None:
 
 def test_clean_name() -> None:
     assert layers.clean_name("./etc//passwd") == "etc/passwd"
-    assert layers.clean_name("/") == "" and layers.clean_name("./") == ""
+    assert layers.clean_name(".") == "" and layers.clean_name("./") == ""
     with pytest.raises(LayerError, match=re.escape("'a/../b'")):
         layers.clean_name("a/../b")
+    for name in ("/", "/etc/passwd", "//x"):
+        with pytest.raises(LayerError, match="absolute names are not allowed"):
+            layers.clean_name(name)
+    with pytest.raises(LayerError, match="a NUL byte"):
+        layers.clean_name("a\0b")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sysbake import oci
+from sysbake.cache import Origin
 from sysbake.oci import Descriptor, Image, Layer
 from sysbake.registry import host_platform, select_platform
 from sysbake.registry_auth import (
@@ -64,7 +65,7 @@ def test_reference_parse(text: str, registry: str, repo: str, tag: str | None,
     ("reg.example/web:-x", "invalid tag"),
     ("reg.example/web@sha256:abc", "digest"),
     ("reg.example/web@md5:" + "0" * 32, "digest"),
-    ("reg.example//web", "invalid repository"),
+    ("reg.example//web", "path component ''"),
     ("bad host:5/web", "invalid registry host"),
 ])
 def test_reference_parse_rejects(text: str, message: str) -> None:
@@ -246,28 +247,38 @@ def test_stage_records_map_labels_to_layers() -> None:
                     "io.sysbake.stage.x": other, "io.sysbake.image": "web"},
                    [f"sysbake bootstrap {boot[:16]}", "imported by hand",
                     f"sysbake system {system[:16]}"])
-    records = stage_records(image, "reg.example/web:1")
+    origin = Origin("reg.example", "web", D1)
+    records = stage_records(image, origin)
     assert [(r.stage, r.key, r.layer) for r in records] == [
         ("bootstrap", boot, image.layers[0]), ("system", system, image.layers[2])]
     assert records[0].image == "web"
     assert records[0].created == "2026-01-01T00:00:00Z"
     assert records[1].created_by == "step 2"
-    assert records[0].inputs == {"pulled": "reg.example/web:1"}
+    assert records[0].inputs == {"cache_from": f"reg.example/web@{D1}"}
+    assert {r.origin for r in records} == {origin}
 
 
 def test_stage_records_skip_what_they_cannot_prove() -> None:
     key = "a" * 64
+    origin = Origin("r.example", "x", D1)
     # A history that does not line up with the layers proves nothing.
     image = _image({"io.sysbake.stage.bootstrap": key}, [f"sysbake bootstrap {key[:16]}"])
     broken = Image(image.manifest, image.config_descriptor,
                    {**image.config, "history": []}, image.layers)
-    assert stage_records(broken, "r") == []
+    assert stage_records(broken, origin) == []
     # A comment whose key prefix matches no label, or two labels.
     twin = "a" * 16 + "f" * 48
     image = _image({"io.sysbake.stage.a": key, "io.sysbake.stage.b": twin},
                    [f"sysbake a {key[:16]}", f"sysbake z {'e' * 16}"])
-    assert stage_records(image, "r") == []
-    assert stage_records(_image({}, [f"sysbake a {key[:16]}"]), "r") == []
+    assert stage_records(image, origin) == []
+    assert stage_records(_image({}, [f"sysbake a {key[:16]}"]), origin) == []
+    # Two layers claiming one key: neither is the one the source published for it.
+    image = _image({"io.sysbake.stage.a": key},
+                   [f"sysbake a {key[:16]}", f"sysbake a {key[:16]}"])
+    assert stage_records(image, origin) == []
+    # A comment naming another stage than the label that holds the key.
+    image = _image({"io.sysbake.stage.a": key}, [f"sysbake bootstrap {key[:16]}"])
+    assert stage_records(image, origin) == []
 
 
 # -- command-line helpers -----------------------------------------------------------------------

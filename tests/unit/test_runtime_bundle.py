@@ -12,6 +12,7 @@ import pytest
 from sysbake import bundle, checks, overlay, runtime
 from sysbake.bundle import BindMount, BundleSpec, ProcessSpec
 from sysbake.errors import RuntimeFailure
+from sysbake.rootfs import Root
 
 SYSTEMD_IMAGE: dict[str, Any] = {"config": {"Cmd": ["/lib/systemd/systemd"],
                                             "StopSignal": "SIGRTMIN+3",
@@ -200,7 +201,7 @@ def test_lowerdir_option_puts_the_top_layer_first(tmp_path: Path) -> None:
         overlay.lowerdir_option([])
 
 
-def test_find_in_root_follows_symlinks_inside_the_root(tmp_path: Path) -> None:
+def test_find_init_follows_symlinks_inside_the_root(tmp_path: Path) -> None:
     root = tmp_path / "root"
     (root / "usr/lib/systemd").mkdir(parents=True)
     (root / "usr/sbin").mkdir(parents=True)
@@ -208,15 +209,20 @@ def test_find_in_root_follows_symlinks_inside_the_root(tmp_path: Path) -> None:
     os.symlink("usr/lib", root / "lib")
     os.symlink("usr/sbin", root / "sbin")
     os.symlink("/lib/systemd/systemd", root / "usr/sbin/init")
-    assert runtime.find_in_root(root, "/sbin/init") == root / "usr/lib/systemd/systemd"
-    assert runtime.find_init(root) == "/lib/systemd/systemd"
-    # An absolute link must not escape to the host's file of the same name.
-    os.symlink("/etc/hostname", root / "escape")
-    assert runtime.find_in_root(root, "/escape") is None
-    os.symlink("loop", root / "loop")
-    assert runtime.find_in_root(root, "/loop") is None
-    (root / "usr/lib/systemd/systemd").unlink()
-    assert runtime.find_init(root) is None
+    with Root(root) as r:
+        assert r.resolve("/sbin/init") == "usr/lib/systemd/systemd"
+        assert runtime.find_init(r) == "/lib/systemd/systemd"
+        # An absolute link must not escape to the host's file of the same name.
+        os.symlink("/etc/hostname", root / "escape")
+        assert not r.exists("/escape")
+        os.symlink("loop", root / "loop")
+        assert not r.exists("/loop")
+        (root / "usr/lib/systemd/systemd").unlink()
+        assert runtime.find_init(r) is None
+        # Nor does a host file of the name of an init count.
+        (root / "usr/lib/systemd").rmdir()
+        os.symlink("/bin", root / "usr/lib/systemd")  # the host has /bin/systemd? never asked
+        assert runtime.find_init(r) is None
 
 
 def test_console_tail_strips_terminal_codes(tmp_path: Path) -> None:
@@ -254,3 +260,10 @@ def test_the_journal_is_volatile_only_where_the_image_keeps_one() -> None:
     # Without the directory in the image, a mount point would be created in the upper dir.
     assert "/var/log/journal" not in [m["destination"] for m in _config()["mounts"]]
 
+
+
+def test_a_layer_given_twice_is_mounted_once_at_its_topmost_place() -> None:
+    # Two steps that change nothing give the same layer: overlayfs refuses a dir twice.
+    a, b = Path("/store/trees/a"), Path("/store/trees/b")
+    assert overlay.lowerdir_option([a, b, a]) == "/store/trees/a:/store/trees/b"
+    assert overlay.lowerdir_option([b, a, a]) == "/store/trees/a:/store/trees/b"

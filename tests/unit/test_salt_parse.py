@@ -17,6 +17,7 @@ import pytest
 from sysbake import salt, salt_toolchain
 from sysbake.errors import BuildError
 from sysbake.records import replace
+from sysbake.rootfs import ImageTreeError, Root
 from sysbake.salt import SaltRun, Toolchain
 
 DATA = Path(__file__).parent / "data" / "salt"
@@ -55,15 +56,14 @@ def _merged_usr(root: Path) -> Path:
     return root
 
 
-def test_resolve_in_root_follows_links_inside_the_root(tmp_path: Path) -> None:
-    root = _merged_usr(tmp_path)
+def test_toolchain_paths_resolve_inside_the_root(tmp_path: Path) -> None:
+    root = Root(_merged_usr(tmp_path))
     real = "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
-    assert salt_toolchain.resolve_in_root(root, "lib64/ld-linux-x86-64.so.2") == real
-    assert salt_toolchain.resolve_in_root(root, "/lib/../../../lib/x86_64-linux-gnu") == \
-        "usr/lib/x86_64-linux-gnu"
-    (root / "loop").symlink_to("loop")
-    with pytest.raises(BuildError, match="too many levels of symbolic links"):
-        salt_toolchain.resolve_in_root(root, "loop/x")
+    assert root.resolve("lib64/ld-linux-x86-64.so.2") == real
+    assert root.resolve("/lib/../../../lib/x86_64-linux-gnu") == "usr/lib/x86_64-linux-gnu"
+    (root.path / "loop").symlink_to("loop")
+    with pytest.raises(ImageTreeError, match="too many levels of symbolic links"):
+        root.resolve("loop/x")
 
 
 def test_relativize_symlinks_keeps_targets_inside_the_tree(tmp_path: Path) -> None:
@@ -403,7 +403,7 @@ def test_install_salt_copies_the_toolchain_and_a_wrapper(tmp_path: Path) -> None
     (root / "usr").mkdir(parents=True)
     # A link in the image pointing outside must not take the copy out of the root.
     (root / "opt").symlink_to("/nonexistent-outside")
-    salt.install_salt(_toolchain(source), root)
+    salt.install_salt(_toolchain(source), Root(root))
     kept = root / "nonexistent-outside/sysbake/salt"
     assert (kept / "usr/bin/python3.11").read_text() == "python"
     assert os.readlink(kept / "usr/lib64/ld") == "../bin/python3.11"
@@ -415,7 +415,7 @@ def test_install_salt_copies_the_toolchain_and_a_wrapper(tmp_path: Path) -> None
            "--library-path /opt/sysbake/salt/usr/lib/x86_64-linux-gnu " \
            "/opt/sysbake/salt/usr/bin/python3.11 -I" in text
     assert text.rstrip().endswith('"$@"')
-    salt.install_salt(_toolchain(source), root)  # idempotent
+    salt.install_salt(_toolchain(source), Root(root))  # idempotent
     assert (kept / "usr/bin/python3.11").is_file()
 
 

@@ -127,3 +127,95 @@ def test_clean_stale_removes_what_killed_writers_left(tmp_path: Path) -> None:
     os.makedirs(store.tmp_dir / "unpack-dead")
     (store.tmp_dir / "unpack-dead.lock").touch()
     assert store.clean_stale() == ["unpack-dead"]
+
+
+# -- a closed store, checked layers ----------------------------------------------------------
+
+
+def _tar_layer(store: Store, *entries: tuple[str, bytes]) -> Layer:
+    """A gzip layer of regular files (or, with a "->" in the name, a hardlink)."""
+    import gzip
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in entries:
+            info = tarfile.TarInfo(name.partition(" -> ")[0])
+            if " -> " in name:
+                info.type, info.linkname = tarfile.LNKTYPE, name.partition(" -> ")[2]
+            else:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    plain = buf.getvalue()
+    blob = store.put_bytes(gzip.compress(plain, mtime=0), oci.MT_LAYER_GZIP)
+    return Layer(blob, oci.sha256_digest(plain))
+
+
+def test_a_new_store_is_closed(tmp_path: Path) -> None:
+    store = Store(tmp_path / "deep" / "store").ensure()
+    assert store.root.stat().st_mode & 0o777 == 0o700
+
+
+def test_an_open_store_is_closed_when_its_owner_opens_it(tmp_path: Path) -> None:
+    (tmp_path / "old").mkdir()
+    os.chmod(tmp_path / "old", 0o755)  # as stores were made before
+    Store(tmp_path / "old")  # opening is enough: `run` and `export` never call ensure()
+    assert (tmp_path / "old").stat().st_mode & 0o777 == 0o700
+
+
+def test_check_layer_refuses_names_the_layer_and_marks_nothing(tmp_path: Path) -> None:
+    from sysbake.errors import LayerError
+
+    store = Store(tmp_path).ensure()
+    for entry, problem in ((("../x", b""), "'..' is not allowed"),
+                           (("/etc/x", b""), "absolute names are not allowed"),
+                           (("x -> /etc/shadow", b""), "hardlink target '/etc/shadow'")):
+        layer = _tar_layer(store, entry)
+        with pytest.raises(LayerError, match=f"^layer {layer.blob.digest}: layer entry .*"
+                                             f"{problem}"):
+            store.check_layer(layer)
+        assert not (store.checked_dir / oci.hex_of(layer.diff_id)).exists()
+        with pytest.raises(LayerError, match=f"^layer {layer.blob.digest}: .*{problem}"):
+            store.layer_tree(layer)
+        assert not store.tree_path(layer.diff_id).exists()
+        assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_check_layer_verifies_the_diff_id(tmp_path: Path) -> None:
+    from sysbake.errors import LayerError
+
+    store = Store(tmp_path).ensure()
+    good = _tar_layer(store, ("a", b"1"))
+    lying = Layer(good.blob, "sha256:" + "ab" * 32)
+    for action in (store.check_layer, store.layer_tree):
+        with pytest.raises(LayerError, match="not to its diff_id sha256:abab"):
+            action(lying)
+    assert not store.tree_path(lying.diff_id).exists()
+
+
+def test_a_layer_is_checked_once(tmp_path: Path) -> None:
+    store = Store(tmp_path).ensure()
+    layer = _tar_layer(store, ("a", b"1"))
+    store.check_layer(layer)
+    marker = store.checked_dir / oci.hex_of(layer.diff_id)
+    assert marker.is_file()
+    # The blob is not read again: even gone, the layer counts as checked.
+    store.blob_path(layer.blob.digest).unlink()
+    store.check_layer(layer)
+    # An extraction marks its layer too.
+    other = _tar_layer(store, ("b", b"2"))
+    assert (store.layer_tree(other) / "b").read_bytes() == b"2"
+    assert (store.checked_dir / oci.hex_of(other.diff_id)).is_file()
+
+
+def test_gc_drops_the_markers_of_unreachable_layers(tmp_path: Path) -> None:
+    store = Store(tmp_path).ensure()
+    kept, dropped = _tar_layer(store, ("k", b"k")), _tar_layer(store, ("d", b"d"))
+    for layer in (kept, dropped):
+        store.check_layer(layer)
+    config = {"architecture": "amd64", "os": "linux", "config": {},
+              "rootfs": {"type": "layers", "diff_ids": [kept.diff_id]}}
+    store.tag("kept", store.put_image(config, (kept,)))
+    store.gc()
+    assert sorted(p.name for p in store.checked_dir.iterdir()) == [oci.hex_of(kept.diff_id)]

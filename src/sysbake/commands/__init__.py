@@ -24,6 +24,14 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "registry": ("push", "pull", "login", "logout"),
 }
 
+# Commands that never open the store: the only ones that do not reap orphans first.
+STORELESS = frozenset({"init", "validate", "apparmor", "login", "logout"})
+
+
+def touches_store(command: str | None) -> bool:
+    """Whether `command` opens the store (and so first removes orphaned containers)."""
+    return command is not None and command not in STORELESS
+
 
 def all_command_modules() -> list[ModuleType]:
     """Every command module, in help order."""

@@ -26,6 +26,13 @@ def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -
                    help="keep the container of a failed provision step for inspection")
     p.add_argument("--compression", choices=("gzip", "zstd"), default="gzip",
                    help="layer compression in the store (default: gzip)")
+    p.add_argument("--cache-from", action="append", default=[], metavar="REF",
+                   help="an image in a registry (host[:port]/repository[:tag|@digest]) whose "
+                   "sysbake stages this build may reuse; repeatable. Only sources named "
+                   "here are trusted: a pulled image never feeds the cache")
+    from sysbake.commands.registry import connection_options
+
+    connection_options(p)
     add_globals(p)
     p.set_defaults(handler=run_build)
 
@@ -37,11 +44,14 @@ def run_build(ctx: Any, args: argparse.Namespace) -> int:
     project = load_project(args.path)
     store = ctx.store()
     options = BuildOptions(targets=tuple(args.target), no_cache=args.no_cache,
-                           compression=args.compression, keep_failed=args.keep_failed)
+                           compression=args.compression, keep_failed=args.keep_failed,
+                           cache_from=_cache_sources(store, args))
 
     def report(result: StageResult) -> None:
         if args.explain and not ctx.json:
             verdict = "reused" if result.reused else f"rebuilt because {result.reason}"
+            if result.origin:
+                verdict += f": from {result.origin}"
             print(f"{result.image}: {result.stage}: {verdict}", flush=True)
         elif result.reused:
             log.info(f"==> {result.image}: {result.stage}: cached")
@@ -66,3 +76,30 @@ def run_build(ctx: Any, args: argparse.Namespace) -> int:
         for result in results:
             print(f"{result.ref} {result.image.id}")
     return 1 if failed else 0
+
+
+def _cache_sources(store: Any, args: argparse.Namespace) -> tuple[Any, ...]:
+    """The stages offered by every --cache-from source, fetched into the store untagged.
+    A source that cannot be fetched is skipped with a warning (as docker does): the build
+    then rebuilds what it would have reused."""
+    if not args.cache_from or args.no_cache:
+        return ()
+    from sysbake.commands.registry import connect_options
+    from sysbake.errors import Interrupted, SysbakeError
+    from sysbake.registry import Reference, cache_source
+
+    sources = [Reference.parse(text) for text in args.cache_from]  # a typo is an error
+    store.ensure()
+    options = connect_options(args)
+    offered: list[Any] = []
+    for source in sources:
+        try:
+            records = cache_source(store, source, options)
+        except Interrupted:
+            raise
+        except SysbakeError as exc:
+            log.warn(f"--cache-from {source}: {exc}; building without it")
+            continue
+        log.info(f"==> cache source {source}: {len(records)} stages offered")
+        offered += records
+    return tuple(offered)

@@ -21,7 +21,18 @@ def _tls_verify(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, not {value!r}")
 
 
-def _connection_options(p: argparse.ArgumentParser, *, creds: bool = True) -> None:
+def _positive(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of at least 0, not {value!r}")
+    return number
+
+
+def connection_options(p: argparse.ArgumentParser, *, creds: bool = True) -> None:
+    """Add the options of a command that talks to a registry (see `connect_options`)."""
     p.add_argument("--tls-verify", type=_tls_verify, default=True, metavar="BOOL",
                    help="verify the registry's TLS certificate (default: true); false also "
                    "allows plain http")
@@ -34,6 +45,12 @@ def _connection_options(p: argparse.ArgumentParser, *, creds: bool = True) -> No
     if creds:
         p.add_argument("--creds", default=None, metavar="USER[:PASSWORD]",
                        help="credentials for the registry (asked for when PASSWORD is left out)")
+    p.add_argument("--min-rate", type=_positive, default=None, metavar="KIB_PER_S",
+                   help="drop a registry that moves fewer KiB/s than this over a window "
+                   "(default: $SYSBAKE_REGISTRY_MIN_RATE, else 1; 0: no minimum)")
+    p.add_argument("--rate-window", type=_positive, default=None, metavar="SECONDS",
+                   help="the window the minimum rate is measured over, and the longest "
+                   "silence allowed (default: $SYSBAKE_REGISTRY_WINDOW, else 30)")
 
 
 def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -43,22 +60,21 @@ def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -
                        "skipped; the manifest is pushed last.")
     p.add_argument("image")
     p.add_argument("dest", nargs="?", default=None)
-    _connection_options(p)
+    connection_options(p)
     add_globals(p)
     p.set_defaults(handler=cmd_push)
 
     p = sub.add_parser("pull", help="pull an image from an OCI registry",
                        description="Pull REF (host[:port]/repository[:tag|@digest]) into the "
-                       "store; its sysbake stages seed the local stage cache.")
+                       "store. A pulled image never feeds the stage cache: to reuse its "
+                       "stages, name it with `sysbake build --cache-from REF`.")
     p.add_argument("ref")
     p.add_argument("-t", "--tag", default=None, metavar="NAME[:TAG]",
                    help="tag it this in the store (default: REF itself)")
     p.add_argument("--platform", default=None, metavar="OS/ARCH[/VARIANT]",
                    help="the platform to pick from a multi-platform index (default: this "
                    "host's)")
-    p.add_argument("--no-cache-seed", action="store_true",
-                   help="do not record the image's sysbake stages in the local stage cache")
-    _connection_options(p)
+    connection_options(p)
     add_globals(p)
     p.set_defaults(handler=cmd_pull)
 
@@ -68,7 +84,7 @@ def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -
     p.add_argument("-p", "--password", default=None)
     p.add_argument("--password-stdin", action="store_true",
                    help="read the password from standard input")
-    _connection_options(p, creds=False)
+    connection_options(p, creds=False)
     add_globals(p)
     p.set_defaults(handler=cmd_login)
 
@@ -88,7 +104,8 @@ def _ask(prompt: str, *, secret: bool) -> str:
     return getpass.getpass(prompt) if secret else input(prompt)
 
 
-def _options(args: argparse.Namespace) -> Any:
+def connect_options(args: argparse.Namespace) -> Any:
+    """The ConnectOptions of the options `connection_options` added."""
     from sysbake.registry import ConnectOptions
     from sysbake.registry_auth import Credentials, parse_creds
 
@@ -98,7 +115,21 @@ def _options(args: argparse.Namespace) -> Any:
         if password is None:
             password = _ask(f"Password for {user}: ", secret=True)
         creds = Credentials(user, password)
-    return ConnectOptions(tls=_tls(args), creds=creds, auth_file=args.authfile)
+    return ConnectOptions(tls=_tls(args), creds=creds, auth_file=args.authfile,
+                          limits=_limits(args))
+
+
+def _limits(args: argparse.Namespace) -> Any:
+    from sysbake.registry import Limits
+
+    limits = Limits.from_env()
+    if args.min_rate is not None:
+        limits = Limits(args.min_rate, limits.window)
+    if args.rate_window is not None:
+        if args.rate_window < 0.1:
+            raise SysbakeError(f"--rate-window {args.rate_window:g}: expected at least 0.1 s")
+        limits = Limits(limits.min_rate, args.rate_window)
+    return limits
 
 
 def _tls(args: argparse.Namespace) -> Any:
@@ -129,7 +160,7 @@ def cmd_push(ctx: Any, args: argparse.Namespace) -> int:
     from sysbake.registry import Reference, push
 
     dest = Reference.parse(args.dest) if args.dest else None
-    result = push(ctx.store(), args.image, dest, _options(args))
+    result = push(ctx.store(), args.image, dest, connect_options(args))
     return _done(ctx, result.to_json(), f"{result.ref} {result.digest}")
 
 
@@ -137,8 +168,8 @@ def cmd_pull(ctx: Any, args: argparse.Namespace) -> int:
     from sysbake.registry import Reference, pull
 
     source = Reference.parse(args.ref)
-    result = pull(ctx.store(), source, _options(args), tag=args.tag,
-                  wanted=_platform(args.platform), seed_cache=not args.no_cache_seed)
+    result = pull(ctx.store(), source, connect_options(args), tag=args.tag,
+                  wanted=_platform(args.platform))
     return _done(ctx, result.to_json(), f"{result.ref} {result.image.id}")
 
 
@@ -154,7 +185,7 @@ def cmd_login(ctx: Any, args: argparse.Namespace) -> int:
         password = args.password if args.password is not None else _ask("Password: ",
                                                                         secret=True)
     creds = Credentials(user, password)
-    session = Session(registry, tls=_tls(args), creds=creds)
+    session = Session(registry, tls=_tls(args), creds=creds, limits=_limits(args))
     session.check_login()
     path = args.authfile or default_auth_file()
     save_credentials(path, registry, creds)

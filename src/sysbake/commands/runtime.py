@@ -14,12 +14,12 @@ from sysbake import log
 from sysbake.commands import lazy_module
 
 if TYPE_CHECKING:
-    from sysbake import bundle, checks, inside
+    from sysbake import bundle, checks, inside, rootfs
     from sysbake import runtime as rt
     from sysbake.cli import Context
 else:
-    bundle, checks, inside, rt = (lazy_module(f"sysbake.{m}")
-                                  for m in ("bundle", "checks", "inside", "runtime"))
+    bundle, checks, inside, rootfs, rt = (
+        lazy_module(f"sysbake.{m}") for m in ("bundle", "checks", "inside", "rootfs", "runtime"))
 from sysbake.errors import ConfigError, RuntimeFailure
 
 
@@ -177,10 +177,11 @@ def _shell(ctx: Context, args: argparse.Namespace) -> int:
         if bundle.is_init(container.args):
             state = inside.wait_for_boot(container, args.timeout)
             log.info(f"{container.name}: systemd is {state}")
-        shell = "/bin/bash" if rt.find_in_root(container.rootfs, "/bin/bash") else "/bin/sh"
+        with rootfs.Root(container.rootfs) as root:
+            shell = "/bin/bash" if root.exists("/bin/bash") else "/bin/sh"
+            home = "/root" if root.is_dir("/root") else None
         return inside.run_attached(inside.exec_argv(
-            container, [shell, "-l"], tty=sys.stdin.isatty(), cwd="/root"
-            if rt.find_in_root(container.rootfs, "/root") else None))
+            container, [shell, "-l"], tty=sys.stdin.isatty(), cwd=home))
     finally:
         rt.stop(container, timeout=10.0)
         rt.remove(container, force=True)
@@ -211,26 +212,42 @@ def _stop(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _ps(ctx: Context, args: argparse.Namespace) -> int:
+    """Containers (running ones, or all), then those whose owner died: removed just now
+    (status "reaped (orphaned: owner pid N gone)"), or left with the reason."""
     import datetime  # here, not at the top: only ps pays for it (start-up cost)
 
+    from sysbake import owners
+
+    containers_dir = ctx.store_path / "containers"
+    left = {o.name: o for o in ctx.reaped if o.error}
     rows: list[dict[str, Any]] = []
-    for container in rt.all_containers(ctx.store_path / "containers"):
+    for container in rt.all_containers(containers_dir):
         status = rt.status(container)
-        if not args.all and not status.running:
+        orphan = left.get(container.name)
+        if not args.all and not status.running and orphan is None:
             continue
         state = status.state if status.exit_code is None else \
             f"{status.state} ({status.exit_code})"
+        if orphan is not None:
+            state = f"{state} ({orphan.describe()})"
         created = datetime.datetime.fromtimestamp(container.created, datetime.UTC)
         rows.append({"name": container.name, "image": container.image,
                      "image_id": container.image_id, "status": state,
                      "exit_code": status.exit_code, "created": created.isoformat(),
-                     "pid": status.pid, "runtime": container.runtime})
+                     "pid": status.pid, "runtime": container.runtime,
+                     "owner_pid": owners.owner_pid(containers_dir, container.name),
+                     "orphaned": orphan is not None})
+    rows += [{"name": o.name, "image": o.image, "image_id": "",
+              "status": f"reaped ({o.describe()})", "exit_code": None, "created": None,
+              "pid": None, "runtime": None, "owner_pid": o.owner_pid, "orphaned": True}
+             for o in ctx.reaped if not o.error]
     if ctx.json:
         ctx.emit(rows)
         return 0
     table = [("NAME", "IMAGE", "STATUS", "CREATED", "PID")]
     table += [(str(r["name"]), str(r["image"]), str(r["status"]),
-               str(r["created"])[:19].replace("T", " "), str(r["pid"] or "-")) for r in rows]
+               str(r["created"] or "-")[:19].replace("T", " "), str(r["pid"] or "-"))
+              for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(5)]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -263,8 +280,10 @@ def _logs(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _rm(ctx: Context, args: argparse.Namespace) -> int:
+    reaped = {o.name for o in ctx.reaped if not o.error}  # gone already: done
     for name in args.names:
-        rt.remove(_container(ctx, name), force=args.force)
+        if name not in reaped:
+            rt.remove(_container(ctx, name), force=args.force)
         if not ctx.json:
             print(name)
     return 0
