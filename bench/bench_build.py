@@ -21,9 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import EXAMPLE, WORK, median, podman_env, report, run, sysbake, timed
-from sysbake.bootstrap import mmdebstrap_command
-from sysbake.build import bootstrap_plan
-from sysbake.config import load_project
+from sysbake.build.bootstrap import mmdebstrap_command
+from sysbake.build.pipeline import bootstrap_plan
+from sysbake.project.load import load_project
 
 
 def main() -> None:

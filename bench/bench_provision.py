@@ -41,10 +41,12 @@ from common import (
     result,
     run,
 )
-from sysbake import compress, overlay, salt
-from sysbake.commit import commit_tree
-from sysbake.provision import prune_copy_ups
-from sysbake.store import Store
+from sysbake.build.salt import run as salt
+from sysbake.build.steps import prune_copy_ups
+from sysbake.oci import compress
+from sysbake.oci.layers.commit import commit_tree
+from sysbake.oci.store import Store
+from sysbake.runtime import overlay
 
 # -- 1. pillar-only rebuild ---------------------------------------------------------------
 

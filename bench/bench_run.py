@@ -43,8 +43,9 @@ from common import (
     run,
     wait_booted,
 )
-from sysbake import compress, layers
-from sysbake.store import Store
+from sysbake.oci import compress
+from sysbake.oci.layers import archive as layers
+from sysbake.oci.store import Store
 
 
 @dataclass(frozen=True)

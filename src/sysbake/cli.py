@@ -17,14 +17,14 @@ from sysbake.commands import first_command, touches_store
 from sysbake.errors import Interrupted, SysbakeError
 
 if TYPE_CHECKING:
-    from sysbake.owners import Orphan
+    from sysbake.runtime.owners import Orphan
 
 DEFAULT_STORE = Path("/var/lib/sysbake")
 
 
 class Context(NamedTuple):
     """What every command gets: where the store is, how to talk back, and the orphaned
-    containers removed before it ran (sysbake.owners)."""
+    containers removed before it ran (sysbake.runtime.owners)."""
 
     store_path: Path
     json: bool
@@ -37,7 +37,7 @@ class Context(NamedTuple):
         sys.stdout.write("\n")
 
     def store(self) -> Any:
-        from sysbake.store import Store
+        from sysbake.oci.store import Store
 
         return Store(self.store_path)
 
@@ -112,12 +112,12 @@ def reap_orphans(ctx: Context, command: str | None) -> Context:
     `sysbake test`'s, kill -9 included) before `command` looks at the store; `ctx` with
     what was found. Costs a listing and a non-blocking flock per owner when there is
     nothing to remove."""
-    from sysbake import owners
+    from sysbake.runtime import owners
 
     containers = ctx.store_path / "containers"
     if not touches_store(command) or not owners.any_orphan(containers):
         return ctx
-    from sysbake import runtime
+    from sysbake.runtime import containers as runtime
 
     reaped = tuple(runtime.reap_orphans(containers))
     for orphan in reaped:

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from sysbake import runtime
-from sysbake.commit import commit_tree
-from sysbake.oci import Layer
+from sysbake.oci.layers.commit import commit_tree
+from sysbake.oci.model import Layer
+from sysbake.oci.store import Store
 from sysbake.rootfs import Root
-from sysbake.store import Store
+from sysbake.runtime import containers as runtime
 
 ECHO_PORT = 7777
 

@@ -111,8 +111,8 @@ group = "0"
 
 def _tiny_image(store_path: Path, work: Path) -> str:
     """A one-layer image of a few files (no systemd: a `files` step needs none)."""
-    from sysbake.commit import commit_tree
-    from sysbake.store import Store
+    from sysbake.oci.layers.commit import commit_tree
+    from sysbake.oci.store import Store
 
     tree = work / "tiny"
     (tree / "etc").mkdir(parents=True)

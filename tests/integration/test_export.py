@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 from services import DockerService, PodmanService
 
-from sysbake import oci
-from sysbake.commit import commit_tree
-from sysbake.export import ExportError, export_image
-from sysbake.finalize import OciSettings, image_config
-from sysbake.oci import Image, Layer
-from sysbake.store import Store
+from sysbake.build.finalize import OciSettings, image_config
+from sysbake.oci import model as oci
+from sysbake.oci.export import ExportError, export_image
+from sysbake.oci.layers.commit import commit_tree
+from sysbake.oci.model import Image, Layer
+from sysbake.oci.store import Store
 
 pytestmark = pytest.mark.integration
 
@@ -295,8 +295,8 @@ def test_memory_stays_bounded(images: Images, scratch: Path) -> None:
     script = (
         "import resource, sys\n"
         "from pathlib import Path\n"
-        "from sysbake.export import export_image\n"
-        "from sysbake.store import Store\n"
+        "from sysbake.oci.export import export_image\n"
+        "from sysbake.oci.store import Store\n"
         "store = Store(Path(sys.argv[1]))\n"
         "for fmt, comp in (('docker-archive', None), ('oci-archive', 'zstd'),"
         " ('rootfs', 'gzip')):\n"

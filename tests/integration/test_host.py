@@ -21,7 +21,7 @@ from services import (
     run,
 )
 
-from sysbake import hostint
+from sysbake import engines as hostint
 
 pytestmark = pytest.mark.integration
 

@@ -75,6 +75,13 @@ def _fingerprint(top: Path) -> dict[str, tuple[int, int, int, str]]:
 
 
 @pytest.fixture
+def untagged(shared_store: Path) -> Iterator[None]:
+    """The shared store without this module's tag afterwards (other tests list its tags)."""
+    yield
+    sysbake("rmi", "hostile:latest", store=shared_store, check=False)
+
+
+@pytest.fixture
 def host_dir() -> Iterator[Path]:
     """A host directory full of files a hostile image aims at."""
     top = TEST_ROOT / f"hostile-{uuid.uuid4().hex[:8]}"
@@ -142,8 +149,8 @@ run = "echo chroot step ran > /etc/chroot-after"
 
 
 def test_symlinks_to_host_paths_in_a_parent_never_reach_the_host(
-        shared_store: Path, base_image: str, host_dir: Path,
-        tmp_path: Path) -> None:
+        shared_store: Path, base_image: str, host_dir: Path, tmp_path: Path,
+        untagged: None) -> None:
     before = _fingerprint(host_dir)
     state = StoreState.of(shared_store)
     project = _project(tmp_path / "proj", host_dir, FILES_STEPS)
@@ -176,7 +183,8 @@ run = "echo booted step ran > /etc/booted-step"
 
 
 def test_a_booted_step_and_run_of_a_hostile_parent_never_reach_the_host(
-        shared_store: Path, base_image: str, host_dir: Path, tmp_path: Path) -> None:
+        shared_store: Path, base_image: str, host_dir: Path, tmp_path: Path,
+        untagged: None) -> None:
     before = _fingerprint(host_dir)
     state = StoreState.of(shared_store)
     project = _project(tmp_path / "proj", host_dir, BOOT_STEPS)

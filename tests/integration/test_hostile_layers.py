@@ -25,9 +25,9 @@ import pytest
 from helpers import new_store, sysbake
 from services import RegistryService, registry_server
 
-from sysbake import oci
-from sysbake.oci import Image, Layer
-from sysbake.store import Store
+from sysbake.oci import model as oci
+from sysbake.oci.model import Image, Layer
+from sysbake.oci.store import Store
 
 pytestmark = pytest.mark.integration
 

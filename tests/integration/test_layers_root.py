@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from sysbake import layers
 from sysbake.errors import LayerError
+from sysbake.oci.layers import archive as layers
 
 pytestmark = pytest.mark.integration
 

@@ -45,7 +45,7 @@ from provision_fixtures import (
 )
 from services import DockerService, PodmanService
 
-from sysbake.salt import DEFAULT_SALT_VERSION
+from sysbake.build.salt.run import DEFAULT_SALT_VERSION
 
 __all__ = ["web_build", "web_image"]  # session fixtures, imported so pytest finds them
 

@@ -25,9 +25,9 @@ import pytest
 from helpers import EXAMPLE, SYSBAKE, new_store, sysbake
 from services import DockerService, PodmanService, RegistryService, registry_server, run
 
-from sysbake import oci
-from sysbake.oci import Layer
-from sysbake.store import Store
+from sysbake.oci import model as oci
+from sysbake.oci.model import Layer
+from sysbake.oci.store import Store
 
 pytestmark = pytest.mark.integration
 TINY = "tiny:latest"

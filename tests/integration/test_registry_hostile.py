@@ -24,10 +24,10 @@ import pytest
 from helpers import EXAMPLE, new_store, sysbake
 from services import RegistryService, registry_server
 
-from sysbake import oci
-from sysbake.cache import StageCache
-from sysbake.oci import Layer
-from sysbake.store import Store
+from sysbake.build.cache import StageCache
+from sysbake.oci import model as oci
+from sysbake.oci.model import Layer
+from sysbake.oci.store import Store
 
 pytestmark = pytest.mark.integration
 PLANTED = "etc/reg-planted"

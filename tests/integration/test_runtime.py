@@ -19,9 +19,10 @@ import pytest
 from helpers import SYSBAKE, sysbake
 from runtime_fixtures import ECHO_PORT, RuntimeImages, runtime_images
 
-from sysbake import checks, runtime
-from sysbake.config import TestSpec
-from sysbake.store import Store
+from sysbake import imagetest as checks
+from sysbake.oci.store import Store
+from sysbake.project.load import TestSpec
+from sysbake.runtime import containers as runtime
 
 __all__ = ["runtime_images"]  # the session fixture, imported so pytest finds it
 

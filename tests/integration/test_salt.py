@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 from helpers import new_store
 
-from sysbake import proc, salt
+from sysbake import proc
+from sysbake.build.salt import run as salt
+from sysbake.build.salt.run import SaltResult, SaltRun, Toolchain
 from sysbake.errors import BuildError
 from sysbake.fsutil import remove_tree
+from sysbake.oci.store import Store
 from sysbake.rootfs import Root
-from sysbake.salt import SaltResult, SaltRun, Toolchain
-from sysbake.store import Store
 
 # Set to a directory to record salt-call's raw output as unit-test fixtures.
 RECORD = os.environ.get("SYSBAKE_RECORD_SALT_FIXTURES", "")
@@ -183,7 +184,8 @@ def test_unknown_salt_version_is_one_clear_error(tmp_path: Path) -> None:
 
 def test_killed_toolchain_build_leaves_nothing(tmp_path: Path) -> None:
     store = new_store(tmp_path / "store", share=("debs",))  # a build must really start
-    code = ("from pathlib import Path; from sysbake import salt; from sysbake.store import Store; "
+    code = ("from pathlib import Path; from sysbake.build.salt import run as salt; "
+            "from sysbake.oci.store import Store; "
             f"salt.ensure_toolchain(Store(Path({str(store)!r})))")
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)

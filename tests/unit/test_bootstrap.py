@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from sysbake import bootstrap
-from sysbake.bootstrap import AptSource, BootstrapPlan, mmdebstrap_command, source_lines
+from sysbake.build import bootstrap
+from sysbake.build.bootstrap import AptSource, BootstrapPlan, mmdebstrap_command, source_lines
 from sysbake.errors import BuildError
 
 DEB822 = """\

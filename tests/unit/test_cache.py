@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from sysbake.cache import StageCache, StageRecord, explain, hash_tree, stage_key
+from sysbake.build.cache import StageCache, StageRecord, explain, hash_tree, stage_key
 from sysbake.errors import BuildError
-from sysbake.oci import MT_LAYER_GZIP, Layer
-from sysbake.store import Store
+from sysbake.oci.model import MT_LAYER_GZIP, Layer
+from sysbake.oci.store import Store
 
 
 def test_stage_key_is_order_independent_and_input_sensitive() -> None:
@@ -77,7 +77,7 @@ def test_prune_keeps_the_last_build_of_each_stage(tmp_path: Path) -> None:
 
 
 def test_explain_names_a_pulled_stage() -> None:
-    from sysbake.cache import explain
+    from sysbake.build.cache import explain
 
     reason = explain({"pulled": "127.0.0.1:5000/base:latest"}, {"stage": "bootstrap"})
     assert reason == ("the cached stage came from 127.0.0.1:5000/base:latest and its "

@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
-from sysbake import compress
 from sysbake.errors import CommandError, LayerError
+from sysbake.oci import compress
 
 KINDS = ["none", "gzip", "zstd", "xz"]
 TOOLS = {"gzip": ["gzip", "-dc"], "zstd": ["zstd", "-dcq"], "xz": ["xz", "-dcq"]}

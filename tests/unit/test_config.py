@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sysbake.config import (
+from sysbake.errors import ConfigError
+from sysbake.project.load import (
     DEFAULT_CMD,
     BootstrapSpec,
     FilesStep,
@@ -23,7 +24,6 @@ from sysbake.config import (
     find_project_file,
     load_project,
 )
-from sysbake.errors import ConfigError
 from sysbake.records import FrozenInstanceError
 
 BASE = '[images.base.bootstrap]\nsuite = "bookworm"\n'

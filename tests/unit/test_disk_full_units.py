@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sysbake import bootstrap, cli
+from sysbake import cli
+from sysbake.build import bootstrap
 from sysbake.errors import StoreError
 from sysbake.fsutil import no_space_line, raise_disk, raise_if_no_space
 

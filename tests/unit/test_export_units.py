@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from sysbake import oci
 from sysbake.errors import ImageNotFound, LayerError, StoreError
-from sysbake.export import (
+from sysbake.oci import model as oci
+from sysbake.oci.export import (
     ExportError,
     check_options,
     docker_manifest,
@@ -24,8 +24,8 @@ from sysbake.export import (
     merge_index,
     rootfs_compression_for,
 )
-from sysbake.oci import Descriptor, Image, Layer
-from sysbake.store import Store
+from sysbake.oci.model import Descriptor, Image, Layer
+from sysbake.oci.store import Store
 
 
 def _tar(files: dict[str, bytes]) -> bytes:

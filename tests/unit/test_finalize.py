@@ -2,8 +2,8 @@ import os
 import shutil
 from pathlib import Path
 
-from sysbake import finalize
-from sysbake.finalize import Cleanup, OciSettings
+from sysbake.build import finalize
+from sysbake.build.finalize import Cleanup, OciSettings
 from sysbake.rootfs import Root
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from sysbake import cli, hostint
-from sysbake.hostint import HostError, HostFacts, ImageFacts, select_flags
+from sysbake import cli
+from sysbake import engines as hostint
+from sysbake.engines import HostError, HostFacts, ImageFacts, select_flags
 
 V2 = """\
 25 30 0:22 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw

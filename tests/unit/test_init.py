@@ -12,8 +12,8 @@ import pytest
 
 from sysbake import cli, commands
 from sysbake.commands.project import init_project, starter_name
-from sysbake.config import ProjectStep, SaltStep, ScriptStep, load_project
 from sysbake.errors import ConfigError
+from sysbake.project.load import ProjectStep, SaltStep, ScriptStep, load_project
 
 STARTER_FILES = ["pillar/site.sls", "pillar/top.sls", "salt/site/index.html.jinja",
                  "salt/site/init.sls", "salt/top.sls", "sysbake.toml"]

@@ -23,8 +23,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sysbake import layers, oci
 from sysbake.errors import LayerError
+from sysbake.oci import model as oci
+from sysbake.oci.layers import archive as layers
 
 EPOCH = 1_700_000_000
 Spec = tuple[str, bytes, dict[str, object]]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from sysbake import layers
 from sysbake.errors import LayerError
+from sysbake.oci.layers import archive as layers
 
 EPOCH = 1_700_000_000
 

@@ -1,6 +1,6 @@
 """The container monitor's launch protocol, with a stand-in runtime (no root, no runc):
 forked ahead, it waits for `start`; `cancel` ends it with nothing started. And the owner
-locks of containers that live only as long as a process (sysbake.owners): a killed
+locks of containers that live only as long as a process (sysbake.runtime.owners): a killed
 owner's container is found and removed by the next command."""
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from sysbake import cli, monitor, owners, runtime
+from sysbake import cli
 from sysbake.errors import RuntimeFailure
-from sysbake.runtime import MONITOR_LOCK
+from sysbake.runtime import containers as runtime
+from sysbake.runtime import monitor, owners
+from sysbake.runtime.containers import MONITOR_LOCK
 
 
 def _spec(tmp_path: Path, runtime: str) -> monitor.MonitorSpec:
@@ -233,5 +235,5 @@ def test_the_reap_check_imports_nothing_when_there_is_nothing_to_reap(
                 "print(sorted(m for m in sys.modules if m.startswith('sysbake')))")
         result = subprocess.run([sys.executable, "-c", code], capture_output=True,
                                 text=True, check=True)
-    assert "sysbake.runtime" not in result.stdout
-    assert "sysbake.owners" in result.stdout
+    assert "sysbake.runtime.containers" not in result.stdout
+    assert "sysbake.runtime.owners" in result.stdout

@@ -21,11 +21,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sysbake import config
-from sysbake.config import ProjectStep, SaltStep, ScriptStep, load_project
-from sysbake.config_reader import Invalid, existing, within
-from sysbake.config_specs import read_input
 from sysbake.errors import ConfigError
+from sysbake.project import load as config
+from sysbake.project.load import ProjectStep, SaltStep, ScriptStep, load_project
+from sysbake.project.reader import Invalid, existing, within
+from sysbake.project.specs import read_input
 
 BASE = '[images.base.bootstrap]\nsuite = "bookworm"\n'
 SECRET = b"host secret: never in a layer\n"
@@ -218,7 +218,7 @@ def test_read_input_opens_no_fifo_and_no_link(tmp_path: Path) -> None:
 
 
 def _toolchain(tmp_path: Path) -> object:
-    from sysbake.salt_toolchain import Toolchain
+    from sysbake.build.salt.toolchain import Toolchain
 
     return Toolchain(path=tmp_path / "tc", version="3007.1", suite="bookworm",
                      architecture="amd64", python="bin/python3", loader="lib/ld.so",
@@ -227,7 +227,7 @@ def _toolchain(tmp_path: Path) -> object:
 
 def test_salt_mounts_are_real_dirs_and_a_pillar_top_link_is_refused(proj: Path, host: Path,
                                                                      tmp_path: Path) -> None:
-    from sysbake import salt
+    from sysbake.build.salt import run as salt
 
     (proj / "states").symlink_to("salt")
     (proj / "projects/app/pillar/top.sls").symlink_to(host / "etc/top.sls")
@@ -483,7 +483,7 @@ def test_salt_leaves_out_names_that_are_not_utf8_and_says_so(tmp_path: Path,
                                                              ) -> None:
     import re
 
-    from sysbake import salt
+    from sysbake.build.salt import run as salt
 
     tree = tmp_path / "salt"
     (tree / "files").mkdir(parents=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sysbake.provision import prune_copy_ups
+from sysbake.build.steps import prune_copy_ups
 
 
 def _tree(root: Path, files: dict[str, str]) -> Path:

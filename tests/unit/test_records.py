@@ -169,8 +169,9 @@ def test_a_method_record_would_replace_is_refused() -> None:
 
 
 def test_the_build_path_loads_neither_dataclasses_nor_inspect() -> None:
-    code = ("import sys, sysbake.cli, sysbake.build, sysbake.config, sysbake.provision, "
-            "sysbake.salt, sysbake.monitor, sysbake.runtime; "
+    code = ("import sys, sysbake.cli, sysbake.build.pipeline, sysbake.project.load, "
+            "sysbake.build.steps, sysbake.build.salt.run, sysbake.runtime.monitor, "
+            "sysbake.runtime.containers; "
             "print(sorted({'dataclasses', 'inspect'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout

@@ -21,11 +21,11 @@ from typing import Any
 
 import pytest
 
-from sysbake import oci
-from sysbake.oci import Image, Layer
-from sysbake.registry import ConnectOptions, Reference, pull, push
-from sysbake.registry_auth import Credentials, RegistryError
-from sysbake.store import Store
+from sysbake.oci import model as oci
+from sysbake.oci.model import Image, Layer
+from sysbake.oci.store import Store
+from sysbake.registry.auth import Credentials, RegistryError
+from sysbake.registry.transfer import ConnectOptions, Reference, pull, push
 
 TOKEN = "token-" + uuid.uuid4().hex
 
@@ -197,7 +197,7 @@ def test_bearer_push_then_pull_round_trip(registry: tuple[str, State], tmp_path:
     assert pulled.image.id == image.id
     assert pulled.image.manifest.digest == pulled.digest == image.manifest.digest
     assert b.resolve(pulled.ref).layers == image.layers
-    from sysbake.cache import StageCache
+    from sysbake.build.cache import StageCache
 
     # A pull never feeds the stage cache, whatever the image's labels say.
     assert not (b.cache_dir / "stages").exists()
@@ -225,7 +225,7 @@ def test_credentials_come_from_the_auth_file(registry: tuple[str, State],
                                              tmp_path: Path) -> None:
     address, state = registry
     state.bearer = True
-    from sysbake.registry_auth import save_credentials
+    from sysbake.registry.auth import save_credentials
 
     auth_file = tmp_path / "auth.json"
     save_credentials(auth_file, address, Credentials("ann", "secret"))

@@ -29,15 +29,15 @@ from typing import Any
 
 import pytest
 
-from sysbake import oci
-from sysbake.build import BuildOptions, _ImageBuild, run_stage
-from sysbake.cache import Origin, StageCache, StageRecord, stage_key
+from sysbake.build.cache import Origin, StageCache, StageRecord, stage_key
+from sysbake.build.pipeline import BuildOptions, _ImageBuild, run_stage
 from sysbake.commands.build import _cache_sources
-from sysbake.oci import Layer
-from sysbake.registry import ConnectOptions, Limits, Reference, cache_source, pull, push
-from sysbake.registry_auth import Credentials, RegistryError
-from sysbake.registry_client import Session
-from sysbake.store import Store
+from sysbake.oci import model as oci
+from sysbake.oci.model import Layer
+from sysbake.oci.store import Store
+from sysbake.registry.auth import Credentials, RegistryError
+from sysbake.registry.client import Session
+from sysbake.registry.transfer import ConnectOptions, Limits, Reference, cache_source, pull, push
 
 # Fast limits: a window of half a second, at least 1 KiB/s (512 bytes a window).
 FAST = Limits(min_rate=1.0, window=0.5)

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from sysbake import oci
-from sysbake.cache import Origin
-from sysbake.oci import Descriptor, Image, Layer
-from sysbake.registry import host_platform, select_platform
-from sysbake.registry_auth import (
+from sysbake.build.cache import Origin
+from sysbake.oci import model as oci
+from sysbake.oci.model import Descriptor, Image, Layer
+from sysbake.registry.auth import (
     Challenge,
     Credentials,
     RegistryError,
@@ -29,8 +28,9 @@ from sysbake.registry_auth import (
     remove_credentials,
     save_credentials,
 )
-from sysbake.registry_cache import stage_records
-from sysbake.registry_client import Reference, is_loopback
+from sysbake.registry.client import Reference, is_loopback
+from sysbake.registry.seed import stage_records
+from sysbake.registry.transfer import host_platform, select_platform
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64
@@ -74,7 +74,7 @@ def test_reference_parse_rejects(text: str, message: str) -> None:
 
 
 def test_local_name_of_a_digest_reference_is_a_valid_store_tag() -> None:
-    from sysbake.store import normalize_ref
+    from sysbake.oci.store import normalize_ref
 
     ref = Reference.parse(f"reg.example:5000/web@{D1}")
     assert ref.local_name() == f"reg.example:5000/web:sha256-{'1' * 64}"

@@ -9,10 +9,12 @@ from typing import Any
 
 import pytest
 
-from sysbake import bundle, checks, overlay, runtime
-from sysbake.bundle import BindMount, BundleSpec, ProcessSpec
+from sysbake import imagetest as checks
 from sysbake.errors import RuntimeFailure
 from sysbake.rootfs import Root
+from sysbake.runtime import bundle, overlay
+from sysbake.runtime import containers as runtime
+from sysbake.runtime.bundle import BindMount, BundleSpec, ProcessSpec
 
 SYSTEMD_IMAGE: dict[str, Any] = {"config": {"Cmd": ["/lib/systemd/systemd"],
                                             "StopSignal": "SIGRTMIN+3",

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from sysbake import salt, salt_toolchain
+from sysbake.build.salt import run as salt
+from sysbake.build.salt import toolchain as salt_toolchain
+from sysbake.build.salt.run import SaltRun, Toolchain
 from sysbake.errors import BuildError
 from sysbake.records import replace
 from sysbake.rootfs import ImageTreeError, Root
-from sysbake.salt import SaltRun, Toolchain
 
 DATA = Path(__file__).parent / "data" / "salt"
 
@@ -143,7 +144,7 @@ def test_toolchain_key_is_known_before_building() -> None:
 
 
 def test_malformed_version_is_refused_before_any_work(tmp_path: Path) -> None:
-    from sysbake.store import Store
+    from sysbake.oci.store import Store
 
     with pytest.raises(BuildError, match=r"salt_version '3007; rm -rf /': expected a Salt "):
         salt.ensure_toolchain(Store(tmp_path), "3007; rm -rf /")

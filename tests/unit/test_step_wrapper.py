@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sysbake import provision
-from sysbake.provision import CONF_DIR, StepPlan
+from sysbake.build import steps as provision
+from sysbake.build.steps import CONF_DIR, StepPlan
 
 
 def _run(tmp_path: Path, plan: StepPlan, systemctl: str = "echo running",

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from sysbake import oci
 from sysbake.errors import ImageNotFound, StoreError
-from sysbake.oci import Layer
-from sysbake.store import Store, normalize_ref
+from sysbake.oci import model as oci
+from sysbake.oci.model import Layer
+from sysbake.oci.store import Store, normalize_ref
 
 
 def _image(store: Store, payload: bytes = b"layer"):
@@ -112,7 +112,7 @@ def test_clean_stale_removes_what_killed_writers_left(tmp_path: Path) -> None:
     live = store.blob_writer()
     live.write(b"in progress")
     # A writer in another process that dies with kill -9 leaves its temp file behind.
-    code = (f"import os,sys; sys.path[:0]={sys.path!r}; from sysbake.store import Store; "
+    code = (f"import os,sys; sys.path[:0]={sys.path!r}; from sysbake.oci.store import Store; "
             f"w=Store(__import__('pathlib').Path({str(tmp_path)!r})).blob_writer(); w.write(b'x'); "
             "os.kill(os.getpid(), 9)")
     subprocess.run([sys.executable, "-c", code], check=False)

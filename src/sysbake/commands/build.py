@@ -38,8 +38,8 @@ def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -
 
 
 def run_build(ctx: Any, args: argparse.Namespace) -> int:
-    from sysbake.build import BuildOptions, StageResult, build_project
-    from sysbake.config import load_project
+    from sysbake.build.pipeline import BuildOptions, StageResult, build_project
+    from sysbake.project.load import load_project
 
     project = load_project(args.path)
     store = ctx.store()
@@ -60,7 +60,7 @@ def run_build(ctx: Any, args: argparse.Namespace) -> int:
     failed = 0
     reports = []
     if args.test:
-        from sysbake.checks import test_image
+        from sysbake.imagetest import test_image
 
         for result in results:
             test_report = test_image(store, result.ref, project.image(result.name))
@@ -86,7 +86,7 @@ def _cache_sources(store: Any, args: argparse.Namespace) -> tuple[Any, ...]:
         return ()
     from sysbake.commands.registry import connect_options
     from sysbake.errors import Interrupted, SysbakeError
-    from sysbake.registry import Reference, cache_source
+    from sysbake.registry.transfer import Reference, cache_source
 
     sources = [Reference.parse(text) for text in args.cache_from]  # a typo is an error
     store.ensure()

@@ -13,10 +13,10 @@ from sysbake import log
 from sysbake.commands import lazy_module
 
 if TYPE_CHECKING:
-    from sysbake import hostint
+    from sysbake import engines as hostint
     from sysbake.cli import Context
 else:
-    hostint = lazy_module("sysbake.hostint")
+    hostint = lazy_module("sysbake.engines")
 
 
 

@@ -146,7 +146,7 @@ def cmd_rmi(ctx: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_export(ctx: Any, args: argparse.Namespace) -> int:
-    from sysbake.export import export_image
+    from sysbake.oci.export import export_image
 
     dest = export_image(ctx.store(), args.image, args.format, args.output, args.compression,
                         name=args.name)
@@ -156,7 +156,7 @@ def cmd_export(ctx: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_cache_ls(ctx: Any, args: argparse.Namespace) -> int:
-    from sysbake.cache import StageCache
+    from sysbake.build.cache import StageCache
 
     records = StageCache(ctx.store()).records()
     if ctx.json:
@@ -171,7 +171,7 @@ def cmd_cache_ls(ctx: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_cache_prune(ctx: Any, args: argparse.Namespace) -> int:
-    from sysbake.cache import StageCache
+    from sysbake.build.cache import StageCache
 
     store = ctx.store()
     dropped, blobs, freed = StageCache(store).prune(all_records=args.all)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from sysbake.commands import lazy_module
 from sysbake.errors import ConfigError
 
-config = lazy_module("sysbake.config")  # not on the start-up path of other commands
+config = lazy_module("sysbake.project.load")  # not on the start-up path of other commands
 
 if TYPE_CHECKING:
     from sysbake.cli import Context

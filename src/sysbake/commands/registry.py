@@ -106,8 +106,8 @@ def _ask(prompt: str, *, secret: bool) -> str:
 
 def connect_options(args: argparse.Namespace) -> Any:
     """The ConnectOptions of the options `connection_options` added."""
-    from sysbake.registry import ConnectOptions
-    from sysbake.registry_auth import Credentials, parse_creds
+    from sysbake.registry.auth import Credentials, parse_creds
+    from sysbake.registry.transfer import ConnectOptions
 
     creds = None
     if getattr(args, "creds", None):
@@ -120,7 +120,7 @@ def connect_options(args: argparse.Namespace) -> Any:
 
 
 def _limits(args: argparse.Namespace) -> Any:
-    from sysbake.registry import Limits
+    from sysbake.registry.transfer import Limits
 
     limits = Limits.from_env()
     if args.min_rate is not None:
@@ -133,7 +133,7 @@ def _limits(args: argparse.Namespace) -> Any:
 
 
 def _tls(args: argparse.Namespace) -> Any:
-    from sysbake.registry import TlsOptions
+    from sysbake.registry.transfer import TlsOptions
 
     return TlsOptions(verify=args.tls_verify, cert_dir=args.cert_dir)
 
@@ -157,7 +157,7 @@ def _platform(text: str | None) -> tuple[str, str, str | None] | None:
 
 
 def cmd_push(ctx: Any, args: argparse.Namespace) -> int:
-    from sysbake.registry import Reference, push
+    from sysbake.registry.transfer import Reference, push
 
     dest = Reference.parse(args.dest) if args.dest else None
     result = push(ctx.store(), args.image, dest, connect_options(args))
@@ -165,7 +165,7 @@ def cmd_push(ctx: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_pull(ctx: Any, args: argparse.Namespace) -> int:
-    from sysbake.registry import Reference, pull
+    from sysbake.registry.transfer import Reference, pull
 
     source = Reference.parse(args.ref)
     result = pull(ctx.store(), source, connect_options(args), tag=args.tag,
@@ -174,8 +174,8 @@ def cmd_pull(ctx: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_login(ctx: Any, args: argparse.Namespace) -> int:
-    from sysbake.registry_auth import Credentials, default_auth_file, save_credentials
-    from sysbake.registry_client import Session
+    from sysbake.registry.auth import Credentials, default_auth_file, save_credentials
+    from sysbake.registry.client import Session
 
     registry = _registry_arg(args.registry)
     user = args.username or _ask("Username: ", secret=False)
@@ -193,7 +193,7 @@ def cmd_login(ctx: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_logout(ctx: Any, args: argparse.Namespace) -> int:
-    from sysbake.registry_auth import default_auth_file, remove_credentials
+    from sysbake.registry.auth import default_auth_file, remove_credentials
 
     if bool(args.registry) == bool(args.all):
         raise SysbakeError("logout: give a registry HOST[:PORT] or --all")
@@ -206,7 +206,7 @@ def cmd_logout(ctx: Any, args: argparse.Namespace) -> int:
 
 
 def _registry_arg(text: str) -> str:
-    from sysbake.registry_auth import normalize_key
+    from sysbake.registry.auth import normalize_key
 
     registry = normalize_key(text).lower()
     if not registry or "/" in registry:

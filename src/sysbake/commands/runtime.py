@@ -14,12 +14,15 @@ from sysbake import log
 from sysbake.commands import lazy_module
 
 if TYPE_CHECKING:
-    from sysbake import bundle, checks, inside, rootfs
-    from sysbake import runtime as rt
+    from sysbake import imagetest as checks
+    from sysbake import rootfs
     from sysbake.cli import Context
+    from sysbake.runtime import bundle, inside
+    from sysbake.runtime import containers as rt
 else:
     bundle, checks, inside, rootfs, rt = (
-        lazy_module(f"sysbake.{m}") for m in ("bundle", "checks", "inside", "rootfs", "runtime"))
+        lazy_module(f"sysbake.{m}") for m in (
+            "runtime.bundle", "imagetest", "runtime.inside", "rootfs", "runtime.containers"))
 from sysbake.errors import ConfigError, RuntimeFailure
 
 
@@ -216,7 +219,7 @@ def _ps(ctx: Context, args: argparse.Namespace) -> int:
     (status "reaped (orphaned: owner pid N gone)"), or left with the reason."""
     import datetime  # here, not at the top: only ps pays for it (start-up cost)
 
-    from sysbake import owners
+    from sysbake.runtime import owners
 
     containers_dir = ctx.store_path / "containers"
     left = {o.name: o for o in ctx.reaped if o.error}
@@ -296,7 +299,7 @@ def _test_spec(args: argparse.Namespace) -> tuple[str, Any]:
         if not (Path.cwd() / "sysbake.toml").is_file():
             return args.image, None
         path = Path.cwd()
-    from sysbake.config import load_project
+    from sysbake.project.load import load_project
 
     project = load_project(path)
     try:

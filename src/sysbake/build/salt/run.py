@@ -1,10 +1,11 @@
 """Salt inside images without a trace: what a provision runner needs to run `salt-call`.
 
 Salt never comes from the image (a minbase image has no Python at all): it runs from a
-toolchain (sysbake.salt_toolchain) bind-mounted read-only at /run/sysbake/salt and started with
-the toolchain's own dynamic loader, so neither the image's libc nor its Python matter and no
-LD_LIBRARY_PATH reaches the commands Salt runs. Config, cache, keys, logs and temp files all
-live under /run/sysbake: nothing of Salt lands in a layer unless `install_salt` copies it in.
+toolchain (sysbake.build.salt.toolchain) bind-mounted read-only at /run/sysbake/salt and
+started with the toolchain's own dynamic loader, so neither the image's libc nor its Python
+matter and no LD_LIBRARY_PATH reaches the commands Salt runs. Config, cache, keys, logs and
+temp files all live under /run/sysbake: nothing of Salt lands in a layer unless
+`install_salt` copies it in.
 
 A runner does, inside the step's container or chroot:
 1. /run is a tmpfs (it is in our containers; in chroot mode, mount one on <root>/run);
@@ -30,12 +31,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from sysbake import cache, log
-from sysbake.config_specs import read_input
-from sysbake.errors import BuildError
-from sysbake.records import record
-from sysbake.rootfs import Root
-from sysbake.salt_toolchain import (
+from sysbake import log
+from sysbake.build import cache
+from sysbake.build.salt.toolchain import (
     DEFAULT_SALT_VERSION,
     Toolchain,
     boot_code,
@@ -43,6 +41,10 @@ from sysbake.salt_toolchain import (
     loader_path,
     toolchain_key,
 )
+from sysbake.errors import BuildError
+from sysbake.project.specs import read_input
+from sysbake.records import record
+from sysbake.rootfs import Root
 
 __all__ = [
     "CONF_DIR", "DEFAULT_SALT_VERSION", "KEEP_DIR", "KEEP_WRAPPER", "PROJECT_PILLAR_ENV",

@@ -5,9 +5,9 @@ Layout under the store root::
     oci/                OCI image layout (oci-layout, index.json, blobs/sha256/<hex>)
     trees/<hex>/        a layer unpacked as an overlayfs lowerdir, keyed by its diff ID
     checked/<hex>       an empty file: the layer with this diff ID passed the layer check
-    cache/              stage records (see sysbake.cache)
+    cache/              stage records (see sysbake.build.cache)
     debs/               the persistent .deb cache shared by bootstraps
-    containers/<name>/  state of containers (see sysbake.runtime)
+    containers/<name>/  state of containers (see sysbake.runtime.containers)
     tmp/                staging; an entry whose owner died is removed by `clean_stale`
 
 Every write is atomic (temp file + fsync + rename) and idempotent: writing a blob that
@@ -17,7 +17,7 @@ The store is closed: its top directory is 0700 (made so, and tightened whenever 
 opens it), so the setuid files and device nodes of unpacked layers, containers' merged
 views and staging trees are out of other users' reach, wherever they sit below it.
 
-Layers are checked once per diff ID (`check_layer`: the EntryCheck of sysbake.layers,
+Layers are checked once per diff ID (`check_layer`: the EntryCheck of sysbake.oci.layers.archive,
 plus the diff ID) before anything reads them as a tree or tar: pull, export and run.
 A layer counts as checked when its marker checked/<hex> exists: written atomically once
 `check_layer` or an extraction (`layer_tree`: the same EntryCheck, and the diff ID) passed,
@@ -36,13 +36,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
-from sysbake import oci
 from sysbake.errors import CommandError, ImageNotFound, LayerError, StoreError
 from sysbake.fsutil import atomic_write, fsync_dir, raise_disk, remove_tree
-from sysbake.oci import Descriptor, Image, Layer
+from sysbake.oci import model as oci
+from sysbake.oci.model import Descriptor, Image, Layer
 
-if TYPE_CHECKING:  # sysbake.compress costs start-up time that `run` need not pay
-    from sysbake.compress import Readable
+if TYPE_CHECKING:  # sysbake.oci.compress costs start-up time that `run` need not pay
+    from sysbake.oci.compress import Readable
 
 _NAME_RE = re.compile(
     r"^(?:[a-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-]+[a-z0-9]+)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*$"
@@ -396,7 +396,7 @@ class Store:
         final = self.tree_path(layer.diff_id)
         if final.exists():
             return final
-        from sysbake import layers
+        from sysbake.oci.layers import archive as layers
 
         with self.staging("unpack") as staging:
             target = staging / "tree"
@@ -413,11 +413,11 @@ class Store:
 
     def check_layer(self, layer: Layer) -> None:
         """Refuse `layer` (LayerError naming its blob and the entry) unless it is a tar that
-        sysbake.layers.validate_layer accepts and whose content is its diff ID; the check
-        runs once per diff ID (see the module docstring)."""
+        sysbake.oci.layers.archive.validate_layer accepts and whose content is its diff ID;
+        the check runs once per diff ID (see the module docstring)."""
         if (self.checked_dir / oci.hex_of(layer.diff_id)).exists():
             return
-        from sysbake import layers
+        from sysbake.oci.layers import archive as layers
 
         with self._layer_error(layer), self._plain_layer(layer) as plain:
             layers.validate_layer(plain, f"layer {layer.blob.digest}", diff_id=layer.diff_id)
@@ -436,7 +436,7 @@ class Store:
 
     @contextlib.contextmanager
     def _plain_layer(self, layer: Layer) -> Iterator[Readable]:
-        from sysbake import compress
+        from sysbake.oci import compress
 
         with self.open_blob(layer.blob.digest) as raw, \
                 compress.decompressor(layer.compression, raw) as plain:

@@ -1,7 +1,7 @@
 """Reading TOML tables strictly: unknown keys refused, types checked, values normalized.
 
-The building blocks of `sysbake.config`: a `Reader` per table, and checks that turn a raw value
-into a normalized one or raise `Invalid` (the reader adds the file and the dotted key).
+The building blocks of `sysbake.project.load`: a `Reader` per table, and checks that turn a
+raw value into a normalized one or raise `Invalid` (the reader adds the file and the dotted key).
 """
 
 from __future__ import annotations

@@ -29,10 +29,11 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sysbake import overlay, proc
+from sysbake import proc
 from sysbake.errors import RuntimeFailure
 from sysbake.fsutil import atomic_write
-from sysbake.runtime import MONITOR_LOCK
+from sysbake.runtime import overlay
+from sysbake.runtime.containers import MONITOR_LOCK
 
 _PR_SET_CHILD_SUBREAPER = 36
 _TIOCGPTPEER = 0x5441

@@ -16,12 +16,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sysbake import __version__, oci
+from sysbake import __version__
 from sysbake.errors import BuildError
 from sysbake.fsutil import atomic_write
-from sysbake.oci import Descriptor, Layer
+from sysbake.oci import model as oci
+from sysbake.oci.model import Descriptor, Layer
+from sysbake.oci.store import Store
 from sysbake.records import record
-from sysbake.store import Store
 
 KEY_SCHEMA = 1  # bump when the meaning of an input changes
 

@@ -22,17 +22,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sysbake import finalize, log, overlay, owners, proc, runtime
-from sysbake.bundle import BindMount
-from sysbake.cache import StageCache, hash_tree
-from sysbake.commit import commit_tree
+from sysbake import log, proc
+from sysbake.build import finalize
+from sysbake.build.cache import StageCache, hash_tree
 from sysbake.errors import BuildError, CommandError, SysbakeError
 from sysbake.fsutil import raise_if_no_space
-from sysbake.layers_tar import is_opaque, read_xattrs
-from sysbake.oci import Layer
+from sysbake.oci.layers.commit import commit_tree
+from sysbake.oci.layers.tar import is_opaque, read_xattrs
+from sysbake.oci.model import Layer
+from sysbake.oci.store import Store
 from sysbake.records import field, record
 from sysbake.rootfs import Root
-from sysbake.store import Store
+from sysbake.runtime import containers as runtime
+from sysbake.runtime import overlay, owners
+from sysbake.runtime.bundle import BindMount
 
 RUN_DIR = "/run/sysbake"
 CONF_DIR = f"{RUN_DIR}/conf"
@@ -58,7 +61,7 @@ class StepPlan:
 def run_step(spec: Any, index: int, step: Any, cleanup: finalize.Cleanup, project: Any,
              store: Store, cache: StageCache, state: Any, options: Any, report: Any,
              run_stage: Callable[..., Any]) -> None:
-    """Run provision step `step` of image `spec` as a cached stage (see sysbake.build)."""
+    """Run provision step `step` of image `spec` as a cached stage (see sysbake.build.pipeline)."""
     where = f"{spec.name}: {step.name}"
     plan_inputs, make_plan = _prepare(step, store, where)
     inputs = {
@@ -93,7 +96,7 @@ def run_step(spec: Any, index: int, step: Any, cleanup: finalize.Cleanup, projec
             with _mounted(lowerdirs, upper, work, staging / "root") as top, Root(top) as root:
                 finalize.clean_tree(root, cleanup)
                 if plan.keep_salt is not None:
-                    from sysbake import salt
+                    from sysbake.build.salt import run as salt
 
                     salt.install_salt(plan.keep_salt, root)
             # Unmounted: copy-ups equal to what the parent has (Salt's included) go.
@@ -134,7 +137,8 @@ def _prepare(step: Any, store: Store, where: str) -> tuple[dict[str, Any], Calla
                             judge=lambda rc, out, err: _judge_script(rc, out, err, where))
 
         return {}, script_plan
-    from sysbake import salt, salt_toolchain
+    from sysbake.build.salt import run as salt
+    from sysbake.build.salt import toolchain as salt_toolchain
 
     def salt_plan() -> StepPlan:
         # Built (once per Salt version) only when the step really runs: a cache hit needs
@@ -187,7 +191,7 @@ def _judge_script(rc: int, out: bytes, err: bytes, where: str) -> None:
 
 
 def _judge_salt(rc: int, out: bytes, err: bytes, where: str) -> None:
-    from sysbake import salt
+    from sysbake.build.salt import run as salt
 
     result = salt.parse_result(out, rc, err)
     if result.ok:
@@ -361,7 +365,7 @@ def _wrapper(plan: StepPlan) -> tuple[str, ...]:
     step gets a session of its own (setsid) and PID 1 execs systemd only once the step
     runs in it (a rendezvous on the step.started FIFO); the subshell that reports the
     step's exit code traps the hang-up."""
-    from sysbake.salt_toolchain import BOOT_FAILED
+    from sysbake.build.salt.toolchain import BOOT_FAILED
 
     step = "exec " + shlex.join(["/usr/bin/env", "-i",
                                  *[f"{k}={v}" for k, v in plan.env.items()], *plan.command])
@@ -392,7 +396,7 @@ def _booted(plan: StepPlan, store: Store, lowerdirs: list[Path], config: dict[st
     """A container of the image booting with systemd, the plan's files and mounts in
     place and its step started (see _wrapper). Stopped and removed afterwards unless the
     body named it in _KEEP (--keep-failed); if sysbake is killed, the next command
-    removes it (its owner lock: sysbake.owners)."""
+    removes it (its owner lock: sysbake.runtime.owners)."""
     conf = staging / "conf"
     conf.mkdir()
     _write_files(plan.files, conf)
@@ -435,7 +439,7 @@ def _check_boot(state: str, where: str) -> None:
 def _step_result(booted: _Booted, where: str) -> tuple[int, bytes, bytes]:
     """The step's exit code, stdout and stderr, once it has ended (meanwhile, every
     0.5 s, a check that systemd still runs)."""
-    from sysbake.salt_toolchain import BOOT_FAILED
+    from sysbake.build.salt.toolchain import BOOT_FAILED
 
     waiter = select.poll()
     waiter.register(booted.done, select.POLLIN)
@@ -487,8 +491,8 @@ def _run_booted(plan: StepPlan, store: Store, lowerdirs: list[Path],
 def idempotence_checks(store: Store, spec: Any, ref: str) -> list[Any]:
     """Re-apply each Salt step of image `spec` on a booted container of `ref`; a step
     passes when Salt succeeds and reports no changes (sysbake test's idempotence check)."""
-    from sysbake import salt
-    from sysbake.checks import CheckResult
+    from sysbake.build.salt import run as salt
+    from sysbake.imagetest import CheckResult
 
     image = store.resolve(ref)
     lowerdirs = [store.layer_tree(layer) for layer in image.layers]

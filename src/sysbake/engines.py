@@ -373,7 +373,7 @@ def load_archive(engine: Engine, archive: Path, host: str | None = None) -> tupl
 def _exported(store: Any, ref: str) -> Iterator[Path]:
     # A file rather than a pipe: proc.run feeds stdin from memory only, and the engine
     # then reads the archive at its own pace.
-    from sysbake.export import export_docker_archive
+    from sysbake.oci.export import export_docker_archive
 
     store.resolve(ref)  # an unknown image fails before anything is written
     with store.staging("load") as tmp:

@@ -24,10 +24,10 @@ import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from sysbake.compress import CHUNK, Readable, Writable
 from sysbake.errors import LayerError
-from sysbake.layers_apply import Extractor, Flattener, LayerOpener
-from sysbake.layers_tar import (
+from sysbake.oci.compress import CHUNK, Readable, Writable
+from sysbake.oci.layers.apply import Extractor, Flattener, LayerOpener
+from sysbake.oci.layers.tar import (
     OVERLAY_XATTRS,
     STANDARD_DEVICES,
     WH_OPAQUE,

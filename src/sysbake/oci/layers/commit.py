@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sysbake import compress, layers, oci
-from sysbake.oci import Layer
-from sysbake.store import Store
+from sysbake.oci import compress
+from sysbake.oci import model as oci
+from sysbake.oci.layers import archive as layers
+from sysbake.oci.model import Layer
+from sysbake.oci.store import Store
 
 # Store layers favour build speed: gzip -1 costs a third of gzip -6's time for ~10% more
 # bytes (measured on a bookworm base; see BENCHMARKS.md). Exports keep these bytes.

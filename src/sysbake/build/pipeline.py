@@ -14,14 +14,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sysbake import bootstrap, finalize, log, oci
-from sysbake.cache import StageCache, StageRecord, explain, hash_tree, stage_key
-from sysbake.commit import commit_tree, source_date_epoch
+from sysbake import log
+from sysbake.build import bootstrap, finalize
+from sysbake.build.cache import StageCache, StageRecord, explain, hash_tree, stage_key
 from sysbake.errors import BuildError
-from sysbake.oci import Image, Layer
+from sysbake.oci import model as oci
+from sysbake.oci.layers.commit import commit_tree, source_date_epoch
+from sysbake.oci.model import Image, Layer
+from sysbake.oci.store import Store
 from sysbake.records import field, record, replace
 from sysbake.rootfs import Root
-from sysbake.store import Store
 
 
 @record
@@ -255,7 +257,9 @@ def _cleanup_inputs(cleanup: finalize.Cleanup) -> dict[str, Any]:
 def _provision_stage(spec: Any, index: int, step: Any, cleanup: finalize.Cleanup,
                      project: Any, store: Store, cache: StageCache, state: _ImageBuild,
                      options: BuildOptions, report: Reporter) -> None:
-    from sysbake import provision  # imported on demand: the no-step fast path stays lean
+    from sysbake.build import (
+        steps as provision,  # imported on demand: the no-step fast path stays lean
+    )
 
     provision.run_step(spec, index, step, cleanup, project, store, cache, state, options,
                        report, run_stage)

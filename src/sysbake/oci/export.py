@@ -32,14 +32,17 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-from sysbake import compress, layers, log, oci, proc
-from sysbake.commit import source_date_epoch
-from sysbake.compress import Readable
+from sysbake import log, proc
 from sysbake.errors import CommandError, StoreError, SysbakeError
 from sysbake.fsutil import remove_tree
-from sysbake.oci import Descriptor, Image, Layer
+from sysbake.oci import compress
+from sysbake.oci import model as oci
+from sysbake.oci.compress import Readable
+from sysbake.oci.layers import archive as layers
+from sysbake.oci.layers.commit import source_date_epoch
+from sysbake.oci.model import Descriptor, Image, Layer
+from sysbake.oci.store import Store, normalize_ref
 from sysbake.records import record
-from sysbake.store import Store, normalize_ref
 
 FORMATS = ("oci", "oci-archive", "docker-archive", "rootfs")
 ROOTFS_COMPRESSIONS = ("none", "gzip", "zstd", "xz")

@@ -13,9 +13,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from sysbake import config_reader as check
-from sysbake.config_reader import Reader, Source, display_path, got, join_key, rel_path
-from sysbake.config_specs import (
+from sysbake.errors import ConfigError
+from sysbake.project import reader as check
+from sysbake.project.reader import Reader, Source, display_path, got, join_key, rel_path
+from sysbake.project.specs import (
     DEFAULT_CMD,
     DEFAULT_STOP_SIGNAL,
     BootstrapSpec,
@@ -30,7 +31,6 @@ from sysbake.config_specs import (
     Step,
     TestSpec,
 )
-from sysbake.errors import ConfigError
 
 __all__ = [
     "DEFAULT_CMD", "DEFAULT_STOP_SIGNAL", "PROJECT_FILE", "BootstrapSpec", "FilesStep",

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sysbake.config_reader import Pairs, did_you_mean, display_path, escaping_link, rel_path
 from sysbake.errors import ConfigError
+from sysbake.project.reader import Pairs, did_you_mean, display_path, escaping_link, rel_path
 from sysbake.records import field, fields, is_record, record
 
 DEFAULT_CMD = ("/lib/systemd/systemd",)

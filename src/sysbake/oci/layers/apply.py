@@ -1,6 +1,6 @@
 """Applying layers: onto a directory (extraction) or onto a stream (flattening).
 
-Helpers of sysbake.layers; the contracts are documented there.
+Helpers of sysbake.oci.layers.archive; the contracts are documented there.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from sysbake.compress import CHUNK, Readable
 from sysbake.errors import LayerError
-from sysbake.layers_tar import (
+from sysbake.oci.compress import CHUNK, Readable
+from sysbake.oci.layers.tar import (
     OPAQUE_XATTR,
     WH_META,
     WH_OPAQUE,

@@ -28,9 +28,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from sysbake import log, oci
+from sysbake import log
+from sysbake.oci import model as oci
 from sysbake.records import field, record
-from sysbake.registry_auth import (
+from sysbake.registry.auth import (
     Challenge,
     Credentials,
     RegistryError,

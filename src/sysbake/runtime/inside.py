@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from sysbake import log, proc
 from sysbake.errors import CommandError, RuntimeFailure
-from sysbake.runtime import Container, console_tail, exit_code, status
+from sysbake.runtime.containers import Container, console_tail, exit_code, status
 
 
 def exec_argv(container: Container, command: Sequence[str], *, tty: bool = False,

@@ -17,10 +17,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sysbake.cache import Origin, StageRecord
+from sysbake.build.cache import Origin, StageRecord
 from sysbake.fsutil import atomic_write
-from sysbake.oci import Image
-from sysbake.store import Store
+from sysbake.oci.model import Image
+from sysbake.oci.store import Store
 
 STAGE_LABEL = "io.sysbake.stage."
 _COMMENT_RE = re.compile(r"^sysbake (\S+) ([0-9a-f]{16})$")

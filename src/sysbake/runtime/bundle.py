@@ -1,6 +1,6 @@
 """OCI runtime bundles for systemd containers: config.json as a pure function of a spec.
 
-Nothing here touches the file system; `sysbake.runtime` mounts the rootfs, writes the
+Nothing here touches the file system; `sysbake.runtime.containers` mounts the rootfs, writes the
 files and drives the runtime.
 """
 

@@ -28,14 +28,16 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from sysbake import compress, log, oci
-from sysbake.cache import Origin, StageRecord
+from sysbake import log
+from sysbake.build.cache import Origin, StageRecord
 from sysbake.errors import StoreError
-from sysbake.oci import Descriptor, Image
+from sysbake.oci import compress
+from sysbake.oci import model as oci
+from sysbake.oci.model import Descriptor, Image
+from sysbake.oci.store import Store, normalize_ref
 from sysbake.records import field, record
-from sysbake.registry_auth import Credentials, RegistryError, auth_files, lookup_credentials
-from sysbake.registry_cache import blob_repositories, remember_blobs, stage_records
-from sysbake.registry_client import (
+from sysbake.registry.auth import Credentials, RegistryError, auth_files, lookup_credentials
+from sysbake.registry.client import (
     Limits,
     RateWindow,
     Reference,
@@ -43,7 +45,7 @@ from sysbake.registry_client import (
     SlowTransfer,
     TlsOptions,
 )
-from sysbake.store import Store, normalize_ref
+from sysbake.registry.seed import blob_repositories, remember_blobs, stage_records
 
 __all__ = ["ConnectOptions", "Limits", "PullResult", "PushResult", "Reference", "RegistryError",
            "TlsOptions", "cache_source", "connect", "host_platform", "pull", "push",

@@ -10,18 +10,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from sysbake import inside, log
-from sysbake import runtime as rt
+from sysbake import log
 from sysbake.errors import RuntimeFailure, SysbakeError
-from sysbake.owners import OwnerLock
 from sysbake.records import field, record, replace
+from sysbake.runtime import containers as rt
+from sysbake.runtime import inside
+from sysbake.runtime.owners import OwnerLock
 
 _STOP_TIMEOUT = 30.0
 _PORT_WAIT = 15.0  # services of a `running` system may still be binding their sockets
 
 
 class TestSpecLike(Protocol):
-    """What the harness needs of a [test] section (sysbake.config.TestSpec fits)."""
+    """What the harness needs of a [test] section (sysbake.project.load.TestSpec fits)."""
 
     @property
     def timeout(self) -> float: ...
@@ -257,7 +258,7 @@ def run_test(store: Any, image_ref: str, spec: TestSpecLike | None = None, *,
     options = rt.RunOptions(name=name, runtime=runtime)
     log.info(f"==> testing {image_ref} in container {name}")
     # Owned by this process until removed (or kept): if it is killed, even with SIGKILL,
-    # the next sysbake command removes the container (sysbake.owners).
+    # the next sysbake command removes the container (sysbake.runtime.owners).
     with OwnerLock(store.containers_dir, name) as owner:
         try:
             container = rt.run_image(store, image_ref, options, require_init=True,
@@ -279,7 +280,7 @@ def test_image(store: Any, ref: str, image_spec: Any, *, timeout: float | None =
     salt_steps = [s for s in image_spec.provision if s.type in ("salt", "project")]
     if not (image_spec.test.idempotence and salt_steps and report.passed):
         return report
-    from sysbake.provision import idempotence_checks
+    from sysbake.build.steps import idempotence_checks
 
     try:
         extra = tuple(idempotence_checks(store, image_spec, ref))

@@ -1,6 +1,6 @@
 """The tar format of layers: canonical PAX headers out, tarfile's stream reader in.
 
-Helpers of sysbake.layers; see there for the format's rules.
+Helpers of sysbake.oci.layers.archive; see there for the format's rules.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import tarfile
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from sysbake.compress import CHUNK, Readable, Writable, file_descriptor
 from sysbake.errors import LayerError
+from sysbake.oci.compress import CHUNK, Readable, Writable, file_descriptor
 
 WH_PREFIX = ".wh."
 WH_META = ".wh..wh."

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sysbake import __version__
-from sysbake.config_specs import FinalizeSpec
+from sysbake.project.specs import FinalizeSpec
 from sysbake.records import record
 from sysbake.rootfs import Root
 

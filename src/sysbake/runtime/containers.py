@@ -1,11 +1,11 @@
 """Containers without a daemon: an overlay rootfs over the image's layer trees, an OCI
-bundle (sysbake.bundle), runc or crun started detached under sysbake's monitor.
+bundle (sysbake.runtime.bundle), runc or crun started detached under sysbake's monitor.
 
 A container lives in `<store>/containers/<name>/`; its state survives the sysbake
 process that started it, so any later `ps`, `stop` or `rm` manages it. Every failure
 while creating a container leaves no mount, runtime state or process behind. A container
 made for the life of one process (a build step's, `sysbake test`'s) has an owner lock
-(sysbake.owners): once that process is gone, `reap_orphans` removes it.
+(sysbake.runtime.owners): once that process is gone, `reap_orphans` removes it.
 """
 
 from __future__ import annotations
@@ -22,14 +22,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sysbake import bundle, log, oci, overlay, owners, proc
-from sysbake.bundle import BindMount, BundleSpec
+from sysbake import log, proc
 from sysbake.errors import RuntimeFailure, SysbakeError
 from sysbake.fsutil import atomic_write, remove_tree
+from sysbake.oci import model as oci
 from sysbake.rootfs import Root
+from sysbake.runtime import bundle, overlay, owners
+from sysbake.runtime.bundle import BindMount, BundleSpec
 
 if TYPE_CHECKING:
-    from sysbake import monitor
+    from sysbake.runtime import monitor
 
 STATE_ROOT = Path("/run/sysbake")
 MONITOR_LOCK = "monitor.lock"
@@ -362,7 +364,7 @@ def _short_hash(text: str, length: int) -> str:
 def _prepare_monitor(cdir: Path, runtime: str, runtime_name: str,
                      runtime_id: str) -> monitor.Launch:
     """The container's monitor, forked now to get ready while the bundle is written."""
-    from sysbake import monitor  # forks a keeper: only `run` needs it, not stop/exec/ps
+    from sysbake.runtime import monitor  # forks a keeper: only `run` needs it, not stop/exec/ps
 
     # A short console socket path: unix socket paths are limited to 107 bytes.
     socket = STATE_ROOT / "console" / f"{_short_hash(runtime_id, 16)}.sock"
@@ -640,7 +642,7 @@ def remove(container: Container, *, force: bool = False) -> None:
 
 
 def reap_orphans(containers_dir: Path) -> list[owners.Orphan]:
-    """Remove every container whose owning process is gone (see sysbake.owners): PID 1
+    """Remove every container whose owning process is gone (see sysbake.runtime.owners): PID 1
     killed, runtime state deleted, rootfs unmounted, directory removed. What was found,
     each with the error that kept it, if any. Idempotent."""
     found = []
@@ -671,7 +673,7 @@ def reap_orphans(containers_dir: Path) -> list[owners.Orphan]:
 
 def run_image(store: Any, ref: str, options: RunOptions, *, require_init: bool = False,
               owner: owners.OwnerLock | None = None) -> Container:
-    """Resolve `ref` in `store` (a sysbake.store.Store) and start a container of it;
+    """Resolve `ref` in `store` (a sysbake.oci.store.Store) and start a container of it;
     `owner`, the container's owner lock, is taken before it is made."""
     image = store.resolve(ref)
     if not image.layers:

@@ -5,7 +5,7 @@ mmdebstrap of the host's suite (python3 + compilers), then pip *inside* it (chro
 environment, no index) from a wheelhouse the host's own pip downloaded (its index, proxy and
 CA settings), then the compilers removed. Its Python is always started with its own dynamic
 loader and libraries (`Toolchain.argv`), so it runs inside any image, wherever it is mounted.
-See sysbake.salt for how a step uses it.
+See sysbake.build.salt.run for how a step uses it.
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from sysbake import bootstrap, log, oci, proc
+from sysbake import log, proc
+from sysbake.build import bootstrap
 from sysbake.errors import BuildError, CommandError
 from sysbake.fsutil import atomic_write, remove_tree
+from sysbake.oci import model as oci
+from sysbake.oci.store import Store
 from sysbake.records import record
 from sysbake.rootfs import Root
-from sysbake.store import Store
 
 DEFAULT_SALT_VERSION = "3007.16"  # the newest 3007.x whose dependencies the index serves here
 RECIPE = 2  # bump when the way a toolchain is built changes: every toolchain is rebuilt

@@ -1,0 +1,1 @@
+"""The build pipeline: bootstrap, provision steps, finalize, the stage cache."""

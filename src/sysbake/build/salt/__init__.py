@@ -1,0 +1,1 @@
+"""Salt in build steps: its toolchain and its runs."""

@@ -1,0 +1,1 @@
+"""OCI images: the model, the content-addressed store, compression, layers, exports."""

@@ -1,0 +1,1 @@
+"""Layers as tar archives: writing, validating, extracting, flattening, commits."""

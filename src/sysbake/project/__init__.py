@@ -1,0 +1,1 @@
+"""The project file: reading it (reader), its specs, loading a project (load)."""

@@ -1,0 +1,1 @@
+"""Registries: the HTTP client, auth, push/pull, what a store learns from them."""

@@ -1,0 +1,1 @@
+"""Containers without a daemon: bundles, overlays, the monitor, owners, exec."""
