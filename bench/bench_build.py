@@ -4,7 +4,8 @@
    cache (goal <= 1.15). The sides alternate over --rounds rounds (the first side of a
    round changes each round); medians, with every sample printed.
 2. No-op rebuild (everything cached) vs `podman build` of an equivalent cached
-   Containerfile (goal <= 0.5).
+   Containerfile (goal <= 0.5). The no-op rebuild of the whole example against a two-step
+   Containerfile on top of it is bench_noop.py's.
 3. Peak memory (max RSS) of the sysbake build process (goal < 300 MB).
 
 Run as root: .venv/bin/python bench/bench_build.py [--rounds N]
@@ -21,8 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import EXAMPLE, WORK, median, podman_env, report, run, sysbake, timed
-from sysbake.build.bootstrap import mmdebstrap_command
-from sysbake.build.pipeline import bootstrap_plan
+from sysbake.build.bootstrap import mmdebstrap_command, plan_for
 from sysbake.project.load import load_project
 
 
@@ -41,7 +41,9 @@ def main() -> None:
     # Warm the .deb cache for both sides.
     sysbake(store, "build", "-t", "base", EXAMPLE)
 
-    plan = bootstrap_plan(load_project(EXAMPLE).image("base").bootstrap, EXAMPLE)
+    spec = load_project(EXAMPLE).image("base").bootstrap
+    assert spec is not None, "the example's base image bootstraps"
+    plan = plan_for(spec)
     target = WORK / "mmdebstrap-alone"
 
     def mmdebstrap_alone() -> None:
@@ -69,9 +71,13 @@ def main() -> None:
             else:
                 builds.append(timed(cold_build))
                 shutil.rmtree(cold, ignore_errors=True)
-    print("  cold build seconds per round: sysbake "
-          + ", ".join(f"{t:.1f}" for t in builds) + "; mmdebstrap alone "
-          + ", ".join(f"{t:.1f}" for t in anchors), flush=True)
+    print(
+        "  cold build seconds per round: sysbake "
+        + ", ".join(f"{t:.1f}" for t in builds)
+        + "; mmdebstrap alone "
+        + ", ".join(f"{t:.1f}" for t in anchors),
+        flush=True,
+    )
     report("cold base build", median(builds), median(anchors), "mmdebstrap alone", 1.15)
 
     # No-op rebuild vs a cached podman build of the same rootfs.
@@ -79,11 +85,21 @@ def main() -> None:
     ctx = WORK / "podman-ctx"
     shutil.rmtree(ctx, ignore_errors=True)
     ctx.mkdir()
-    sysbake(store, "export", "base", "--format", "rootfs", "--compression", "none",
-            "-o", ctx / "rootfs.tar")
+    sysbake(
+        store,
+        "export",
+        "base",
+        "--format",
+        "rootfs",
+        "--compression",
+        "none",
+        "-o",
+        ctx / "rootfs.tar",
+    )
     (ctx / "Containerfile").write_text(
-        'FROM scratch\nADD rootfs.tar /\nENV container=oci\nSTOPSIGNAL SIGRTMIN+3\n'
-        'CMD ["/lib/systemd/systemd"]\n')
+        "FROM scratch\nADD rootfs.tar /\nENV container=oci\nSTOPSIGNAL SIGRTMIN+3\n"
+        'CMD ["/lib/systemd/systemd"]\n'
+    )
 
     def podman_build() -> None:
         run([*podman, "build", "-q", "-t", "bench-base", str(ctx)], env=env)
@@ -95,13 +111,30 @@ def main() -> None:
     subprocess.run([*podman, "rmi", "-af"], env=env, capture_output=True, check=False)
 
     # Peak memory of the build process itself (its children are mmdebstrap, tar, ...).
-    code = ("import resource,sys; from sysbake.cli import main; "
-            "rc = main(sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
-            "sys.exit(rc)")
-    out = subprocess.run([sys.executable, "-c", code, "--store", str(store), "-q", "build",
-                          "--no-cache", "-t", "base", str(EXAMPLE)],
-                         capture_output=True, text=True, check=True)
+    code = (
+        "import resource,sys; from sysbake.cli import main; "
+        "rc = main(sys.argv[1:]); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
+        "sys.exit(rc)"
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--store",
+            str(store),
+            "-q",
+            "build",
+            "--no-cache",
+            "-t",
+            "base",
+            str(EXAMPLE),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     peak_mb = int(out.stderr.strip().splitlines()[-1]) / 1024
     print(f"peak memory of the build process: {peak_mb:.0f} MB (goal < 300 MB)", flush=True)
 

@@ -38,17 +38,40 @@ def main() -> None:
     out = WORK / "export"
     out.mkdir(exist_ok=True)
     tar = f"tar --numeric-owner --xattrs -C {tree} -cf - ."
-    gzip = "pigz -n" if subprocess.run(["which", "pigz"], capture_output=True).returncode == 0 \
+    gzip = (
+        "pigz -n"
+        if subprocess.run(["which", "pigz"], capture_output=True).returncode == 0
         else "gzip -n"
+    )
     cases = [
-        ("rootfs tar.zst", ["--format", "rootfs", "--compression", "zstd"], "rootfs.tar.zst",
-         f"{tar} | zstd -T0 -3 -q > {out}/anchor.zst", "tar | zstd -T0"),
-        ("rootfs tar.xz", ["--format", "rootfs", "--compression", "xz"], "rootfs.tar.xz",
-         f"{tar} | xz -T0 -6 > {out}/anchor.xz", "tar | xz -T0"),
-        ("docker-archive", ["--format", "docker-archive"], "docker.tar",
-         f"{tar} | {gzip} > {out}/anchor.gz", f"tar | {gzip.split()[0]}"),
-        ("oci-archive", ["--format", "oci-archive"], "oci.tar",
-         f"{tar} | {gzip} > {out}/anchor.gz", f"tar | {gzip.split()[0]}"),
+        (
+            "rootfs tar.zst",
+            ["--format", "rootfs", "--compression", "zstd"],
+            "rootfs.tar.zst",
+            f"{tar} | zstd -T0 -3 -q > {out}/anchor.zst",
+            "tar | zstd -T0",
+        ),
+        (
+            "rootfs tar.xz",
+            ["--format", "rootfs", "--compression", "xz"],
+            "rootfs.tar.xz",
+            f"{tar} | xz -T0 -6 > {out}/anchor.xz",
+            "tar | xz -T0",
+        ),
+        (
+            "docker-archive",
+            ["--format", "docker-archive"],
+            "docker.tar",
+            f"{tar} | {gzip} > {out}/anchor.gz",
+            f"tar | {gzip.split()[0]}",
+        ),
+        (
+            "oci-archive",
+            ["--format", "oci-archive"],
+            "oci.tar",
+            f"{tar} | {gzip} > {out}/anchor.gz",
+            f"tar | {gzip.split()[0]}",
+        ),
     ]
     shell(f"{tar} | cat > /dev/null")  # warm the page cache (tar skips reading for /dev/null)
     for name, args, dest, anchor_cmd, anchor_name in cases:
@@ -57,16 +80,22 @@ def main() -> None:
         rounds = 1 if name.endswith("xz") else 5
         anchors, ours = [], []
         for i in range(rounds):
-            run_anchor = lambda cmd=anchor_cmd: shell(cmd)  # type: ignore[misc]  # noqa: E731
-            run_ours = lambda a=args, d=dest: sysbake(  # type: ignore[misc]  # noqa: E731
-                store, "export", "base", *a, "-o", out / d)
+            run_anchor = lambda cmd=anchor_cmd: shell(cmd)  # noqa: E731
+            run_ours = lambda a=args, d=dest: sysbake(  # noqa: E731
+                store, "export", "base", *a, "-o", out / d
+            )
             for side in ("anchor", "ours") if i % 2 == 0 else ("ours", "anchor"):
                 if side == "anchor":
                     anchors.append(timed(run_anchor))
                 else:
                     ours.append(timed(run_ours))
-        print(f"  {name} seconds: sysbake " + ", ".join(f"{v:.2f}" for v in ours)
-              + f"; {anchor_name} " + ", ".join(f"{v:.2f}" for v in anchors), flush=True)
+        print(
+            f"  {name} seconds: sysbake "
+            + ", ".join(f"{v:.2f}" for v in ours)
+            + f"; {anchor_name} "
+            + ", ".join(f"{v:.2f}" for v in anchors),
+            flush=True,
+        )
         report(f"export {name}", min(ours), min(anchors), anchor_name, 1.2)
     for f in out.iterdir():
         f.unlink()

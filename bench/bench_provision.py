@@ -132,9 +132,9 @@ def podman_contexts(toolchain: salt.Toolchain, project: Path, ready: Path, ctx: 
     run(["cp", "-a", toolchain.path, ready / "toolchain"])
     whole_seconds(ready / "toolchain")
     (ready / "Containerfile").write_text(
-        f"FROM localhost/base:latest\nCOPY toolchain/ {PODMAN_DIR}/salt/\n")
-    plan = salt.SaltRun(toolchain, state_trees=(project / "salt",),
-                        pillar=(project / "pillar",))
+        f"FROM localhost/base:latest\nCOPY toolchain/ {PODMAN_DIR}/salt/\n"
+    )
+    plan = salt.SaltRun(toolchain, state_trees=(project / "salt",), pillar=(project / "pillar",))
     for path, data in plan.config_files().items():
         host = ctx / "sysbake/conf" / path.removeprefix(salt.CONF_DIR + "/")
         host.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +144,8 @@ def podman_contexts(toolchain: salt.Toolchain, project: Path, ready: Path, ctx: 
     script = f'/usr/bin/env -i "$@"; rc=$?; rm -rf {PODMAN_DIR}/var; exit $rc'
     runline = json.dumps(["/bin/sh", "-c", script, "salt-call", *env, *command])
     (ctx / "Containerfile").write_text(
-        f"FROM localhost/bench-salt:latest\nCOPY sysbake/ {PODMAN_DIR}/\nRUN {runline}\n")
+        f"FROM localhost/bench-salt:latest\nCOPY sysbake/ {PODMAN_DIR}/\nRUN {runline}\n"
+    )
     for sub in ("salt", "pillar"):
         (ctx / "sysbake/srv" / sub).mkdir(parents=True)
     run(["cp", "-a", project / "salt", ctx / "sysbake/srv/salt/0"])
@@ -169,9 +170,11 @@ def stored_file(store: Path, ref: str, member: str) -> str:
     """`member` of the top layer of stored image `ref` (a small layer)."""
     images = Store(store)
     layer = images.resolve(ref).layers[-1]
-    with images.open_blob(layer.blob.digest) as raw, \
-            compress.decompressor(layer.compression, raw) as plain, \
-            tarfile.open(fileobj=io.BytesIO(plain.read()), mode="r:") as tar:
+    with (
+        images.open_blob(layer.blob.digest) as raw,
+        compress.decompressor(layer.compression, raw) as plain,
+        tarfile.open(fileobj=io.BytesIO(plain.read()), mode="r:") as tar,
+    ):
         for entry in tar:
             if entry.name.lstrip("./") == member:
                 f = tar.extractfile(entry)
@@ -184,8 +187,10 @@ def pillar_rebuild(store: Path, repeat: int) -> None:
     write_project(project, "warm-up")
     toolchain = salt.ensure_toolchain(Store(store))
     with podman_store(WORK / "podman-prov") as podman:
-        run([*SYSBAKE, "--store", store, "-q", "load", "base:latest", "--into", "podman"],
-            env=podman.env)
+        run(
+            [*SYSBAKE, "--store", store, "-q", "load", "base:latest", "--into", "podman"],
+            env=podman.env,
+        )
         ready, ctx = WORK / "podman-ctx-salt", WORK / "podman-ctx-prov"
         try:
             podman_contexts(toolchain, project, ready, ctx)
@@ -198,34 +203,59 @@ def pillar_rebuild(store: Path, repeat: int) -> None:
                 run(["cp", "-a", f"{project}/pillar/.", ctx / "sysbake/srv/pillar/0"])
                 # Rotate who goes first: none always meets a warmer page cache.
                 sides = ["chroot", "boot", "podman"]
-                for side in sides[i % 3:] + sides[:i % 3]:
-                    seconds = podman_build(podman, ctx, "bench-prov") if side == "podman" \
+                for side in sides[i % 3 :] + sides[: i % 3]:
+                    seconds = (
+                        podman_build(podman, ctx, "bench-prov")
+                        if side == "podman"
                         else sysbake_build(store, project, f"prov-{side}")
+                    )
                     if i:
                         times[side].append(seconds)
             for side, values in times.items():
                 print(f"  {side}: " + ", ".join(f"{v:.2f}" for v in values), flush=True)
             # Both sides really applied the last pillar.
-            theirs = podman("run", "--rm", "--network", "none", "--pull=never",
-                            "localhost/bench-prov", "cat", "/etc/bench-motd").stdout.strip()
-            for side, got in (("podman", theirs),
-                              ("sysbake chroot", stored_file(store, "prov-chroot:latest",
-                                                             "etc/bench-motd").strip()),
-                              ("sysbake boot", stored_file(store, "prov-boot:latest",
-                                                           "etc/bench-motd").strip())):
+            theirs = podman(
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--pull=never",
+                "localhost/bench-prov",
+                "cat",
+                "/etc/bench-motd",
+            ).stdout.strip()
+            for side, got in (
+                ("podman", theirs),
+                (
+                    "sysbake chroot",
+                    stored_file(store, "prov-chroot:latest", "etc/bench-motd").strip(),
+                ),
+                ("sysbake boot", stored_file(store, "prov-boot:latest", "etc/bench-motd").strip()),
+            ):
                 if got != message:
-                    NOTES.append(f"WARNING: {side} image has /etc/bench-motd {got!r}, "
-                                 f"expected {message!r}")
+                    NOTES.append(
+                        f"WARNING: {side} image has /etc/bench-motd {got!r}, expected {message!r}"
+                    )
                     print(NOTES[-1], flush=True)
         finally:
             for d in (ready, ctx):
                 if d.exists():
                     release(d)
     anchor = "podman build (salt cached; COPY + RUN salt-call)"
-    result("pillar-only rebuild (salt step, chroot mode)", median(times["chroot"]),
-           median(times["podman"]), anchor, 0.8)
-    result("pillar-only rebuild (salt step, boot mode, the default)", median(times["boot"]),
-           median(times["podman"]), anchor, 0.8)
+    result(
+        "pillar-only rebuild (salt step, chroot mode)",
+        median(times["chroot"]),
+        median(times["podman"]),
+        anchor,
+        0.8,
+    )
+    result(
+        "pillar-only rebuild (salt step, boot mode, the default)",
+        median(times["boot"]),
+        median(times["podman"]),
+        anchor,
+        0.8,
+    )
 
 
 # -- 2. capturing a one-file step ---------------------------------------------------------
@@ -298,9 +328,11 @@ def capture(store_path: Path, repeat: int) -> None:
         for i in range(repeat + 1):
             for ref in (small, big) if i % 2 == 0 else (big, small):
                 (project / "sysbake.toml").write_text(
-                    CAPTURE_PROJECT.format(nonce=uuid.uuid4().hex))
-                seconds = sysbake_build(store_path, project,
-                                        "one-small" if ref == small else "one-big")
+                    CAPTURE_PROJECT.format(nonce=uuid.uuid4().hex)
+                )
+                seconds = sysbake_build(
+                    store_path, project, "one-small" if ref == small else "one-big"
+                )
                 if i:
                     whole[ref].append(seconds)
     finally:
@@ -308,14 +340,30 @@ def capture(store_path: Path, repeat: int) -> None:
             if d.exists():
                 release(d)
     for ref in (small, big):
-        print(f"  {ref}: capture " + ", ".join(f"{v * 1000:.0f}ms" for v in fast[ref])
-              + "; whole build " + ", ".join(f"{v:.2f}s" for v in whole[ref]), flush=True)
-    result("capture of a one-file step (prune + commit), ~1 GB vs ~200 MB image",
-           median(fast[big]), median(fast[small]), "on the 200 MB image", 1.1,
-           value_name="on the 1 GB image", digits=3)
-    result("whole build of a one-file chroot step, ~1 GB vs ~200 MB image",
-           median(whole[big]), median(whole[small]), "on the 200 MB image", 1.1,
-           value_name="on the 1 GB image")
+        print(
+            f"  {ref}: capture "
+            + ", ".join(f"{v * 1000:.0f}ms" for v in fast[ref])
+            + "; whole build "
+            + ", ".join(f"{v:.2f}s" for v in whole[ref]),
+            flush=True,
+        )
+    result(
+        "capture of a one-file step (prune + commit), ~1 GB vs ~200 MB image",
+        median(fast[big]),
+        median(fast[small]),
+        "on the 200 MB image",
+        1.1,
+        value_name="on the 1 GB image",
+        digits=3,
+    )
+    result(
+        "whole build of a one-file chroot step, ~1 GB vs ~200 MB image",
+        median(whole[big]),
+        median(whole[small]),
+        "on the 200 MB image",
+        1.1,
+        value_name="on the 1 GB image",
+    )
 
 
 NOTES: list[str] = []
@@ -332,10 +380,12 @@ def main() -> None:
         pillar_rebuild(store, args.repeat)
         capture(store, args.repeat)
     except subprocess.CalledProcessError as exc:
-        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) \
+        err = (
+            exc.stderr.decode(errors="replace")
+            if isinstance(exc.stderr, bytes)
             else str(exc.stderr or "")
-        sys.exit(f"{' '.join(map(str, exc.cmd))[:300]} failed ({exc.returncode}):\n"
-                 f"{err[-3000:]}")
+        )
+        sys.exit(f"{' '.join(map(str, exc.cmd))[:300]} failed ({exc.returncode}):\n{err[-3000:]}")
     print_summary("bench_provision", NOTES)
 
 

@@ -74,8 +74,13 @@ class Sysbake:
         self.names: list[str] = []
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*SYSBAKE, "--store", str(self.store), *args], text=True,
-                              capture_output=True, check=check, stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            [*SYSBAKE, "--store", str(self.store), *args],
+            text=True,
+            capture_output=True,
+            check=check,
+            stdin=subprocess.DEVNULL,
+        )
 
     def boot(self, image: str, *, stop: bool = True) -> Boot:
         name = f"bench-{uuid.uuid4().hex[:8]}"
@@ -86,8 +91,18 @@ class Sysbake:
         state_file = self.store / "containers" / name / "state.json"
         state = wait_booted(nsenter_probe(json.loads(state_file.read_text())["pid"]))
         running = time.perf_counter() - start
-        probed = probe_seconds([*SYSBAKE, "--store", str(self.store), "exec", "-T", name,
-                                "systemctl", "is-system-running"])
+        probed = probe_seconds(
+            [
+                *SYSBAKE,
+                "--store",
+                str(self.store),
+                "exec",
+                "-T",
+                name,
+                "systemctl",
+                "is-system-running",
+            ]
+        )
         if not stop:
             self.remove(name)
             return Boot(returned, running, state, probed)
@@ -96,8 +111,9 @@ class Sysbake:
         stopped = time.perf_counter() - start
         outcome = json.loads(out.stdout)[name]
         self.remove(name)
-        return Boot(returned, running, state, probed, stopped, outcome["exit_code"],
-                    outcome["killed"])
+        return Boot(
+            returned, running, state, probed, stopped, outcome["exit_code"], outcome["killed"]
+        )
 
     def remove(self, name: str) -> None:
         self.cli("rm", "-f", name)
@@ -115,13 +131,26 @@ def podman_boot(podman: Podman, image: str) -> Boot:
     conmon_pidfile = podman.root / f"{name}.conmon.pid"
     start = time.perf_counter()
     try:
-        podman("run", "-d", "--systemd=always", "--network", "none", "--pull", "never",
-               "--conmon-pidfile", str(conmon_pidfile), "--name", name, image)
+        podman(
+            "run",
+            "-d",
+            "--systemd=always",
+            "--network",
+            "none",
+            "--pull",
+            "never",
+            "--conmon-pidfile",
+            str(conmon_pidfile),
+            "--name",
+            name,
+            image,
+        )
         returned = time.perf_counter() - start
         state = wait_booted(nsenter_probe(conmon_child(conmon_pidfile)))
         running = time.perf_counter() - start
-        probed = probe_seconds([*podman.cmd, "exec", name, "systemctl", "is-system-running"],
-                               podman.env)
+        probed = probe_seconds(
+            [*podman.cmd, "exec", name, "systemctl", "is-system-running"], podman.env
+        )
         start = time.perf_counter()
         podman("stop", "-t", "10", name)
         stopped = time.perf_counter() - start
@@ -137,8 +166,16 @@ def nsenter_probe(pid: int) -> list[str]:
     on the host): the same probe whatever engine started the container. --wait returns the
     moment the boot ends (only "offline" earlier, while systemd's socket is not up), so
     the time is not rounded up to the polling interval."""
-    return ["nsenter", "--target", str(pid), "--mount", "--pid",
-            "systemctl", "is-system-running", "--wait"]
+    return [
+        "nsenter",
+        "--target",
+        str(pid),
+        "--mount",
+        "--pid",
+        "systemctl",
+        "is-system-running",
+        "--wait",
+    ]
 
 
 def conmon_child(pidfile: Path) -> int:
@@ -179,14 +216,34 @@ def boot_and_stop(ours: Sysbake, podman: Podman, image: str, repeat: int) -> Non
             mine.append(ours.boot(image))
     describe(mine, "sysbake")
     describe(theirs, "podman")
-    result("run -d returns", median([b.returned for b in mine]),
-           median([b.returned for b in theirs]), "podman run -d", None)
-    result("exec of `systemctl is-system-running` once booted", median([b.probe for b in mine]),
-           median([b.probe for b in theirs]), "podman exec", None)
-    result("boot to running", median([b.running for b in mine]),
-           median([b.running for b in theirs]), "podman run --systemd=always", 1.0)
-    result("stop (SIGRTMIN+3, exit 0)", median([b.stop for b in mine]),
-           median([b.stop for b in theirs]), "podman stop -t 10", 1.0)
+    result(
+        "run -d returns",
+        median([b.returned for b in mine]),
+        median([b.returned for b in theirs]),
+        "podman run -d",
+        None,
+    )
+    result(
+        "exec of `systemctl is-system-running` once booted",
+        median([b.probe for b in mine]),
+        median([b.probe for b in theirs]),
+        "podman exec",
+        None,
+    )
+    result(
+        "boot to running",
+        median([b.running for b in mine]),
+        median([b.running for b in theirs]),
+        "podman run --systemd=always",
+        1.0,
+    )
+    result(
+        "stop (SIGRTMIN+3, exit 0)",
+        median([b.stop for b in mine]),
+        median([b.stop for b in theirs]),
+        "podman stop -t 10",
+        1.0,
+    )
     if any(not b.clean for b in mine + theirs):
         NOTES.append("boot/stop: some runs did not end clean (see WARNING lines above)")
 
@@ -200,8 +257,10 @@ def unpack_seconds(store: Store, ref: str) -> float:
     scratch.mkdir(parents=True)
     try:
         start = time.perf_counter()
-        with store.open_blob(layer.blob.digest) as raw, \
-                compress.decompressor(layer.compression, raw) as plain:
+        with (
+            store.open_blob(layer.blob.digest) as raw,
+            compress.decompressor(layer.compression, raw) as plain,
+        ):
             layers.extract(plain, scratch, overlay=True)
         return time.perf_counter() - start
     finally:
@@ -217,18 +276,22 @@ def image_size(store: Store, ref: str) -> str:
     return f"{ref}: {packed:.0f} MB of layers, {unpacked:.0f} MB unpacked"
 
 
-def size_independence(ours: Sysbake, store_path: Path, small: str, big: str,
-                      repeat: int) -> None:
+def size_independence(ours: Sysbake, store_path: Path, small: str, big: str, repeat: int) -> None:
     store = Store(store_path)
-    missing = [layer for layer in store.resolve(big).layers
-               if not store.tree_path(layer.diff_id).exists()]
+    missing = [
+        layer for layer in store.resolve(big).layers if not store.tree_path(layer.diff_id).exists()
+    ]
     if missing:
         # Layers made by a provision step are unpacked when first used.
         first = ours.boot(big, stop=False)
-        note(f"first run of {big} (unpacks {len(missing)} layer tree(s) first): run -d "
-             f"returned in {first.returned:.2f}s")
-    note(f"unpacking the 800 MB layer of {big} into its tree (once per layer, not per run): "
-         f"{unpack_seconds(store, big):.2f}s")
+        note(
+            f"first run of {big} (unpacks {len(missing)} layer tree(s) first): run -d "
+            f"returned in {first.returned:.2f}s"
+        )
+    note(
+        f"unpacking the 800 MB layer of {big} into its tree (once per layer, not per run): "
+        f"{unpack_seconds(store, big):.2f}s"
+    )
     note(image_size(store, small))
     note(image_size(store, big))
     runs: dict[str, list[Boot]] = {small: [], big: []}
@@ -236,17 +299,30 @@ def size_independence(ours: Sysbake, store_path: Path, small: str, big: str,
         for ref in (small, big) if i % 2 == 0 else (big, small):
             runs[ref].append(ours.boot(ref, stop=False))
     for ref, boots in runs.items():
-        print(f"  {ref} returned/running seconds per run: "
-              + ", ".join(f"{b.returned:.2f}/{b.running:.2f}" for b in boots), flush=True)
+        print(
+            f"  {ref} returned/running seconds per run: "
+            + ", ".join(f"{b.returned:.2f}/{b.running:.2f}" for b in boots),
+            flush=True,
+        )
         states = {b.state for b in boots} - {"running"}
         if states:
             print(f"  WARNING {ref}: systemd ended in {sorted(states)}", flush=True)
-    result("run -d returns, ~1 GB vs ~200 MB image", median([b.returned for b in runs[big]]),
-           median([b.returned for b in runs[small]]), "sysbake on the 200 MB image", 1.1,
-           value_name="sysbake on the 1 GB image")
-    result("run -d to running, ~1 GB vs ~200 MB image", median([b.running for b in runs[big]]),
-           median([b.running for b in runs[small]]), "sysbake on the 200 MB image", 1.1,
-           value_name="sysbake on the 1 GB image")
+    result(
+        "run -d returns, ~1 GB vs ~200 MB image",
+        median([b.returned for b in runs[big]]),
+        median([b.returned for b in runs[small]]),
+        "sysbake on the 200 MB image",
+        1.1,
+        value_name="sysbake on the 1 GB image",
+    )
+    result(
+        "run -d to running, ~1 GB vs ~200 MB image",
+        median([b.running for b in runs[big]]),
+        median([b.running for b in runs[small]]),
+        "sysbake on the 200 MB image",
+        1.1,
+        value_name="sysbake on the 1 GB image",
+    )
 
 
 NOTES: list[str] = []
@@ -268,8 +344,10 @@ def main() -> None:
     podman_root = WORK / "podman-run"
     try:
         with podman_store(podman_root) as podman:
-            run([*SYSBAKE, "--store", store, "-q", "load", small, "--into", "podman"],
-                env=podman.env)
+            run(
+                [*SYSBAKE, "--store", store, "-q", "load", small, "--into", "podman"],
+                env=podman.env,
+            )
             ours.boot(small)  # warm-up, not counted: first use of the page cache, runc...
             podman_boot(podman, f"localhost/{small}")
             boot_and_stop(ours, podman, small, args.repeat)

@@ -20,6 +20,11 @@ EXAMPLE = REPO / "examples" / "web"
 # The console script users run (no runpy start-up), next to the interpreter running this.
 SYSBAKE = [str(Path(sys.executable).parent / "sysbake")]
 WORK = Path(os.environ.get("SYSBAKE_BENCH_ROOT", "/var/tmp/sysbake-bench"))
+# Users run an installed sysbake, whose bytecode was compiled at install time: where the
+# shell forbids writing bytecode (PYTHONDONTWRITEBYTECODE), every command would compile
+# sysbake's sources again (~40 ms) and the benchmarks would time Python's compiler.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+os.environ.setdefault("PYTHONPYCACHEPREFIX", str(WORK / "pycache"))
 PODMAN_CONF = """\
 [containers]
 default_ulimits = []
@@ -31,8 +36,10 @@ events_logger = "file"
 
 
 def run(cmd: Sequence[str | os.PathLike[str]], **kw: object) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([str(c) for c in cmd], check=True, capture_output=True,
-                          **kw)  # type: ignore[call-overload, no-any-return]
+    done: subprocess.CompletedProcess[bytes] = subprocess.run(  # type: ignore[call-overload]
+        [str(c) for c in cmd], check=True, capture_output=True, **kw
+    )
+    return done
 
 
 def timed(fn: Callable[[], object], repeat: int = 1) -> float:
@@ -57,16 +64,26 @@ def podman_env(root: Path) -> tuple[list[str], dict[str, str]]:
     conf = root / "containers.conf"
     conf.write_text(PODMAN_CONF)
     env = dict(os.environ, CONTAINERS_CONF=str(conf))
-    cmd = ["podman", "--root", str(root / "storage"), "--runroot", str(root / "run"),
-           "--storage-driver", "overlay"]
+    cmd = [
+        "podman",
+        "--root",
+        str(root / "storage"),
+        "--runroot",
+        str(root / "run"),
+        "--storage-driver",
+        "overlay",
+    ]
     return cmd, env
 
 
 def report(name: str, ours: float, anchor: float, anchor_name: str, goal: float) -> None:
     ratio = ours / anchor if anchor else float("inf")
     verdict = "meets" if ratio <= goal else "misses"
-    print(f"{name}: sysbake {ours:.2f}s vs {anchor_name} {anchor:.2f}s -> ratio {ratio:.2f} "
-          f"(goal <= {goal}; {verdict})", flush=True)
+    print(
+        f"{name}: sysbake {ours:.2f}s vs {anchor_name} {anchor:.2f}s -> ratio {ratio:.2f} "
+        f"(goal <= {goal}; {verdict})",
+        flush=True,
+    )
 
 
 # -- shared by bench_run.py and bench_provision.py -------------------------------------------
@@ -124,15 +141,28 @@ def median(values: Sequence[float]) -> float:
 SUMMARY: list[str] = []
 
 
-def result(name: str, value: float, anchor: float, anchor_name: str, goal: float | None, *,
-           value_name: str = "sysbake", digits: int = 2) -> None:
+def result(
+    name: str,
+    value: float,
+    anchor: float,
+    anchor_name: str,
+    goal: float | None,
+    *,
+    value_name: str = "sysbake",
+    digits: int = 2,
+) -> None:
     """Print a `report`-style line and keep it for `print_summary`; `value_name` names
     the measured side when both are sysbake's (say, two image sizes); no `goal`: context."""
     ratio = value / anchor if anchor else float("inf")
-    verdict = "no goal, context" if goal is None else \
-        f"goal <= {goal}; {'meets' if ratio <= goal else 'misses'}"
-    line = (f"{name}: {value_name} {value:.{digits}f}s vs {anchor_name} {anchor:.{digits}f}s "
-            f"-> ratio {ratio:.2f} ({verdict})")
+    verdict = (
+        "no goal, context"
+        if goal is None
+        else f"goal <= {goal}; {'meets' if ratio <= goal else 'misses'}"
+    )
+    line = (
+        f"{name}: {value_name} {value:.{digits}f}s vs {anchor_name} {anchor:.{digits}f}s "
+        f"-> ratio {ratio:.2f} ({verdict})"
+    )
     SUMMARY.append(line)
     print(line, flush=True)
 
@@ -142,14 +172,16 @@ def print_summary(title: str, notes: Sequence[str] = ()) -> None:
     print(f"\n== {title} ==", *SUMMARY, *notes, sep="\n", flush=True)
 
 
-def wait_booted(probe: Sequence[str], env: dict[str, str] | None = None,
-                timeout: float = 180.0) -> str:
+def wait_booted(
+    probe: Sequence[str], env: dict[str, str] | None = None, timeout: float = 180.0
+) -> str:
     """Run `probe` (a command printing systemd's state) every POLL s until it says the
     system booted or `timeout` s pass; the last state. The same loop for every engine."""
     deadline = time.monotonic() + timeout
     while True:
-        out = subprocess.run(list(probe), capture_output=True, text=True, env=env,
-                             timeout=60, check=False)
+        out = subprocess.run(
+            list(probe), capture_output=True, text=True, env=env, timeout=60, check=False
+        )
         lines = out.stdout.strip().splitlines()
         state = lines[-1].strip() if lines else "offline"
         if state in BOOTED or time.monotonic() >= deadline:
@@ -190,8 +222,7 @@ def release(root: Path) -> None:
         deadline = time.monotonic() + 10
         while pids and time.monotonic() < deadline:
             time.sleep(0.1)
-            pids = [p for p in pids if Path(f"/proc/{p}").exists()
-                    and "Z" not in _proc_state(p)]
+            pids = [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _proc_state(p)]
     for _ in range(3):
         for point in mounts_under(root):
             if subprocess.run(["umount", point], capture_output=True, check=False).returncode:
@@ -218,10 +249,17 @@ class Podman:
     cmd: tuple[str, ...]
     env: dict[str, str]
 
-    def __call__(self, *args: str | os.PathLike[str],
-                 check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*self.cmd, *map(str, args)], env=self.env, capture_output=True,
-                              text=True, check=check, stdin=subprocess.DEVNULL)
+    def __call__(
+        self, *args: str | os.PathLike[str], check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.cmd, *map(str, args)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=check,
+            stdin=subprocess.DEVNULL,
+        )
 
 
 @contextlib.contextmanager
@@ -236,9 +274,11 @@ def podman_store(root: Path) -> Iterator[Podman]:
         PODMAN_CONF + f'events_logfile_path = "{root}/events.log"\n'
         f'tmp_dir = "{root}/tmp"\nstatic_dir = "{root}/graph/libpod"\n'
         f'volume_path = "{root}/graph/volumes"\n\n'
-        f'[network]\nnetwork_config_dir = "{root}/networks"\n')
-    storage.write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{root}/graph"\n'
-                       f'runroot = "{root}/run"\n')
+        f'[network]\nnetwork_config_dir = "{root}/networks"\n'
+    )
+    storage.write_text(
+        f'[storage]\ndriver = "overlay"\ngraphroot = "{root}/graph"\nrunroot = "{root}/run"\n'
+    )
     env = {**os.environ, "CONTAINERS_CONF": str(conf), "CONTAINERS_STORAGE_CONF": str(storage)}
     podman = Podman(root, ("podman",), env)
     try:

@@ -15,19 +15,18 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from sysbake import log, proc
+from sysbake import log, proc, signals
+from sysbake.cgroups import CgroupMode, cgroup_mode
 from sysbake.errors import CommandError, SysbakeError
+from sysbake.fsutil import atomic_write
 from sysbake.records import record
 
-CgroupMode = Literal["v1", "hybrid", "v2"]
 Engine = Literal["docker", "podman"]
 ENGINES: tuple[Engine, ...] = ("docker", "podman")
 
 PROFILE_NAME = "sysbake-systemd"
 PROFILE_PATH = Path("/etc/apparmor.d") / PROFILE_NAME
 _CAP_SYS_RESOURCE = 24
-# Linux's SIGRTMIN is 34 as the kernel counts (glibc reserves two below it for threads).
-_RTMIN_PLUS_3 = {"SIGRTMIN+3", "RTMIN+3", "37"}
 _DEFAULT_INIT = "/lib/systemd/systemd"
 _CLIENT_PACKAGE = {"docker": "docker.io", "podman": "podman"}
 
@@ -68,8 +67,12 @@ class ImageFacts:
         entry = [str(a) for a in section.get("Entrypoint") or []]
         cmd = [str(a) for a in section.get("Cmd") or []]
         signal = section.get("StopSignal")
-        return cls(ref=ref, stop_signal=str(signal) if signal else None,
-                   container_env=container, command=(*entry, *cmd))
+        return cls(
+            ref=ref,
+            stop_signal=str(signal) if signal else None,
+            container_env=container,
+            command=(*entry, *cmd),
+        )
 
 
 @record
@@ -86,42 +89,12 @@ class RunFlags:
 
     def example(self, image: ImageFacts, name: str = "sysbake-demo") -> tuple[str, ...]:
         """A full detached `run` command line booting `image`."""
-        argv: tuple[str, ...] = (self.engine, "run", "-d", "--name", name, *self.flags,
-                                 image.ref)
+        argv: tuple[str, ...] = (self.engine, "run", "-d", "--name", name, *self.flags, image.ref)
         # An image without a command would start nothing: name the init explicitly.
         return argv if image.command else (*argv, _DEFAULT_INIT)
 
 
 # -- host detection ----------------------------------------------------------------------
-
-
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mount_types(mountinfo: str) -> dict[str, str]:
-    """Mount point -> file-system type from /proc/self/mountinfo text (last mount wins)."""
-    found: dict[str, str] = {}
-    for line in mountinfo.splitlines():
-        before, sep, after = line.partition(" - ")
-        fields = before.split()
-        if not sep or len(fields) < 5 or not after.split():
-            continue
-        found[_unescape(fields[4])] = after.split()[0]
-    return found
-
-
-def cgroup_mode(mountinfo: str) -> CgroupMode:
-    """v2 (cgroup2 at /sys/fs/cgroup), hybrid (v1 plus cgroup2 at .../unified) or v1."""
-    types = mount_types(mountinfo)
-    if types.get("/sys/fs/cgroup") == "cgroup2":
-        return "v2"
-    if types.get("/sys/fs/cgroup/unified") == "cgroup2":
-        return "hybrid"
-    if any(t == "cgroup" and m.startswith("/sys/fs/cgroup/") for m, t in types.items()):
-        return "v1"
-    raise HostError("no cgroup file system is mounted at /sys/fs/cgroup (read from "
-                    "/proc/self/mountinfo): systemd containers need one")
 
 
 def _read(path: Path) -> str:
@@ -142,8 +115,10 @@ def has_capability(status: str, cap: int) -> bool:
 def detect_host(root: Path = Path("/"), *, euid: int | None = None) -> HostFacts:
     """Read this host's facts from `root`/proc and `root`/sys."""
     apparmor_dir = root / "sys/kernel/security/apparmor"
-    apparmor = (_read(root / "sys/module/apparmor/parameters/enabled").strip().startswith("Y")
-                or apparmor_dir.is_dir())
+    apparmor = (
+        _read(root / "sys/module/apparmor/parameters/enabled").strip().startswith("Y")
+        or apparmor_dir.is_dir()
+    )
     profiles = _read(apparmor_dir / "profiles")
     loaded = any(line.split(" (")[0] == PROFILE_NAME for line in profiles.splitlines())
     return HostFacts(
@@ -167,21 +142,33 @@ def _docker_flags(host: HostFacts, image: ImageFacts | None) -> tuple[list[str],
         # unprivileged way for systemd to create its init.scope.
         flags += ["--cgroupns=host", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw"]
         if not host.rootless:
-            notes.append("cgroup v2: docker has no writable private cgroup mount, so the "
-                         "container gets the host's cgroup tree read-write (root in the "
-                         "container can change host cgroups); podman does this safely")
+            notes.append(
+                "cgroup v2: docker has no writable private cgroup mount, so the "
+                "container gets the host's cgroup tree read-write (root in the "
+                "container can change host cgroups); podman does this safely"
+            )
     else:
         # v1/hybrid: docker's own cgroup mounts already give the container a writable
         # subtree; the read-only host tree is what systemd needs to find its hierarchy.
         flags += ["-v", "/sys/fs/cgroup:/sys/fs/cgroup:ro"]
         if host.rootless:
-            notes.append("rootless docker cannot delegate cgroups on cgroup v1/hybrid: "
-                         "systemd will fail to create init.scope; use cgroup v2 or rootful docker")
+            notes.append(
+                "rootless docker cannot delegate cgroups on cgroup v1/hybrid: "
+                "systemd will fail to create init.scope; use cgroup v2 or rootful docker"
+            )
     if image is None or image.container_env is None:
         flags += ["-e", "container=docker"]
-    if image is None or (image.stop_signal or "").upper() not in _RTMIN_PLUS_3:
-        flags += ["--stop-signal", "SIGRTMIN+3"]
+    if image is None or not _stops_systemd(image.stop_signal):
+        flags += ["--stop-signal", signals.name(signals.SYSTEMD_STOP)]
     return flags, notes
+
+
+def _stops_systemd(stop_signal: str | None) -> bool:
+    """Whether an image's StopSignal is the one systemd shuts down on (in any spelling)."""
+    try:
+        return stop_signal is not None and signals.parse(stop_signal) == signals.SYSTEMD_STOP
+    except ValueError:
+        return False
 
 
 def _podman_flags(host: HostFacts) -> tuple[list[str], list[str]]:
@@ -193,12 +180,16 @@ def _podman_flags(host: HostFacts) -> tuple[list[str], list[str]]:
         # crun (podman's default runtime) refuses hybrid cgroups; runc boots them.
         flags.append("--runtime=runc")
     if host.rootless and host.cgroup_mode != "v2":
-        notes.append("rootless podman cannot delegate cgroups on cgroup v1/hybrid: systemd "
-                     "is unlikely to start; use cgroup v2 or run as root")
+        notes.append(
+            "rootless podman cannot delegate cgroups on cgroup v1/hybrid: systemd "
+            "is unlikely to start; use cgroup v2 or run as root"
+        )
     if not host.cap_sys_resource:
-        notes.append("no CAP_SYS_RESOURCE here: podman cannot raise the open-file and "
-                     "process limits it sets by default; set default_ulimits = [] in "
-                     "containers.conf ([containers])")
+        notes.append(
+            "no CAP_SYS_RESOURCE here: podman cannot raise the open-file and "
+            "process limits it sets by default; set default_ulimits = [] in "
+            "containers.conf ([containers])"
+        )
     return flags, notes
 
 
@@ -213,8 +204,10 @@ def select_flags(engine: Engine, host: HostFacts, image: ImageFacts | None = Non
     if host.apparmor:
         flags += ["--security-opt", f"apparmor={PROFILE_NAME}"]
         if not host.apparmor_profile_loaded:
-            notes.append(f"AppArmor profile {PROFILE_NAME} is not loaded: run "
-                         "`sysbake apparmor --install` first")
+            notes.append(
+                f"AppArmor profile {PROFILE_NAME} is not loaded: run "
+                "`sysbake apparmor --install` first"
+            )
     return RunFlags(engine=engine, flags=tuple(flags), notes=tuple(notes))
 
 
@@ -290,28 +283,15 @@ def apparmor_profile() -> str:
     return _PROFILE.format(name=PROFILE_NAME, version=__version__)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temp file and a rename (never half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise HostError(f"cannot write {path}: {exc.strerror or exc}") from exc
-
-
 def install_profile(host: HostFacts, path: Path = PROFILE_PATH) -> Path:
     """Write the profile to `path` and load it with `apparmor_parser -r` (AppArmor only)."""
     if not host.apparmor:
-        raise HostError("AppArmor is not enabled in this kernel (/sys/module/apparmor/"
-                        f"parameters/enabled is not Y): cannot load profile {PROFILE_NAME}")
+        raise HostError(
+            "AppArmor is not enabled in this kernel (/sys/module/apparmor/"
+            f"parameters/enabled is not Y): cannot load profile {PROFILE_NAME}"
+        )
     parser = proc.require("apparmor_parser", "apparmor")
-    write_atomic(path, apparmor_profile())
+    atomic_write(path, apparmor_profile().encode())
     proc.run([parser, "-r", path], what=f"apparmor_parser -r {path}")
     return path
 
@@ -325,8 +305,10 @@ def client_command(engine: Engine, host: str | None = None) -> list[str]:
         raise HostError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
     client = proc.which(engine)
     if client is None:
-        raise HostError(f"{engine} is not installed (no '{engine}' on PATH): install the "
-                        f"Debian package '{_CLIENT_PACKAGE[engine]}'")
+        raise HostError(
+            f"{engine} is not installed (no '{engine}' on PATH): install the "
+            f"Debian package '{_CLIENT_PACKAGE[engine]}'"
+        )
     if host is None:
         return [client]
     return [client, "-H", host] if engine == "docker" else [client, "--url", host]
@@ -335,12 +317,18 @@ def client_command(engine: Engine, host: str | None = None) -> list[str]:
 def check_engine(engine: Engine, client: Sequence[str]) -> None:
     """Fail with one clear line when `engine`'s daemon (or podman service) does not answer."""
     try:
-        proc.run([*client, "version", "--format", "{{.Server.Version}}"]
-                 if engine == "docker" else [*client, "info", "--format", "{{.Host.Arch}}"],
-                 what=f"{engine} version", timeout=60)
+        proc.run(
+            [*client, "version", "--format", "{{.Server.Version}}"]
+            if engine == "docker"
+            else [*client, "info", "--format", "{{.Host.Arch}}"],
+            what=f"{engine} version",
+            timeout=60,
+        )
     except CommandError as exc:
         where = next((a for a in client[1:] if "://" in a), "its default socket")
-        raise HostError(f"{engine} does not answer at {where}: {exc.tail or exc}") from exc
+        raise HostError(
+            f"{engine} does not answer at {where}: {proc.tail(exc.tail, empty=str(exc))}"
+        ) from exc
 
 
 def loaded_names(output: str) -> tuple[str, ...]:

@@ -16,7 +16,8 @@ class ConfigError(SysbakeError):
 
 
 class CommandError(SysbakeError):
-    """An external command failed; carries the tail of its output."""
+    """An external command failed; `tail` holds the last lines of its output, one per line
+    (sysbake.proc.tail)."""
 
     def __init__(self, message: str, *, returncode: int = 1, tail: str = "") -> None:
         super().__init__(message)

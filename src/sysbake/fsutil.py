@@ -1,14 +1,16 @@
 """File-system primitives shared by the store and everything that keeps state on disk:
-atomic replacement of a file, removal of a tree, disk errors as one clear line. Kept
-apart from the store so that light commands (stop, exec, ps) do not import it."""
+atomic replacement of a file, atomic publication of a finished tree, removal of a tree,
+disk errors as one clear line. Kept apart from the store so that light commands (stop,
+exec, ps) do not import it."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 from sysbake.errors import StoreError
 
@@ -48,7 +50,7 @@ def no_space_line(output: str) -> str | None:
         if len(line) > 300:
             at, sign = min(found)
             at = line.find(sign)
-            line = "..." + line[max(0, at - 200):at + len(sign) + 60]
+            line = "..." + line[max(0, at - 200) : at + len(sign) + 60]
         return line
     return None
 
@@ -61,35 +63,78 @@ def raise_if_no_space(output: bytes, what: str) -> None:
         raise StoreError(f"{what}: no space left on device: {line}")
 
 
-def atomic_write(path: Path, data: bytes, *, durable: bool = True, mode: int = 0o644) -> None:
-    """Replace `path` with `data` atomically (temp file in the same dir, fsync, rename),
-    with permissions `mode` (0644: blobs and state are for every reader).
-    `durable=False` skips the fsync: for state that cannot outlive a reboot anyway (a
-    running container's files), where a journal commit per write costs milliseconds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name of our own (what tempfile.mkstemp does, without its import cost).
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-    except OSError as exc:
-        raise_disk(exc, f"writing {path}")
+@contextlib.contextmanager
+def atomic_file(
+    path: Path, *, durable: bool = True, mode: int | None = 0o644
+) -> Iterator[BinaryIO]:
+    """A file to write the new content of `path` to. When the block ends normally it
+    replaces `path` in one rename, with permissions `mode` (None: 0666 minus the umask, as
+    for any new file), fsynced first unless not `durable`; when it raises, `path` is left
+    as it was and the temp file removed. OSError propagates as is. No parent is made."""
+    # A fresh name of our own, hidden, in the same directory (what tempfile.mkstemp does,
+    # without its import cost); the name is cut so that the temp name stays a valid one.
+    tmp = path.parent / f".{path.name[:200]}.{os.getpid()}.{os.urandom(6).hex()}"
+    with _named(path):
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
-            os.fchmod(f.fileno(), mode)
+            os.fchmod(f.fileno(), _new_file_mode() if mode is None else mode)
             if durable:
                 os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise_disk(exc, f"writing {path}")
+        with _named(path):
+            os.rename(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def _named(path: Path) -> Iterator[None]:
+    # An error on the temp file is one on `path` to whoever reads it: nobody sees the temp.
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
+
+
+def _new_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: Path, data: bytes, *, durable: bool = True, mode: int = 0o644) -> None:
+    """Replace `path` with `data` atomically (`atomic_file`), making its parent dirs, with
+    permissions `mode` (0644: blobs and state are for every reader). StoreError naming
+    `path` on failure. `durable=False` skips the fsync: for state that cannot outlive a
+    reboot anyway (a running container's files), where a journal commit per write costs
+    milliseconds."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, durable=durable, mode=mode) as f:
+            f.write(data)
+    except OSError as exc:
+        raise_disk(exc, f"writing {path}")
+
+
+def publish_dir(tree: Path, final: Path) -> bool:
+    """Move the finished directory `tree` to `final` in one rename: readers see all of it
+    or nothing (an empty directory at `final` is replaced). False when `final` already
+    holds a tree (another process published the same one first): `tree` is then removed.
+    Nothing is fsynced: what is published this way is rebuilt if a crash loses it."""
+    try:
+        os.rename(tree, final)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.is_dir():
+            raise
+        remove_tree(tree)
+        return False
+    return True
 
 
 def remove_tree(path: Path) -> None:
@@ -107,6 +152,6 @@ def remove_tree(path: Path) -> None:
         except FileNotFoundError:
             pass
 
-    import shutil  # here: not every command removes trees (start-up cost)
+    import shutil
 
     shutil.rmtree(path, onerror=onerror)

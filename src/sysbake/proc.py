@@ -5,13 +5,16 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import subprocess
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sysbake import log
 from sysbake.errors import CommandError
+
+if TYPE_CHECKING:
+    import subprocess
 
 _PR_SET_PDEATHSIG = 1
 _TAIL_LINES = 20
@@ -20,8 +23,7 @@ _TAIL_LINES = 20
 @functools.cache
 def die_with_parent_hook() -> Callable[[], None]:
     """A preexec_fn: children of a build must not outlive sysbake (kill -9 included), the
-    kernel sends them SIGKILL when we die. ctypes is loaded here, in the parent, and only
-    by the commands that spawn such children (it is start-up cost)."""
+    kernel sends them SIGKILL when we die."""
     import ctypes
 
     prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -40,7 +42,7 @@ ISOLATED = ("unshare", "--mount", "--propagation", "private", "--pid", "--kill-c
 
 
 def which(program: str) -> str | None:
-    import shutil  # here: the run/stop path never looks programs up (start-up cost)
+    import shutil
 
     return shutil.which(program)
 
@@ -71,12 +73,14 @@ def run(
     `stream=True` copies output to stderr as it comes (progress for long steps) while
     keeping its tail for the error message; otherwise stdout and stderr are captured.
     """
+    import subprocess
+
     argv = [os.fspath(c) for c in cmd]
     label = what or os.path.basename(argv[0])
     log.debug("run: " + " ".join(argv))
     preexec = die_with_parent_hook() if die_with_parent else None
     if stream:
-        tail: deque[str] = deque(maxlen=_TAIL_LINES)
+        last: deque[str] = deque(maxlen=_TAIL_LINES)
         with subprocess.Popen(
             argv,
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
@@ -92,10 +96,10 @@ def run(
             assert proc.stdout is not None
             for raw in proc.stdout:
                 line = raw.decode(errors="replace").rstrip("\n")
-                tail.append(line)
+                last.append(line)
                 log.info(f"    {line}")
             rc = proc.wait(timeout=timeout)
-        out = "\n".join(tail).encode()
+        out = "\n".join(last).encode()
         result = subprocess.CompletedProcess(argv, rc, out, b"")
     else:
         try:
@@ -115,18 +119,29 @@ def run(
         except FileNotFoundError as exc:
             raise CommandError(f"{label}: command not found: {argv[0]}") from exc
     if check and result.returncode != 0:
+        output = _telling_output(result)
         raise CommandError(
-            f"{label} failed (exit {result.returncode}): {tail_of(result)}",
+            f"{label} failed (exit {result.returncode}): {tail(output)}",
             returncode=result.returncode,
-            tail=tail_of(result, lines=_TAIL_LINES),
+            tail=tail(output, _TAIL_LINES, sep="\n", empty=""),
         )
     return result
 
 
-def tail_of(result: subprocess.CompletedProcess[bytes], *, lines: int = 3) -> str:
-    """The last non-empty lines of a finished command's stderr (or stdout), joined by ' | '."""
-    text = (result.stderr or b"").decode(errors="replace").strip()
-    if not text:
-        text = (result.stdout or b"").decode(errors="replace").strip()
+def tail(output: str | bytes, lines: int = 3, *, sep: str = " | ", empty: str = "no output") -> str:
+    """The last `lines` non-blank lines of `output`, stripped and joined by `sep` (one line
+    for an error message by default); `empty` when it has none."""
+    text = output.decode(errors="replace") if isinstance(output, bytes) else output
     kept = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
-    return " | ".join(kept) if kept else "no output"
+    return sep.join(kept) if kept else empty
+
+
+def _telling_output(result: subprocess.CompletedProcess[bytes]) -> bytes:
+    # A failing command says why on stderr; some say it on stdout only.
+    stderr = result.stderr or b""
+    return stderr if stderr.strip() else result.stdout or b""
+
+
+def tail_of(result: subprocess.CompletedProcess[bytes], *, lines: int = 3) -> str:
+    """`tail` of a finished command's stderr, or of its stdout when stderr is blank."""
+    return tail(_telling_output(result), lines)

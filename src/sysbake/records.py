@@ -1,9 +1,10 @@
-"""Records: dataclass-like classes built without generating code (start-up cost).
+"""Records: dataclass-like classes built without generating code.
 
-`dataclasses.dataclass` exec()s the source of each class's __init__, __repr__, __eq__,
-__hash__ and __setattr__ (~1 ms a frozen class on Python 3.11), and its module imports
-inspect, ast, dis and tokenize (~15 ms): ~35 ms of `sysbake build`'s start-up. `record`
-gives a class the same methods as shared functions driven by the class's list of fields.
+They serve the start-up budget (sysbake.commands): `dataclasses.dataclass` exec()s the
+source of each class's __init__, __repr__, __eq__, __hash__ and __setattr__, and its module
+imports inspect, ast, dis and tokenize; with dataclasses a no-op `sysbake build` took half
+as long again (BENCHMARKS.md, "No-op rebuild"). `record` gives a class the same methods as
+shared functions driven by the class's list of fields.
 Type checkers see it as a dataclass transform: constructors, frozen fields and `field()`
 are checked as for dataclasses.
 
@@ -22,8 +23,16 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Final, TypeVar, dataclass_transform, overload
 
-__all__ = ["MISSING", "Field", "FrozenInstanceError", "field", "fields", "is_record", "record",
-           "replace"]
+__all__ = [
+    "MISSING",
+    "Field",
+    "FrozenInstanceError",
+    "field",
+    "fields",
+    "is_record",
+    "record",
+    "replace",
+]
 
 _T = TypeVar("_T")
 _LAYOUT: Final = "__record_layout__"  # the class attribute holding a record's _Layout
@@ -49,9 +58,13 @@ class Field:
 
     __slots__ = ("default", "default_factory", "kw_only", "metadata", "name", "repr")
 
-    def __init__(self, default: object = MISSING,
-                 default_factory: Callable[[], object] | None = None, repr: bool = True,
-                 metadata: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        default: object = MISSING,
+        default_factory: Callable[[], object] | None = None,
+        repr: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
         self.name = ""  # set by @record
         self.default = default
         self.default_factory = default_factory
@@ -61,23 +74,29 @@ class Field:
 
 
 @overload
-def field(*, default: _T, repr: bool = True, metadata: Mapping[str, Any] | None = None) -> _T:
-    ...
+def field(*, default: _T, repr: bool = True, metadata: Mapping[str, Any] | None = None) -> _T: ...
 
 
 @overload
-def field(*, default_factory: Callable[[], _T], repr: bool = True,
-          metadata: Mapping[str, Any] | None = None) -> _T:
-    ...
+def field(
+    *,
+    default_factory: Callable[[], _T],
+    repr: bool = True,
+    metadata: Mapping[str, Any] | None = None,
+) -> _T: ...
 
 
 @overload
-def field(*, repr: bool = True, metadata: Mapping[str, Any] | None = None) -> Any:
-    ...
+def field(*, repr: bool = True, metadata: Mapping[str, Any] | None = None) -> Any: ...
 
 
-def field(*, default: object = MISSING, default_factory: Callable[[], object] | None = None,
-          repr: bool = True, metadata: Mapping[str, Any] | None = None) -> Any:
+def field(
+    *,
+    default: object = MISSING,
+    default_factory: Callable[[], object] | None = None,
+    repr: bool = True,
+    metadata: Mapping[str, Any] | None = None,
+) -> Any:
     """A field's default or default factory (for mutable values: one per instance), with
     repr=False to hide it from repr, or metadata for code reading `fields()`."""
     return Field(default, default_factory, repr, metadata)
@@ -96,18 +115,17 @@ class _Layout:
 
 
 @overload
-def record(cls: type[_T], /) -> type[_T]:
-    ...
+def record(cls: type[_T], /) -> type[_T]: ...
 
 
 @overload
-def record(*, frozen: bool = True, kw_only: bool = False) -> Callable[[type[_T]], type[_T]]:
-    ...
+def record(*, frozen: bool = True, kw_only: bool = False) -> Callable[[type[_T]], type[_T]]: ...
 
 
 @dataclass_transform(frozen_default=True, field_specifiers=(field,))
-def record(cls: type[_T] | None = None, /, *, frozen: bool = True,
-           kw_only: bool = False) -> type[_T] | Callable[[type[_T]], type[_T]]:
+def record(
+    cls: type[_T] | None = None, /, *, frozen: bool = True, kw_only: bool = False
+) -> type[_T] | Callable[[type[_T]], type[_T]]:
     """Make `cls` a record (see the module docstring): `@record` or
     `@record(frozen=..., kw_only=...)`."""
     if cls is None:
@@ -134,8 +152,12 @@ def _build(cls: type[_T], frozen: bool, kw_only: bool) -> type[_T]:
         f = value if isinstance(value, Field) else Field(value)
         f.name, f.kw_only = name, kw_only
         found[name] = f  # a redeclared base field keeps its place
-    methods: dict[str, object] = {"__init__": _init, "__repr__": _repr, "__eq__": _eq,
-                                  "__hash__": _hash if frozen else None}
+    methods: dict[str, object] = {
+        "__init__": _init,
+        "__repr__": _repr,
+        "__eq__": _eq,
+        "__hash__": _hash if frozen else None,
+    }
     if frozen:
         methods |= {"__setattr__": _frozen_setattr, "__delattr__": _frozen_delattr}
     if clash := sorted(methods.keys() & own.keys()):
@@ -160,8 +182,10 @@ def _init(self: Any, *args: object, **kwargs: object) -> None:
     cls = type(self)
     layout: _Layout = getattr(cls, _LAYOUT)
     if len(args) > len(layout.positional):
-        raise TypeError(f"{cls.__qualname__}() takes {len(layout.positional)} positional "
-                        f"arguments but {len(args)} were given")
+        raise TypeError(
+            f"{cls.__qualname__}() takes {len(layout.positional)} positional "
+            f"arguments but {len(args)} were given"
+        )
     for name, value in zip(layout.positional, args, strict=False):
         if name in kwargs:
             raise TypeError(f"{cls.__qualname__}() got multiple values for argument {name!r}")
@@ -179,11 +203,14 @@ def _init(self: Any, *args: object, **kwargs: object) -> None:
             continue
         object.__setattr__(self, f.name, value)
     if kwargs:
-        raise TypeError(f"{cls.__qualname__}() got an unexpected keyword argument "
-                        f"{next(iter(kwargs))!r}")
+        raise TypeError(
+            f"{cls.__qualname__}() got an unexpected keyword argument {next(iter(kwargs))!r}"
+        )
     if missing:
-        raise TypeError(f"{cls.__qualname__}() missing {len(missing)} required argument"
-                        f"{'s' if len(missing) > 1 else ''}: {', '.join(missing)}")
+        raise TypeError(
+            f"{cls.__qualname__}() missing {len(missing)} required argument"
+            f"{'s' if len(missing) > 1 else ''}: {', '.join(missing)}"
+        )
     if layout.post_init:
         self.__post_init__()
 

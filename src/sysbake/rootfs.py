@@ -42,8 +42,7 @@ class ImageTreeError(SysbakeError):
 
 
 class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
-                ("resolve", ctypes.c_uint64)]
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -52,20 +51,29 @@ _syscall.restype = ctypes.c_long
 
 
 def _openat2(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
-    how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & os.O_CREAT else 0,
-                   _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
+    how = _OpenHow(
+        flags | os.O_CLOEXEC,
+        mode if flags & os.O_CREAT else 0,
+        _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS,
+    )
     while True:
-        fd = _syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd),
-                      ctypes.c_char_p(os.fsencode(path or ".")), ctypes.byref(how),
-                      ctypes.c_size_t(ctypes.sizeof(how)))
+        fd = _syscall(
+            ctypes.c_long(_SYS_OPENAT2),
+            ctypes.c_int(dirfd),
+            ctypes.c_char_p(os.fsencode(path or ".")),
+            ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)),
+        )
         if fd >= 0:
             return int(fd)
         err = ctypes.get_errno()
         if err == errno.EINTR:
             continue
         if err == errno.ENOSYS:
-            raise ImageTreeError("this kernel has no openat2(2) (Linux 5.6 or newer is needed "
-                                 "to resolve paths inside image trees safely)")
+            raise ImageTreeError(
+                "this kernel has no openat2(2) (Linux 5.6 or newer is needed "
+                "to resolve paths inside image trees safely)"
+            )
         kind = _Missing if err in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP) else OSError
         raise kind(err, os.strerror(err), path)
 
@@ -75,9 +83,14 @@ def _parts(path: str) -> list[str]:
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symlink"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symlink"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return name
     return "a regular file"
@@ -185,8 +198,9 @@ class Root:
                 continue
             hops += 1
             if hops > _MAX_HOPS:
-                raise ImageTreeError(f"image path /{path.lstrip('/')}: too many levels of "
-                                     "symbolic links")
+                raise ImageTreeError(
+                    f"image path /{path.lstrip('/')}: too many levels of symbolic links"
+                )
             if link.startswith("/"):
                 done = []
             todo = _parts(link) + todo
@@ -203,8 +217,10 @@ class Root:
         finally:
             os.close(probe)
         if not stat.S_ISREG(before.st_mode):
-            raise ImageTreeError(f"image path /{path.lstrip('/')}: expected a regular file, "
-                                 f"found {_kind(before.st_mode)}")
+            raise ImageTreeError(
+                f"image path /{path.lstrip('/')}: expected a regular file, "
+                f"found {_kind(before.st_mode)}"
+            )
         fd = self.open(path, flags | os.O_NONBLOCK)
         after = os.fstat(fd)
         if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
@@ -221,8 +237,11 @@ class Root:
         """Write `data` to the regular file `path` (created if missing, with `mode`, 0644
         by default; an existing file keeps its mode unless `mode` is given)."""
         if self.stat(path) is None:
-            fd = self.open(self.resolve(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                           | os.O_NOFOLLOW, 0o644 if mode is None else mode)
+            fd = self.open(
+                self.resolve(path),
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                0o644 if mode is None else mode,
+            )
         else:
             fd = self._open_regular(path, os.O_WRONLY | os.O_TRUNC)
         with os.fdopen(fd, "wb") as f:
@@ -246,8 +265,9 @@ class Root:
                 finally:
                     os.close(fd)
             elif not stat.S_ISDIR(st.st_mode):
-                raise ImageTreeError(f"image path /{here}: expected a directory, found "
-                                     f"{_kind(st.st_mode)}")
+                raise ImageTreeError(
+                    f"image path /{here}: expected a directory, found {_kind(st.st_mode)}"
+                )
 
     def symlink(self, target: str, path: str) -> None:
         """Make `path` a symlink to `target`, replacing whatever is there (a tree too)."""
@@ -339,8 +359,9 @@ class Root:
                         nxt.append(prefix + part)
                     continue
                 for name in self.listdir(base):
-                    if (not name.startswith(".") or part.startswith(".")) \
-                            and fnmatch.fnmatchcase(name, part):
+                    if (not name.startswith(".") or part.startswith(".")) and fnmatch.fnmatchcase(
+                        name, part
+                    ):
                         nxt.append(prefix + name)
             found = nxt
         return sorted(p for p in found if p)
@@ -388,16 +409,20 @@ class Root:
                 return
             if old is not None:
                 if stat.S_ISDIR(old.st_mode):
-                    raise ImageTreeError(f"image path /{target}: a directory, not replaced by "
-                                         f"{src} ({_kind(st.st_mode)})")
+                    raise ImageTreeError(
+                        f"image path /{target}: a directory, not replaced by "
+                        f"{src} ({_kind(st.st_mode)})"
+                    )
                 os.unlink(name, dir_fd=fd)
             if stat.S_ISLNK(st.st_mode):
                 os.symlink(os.readlink(src), name, dir_fd=fd)
             elif stat.S_ISREG(st.st_mode):
                 _copy_data(src, fd, name)
             else:
-                raise ImageTreeError(f"{src}: {_kind(st.st_mode)} is not copied into an image "
-                                     "(only files, directories and symlinks)")
+                raise ImageTreeError(
+                    f"{src}: {_kind(st.st_mode)} is not copied into an image "
+                    "(only files, directories and symlinks)"
+                )
             self._set_meta(fd, name, st, keep_owner)
         finally:
             os.close(fd)
@@ -469,8 +494,9 @@ def _walk_fd(fd: int, rel: str) -> Iterator[tuple[str, list[str], list[str], int
         yield rel, dirs, other, fd
         for name in dirs:
             try:
-                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                              dir_fd=fd)
+                sub = os.open(
+                    name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                )
             except OSError:  # gone, or a symlink swapped in: not walked
                 continue
             yield from _walk_fd(sub, f"{rel}/{name}" if rel else name)
@@ -484,8 +510,12 @@ def _copy_data(src: Path, dirfd: int, name: str) -> None:
     try:
         if not stat.S_ISREG(os.fstat(fin).st_mode):
             raise ImageTreeError(f"{src}: changed while copied (no longer a regular file)")
-        fout = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                       0o600, dir_fd=dirfd)
+        fout = os.open(
+            name,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=dirfd,
+        )
         try:
             while os.copy_file_range(fin, fout, 1 << 30):
                 pass
@@ -495,7 +525,7 @@ def _copy_data(src: Path, dirfd: int, name: str) -> None:
             while chunk := os.read(fin, 1 << 20):
                 view = memoryview(chunk)
                 while view:
-                    view = view[os.write(fout, view):]
+                    view = view[os.write(fout, view) :]
         finally:
             os.close(fout)
     finally:

@@ -15,11 +15,17 @@ import pytest
 from helpers import EXAMPLE, TEST_ROOT, new_store, sysbake
 from services import docker_daemon, fixture, podman_store
 
+NEEDS_ROOT = "integration tests need root (they bootstrap, mount and boot containers)"
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the integration tests; without root, skip them with the reason (unit tests run)."""
+    not_root = os.geteuid() != 0
     for item in items:
-        if "tests/integration/" in str(item.fspath):
+        if "tests/integration/" in str(item.path):
             item.add_marker(pytest.mark.integration)
+            if not_root:
+                item.add_marker(pytest.mark.skip(reason=NEEDS_ROOT))
 
 
 # A test run started in the background by a non-interactive shell inherits SIGINT ignored,
@@ -27,12 +33,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # SIG_IGN) is reset to the default in each child at exec.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _root_only() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("integration tests need root (they bootstrap, mount and boot containers)")
 
 
 @pytest.fixture(scope="session")

@@ -14,15 +14,21 @@ SYSBAKE = [sys.executable, "-m", "sysbake.cli"]
 TEST_ROOT = Path(os.environ.get("SYSBAKE_TEST_ROOT", "/var/tmp/sysbake-test"))
 
 
-def sysbake(*args: str | os.PathLike[str], store: Path, check: bool = True,
-            timeout: float = 1800, **kw: object) -> subprocess.CompletedProcess[str]:
+def sysbake(
+    *args: str | os.PathLike[str],
+    store: Path,
+    check: bool = True,
+    timeout: float = 1800,
+    **kw: object,
+) -> subprocess.CompletedProcess[str]:
     """Run the sysbake CLI against `store`; output captured as text."""
     cmd = [*SYSBAKE, "--store", str(store), *map(str, args)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                            check=False, **kw)  # type: ignore[call-overload]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, **kw)  # type: ignore[call-overload]
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n"
-                             f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {result.returncode}\n"
+            f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
     return result  # type: ignore[no-any-return]
 
 

@@ -42,16 +42,18 @@ _CHUNK = 1 << 20
 def web_build(shared_store: Path, base_image: str) -> subprocess.CompletedProcess[str]:
     """`sysbake build --json --test examples/web` (once per run; its exit status is for the
     test of the example to judge: the image is tagged before it is tested)."""
-    return sysbake("build", "--json", "--test", EXAMPLE, store=shared_store, check=False,
-                   timeout=3600)
+    return sysbake(
+        "build", "--json", "--test", EXAMPLE, store=shared_store, check=False, timeout=3600
+    )
 
 
 @pytest.fixture(scope="session")
 def web_image(web_build: subprocess.CompletedProcess[str], shared_store: Path) -> str:
     """The example's `web:latest` in the shared store."""
     if WEB not in image_refs(shared_store):
-        pytest.fail(f"the example did not build (exit {web_build.returncode}):\n"
-                    f"{web_build.stderr[-4000:]}")
+        pytest.fail(
+            f"the example did not build (exit {web_build.returncode}):\n{web_build.stderr[-4000:]}"
+        )
     return WEB
 
 
@@ -61,8 +63,11 @@ def web_image(web_build: subprocess.CompletedProcess[str], shared_store: Path) -
 def copy_example(dest: Path, tag: str) -> Path:
     """A copy of examples/web at `dest` whose `web` image is tagged `tag` (not web:latest)."""
     shutil.copytree(EXAMPLE, dest)
-    edit(dest / "sysbake.toml", '[images.web]\nfrom = "base"\n',
-         f'[images.web]\nfrom = "base"\ntag = "{tag}"\n')
+    edit(
+        dest / "sysbake.toml",
+        '[images.web]\nfrom = "base"\n',
+        f'[images.web]\nfrom = "base"\ntag = "{tag}"\n',
+    )
     return dest
 
 
@@ -114,13 +119,18 @@ def runtime_salt(store: Path) -> str:
 
 def runc_ids(store: Path) -> frozenset[str]:
     """runc container IDs of this store's containers."""
-    result = subprocess.run(["runc", "--root", RUNC_ROOT, "list", "--format", "json"],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["runc", "--root", RUNC_ROOT, "list", "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode != 0:
         return frozenset()
     suffix = "." + runtime_salt(store)
-    return frozenset(c["id"] for c in json.loads(result.stdout or "null") or []
-                     if c["id"].endswith(suffix))
+    return frozenset(
+        c["id"] for c in json.loads(result.stdout or "null") or [] if c["id"].endswith(suffix)
+    )
 
 
 def containers(store: Path) -> frozenset[str]:
@@ -180,8 +190,9 @@ def running(store: Path, ref: str) -> Iterator[str]:
         sysbake("rm", "-f", name, store=store, check=False, timeout=120)
 
 
-def exec_in(store: Path, name: str, *command: str,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
+def exec_in(
+    store: Path, name: str, *command: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     return sysbake("exec", "-T", name, *command, store=store, check=check, timeout=300)
 
 
@@ -216,7 +227,7 @@ def stream_contains(stream: Readable, needle: bytes) -> bool:
         data = tail + chunk
         if needle in data:
             return True
-        tail = data[-(len(needle) - 1):]
+        tail = data[-(len(needle) - 1) :]
     return False
 
 
@@ -238,14 +249,18 @@ def layer_entries(store: Path, ref: str) -> list[list[str]]:
     """The entry names of each of the image's layer tars, bottom to top."""
     out = []
     for digest in layer_digests(store, ref):
-        with plain(blob_path(store, digest)) as f, \
-                tarfile.open(fileobj=cast(IO[bytes], f), mode="r|") as tar:
+        with (
+            plain(blob_path(store, digest)) as f,
+            tarfile.open(fileobj=cast(IO[bytes], f), mode="r|") as tar,
+        ):
             out.append([m.name.removeprefix("./") for m in tar])
     return out
 
 
 def salt_traces(names: list[str]) -> list[str]:
     """Entries of a layer that only Salt or a step's inputs would have put there."""
-    pattern = re.compile(r"^(opt/sysbake|etc/salt|run/sysbake|var/cache/salt|var/log/salt|"
-                         r"srv/(salt|pillar))(/|$)|(^|/)salt-(call|minion)$")
+    pattern = re.compile(
+        r"^(opt/sysbake|etc/salt|run/sysbake|var/cache/salt|var/log/salt|"
+        r"srv/(salt|pillar))(/|$)|(^|/)salt-(call|minion)$"
+    )
     return [n for n in names if pattern.search(n.rstrip("/"))]

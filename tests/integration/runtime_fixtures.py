@@ -68,8 +68,7 @@ class RuntimeImages:
         return self.store / "containers"
 
 
-def _unit_layer(store: Store, tree: Path, units: dict[str, str],
-                wants: dict[str, str]) -> Layer:
+def _unit_layer(store: Store, tree: Path, units: dict[str, str], wants: dict[str, str]) -> Layer:
     systemd = tree / "etc/systemd/system"
     systemd.mkdir(parents=True)
     for name, text in units.items():
@@ -104,18 +103,26 @@ def _with(config: dict[str, Any], layers: tuple[Layer, ...], **changes: Any) -> 
 
 
 @pytest.fixture(scope="session")
-def runtime_images(request: pytest.FixtureRequest,
-                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeImages]:
+def runtime_images(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RuntimeImages]:
     """The runtime test images (built once per run); containers left over are removed."""
     store = Store(request.getfixturevalue("shared_store")).ensure()
     base = store.resolve(request.getfixturevalue("base_image"))
     base_layers, base_config = base.layers, base.config
     work = tmp_path_factory.mktemp("rt-layers")
-    failing = _unit_layer(store, work / "failing", {"sysbake-fail.service": _FAILING_UNIT},
-                          {"sysbake-fail.service": "multi-user.target"})
-    echo = _unit_layer(store, work / "echo", {"sysbake-echo.socket": _ECHO_SOCKET,
-                                              "sysbake-echo@.service": _ECHO_SERVICE},
-                       {"sysbake-echo.socket": "sockets.target"})
+    failing = _unit_layer(
+        store,
+        work / "failing",
+        {"sysbake-fail.service": _FAILING_UNIT},
+        {"sysbake-fail.service": "multi-user.target"},
+    )
+    echo = _unit_layer(
+        store,
+        work / "echo",
+        {"sysbake-echo.socket": _ECHO_SOCKET, "sysbake-echo@.service": _ECHO_SERVICE},
+        {"sysbake-echo.socket": "sockets.target"},
+    )
     no_init = _no_init_layer(store, work / "no-init", store.layer_tree(base_layers[-1]))
     images = RuntimeImages(store.root)
     for ref, layers, changes in (
@@ -123,9 +130,14 @@ def runtime_images(request: pytest.FixtureRequest,
         (images.failing, (*base_layers, failing), {}),
         (images.echo, (*base_layers, echo), {}),
         (images.nosystemd, (*base_layers, no_init), {}),
-        (images.trap, base_layers,
-         {"Cmd": ["sh", "-c", "trap '' 37; echo trapping; sleep 1000"],
-          "StopSignal": "SIGRTMIN+3"}),
+        (
+            images.trap,
+            base_layers,
+            {
+                "Cmd": ["sh", "-c", "trap '' 37; echo trapping; sleep 1000"],
+                "StopSignal": "SIGRTMIN+3",
+            },
+        ),
     ):
         store.tag(ref, store.put_image(_with(base_config, layers, **changes), layers))
     yield images

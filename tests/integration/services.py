@@ -62,15 +62,29 @@ def scratch_dir(prefix: str, base: Path | None = None) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=base or SCRATCH))
 
 
-def run(cmd: Sequence[str | os.PathLike[str]], *, env: dict[str, str] | None = None,
-        check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: Sequence[str | os.PathLike[str]],
+    *,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess[str]:
     """Run a command, text out; a failure raises ServiceError with its output."""
     argv = [os.fspath(c) for c in cmd]
-    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
-                            check=False, stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        argv,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
     if check and result.returncode != 0:
-        raise ServiceError(f"{' '.join(argv)} exited {result.returncode}\n"
-                           f"stdout: {result.stdout[-2000:]}\nstderr: {result.stderr[-2000:]}")
+        raise ServiceError(
+            f"{' '.join(argv)} exited {result.returncode}\n"
+            f"stdout: {result.stdout[-2000:]}\nstderr: {result.stderr[-2000:]}"
+        )
     return result
 
 
@@ -149,8 +163,14 @@ def release(root: Path) -> None:
     run(["rm", "-rf", "--one-file-system", root], timeout=600)  # faster than shutil.rmtree
 
 
-def wait_until(ready: Callable[[], bool], *, timeout: float, what: str,
-               child: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
+def wait_until(
+    ready: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    child: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+) -> None:
     """Poll `ready()` until true; fail early if `child` died, naming its log's tail."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -178,24 +198,36 @@ class _Engine:
     def client(self) -> list[str]:
         raise NotImplementedError
 
-    def cli(self, *args: str, check: bool = True,
-            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
         return run([*self.client, *args], env=self.env, check=check, timeout=timeout)
 
     def import_rootfs(self, rootfs: Path, ref: str, *, cmd: Sequence[str] = (INIT,)) -> str:
         """`<client> import` a root directory as image `ref` (the tree is only read)."""
-        with subprocess.Popen(["tar", "-C", os.fspath(rootfs), "-c", "."],
-                              stdout=subprocess.PIPE) as tar:
+        with subprocess.Popen(
+            ["tar", "-C", os.fspath(rootfs), "-c", "."], stdout=subprocess.PIPE
+        ) as tar:
             result = subprocess.run(
                 [*self.client, "import", "-c", f"CMD {json.dumps(list(cmd))}", "-", ref],
-                stdin=tar.stdout, capture_output=True, text=True, env=self.env, timeout=600,
-                check=False)
+                stdin=tar.stdout,
+                capture_output=True,
+                text=True,
+                env=self.env,
+                timeout=600,
+                check=False,
+            )
         if tar.returncode != 0 or result.returncode != 0:  # e.g. no such rootfs
             raise ServiceError(f"importing {rootfs} as {ref} failed: {result.stderr[-2000:]}")
         return result.stdout.strip().splitlines()[-1]
 
-    def run_systemd(self, image: str, flags: Sequence[str], *,
-                    extra: Sequence[str] = ("--network", "none", "--pull", "never")) -> str:
+    def run_systemd(
+        self,
+        image: str,
+        flags: Sequence[str],
+        *,
+        extra: Sequence[str] = ("--network", "none", "--pull", "never"),
+    ) -> str:
         """Start `image` detached with `flags` (plus `extra`: no network, and never a pull
         from a registry); returns the container ID."""
         return self.cli("run", "-d", *extra, *flags, image, timeout=120).stdout.strip()
@@ -211,19 +243,32 @@ class _Engine:
         while time.monotonic() < deadline:
             if not self.running(container):
                 logs = self.cli("logs", container, check=False)
-                raise ServiceError(f"container {container[:12]} exited while booting\n"
-                                   f"{(logs.stdout + logs.stderr)[-2000:]}")
-            state = self.cli("exec", container, "systemctl", "is-system-running",
-                             check=False).stdout.strip()
+                raise ServiceError(
+                    f"container {container[:12]} exited while booting\n"
+                    f"{(logs.stdout + logs.stderr)[-2000:]}"
+                )
+            state = self.cli(
+                "exec", container, "systemctl", "is-system-running", check=False
+            ).stdout.strip()
             if state in ("running", "degraded"):
                 return state
             time.sleep(0.3)
-        raise ServiceError(f"container {container[:12]} still {state!r} after {timeout:.0f}s; "
-                           f"failed units: {self.failed_units(container)}")
+        raise ServiceError(
+            f"container {container[:12]} still {state!r} after {timeout:.0f}s; "
+            f"failed units: {self.failed_units(container)}"
+        )
 
     def failed_units(self, container: str) -> list[str]:
-        out = self.cli("exec", container, "systemctl", "list-units", "--failed", "--plain",
-                       "--no-legend", check=False).stdout
+        out = self.cli(
+            "exec",
+            container,
+            "systemctl",
+            "list-units",
+            "--failed",
+            "--plain",
+            "--no-legend",
+            check=False,
+        ).stdout
         return [line.split()[0] for line in out.splitlines() if line.strip()]
 
     def stop(self, container: str, *, timeout: int = 30) -> int:
@@ -276,24 +321,48 @@ def docker_daemon(base: Path | None = None, *, timeout: float = 60) -> Iterator[
     (root / "daemon.json").write_text("{}\n")
     (root / "client").mkdir()
     logfile = root / "dockerd.log"
-    argv = [DOCKERD, "--config-file", f"{root}/daemon.json",
-            "--exec-opt", "native.cgroupdriver=cgroupfs",
-            "--iptables=false", "--ip-forward=false", "--bridge=none",
-            "--data-root", f"{root}/data", "--exec-root", f"{root}/exec",
-            "--pidfile", f"{root}/docker.pid", "-H", f"unix://{sock}"]
+    argv = [
+        DOCKERD,
+        "--config-file",
+        f"{root}/daemon.json",
+        "--exec-opt",
+        "native.cgroupdriver=cgroupfs",
+        "--iptables=false",
+        "--ip-forward=false",
+        "--bridge=none",
+        "--data-root",
+        f"{root}/data",
+        "--exec-root",
+        f"{root}/exec",
+        "--pidfile",
+        f"{root}/docker.pid",
+        "-H",
+        f"unix://{sock}",
+    ]
     child = None
     try:
         with open(logfile, "wb") as log:
-            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                     stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=_term_with_parent)
+            child = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_term_with_parent,
+            )
         host = f"unix://{sock}"
         env = {**os.environ, "DOCKER_HOST": host, "DOCKER_CONFIG": str(root / "client")}
         env.pop("DOCKER_CONTEXT", None)
-        service = DockerService(env=env, root=root, host=host,
-                                docker=[_docker_client(), "-H", host], pid=child.pid)
-        wait_until(service.answers, timeout=timeout,
-                   what=f"dockerd (pid {child.pid})", child=child, log=logfile)
+        service = DockerService(
+            env=env, root=root, host=host, docker=[_docker_client(), "-H", host], pid=child.pid
+        )
+        wait_until(
+            service.answers,
+            timeout=timeout,
+            what=f"dockerd (pid {child.pid})",
+            child=child,
+            log=logfile,
+        )
         try:
             yield service
         finally:
@@ -322,9 +391,11 @@ def podman_store(base: Path | None = None) -> Iterator[PodmanService]:
         f'events_logfile_path = "{root}/events.log"\n'
         f'tmp_dir = "{root}/tmp"\nstatic_dir = "{root}/graph/libpod"\n'
         f'volume_path = "{root}/graph/volumes"\n\n'
-        f'[network]\nnetwork_config_dir = "{root}/networks"\n')
-    storage.write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{root}/graph"\n'
-                       f'runroot = "{root}/run"\n')
+        f'[network]\nnetwork_config_dir = "{root}/networks"\n'
+    )
+    storage.write_text(
+        f'[storage]\ndriver = "overlay"\ngraphroot = "{root}/graph"\nrunroot = "{root}/run"\n'
+    )
     env = {**os.environ, "CONTAINERS_CONF": str(conf), "CONTAINERS_STORAGE_CONF": str(storage)}
     service = PodmanService(env=env, root=root)
     try:
@@ -364,7 +435,8 @@ class RegistryService:
             request.add_header("Authorization", f"Basic {token}")
         context = ssl.create_default_context(cafile=str(self.ca_cert)) if self.ca_cert else None
         opener = urllib.request.build_opener(
-            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+        )
         try:
             with opener.open(request, timeout=10) as response:
                 return int(response.status), bytes(response.read())
@@ -392,8 +464,12 @@ def bcrypt_hash(password: str) -> str:
         raise ServiceError("libcrypt not found (Debian package libcrypt1)")
     libcrypt = ctypes.CDLL(name)
     libcrypt.crypt_gensalt.restype = libcrypt.crypt.restype = ctypes.c_char_p
-    libcrypt.crypt_gensalt.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p,
-                                       ctypes.c_int]
+    libcrypt.crypt_gensalt.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_ulong,
+        ctypes.c_char_p,
+        ctypes.c_int,
+    ]
     libcrypt.crypt.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
     salt = libcrypt.crypt_gensalt(b"$2b$", 10, None, 0)
     hashed = libcrypt.crypt(password.encode(), salt) if salt else None
@@ -405,18 +481,38 @@ def bcrypt_hash(password: str) -> str:
 def _self_signed(root: Path) -> tuple[Path, Path, Path]:
     """A certificate for 127.0.0.1, its key, and a certs dir holding it as ca.crt."""
     cert, key, certs = root / "registry.crt", root / "registry.key", root / "certs"
-    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-         "-keyout", key, "-out", cert], timeout=60)
+    run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+        ],
+        timeout=60,
+    )
     certs.mkdir()
     shutil.copy(cert, certs / "ca.crt")
     return cert, key, certs
 
 
 @contextlib.contextmanager
-def registry_server(base: Path | None = None, *, auth: bool = False, tls: bool = False,
-                    timeout: float = 30) -> Iterator[RegistryService]:
+def registry_server(
+    base: Path | None = None, *, auth: bool = False, tls: bool = False, timeout: float = 30
+) -> Iterator[RegistryService]:
     """docker-registry (distribution 2.8) on 127.0.0.1:<free port>, filesystem storage,
     optionally with htpasswd auth (user "sysbake", random password) and a self-signed TLS
     certificate (`ca_cert`; `certs_dir` holds it as ca.crt for skopeo --cert-dir)."""
@@ -428,16 +524,17 @@ def registry_server(base: Path | None = None, *, auth: bool = False, tls: bool =
         config: dict[str, Any] = {
             "version": 0.1,
             "log": {"level": "warn", "accesslog": {"disabled": True}},
-            "storage": {"filesystem": {"rootdirectory": str(root / "data")},
-                        "delete": {"enabled": True}},
+            "storage": {
+                "filesystem": {"rootdirectory": str(root / "data")},
+                "delete": {"enabled": True},
+            },
             "http": {"secret": secrets.token_hex(16)},
         }
         username = password = None
         if auth:
             username, password = "sysbake", secrets.token_urlsafe(12)
             (root / "htpasswd").write_text(f"{username}:{bcrypt_hash(password)}\n")
-            config["auth"] = {"htpasswd": {"realm": "sysbake-test",
-                                           "path": str(root / "htpasswd")}}
+            config["auth"] = {"htpasswd": {"realm": "sysbake-test", "path": str(root / "htpasswd")}}
         ca_cert = certs_dir = None
         if tls:
             ca_cert, key, certs_dir = _self_signed(root)
@@ -449,18 +546,33 @@ def registry_server(base: Path | None = None, *, auth: bool = False, tls: bool =
             # JSON is YAML: no YAML library needed.
             (root / "config.yml").write_text(json.dumps(config, indent=1))
             with open(logfile, "wb") as log:
-                child = subprocess.Popen([REGISTRY, "serve", str(root / "config.yml")],
-                                         stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=_term_with_parent)
+                child = subprocess.Popen(
+                    [REGISTRY, "serve", str(root / "config.yml")],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_term_with_parent,
+                )
             scheme = "https" if tls else "http"
-            service = RegistryService(address=f"127.0.0.1:{port}",
-                                      url=f"{scheme}://127.0.0.1:{port}", root=root,
-                                      pid=child.pid, username=username, password=password,
-                                      ca_cert=ca_cert, certs_dir=certs_dir)
+            service = RegistryService(
+                address=f"127.0.0.1:{port}",
+                url=f"{scheme}://127.0.0.1:{port}",
+                root=root,
+                pid=child.pid,
+                username=username,
+                password=password,
+                ca_cert=ca_cert,
+                certs_dir=certs_dir,
+            )
             try:
-                wait_until(service.answers, timeout=timeout,
-                           what=f"docker-registry (pid {child.pid})", child=child, log=logfile)
+                wait_until(
+                    service.answers,
+                    timeout=timeout,
+                    what=f"docker-registry (pid {child.pid})",
+                    child=child,
+                    log=logfile,
+                )
             except ServiceError:
                 stop_child(child)
                 if attempt == 2 or "address already in use" not in logfile.read_text():
@@ -477,8 +589,13 @@ def registry_server(base: Path | None = None, *, auth: bool = False, tls: bool =
 # -- pytest glue -----------------------------------------------------------------------------------
 
 
-def fixture(factory: Callable[..., contextlib.AbstractContextManager[Any]], *,
-            scope: str = "session", name: str | None = None, **kwargs: Any) -> Any:
+def fixture(
+    factory: Callable[..., contextlib.AbstractContextManager[Any]],
+    *,
+    scope: str = "session",
+    name: str | None = None,
+    **kwargs: Any,
+) -> Any:
     """A pytest fixture (of `scope`) yielding `factory(**kwargs)`'s service, stopped after."""
 
     def _fixture() -> Iterator[Any]:

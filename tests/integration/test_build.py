@@ -20,8 +20,9 @@ def _stages(result: subprocess.CompletedProcess[str]) -> list[dict[str, object]]
     return [s for image in doc["images"] for s in image["stages"]]
 
 
-def test_first_build_bootstraps_and_tags(first_build: subprocess.CompletedProcess[str],
-                                         shared_store: Path) -> None:
+def test_first_build_bootstraps_and_tags(
+    first_build: subprocess.CompletedProcess[str], shared_store: Path
+) -> None:
     stages = _stages(first_build)
     assert [(s["stage"], s["reused"]) for s in stages] == [("bootstrap", False)]
     images = json.loads(sysbake("images", "--json", store=shared_store).stdout)
@@ -31,12 +32,15 @@ def test_first_build_bootstraps_and_tags(first_build: subprocess.CompletedProces
     assert table[1].split()[:2] == ["base", "latest"]
 
 
-def test_second_build_rebuilds_nothing(first_build: subprocess.CompletedProcess[str],
-                                       shared_store: Path) -> None:
+def test_second_build_rebuilds_nothing(
+    first_build: subprocess.CompletedProcess[str], shared_store: Path
+) -> None:
     again = sysbake("build", "--json", "-t", "base", EXAMPLE, store=shared_store)
     assert all(s["reused"] for s in _stages(again))
-    assert json.loads(again.stdout)["images"][0]["id"] == \
-        json.loads(first_build.stdout)["images"][0]["id"]
+    assert (
+        json.loads(again.stdout)["images"][0]["id"]
+        == json.loads(first_build.stdout)["images"][0]["id"]
+    )
     explained = sysbake("build", "--explain", "-t", "base", EXAMPLE, store=shared_store)
     assert explained.stdout.strip() == "base: bootstrap: reused"
 
@@ -77,14 +81,17 @@ def _assert_clean(store: Path) -> None:
     ("bootstrap", "message"),
     [
         ({"suite": '"bookwurm"'}, "bootstrap bookwurm: "),
-        ({"packages": '["sysbake-no-such-package"]'},
-         "Unable to locate package sysbake-no-such-package"),
+        (
+            {"packages": '["sysbake-no-such-package"]'},
+            "Unable to locate package sysbake-no-such-package",
+        ),
         ({"mirror": '"http://127.0.0.1:9/debian"'}, "bootstrap bookworm: "),
     ],
     ids=["unknown-suite", "unknown-package", "mirror-refuses"],
 )
-def test_bad_bootstrap_input_is_one_clear_line(tmp_path: Path, bootstrap: dict[str, str],
-                                               message: str) -> None:
+def test_bad_bootstrap_input_is_one_clear_line(
+    tmp_path: Path, bootstrap: dict[str, str], message: str
+) -> None:
     store = new_store(tmp_path / "store")
     project = _project(tmp_path, **bootstrap)
     result = sysbake("build", project, store=store, check=False)
@@ -114,8 +121,11 @@ def test_full_disk_is_reported_and_leaves_the_store_usable(tmp_path: Path) -> No
 
 
 def _start_build(project: Path, store: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([*SYSBAKE, "--store", str(store), "build", str(project)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [*SYSBAKE, "--store", str(store), "build", str(project)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _wait_for(predicate: object, timeout: float = 300) -> None:
@@ -133,19 +143,29 @@ def test_kill_9_mid_bootstrap_and_mid_blob_write(tmp_path: Path) -> None:
 
     # 1. kill -9 while mmdebstrap runs: the bootstrap dies with us, its mounts with it.
     build = _start_build(project, store)
-    _wait_for(lambda: subprocess.run(["pgrep", "-f", f"mmdebstrap.*{store}"],
-                                     capture_output=True).returncode == 0)
+    _wait_for(
+        lambda: (
+            subprocess.run(["pgrep", "-f", f"mmdebstrap.*{store}"], capture_output=True).returncode
+            == 0
+        )
+    )
     time.sleep(3)  # well into the bootstrap (mounts made, packages unpacking)
     os.kill(build.pid, signal.SIGKILL)
     build.wait()
-    _wait_for(lambda: subprocess.run(["pgrep", "-f", str(store)],
-                                     capture_output=True).returncode == 1, timeout=30)
+    _wait_for(
+        lambda: subprocess.run(["pgrep", "-f", str(store)], capture_output=True).returncode == 1,
+        timeout=30,
+    )
     assert str(store) not in Path("/proc/self/mountinfo").read_text()
 
     # 2. kill -9 while the layer blob is being written.
     build = _start_build(project, store)
-    _wait_for(lambda: any(p.name.startswith("blob-") and p.stat().st_size > 0
-                          for p in (store / "tmp").glob("blob-*")))
+    _wait_for(
+        lambda: any(
+            p.name.startswith("blob-") and p.stat().st_size > 0
+            for p in (store / "tmp").glob("blob-*")
+        )
+    )
     os.kill(build.pid, signal.SIGKILL)
     build.wait()
     assert json.loads(sysbake("images", "--json", store=store).stdout) == []

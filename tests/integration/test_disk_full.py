@@ -16,6 +16,8 @@ from helpers import EXAMPLE, new_store, sysbake
 from provision_fixtures import StoreState, write_project
 from services import mounts_under, unmount_under
 
+from tests.unit.conftest import put_image
+
 
 def _errors(result: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("sysbake: error:")]
@@ -27,8 +29,9 @@ def tiny_store(tmp_path: Path) -> Iterator[Path]:
     cache (on another file system) so that nothing has to be downloaded."""
     mount = tmp_path / "orp-full"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "orp-full",
-                    str(mount)], check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "orp-full", str(mount)], check=True
+    )
     try:
         yield new_store(mount)
     finally:
@@ -36,15 +39,16 @@ def tiny_store(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_a_bootstrap_into_a_full_store_is_one_line(tiny_store: Path) -> None:
-    result = sysbake("build", "-t", "base", EXAMPLE, store=tiny_store, check=False,
-                     timeout=1800)
+    result = sysbake("build", "-t", "base", EXAMPLE, store=tiny_store, check=False, timeout=1800)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     errors = _errors(result)
     assert len(errors) == 1, result.stderr[-3000:]
     error = errors[0]
-    assert error.startswith("sysbake: error: bootstrap bookworm: no space left on device "
-                            f"writing {tiny_store}/tmp/bootstrap-"), error
+    assert error.startswith(
+        "sysbake: error: bootstrap bookworm: no space left on device "
+        f"writing {tiny_store}/tmp/bootstrap-"
+    ), error
     # Then the line of apt, tar or dpkg (whichever filled it first) that met it.
     assert "No space left on device" in error.split("/rootfs: ", 1)[1], error
     # Consistent: readable, nothing tagged, staged, mounted or running.
@@ -79,8 +83,9 @@ dpkg -i /tmp/orp-big.deb || { for i in 1 2 3 4 5 6 7 8; do echo "fallout $i"; do
 """
 
 
-def test_dpkg_filling_the_disk_in_a_step_is_one_line(shared_store: Path, base_image: str,
-                                                     tmp_path: Path) -> None:
+def test_dpkg_filling_the_disk_in_a_step_is_one_line(
+    shared_store: Path, base_image: str, tmp_path: Path
+) -> None:
     project = write_project(tmp_path / "full", {"sysbake.toml": DPKG_FILLS_THE_DISK})
     before = StoreState.of(shared_store)
     result = sysbake("build", project, store=shared_store, check=False, timeout=900)
@@ -88,8 +93,9 @@ def test_dpkg_filling_the_disk_in_a_step_is_one_line(shared_store: Path, base_im
     assert "Traceback" not in result.stderr
     errors = _errors(result)
     assert len(errors) == 1, result.stderr[-3000:]
-    assert errors[0].startswith("sysbake: error: orp-full: packages: no space left on "
-                                "device: "), errors[0]
+    assert errors[0].startswith("sysbake: error: orp-full: packages: no space left on device: "), (
+        errors[0]
+    )
     assert "'/usr/share/orp-big/blob.dpkg-new'" in errors[0], errors[0]
     assert "fallout" not in errors[0]
     StoreState.of(shared_store).assert_same_as(before)
@@ -119,10 +125,8 @@ def _tiny_image(store_path: Path, work: Path) -> str:
     (tree / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (tree / "etc" / "group").write_text("root:x:0:\n")
     store = Store(store_path).ensure()
-    layer = commit_tree(store, tree, compression="none")
-    config = {"architecture": "amd64", "os": "linux", "config": {},
-              "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]}}
-    return store.tag("orp-tiny:latest", store.put_image(config, (layer,)))
+    put_image(store, commit_tree(store, tree, compression="none"), ref="orp-tiny:latest")
+    return "orp-tiny:latest"
 
 
 def test_a_layer_that_fills_the_store_is_one_line(tiny_store: Path, tmp_path: Path) -> None:

@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 from services import DockerService, PodmanService
 
-from sysbake.build.finalize import OciSettings, image_config
+from sysbake.build.finalize import image_config
 from sysbake.oci import model as oci
 from sysbake.oci.export import ExportError, export_image
 from sysbake.oci.layers.commit import commit_tree
 from sysbake.oci.model import Image, Layer
 from sysbake.oci.store import Store
+from sysbake.project.specs import OciConfigSpec
 
 pytestmark = pytest.mark.integration
 
@@ -45,19 +46,23 @@ class Images:
 
 
 def _put(store: Store, ref: str, layers: tuple[Layer, ...]) -> Image:
-    config = image_config(OciSettings(), architecture="amd64",
-                          diff_ids=[la.diff_id for la in layers],
-                          history=[{"created": CREATED, "created_by": "export test"}
-                                   for _ in layers],
-                          created=CREATED, labels={})
+    config = image_config(
+        OciConfigSpec(),
+        architecture="amd64",
+        diff_ids=[la.diff_id for la in layers],
+        history=[{"created": CREATED, "created_by": "export test"} for _ in layers],
+        created=CREATED,
+        labels={},
+    )
     image = store.put_image(config, layers)
     store.tag(ref, image)
     return image
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory, shared_store: Path,
-           base_image: str) -> Iterator[Images]:
+def images(
+    tmp_path_factory: pytest.TempPathFactory, shared_store: Path, base_image: str
+) -> Iterator[Images]:
     shared = Store(shared_store)
     rootfs = shared.layer_tree(shared.resolve(base_image).layers[0])
     assert (rootfs / "lib/systemd/systemd").exists(), f"{rootfs} is not a systemd tree"
@@ -83,11 +88,17 @@ def scratch(tmp_path: Path) -> Iterator[Path]:
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-def run(*cmd: str | os.PathLike[str], env: dict[str, str] | None = None,
-        timeout: float = 600) -> str:
-    result = subprocess.run([os.fspath(c) for c in cmd], capture_output=True, text=True,
-                            env=None if env is None else {**os.environ, **env},
-                            timeout=timeout, check=False)
+def run(
+    *cmd: str | os.PathLike[str], env: dict[str, str] | None = None, timeout: float = 600
+) -> str:
+    result = subprocess.run(
+        [os.fspath(c) for c in cmd],
+        capture_output=True,
+        text=True,
+        env=None if env is None else {**os.environ, **env},
+        timeout=timeout,
+        check=False,
+    )
     assert result.returncode == 0, f"{cmd} exited {result.returncode}: {result.stderr}"
     return result.stdout
 
@@ -108,8 +119,13 @@ def tree_listing(root: Path) -> dict[str, str]:
             path = Path(dirpath, name)
             st = path.lstat()
             kind = stat.S_IFMT(st.st_mode)
-            detail = os.readlink(path) if stat.S_ISLNK(st.st_mode) else \
-                str(st.st_size) if stat.S_ISREG(st.st_mode) else ""
+            detail = (
+                os.readlink(path)
+                if stat.S_ISLNK(st.st_mode)
+                else str(st.st_size)
+                if stat.S_ISREG(st.st_mode)
+                else ""
+            )
             out[str(path.relative_to(root))] = f"{kind:o} {stat.S_IMODE(st.st_mode):o} {detail}"
     return out
 
@@ -117,8 +133,7 @@ def tree_listing(root: Path) -> dict[str, str]:
 # -- OCI layout and oci-archive ------------------------------------------------------------
 
 
-def test_oci_layout_reads_in_skopeo_and_unpacks_in_umoci(images: Images,
-                                                         scratch: Path) -> None:
+def test_oci_layout_reads_in_skopeo_and_unpacks_in_umoci(images: Images, scratch: Path) -> None:
     layout = scratch / "layout"
     export_image(images.store, TWO, "oci", layout)
     export_image(images.store, ONE, "oci", layout)
@@ -136,8 +151,9 @@ def test_oci_layout_reads_in_skopeo_and_unpacks_in_umoci(images: Images,
     assert (rootfs / "usr/share/doc").is_dir()
 
 
-def test_oci_archive_reads_in_skopeo_and_loads_in_podman(images: Images, podman: PodmanService,
-                                                         scratch: Path) -> None:
+def test_oci_archive_reads_in_skopeo_and_loads_in_podman(
+    images: Images, podman: PodmanService, scratch: Path
+) -> None:
     archive = export_image(images.store, TWO, "oci-archive", scratch / "two.tar")
     info = json.loads(run("skopeo", "inspect", f"oci-archive:{archive}:{TWO}"))
     assert info["Digest"] == images.two.manifest.digest
@@ -145,8 +161,9 @@ def test_oci_archive_reads_in_skopeo_and_loads_in_podman(images: Images, podman:
     assert load(podman, archive, f"localhost/{TWO}")[1] == oci.hex_of(images.two.id)
 
 
-def test_zstd_layers_read_in_skopeo_and_load_in_podman(images: Images, podman: PodmanService,
-                                                        scratch: Path) -> None:
+def test_zstd_layers_read_in_skopeo_and_load_in_podman(
+    images: Images, podman: PodmanService, scratch: Path
+) -> None:
     # umoci 0.4 cannot read zstd layers; podman 4 and containerd can.
     layout = export_image(images.store, TWO, "oci", scratch / "layout", "zstd")
     info = json.loads(run("skopeo", "inspect", "--config", f"oci:{layout}:{TWO}"))
@@ -170,14 +187,16 @@ def load(engine: DockerService | PodmanService, archive: Path, name: str) -> tup
         engine.cli("rmi", name, check=False)
 
 
-def test_docker_archive_loads_in_podman(images: Images, podman: PodmanService,
-                                        scratch: Path) -> None:
+def test_docker_archive_loads_in_podman(
+    images: Images, podman: PodmanService, scratch: Path
+) -> None:
     archive = export_image(images.store, TWO, "docker-archive", scratch / "two.tar")
     assert load(podman, archive, f"localhost/{TWO}")[1] == oci.hex_of(images.two.id)
 
 
-def test_docker_archive_loads_in_docker(images: Images, dockerd: DockerService,
-                                        scratch: Path) -> None:
+def test_docker_archive_loads_in_docker(
+    images: Images, dockerd: DockerService, scratch: Path
+) -> None:
     archive = export_image(images.store, TWO, "docker-archive", scratch / "two.tar")
     said, image_id = load(dockerd, archive, TWO)
     assert f"Loaded image: {TWO}" in said
@@ -194,8 +213,7 @@ def _untar(archive: Path, dest: Path, *flags: str) -> Path:
 
 
 def test_rootfs_export_is_the_source_tree(images: Images, scratch: Path) -> None:
-    archive = export_image(images.store, ONE, "rootfs", scratch / "rootfs.tar.zst",
-                           "zstd")
+    archive = export_image(images.store, ONE, "rootfs", scratch / "rootfs.tar.zst", "zstd")
     tree = _untar(archive, scratch / "tree", "--zstd")
     assert tree_listing(tree) == tree_listing(images.rootfs)
 
@@ -220,12 +238,13 @@ def test_rootfs_export_from_the_tree_is_the_layer(images: Images, scratch: Path)
 
 
 def test_rootfs_export_applies_deletions(images: Images, scratch: Path) -> None:
-    archive = export_image(images.store, TWO, "rootfs", scratch / "rootfs.tar.gz",
-                           "gzip")
+    archive = export_image(images.store, TWO, "rootfs", scratch / "rootfs.tar.gz", "gzip")
     tree = _untar(archive, scratch / "tree", "--gzip")
-    expected = {path: entry for path, entry in tree_listing(images.rootfs).items()
-                if path != DELETED_FILE and path != DELETED_DIR
-                and not path.startswith(DELETED_DIR + "/")}
+    expected = {
+        path: entry
+        for path, entry in tree_listing(images.rootfs).items()
+        if path != DELETED_FILE and path != DELETED_DIR and not path.startswith(DELETED_DIR + "/")
+    }
     listing = tree_listing(tree)
     assert listing.pop(ADDED_FILE).endswith(" 26")
     assert listing == expected
@@ -234,15 +253,24 @@ def test_rootfs_export_applies_deletions(images: Images, scratch: Path) -> None:
 # -- reproducibility -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("fmt", "compression"), [
-    ("oci-archive", None), ("oci-archive", "zstd"), ("docker-archive", None),
-    ("rootfs", "none"), ("rootfs", "gzip"), ("rootfs", "zstd"), ("rootfs", "xz")])
-def test_exports_are_byte_identical(images: Images, scratch: Path, fmt: str,
-                                    compression: str | None) -> None:
+@pytest.mark.parametrize(
+    ("fmt", "compression"),
+    [
+        ("oci-archive", None),
+        ("oci-archive", "zstd"),
+        ("docker-archive", None),
+        ("rootfs", "none"),
+        ("rootfs", "gzip"),
+        ("rootfs", "zstd"),
+        ("rootfs", "xz"),
+    ],
+)
+def test_exports_are_byte_identical(
+    images: Images, scratch: Path, fmt: str, compression: str | None
+) -> None:
     digests = []
     for attempt in (1, 2):
-        out = export_image(images.store, TWO, fmt, scratch / f"{attempt}.out",
-                           compression)
+        out = export_image(images.store, TWO, fmt, scratch / f"{attempt}.out", compression)
         digests.append(sha256_file(out))
         out.unlink()
     assert digests[0] == digests[1]
@@ -252,8 +280,13 @@ def test_oci_layouts_are_identical(images: Images, scratch: Path) -> None:
     listings = []
     for attempt in (1, 2):
         layout = export_image(images.store, TWO, "oci", scratch / str(attempt), "none")
-        listings.append({str(p.relative_to(layout)): sha256_file(p)
-                         for p in sorted(layout.rglob("*")) if p.is_file()})
+        listings.append(
+            {
+                str(p.relative_to(layout)): sha256_file(p)
+                for p in sorted(layout.rglob("*"))
+                if p.is_file()
+            }
+        )
     assert listings[0] == listings[1]
     assert len(listings[0]) == 2 + 2 + len(images.two.layers)  # index, oci-layout, blobs
 
@@ -271,10 +304,12 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
         run("umount", path)
 
 
-@pytest.mark.parametrize(("fmt", "compression"), [
-    ("docker-archive", None), ("rootfs", "gzip"), ("oci", None)])
-def test_a_full_disk_is_one_line_and_leaves_nothing(images: Images, scratch: Path, fmt: str,
-                                                    compression: str | None) -> None:
+@pytest.mark.parametrize(
+    ("fmt", "compression"), [("docker-archive", None), ("rootfs", "gzip"), ("oci", None)]
+)
+def test_a_full_disk_is_one_line_and_leaves_nothing(
+    images: Images, scratch: Path, fmt: str, compression: str | None
+) -> None:
     with small_tmpfs(scratch / "small", "2m") as small:
         with pytest.raises(ExportError) as caught:
             export_image(images.store, ONE, fmt, small / "out", compression)

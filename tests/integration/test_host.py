@@ -26,12 +26,10 @@ from sysbake import engines as hostint
 pytestmark = pytest.mark.integration
 
 
-
 @pytest.fixture(scope="module")
 def docker_base(dockerd: DockerService, shared_store: Path, base_image: str) -> str:
     """The run's base image, loaded into the test dockerd with `sysbake load`."""
-    sysbake("--store", shared_store, "load", base_image, "--into", "docker",
-            "--host", dockerd.host)
+    sysbake("--store", shared_store, "load", base_image, "--into", "docker", "--host", dockerd.host)
     return base_image
 
 
@@ -42,19 +40,22 @@ def podman_base(podman: PodmanService, shared_store: Path, base_image: str) -> s
     return f"localhost/{base_image}"
 
 
-def sysbake(*args: str | os.PathLike[str], env: dict[str, str] | None = None,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
+def sysbake(
+    *args: str | os.PathLike[str], env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "sysbake.cli", *map(str, args)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800,
-                            check=False)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False)
     if check and result.returncode != 0:
-        raise AssertionError(f"{shlex.join(cmd)} exited {result.returncode}\n"
-                             f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        raise AssertionError(
+            f"{shlex.join(cmd)} exited {result.returncode}\n"
+            f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
     return result
 
 
-def boot_with_printed_flags(engine: DockerService | PodmanService, image: str,
-                            *flags_args: str | os.PathLike[str]) -> list[str]:
+def boot_with_printed_flags(
+    engine: DockerService | PodmanService, image: str, *flags_args: str | os.PathLike[str]
+) -> list[str]:
     """The acceptance check: `$(sysbake FLAGS_ARGS)` boots `image` to running, 0 failed
     units, and the engine's stop shuts systemd down cleanly (exit 0, no SIGKILL)."""
     printed = sysbake(*flags_args).stdout
@@ -85,23 +86,30 @@ def test_dockerd_is_private(dockerd: DockerService) -> None:
 def test_dockerd_stops_and_leaves_nothing(shared_store: Path, base_image: str) -> None:
     with docker_daemon() as d:
         sysbake("--store", shared_store, "load", base_image, "--into", "docker", "--host", d.host)
-        container = d.cli("run", "-d", "--network", "none", "--pull", "never", base_image,
-                          "sleep", "600").stdout.strip()
+        container = d.cli(
+            "run", "-d", "--network", "none", "--pull", "never", base_image, "sleep", "600"
+        ).stdout.strip()
         assert d.running(container)
         root, pid = d.root, d.pid
         assert mounts_under(root)
     assert not Path(f"/proc/{pid}").exists()
     assert mounts_under(root) == []
     assert not root.exists()
-    leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit()
-                 and str(root).encode() in (p / "cmdline").read_bytes()]
+    leftovers = [
+        p
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and str(root).encode() in (p / "cmdline").read_bytes()
+    ]
     assert leftovers == []
 
 
 def test_podman_uses_its_own_store(podman: PodmanService) -> None:
-    info = podman.cli("info", "--format",
-                      "{{.Store.GraphRoot}} {{.Host.OCIRuntime.Name}} {{.Host.CgroupManager}} "
-                      "{{.Host.EventLogger}}").stdout.split()
+    info = podman.cli(
+        "info",
+        "--format",
+        "{{.Store.GraphRoot}} {{.Host.OCIRuntime.Name}} {{.Host.CgroupManager}} "
+        "{{.Host.EventLogger}}",
+    ).stdout.split()
     assert info == [str(podman.root / "graph"), "runc", "cgroupfs", "file"]
 
 
@@ -142,7 +150,7 @@ def test_docker_honours_the_image_stop_signal(dockerd: DockerService, docker_bas
     # makes systemd re-execute instead of stopping, and docker has to SIGKILL it.
     flags = shlex.split(sysbake("flags", "docker").stdout)
     i = flags.index("--stop-signal")
-    without = flags[:i] + flags[i + 2:]
+    without = flags[:i] + flags[i + 2 :]
     for extra, expected in (([], 0), (["--stop-signal", "SIGTERM"], 137)):
         container = dockerd.run_systemd(docker_base, without + extra)
         try:
@@ -176,15 +184,17 @@ def test_apparmor_install_needs_a_kernel_with_apparmor(tmp_path: Path) -> None:
         assert result.returncode == 1
         assert result.stderr.strip() == (
             "sysbake: error: AppArmor is not enabled in this kernel (/sys/module/apparmor/"
-            "parameters/enabled is not Y): cannot load profile sysbake-systemd")
+            "parameters/enabled is not Y): cannot load profile sysbake-systemd"
+        )
         assert not target.exists()
 
 
 # -- sysbake load ---------------------------------------------------------------------------------
 
 
-def test_load_archive_into_podman(dockerd: DockerService, podman: PodmanService,
-                                  docker_base: str, tmp_path: Path) -> None:
+def test_load_archive_into_podman(
+    dockerd: DockerService, podman: PodmanService, docker_base: str, tmp_path: Path
+) -> None:
     # An archive written by `docker save` (not by us) goes into podman too.
     dockerd.cli("tag", docker_base, "saved-by-docker:1")
     archive = tmp_path / "saved.tar"
@@ -198,26 +208,34 @@ def test_load_reports_an_absent_daemon(tmp_path: Path) -> None:
     archive = tmp_path / "x.tar"
     archive.write_bytes(b"")
     sock = tmp_path / "none.sock"
-    result = sysbake("load", "--archive", archive, "--into", "docker", "--host",
-                     f"unix://{sock}", check=False)
+    result = sysbake(
+        "load", "--archive", archive, "--into", "docker", "--host", f"unix://{sock}", check=False
+    )
     assert result.returncode == 1
     assert result.stderr.startswith(f"sysbake: error: docker does not answer at unix://{sock}:")
     assert result.stderr.count("\n") == 1
 
 
 def test_load_stored_image_into_docker_and_podman_then_boot(
-        dockerd: DockerService, podman: PodmanService, shared_store: Path,
-        base_image: str) -> None:
-    out = sysbake("--store", shared_store, "load", base_image, "--into", "docker",
-                  "--host", dockerd.host).stdout
+    dockerd: DockerService, podman: PodmanService, shared_store: Path, base_image: str
+) -> None:
+    out = sysbake(
+        "--store", shared_store, "load", base_image, "--into", "docker", "--host", dockerd.host
+    ).stdout
     assert out.split() == [base_image]
     generic = boot_with_printed_flags(dockerd, base_image, "flags", "docker")
     # The base image carries container= and StopSignal: flags tailored to it drop both.
-    tailored = boot_with_printed_flags(dockerd, base_image, "--store", shared_store,
-                                       "flags", "docker", base_image)
+    tailored = boot_with_printed_flags(
+        dockerd, base_image, "--store", shared_store, "flags", "docker", base_image
+    )
     assert [f for f in generic if f not in tailored] == [
-        "-e", "container=docker", "--stop-signal", "SIGRTMIN+3"]
-    out = sysbake("--store", shared_store, "load", base_image, "--into", "podman",
-                  env=podman.env).stdout
+        "-e",
+        "container=docker",
+        "--stop-signal",
+        "SIGRTMIN+3",
+    ]
+    out = sysbake(
+        "--store", shared_store, "load", base_image, "--into", "podman", env=podman.env
+    ).stdout
     assert out.split() == [f"localhost/{base_image}"]
     boot_with_printed_flags(podman, f"localhost/{base_image}", "flags", "podman")

@@ -22,16 +22,24 @@ from provision_fixtures import StoreState, write_project
 
 # Host paths the image's symlinks aim at (made below a fresh host dir per test run).
 PLANTED = {
-    "log/syslog": b"host syslog\n", "log/wtmp": b"host wtmp\n",
+    "log/syslog": b"host syslog\n",
+    "log/wtmp": b"host wtmp\n",
     "log/journal/0123/system.journal": b"host journal\n",
-    "lists/deb_Packages": b"host lists\n", "lists/lock": b"",
-    "cache/pkgcache.bin": b"host cache\n", "cache/archives/x.deb": b"host deb\n",
-    "ssh/ssh_host_rsa_key": b"host key\n", "tmp/junk": b"host tmp\n",
+    "lists/deb_Packages": b"host lists\n",
+    "lists/lock": b"",
+    "cache/pkgcache.bin": b"host cache\n",
+    "cache/archives/x.deb": b"host deb\n",
+    "ssh/ssh_host_rsa_key": b"host key\n",
+    "tmp/junk": b"host tmp\n",
     "etc-somefile": b"host file, must not be overwritten\n",
-    "optdir/existing": b"host dir entry\n", "machine-id": b"host machine id\n",
-    "dbus/machine-id": b"host dbus id\n", "salt/pki/minion.pem": b"host pem\n",
-    "systemd/random-seed": b"host seed\n", "systemd/timers/stamp-x": b"host stamp\n",
-    "bash_history": b"host history\n", "up/victim": b"reached by ..\n",
+    "optdir/existing": b"host dir entry\n",
+    "machine-id": b"host machine id\n",
+    "dbus/machine-id": b"host dbus id\n",
+    "salt/pki/minion.pem": b"host pem\n",
+    "systemd/random-seed": b"host seed\n",
+    "systemd/timers/stamp-x": b"host stamp\n",
+    "bash_history": b"host history\n",
+    "up/victim": b"reached by ..\n",
     "usrsbin/keep": b"host sbin\n",
 }
 
@@ -99,8 +107,10 @@ def _one_clear_line(result: subprocess.CompletedProcess[str]) -> None:
 
 
 def _project(tmp: Path, host: Path, steps: str) -> Path:
-    return write_project(tmp, {
-        "sysbake.toml": f"""\
+    return write_project(
+        tmp,
+        {
+            "sysbake.toml": f"""\
 [images.hostile]
 from = "base:latest"
 
@@ -115,10 +125,11 @@ run = '''{PLANT}'''
 remove = ["/opt/dir/*", "/srv/up/*"]
 tmp = false  # what the files steps wrote inside the image (its /var/tmp/...) stays
 {steps}""",
-        "files/somefile": "written by the files step\n",
-        "files/tree/new-in-dir": "copied into /opt/dir\n",
-        "files/tree/sub/deeper": "deeper\n",
-    })
+            "files/somefile": "written by the files step\n",
+            "files/tree/new-in-dir": "copied into /opt/dir\n",
+            "files/tree/sub/deeper": "deeper\n",
+        },
+    )
 
 
 FILES_STEPS = """
@@ -149,8 +160,8 @@ run = "echo chroot step ran > /etc/chroot-after"
 
 
 def test_symlinks_to_host_paths_in_a_parent_never_reach_the_host(
-        shared_store: Path, base_image: str, host_dir: Path, tmp_path: Path,
-        untagged: None) -> None:
+    shared_store: Path, base_image: str, host_dir: Path, tmp_path: Path, untagged: None
+) -> None:
     before = _fingerprint(host_dir)
     state = StoreState.of(shared_store)
     project = _project(tmp_path / "proj", host_dir, FILES_STEPS)
@@ -159,8 +170,17 @@ def test_symlinks_to_host_paths_in_a_parent_never_reach_the_host(
     assert result.returncode == 0, result.stderr
     # The writes went inside the image, where its symlinks lead there.
     out = tmp_path / "rootfs.tar"
-    sysbake("export", "hostile:latest", "--format", "rootfs", "--compression", "none",
-            "-o", out, store=shared_store)
+    sysbake(
+        "export",
+        "hostile:latest",
+        "--format",
+        "rootfs",
+        "--compression",
+        "none",
+        "-o",
+        out,
+        store=shared_store,
+    )
     assert _fingerprint(host_dir) == before
     inner = str(host_dir).lstrip("/")
     with tarfile.open(out) as tar:
@@ -183,8 +203,8 @@ run = "echo booted step ran > /etc/booted-step"
 
 
 def test_a_booted_step_and_run_of_a_hostile_parent_never_reach_the_host(
-        shared_store: Path, base_image: str, host_dir: Path, tmp_path: Path,
-        untagged: None) -> None:
+    shared_store: Path, base_image: str, host_dir: Path, tmp_path: Path, untagged: None
+) -> None:
     before = _fingerprint(host_dir)
     state = StoreState.of(shared_store)
     project = _project(tmp_path / "proj", host_dir, BOOT_STEPS)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import os
 import stat
@@ -20,6 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import new_store, sysbake
@@ -28,15 +28,20 @@ from services import RegistryService, registry_server
 from sysbake.oci import model as oci
 from sysbake.oci.model import Image, Layer
 from sysbake.oci.store import Store
+from tests.unit.conftest import crafted_tar, files_tar, image_config, put_image
 
 pytestmark = pytest.mark.integration
 
 SHADOW = Path("/etc/shadow")
 ABSOLUTE = "/etc/sysbake-lay-hostile"  # what an absolute entry would create on the host
 PLANTED = {"victim": b"precious\n", "sub/v": b"v\n"}
-EXPORTS = (("oci", None), ("oci-archive", None), ("docker-archive", None),
-           ("rootfs", "xz"),  # one gzip layer to xz: the piped fast path
-           ("rootfs", "none"))
+EXPORTS = (
+    ("oci", None),
+    ("oci-archive", None),
+    ("docker-archive", None),
+    ("rootfs", "xz"),  # one gzip layer to xz: the piped fast path
+    ("rootfs", "none"),
+)
 
 
 @dataclass(frozen=True)
@@ -48,62 +53,58 @@ class Case:
     problem: str
 
 
-def _tar(*entries: tarfile.TarInfo, data: bytes = b"") -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for entry in entries:
-            entry.size = len(data) if entry.isreg() else 0
-            tf.addfile(entry, io.BytesIO(data) if entry.isreg() else None)
-    return out.getvalue()
-
-
-def _entry(name: str, kind: bytes = tarfile.REGTYPE, **attrs: object) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type, info.mode, info.mtime = kind, 0o644, 1_700_000_000
-    for key, value in attrs.items():
-        setattr(info, key, value)
-    return info
-
-
 def _cases(planted: Path) -> dict[str, Case]:
     """The crafted layers; `planted` holds the host files they aim at."""
     plain = {
-        "dotdot": (_tar(_entry("../../../../planted/victim"), data=b"pwned"),
-                   "'..' is not allowed"),
-        "absolute": (_tar(_entry(ABSOLUTE), data=b"pwned"), "absolute names are not allowed"),
-        "shadow-hardlink": (_tar(_entry("shadow", tarfile.LNKTYPE, linkname=str(SHADOW))),
-                            f"hardlink target '{SHADOW}': absolute names"),
-        "planted-hardlink": (_tar(_entry("v", tarfile.LNKTYPE,
-                                         linkname=str(planted / "victim"))),
-                             "absolute names are not allowed"),
-        "through-symlink": (_tar(_entry("etc", tarfile.SYMTYPE, linkname=str(planted)),
-                                 _entry("etc/victim"), data=b"pwned"),
-                            "etc is a symlink: refusing to write through it"),
-        "block-device": (_tar(_entry("dev/sda", tarfile.BLKTYPE, devmajor=8, devminor=0,
-                                     mode=0o666)), "block device 8:0 is not allowed"),
-        "mem-device": (_tar(_entry("mem", tarfile.CHRTYPE, devmajor=1, devminor=1,
-                                   mode=0o666)), "character device 1:1 is not allowed"),
+        "dotdot": (files_tar({"../../../../planted/victim": b"pwned"}), "'..' is not allowed"),
+        "absolute": (files_tar({ABSOLUTE: b"pwned"}), "absolute names are not allowed"),
+        "shadow-hardlink": (
+            crafted_tar(("shadow", tarfile.LNKTYPE, {"linkname": str(SHADOW)})),
+            f"hardlink target '{SHADOW}': absolute names",
+        ),
+        "planted-hardlink": (
+            crafted_tar(("v", tarfile.LNKTYPE, {"linkname": str(planted / "victim")})),
+            "absolute names are not allowed",
+        ),
+        "through-symlink": (
+            crafted_tar(
+                ("etc", tarfile.SYMTYPE, {"linkname": str(planted)}),
+                ("etc/victim", tarfile.REGTYPE, {"data": b"pwned"}),
+            ),
+            "etc is a symlink: refusing to write through it",
+        ),
+        "block-device": (
+            crafted_tar(
+                ("dev/sda", tarfile.BLKTYPE, {"devmajor": 8, "devminor": 0, "mode": 0o666})
+            ),
+            "block device 8:0 is not allowed",
+        ),
+        "mem-device": (
+            crafted_tar(("mem", tarfile.CHRTYPE, {"devmajor": 1, "devminor": 1, "mode": 0o666})),
+            "character device 1:1 is not allowed",
+        ),
         "not-a-tar": (b"#!/bin/sh\necho this is no tar\n" * 64, "not a valid tar"),
     }
-    cases = {name: Case(data, gzip.compress(data, mtime=0), problem)
-             for name, (data, problem) in plain.items()}
+    cases = {
+        name: Case(data, gzip.compress(data, mtime=0), problem)
+        for name, (data, problem) in plain.items()
+    }
     junk = b"\x1f\x8b\x08\x00" + b"not deflate at all " * 64
     cases["not-gzip"] = Case(junk, junk, "not a valid gzip stream")
     return cases
 
 
-def _config(diff_ids: list[str]) -> dict[str, object]:
-    return {"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/sbin/init"]},
-            "rootfs": {"type": "layers", "diff_ids": diff_ids},
-            "history": [{"created": "2026-01-01T00:00:00Z"} for _ in diff_ids]}
+# The config fields of the one-layer images the tests make (image_config, put_image).
+ONE_LAYER: dict[str, Any] = {
+    "config": {"Cmd": ["/sbin/init"]},
+    "history": [{"created": "2026-01-01T00:00:00Z"}],
+}
 
 
 def _put(store: Store, case: Case, ref: str) -> Image:
     """The hostile layer as a one-layer image, tagged `ref`, written with the store API."""
     layer = Layer(store.put_bytes(case.blob, oci.MT_LAYER_GZIP), oci.sha256_digest(case.plain))
-    image = store.put_image(_config([layer.diff_id]), (layer,))
-    store.tag(ref, image)
-    return image
+    return put_image(store, layer, ref=ref, **ONE_LAYER)
 
 
 @pytest.fixture
@@ -119,15 +120,13 @@ def planted(tmp_path: Path) -> Iterator[Path]:
     for rel, content in PLANTED.items():
         assert (root / rel).read_bytes() == content
         assert (root / rel).stat().st_nlink == 1
-    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == ["sub", "sub/v",
-                                                                        "victim"]
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == ["sub", "sub/v", "victim"]
     assert hashlib.sha256(SHADOW.read_bytes()).hexdigest() == shadow
     assert SHADOW.stat().st_nlink == links
     assert not os.path.lexists(ABSOLUTE)
 
 
-def _refused(result: subprocess.CompletedProcess[str], digest: str | None,
-             problem: str) -> None:
+def _refused(result: subprocess.CompletedProcess[str], digest: str | None, problem: str) -> None:
     """A non-zero exit and one error line naming the layer (unless `digest` is None) and
     the problem."""
     assert result.returncode != 0, result.stdout
@@ -159,8 +158,12 @@ def _upload(registry: RegistryService, repo: str, data: bytes) -> str:
     if location.startswith("/"):
         location = registry.url + location
     sep = "&" if "?" in location else "?"
-    put = urllib.request.Request(f"{location}{sep}digest={digest}", data=data, method="PUT",
-                                 headers={"Content-Type": "application/octet-stream"})
+    put = urllib.request.Request(
+        f"{location}{sep}digest={digest}",
+        data=data,
+        method="PUT",
+        headers={"Content-Type": "application/octet-stream"},
+    )
     with opener.open(put, timeout=30) as response:
         assert response.status == 201
     return digest
@@ -169,16 +172,26 @@ def _upload(registry: RegistryService, repo: str, data: bytes) -> str:
 def _push(registry: RegistryService, repo: str, case: Case) -> str:
     """The hostile layer as a one-layer image at ADDR/repo:1; the layer's blob digest."""
     layer = _upload(registry, repo, case.blob)
-    config = oci.canonical_json(_config([oci.sha256_digest(case.plain)]))
-    manifest = oci.canonical_json({
-        "schemaVersion": 2, "mediaType": oci.MT_MANIFEST,
-        "config": {"mediaType": oci.MT_CONFIG, "digest": _upload(registry, repo, config),
-                   "size": len(config)},
-        "layers": [{"mediaType": oci.MT_LAYER_GZIP, "digest": layer,
-                    "size": len(case.blob)}]})
+    config = oci.canonical_json(image_config([oci.sha256_digest(case.plain)], **ONE_LAYER))
+    manifest = oci.canonical_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": oci.MT_MANIFEST,
+            "config": {
+                "mediaType": oci.MT_CONFIG,
+                "digest": _upload(registry, repo, config),
+                "size": len(config),
+            },
+            "layers": [{"mediaType": oci.MT_LAYER_GZIP, "digest": layer, "size": len(case.blob)}],
+        }
+    )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    put = urllib.request.Request(f"{registry.url}/v2/{repo}/manifests/1", data=manifest,
-                                 method="PUT", headers={"Content-Type": oci.MT_MANIFEST})
+    put = urllib.request.Request(
+        f"{registry.url}/v2/{repo}/manifests/1",
+        data=manifest,
+        method="PUT",
+        headers={"Content-Type": oci.MT_MANIFEST},
+    )
     with opener.open(put, timeout=30) as response:
         assert response.status == 201
     return layer
@@ -192,13 +205,15 @@ def registry() -> Iterator[RegistryService]:
 
 @pytest.mark.parametrize("name", sorted(_cases(Path("/nonexistent"))))
 def test_a_pulled_hostile_layer_is_refused_and_tags_nothing(
-        name: str, registry: RegistryService, planted: Path, tmp_path: Path) -> None:
+    name: str, registry: RegistryService, planted: Path, tmp_path: Path
+) -> None:
     case = _cases(planted)[name]
     digest = _push(registry, f"lay-hostile-{name}", case)
     path = new_store(tmp_path / "store")
     env = {**os.environ, "REGISTRY_AUTH_FILE": str(tmp_path / "auth.json")}
-    result = sysbake("pull", f"{registry.address}/lay-hostile-{name}:1", store=path,
-                     check=False, env=env)
+    result = sysbake(
+        "pull", f"{registry.address}/lay-hostile-{name}:1", store=path, check=False, env=env
+    )
     if name == "not-gzip":
         # The pull's own diff_id verification decompresses the blob first; it does not
         # name the layer (registry.py's _verify_diff_ids).
@@ -210,11 +225,18 @@ def test_a_pulled_hostile_layer_is_refused_and_tags_nothing(
     _no_trace(store, oci.sha256_digest(case.plain))
 
 
-def test_a_pulled_setuid_file_is_out_of_other_users_reach(registry: RegistryService,
-                                                          tmp_path: Path) -> None:
+def test_a_pulled_setuid_file_is_out_of_other_users_reach(
+    registry: RegistryService, tmp_path: Path
+) -> None:
     """Setuid files are allowed in layers; the closed store keeps them root's."""
-    plain = _tar(_entry("bin", tarfile.DIRTYPE, mode=0o755),
-                 _entry("bin/rootshell", mode=0o4755, uid=0, gid=0), data=b"#!/bin/sh\nid\n")
+    plain = crafted_tar(
+        ("bin", tarfile.DIRTYPE, {}),
+        (
+            "bin/rootshell",
+            tarfile.REGTYPE,
+            {"mode": 0o4755, "uid": 0, "gid": 0, "data": b"#!/bin/sh\nid\n"},
+        ),
+    )
     case = Case(plain, gzip.compress(plain, mtime=0), "")
     _push(registry, "lay-setuid", case)
     path = new_store(tmp_path / "store")
@@ -233,8 +255,9 @@ def _out_of_reach(store: Path, suid: Path) -> None:
     assert st.st_mode & stat.S_ISUID and st.st_uid == 0
     assert subprocess.run(["test", "-x", suid]).returncode == 0  # root reaches it
     for path in (suid, suid.parent, store / "trees", store / "containers", store / "tmp"):
-        as_nobody = subprocess.run(["runuser", "-u", "nobody", "--", "test", "-e", path],
-                                   capture_output=True)
+        as_nobody = subprocess.run(
+            ["runuser", "-u", "nobody", "--", "test", "-e", path], capture_output=True
+        )
         assert as_nobody.returncode == 1, (path, as_nobody.stderr)
     assert subprocess.run(["runuser", "-u", "nobody", "--", "test", "-x", suid]).returncode == 1
 
@@ -243,8 +266,9 @@ def _out_of_reach(store: Path, suid: Path) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(_cases(Path("/nonexistent"))))
-def test_a_stored_hostile_layer_is_never_exported_nor_run(name: str, planted: Path,
-                                                          tmp_path: Path) -> None:
+def test_a_stored_hostile_layer_is_never_exported_nor_run(
+    name: str, planted: Path, tmp_path: Path
+) -> None:
     case = _cases(planted)[name]
     path = new_store(tmp_path / "store")
     store = Store(path).ensure()
@@ -255,28 +279,33 @@ def test_a_stored_hostile_layer_is_never_exported_nor_run(name: str, planted: Pa
     out_dir.mkdir()
     for fmt, compression in EXPORTS:
         out = out_dir / f"{fmt}-{compression}"
-        args = ["export", ref, "--format", fmt, "-o", out]
+        args: list[str | Path] = ["export", ref, "--format", fmt, "-o", out]
         if compression:
             args += ["--compression", compression]
         _refused(sysbake(*args, store=path, check=False), digest, case.problem)
         assert list(out_dir.iterdir()) == [], fmt  # no file, no temp file, no layout
-    to_stdout = sysbake("export", ref, "--format", "rootfs", "-o", "-", store=path,
-                        check=False)
+    to_stdout = sysbake("export", ref, "--format", "rootfs", "-o", "-", store=path, check=False)
     _refused(to_stdout, digest, case.problem)
     assert to_stdout.stdout == ""  # not a byte of the archive
     result = sysbake("run", "-d", "--name", f"lay-{name}", ref, store=path, check=False)
     _refused(result, digest, case.problem)
     assert not (store.containers_dir / f"lay-{name}").exists()
-    assert str(path) not in subprocess.run(["findmnt", "-rn", "-o", "TARGET"],
-                                           capture_output=True, text=True).stdout
+    assert (
+        str(path)
+        not in subprocess.run(
+            ["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True
+        ).stdout
+    )
     _no_trace(store, diff_id)
     assert [t.ref for t in store.tags()] == [ref]  # the image stays, refused each time
 
 
 def test_a_stored_setuid_file_is_out_of_other_users_reach(tmp_path: Path) -> None:
     path = new_store(tmp_path / "store")  # made 0755, as stores were
-    plain = _tar(_entry("usr", tarfile.DIRTYPE, mode=0o755),
-                 _entry("usr/rootshell", mode=0o6755, uid=0, gid=0), data=b"elf")
+    plain = crafted_tar(
+        ("usr", tarfile.DIRTYPE, {}),
+        ("usr/rootshell", tarfile.REGTYPE, {"mode": 0o6755, "uid": 0, "gid": 0, "data": b"elf"}),
+    )
     store = Store(path)  # opening it closes it
     assert stat.S_IMODE(path.stat().st_mode) == 0o700
     image = _put(store.ensure(), Case(plain, gzip.compress(plain, mtime=0), ""), "lay-suid")
@@ -284,8 +313,17 @@ def test_a_stored_setuid_file_is_out_of_other_users_reach(tmp_path: Path) -> Non
     assert stat.S_IMODE(path.stat().st_mode) == 0o700
     _out_of_reach(path, tree / "usr/rootshell")
     # Its export is allowed: setuid bits are the image's own business.
-    result = sysbake("export", "lay-suid", "--format", "rootfs", "--compression", "none",
-                     "-o", tmp_path / "r.tar", store=path)
+    result = sysbake(
+        "export",
+        "lay-suid",
+        "--format",
+        "rootfs",
+        "--compression",
+        "none",
+        "-o",
+        tmp_path / "r.tar",
+        store=path,
+    )
     assert result.returncode == 0
     with tarfile.open(tmp_path / "r.tar") as tf:
         assert tf.getmember("usr/rootshell").mode == 0o6755

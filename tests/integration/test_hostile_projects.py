@@ -57,8 +57,11 @@ class Planted:
         out = {}
         for path in (SECRET_FILE, *sorted(SECRET_DIR.iterdir())):
             st = path.lstat()
-            out[str(path)] = (hashlib.sha256(path.read_bytes()).hexdigest(), st.st_mode,
-                              st.st_mtime_ns)
+            out[str(path)] = (
+                hashlib.sha256(path.read_bytes()).hexdigest(),
+                st.st_mode,
+                st.st_mtime_ns,
+            )
         return out
 
 
@@ -93,49 +96,80 @@ def project(tmp_path: Path, name: str, steps: str, files: dict[str, str]) -> Pat
 # -- refused: a named input that is a link to a host path --------------------------------------
 
 
-def test_files_source_linked_to_a_host_file_is_refused(planted: Planted, tmp_path: Path,
-                                                       shared_store: Path) -> None:
-    root = project(tmp_path, "prj-src", '[[images.prj-src.provision]]\ntype = "files"\n'
-                   'source = "shadow"\ndest = "/etc/copied"\n', {})
+def test_files_source_linked_to_a_host_file_is_refused(
+    planted: Planted, tmp_path: Path, shared_store: Path
+) -> None:
+    root = project(
+        tmp_path,
+        "prj-src",
+        '[[images.prj-src.provision]]\ntype = "files"\nsource = "shadow"\ndest = "/etc/copied"\n',
+        {},
+    )
     (root / "shadow").symlink_to(SECRET_FILE)
     before = StoreState.of(shared_store)
-    refused(root, shared_store,
-            f"{root}/sysbake.toml: images.prj-src.provision[1].source: \"shadow\" resolves "
-            f"outside the project (a symlink to {SECRET_FILE}): name the outside path "
-            "explicitly if you mean it")
+    refused(
+        root,
+        shared_store,
+        f'{root}/sysbake.toml: images.prj-src.provision[1].source: "shadow" resolves '
+        f"outside the project (a symlink to {SECRET_FILE}): name the outside path "
+        "explicitly if you mean it",
+    )
     StoreState.of(shared_store).assert_same_as(before)
 
 
 def test_state_tree_linked_to_a_host_dir_is_refused(planted: Planted, tmp_path: Path) -> None:
-    root = project(tmp_path, "prj-tree", '[[images.prj-tree.provision]]\ntype = "salt"\n'
-                   'mode = "chroot"\nstate_tree = "salt"\n', {})
+    root = project(
+        tmp_path,
+        "prj-tree",
+        '[[images.prj-tree.provision]]\ntype = "salt"\nmode = "chroot"\nstate_tree = "salt"\n',
+        {},
+    )
     (root / "salt").symlink_to(SECRET_DIR)
     store = new_store(tmp_path / "store")
-    refused(root, store,
-            f"{root}/sysbake.toml: images.prj-tree.provision[1].state_tree: \"salt\" resolves "
-            f"outside the project (a symlink to {SECRET_DIR}): name the outside path "
-            "explicitly if you mean it")
+    refused(
+        root,
+        store,
+        f'{root}/sysbake.toml: images.prj-tree.provision[1].state_tree: "salt" resolves '
+        f"outside the project (a symlink to {SECRET_DIR}): name the outside path "
+        "explicitly if you mean it",
+    )
     assert image_refs(store) == {}
 
 
-def test_script_and_pillar_linked_to_host_paths_are_refused(planted: Planted,
-                                                            tmp_path: Path) -> None:
+def test_script_and_pillar_linked_to_host_paths_are_refused(
+    planted: Planted, tmp_path: Path
+) -> None:
     store = new_store(tmp_path / "store")
-    root = project(tmp_path, "prj-script", '[[images.prj-script.provision]]\ntype = "script"\n'
-                   'mode = "chroot"\nscript = "steps/run.sh"\n', {})
+    root = project(
+        tmp_path,
+        "prj-script",
+        '[[images.prj-script.provision]]\ntype = "script"\n'
+        'mode = "chroot"\nscript = "steps/run.sh"\n',
+        {},
+    )
     (root / "steps").symlink_to(SECRET_DIR)
-    refused(root, store,
-            f"{root}/sysbake.toml: images.prj-script.provision[1].script: \"steps/run.sh\" "
-            f"resolves outside the project (steps is a symlink to {SECRET_DIR}): name the "
-            "outside path explicitly if you mean it")
-    root = project(tmp_path, "prj-pillar", '[[images.prj-pillar.provision]]\ntype = "salt"\n'
-                   'mode = "chroot"\nstate_tree = "salt"\npillar = "pillar"\n',
-                   {"salt/top.sls": "base: {'*': []}\n"})
+    refused(
+        root,
+        store,
+        f'{root}/sysbake.toml: images.prj-script.provision[1].script: "steps/run.sh" '
+        f"resolves outside the project (steps is a symlink to {SECRET_DIR}): name the "
+        "outside path explicitly if you mean it",
+    )
+    root = project(
+        tmp_path,
+        "prj-pillar",
+        '[[images.prj-pillar.provision]]\ntype = "salt"\n'
+        'mode = "chroot"\nstate_tree = "salt"\npillar = "pillar"\n',
+        {"salt/top.sls": "base: {'*': []}\n"},
+    )
     (root / "pillar").symlink_to(SECRET_DIR)
-    refused(root, store,
-            f"{root}/sysbake.toml: images.prj-pillar.provision[1].pillar: \"pillar\" resolves "
-            f"outside the project (a symlink to {SECRET_DIR}): name the outside path "
-            "explicitly if you mean it")
+    refused(
+        root,
+        store,
+        f'{root}/sysbake.toml: images.prj-pillar.provision[1].pillar: "pillar" resolves '
+        f"outside the project (a symlink to {SECRET_DIR}): name the outside path "
+        "explicitly if you mean it",
+    )
 
 
 # -- built safely: links inside inputs, names that are not UTF-8 ---------------------------------
@@ -164,18 +198,19 @@ STATES = {
 def members(store: Path, digest: str) -> dict[bytes, tuple[tarfile.TarInfo, bytes]]:
     """The entries of a layer blob by raw name (without './'), with file contents."""
     out = {}
-    with plain(blob_path(store, digest)) as f, \
-            tarfile.open(fileobj=cast(IO[bytes], f), mode="r|",
-                         errors="surrogateescape") as tar:
+    with (
+        plain(blob_path(store, digest)) as f,
+        tarfile.open(fileobj=cast(IO[bytes], f), mode="r|", errors="surrogateescape") as tar,
+    ):
         for m in tar:
             data = tar.extractfile(m).read() if m.isfile() else b""  # type: ignore[union-attr]
             out[os.fsencode(m.name).removeprefix(b"./").rstrip(b"/")] = (m, data)
     return out
 
 
-def test_links_inside_inputs_stay_links_and_odd_names_build(planted: Planted, tmp_path: Path,
-                                                            shared_store: Path,
-                                                            base_image: str) -> None:
+def test_links_inside_inputs_stay_links_and_odd_names_build(
+    planted: Planted, tmp_path: Path, shared_store: Path, base_image: str
+) -> None:
     root = project(tmp_path, "prj-inputs", INPUTS, STATES)
     (root / "conf/secret-link").symlink_to(SECRET_FILE)
     (root / "conf/dir-link").symlink_to(SECRET_DIR)
@@ -187,8 +222,10 @@ def test_links_inside_inputs_stay_links_and_odd_names_build(planted: Planted, tm
     sysbake("validate", root, store=shared_store)
     built = sysbake("build", root, store=shared_store, timeout=900)
     # Salt cannot serve that name: the step says so and runs without it.
-    assert f"warning: {root}/salt/caf\\xe9-latin1.txt: names that are not UTF-8, which " \
+    assert (
+        f"warning: {root}/salt/caf\\xe9-latin1.txt: names that are not UTF-8, which "
         "Salt cannot serve: they are left out of the state tree or pillar" in built.stderr
+    )
 
     base = layer_digests(shared_store, base_image)
     ours = [d for d in layer_digests(shared_store, "prj-inputs:latest") if d not in base]
@@ -222,23 +259,29 @@ def test_links_inside_inputs_stay_links_and_odd_names_build(planted: Planted, tm
     assert "prj-inputs: states: rebuilt because" in explain
 
 
-def test_salt_reads_a_tree_link_in_the_image_not_on_the_host(planted: Planted, tmp_path: Path,
-                                                             shared_store: Path,
-                                                             base_image: str) -> None:
-    steps = ('[[images.prj-leak.provision]]\ntype = "salt"\nmode = "chroot"\n'
-             'state_tree = "salt"\n')
-    root = project(tmp_path, "prj-leak", steps, {
-        "salt/top.sls": "base: {'*': [copy]}\n",
-        "salt/copy.sls": "/etc/prj-leaked:\n  file.managed:\n    - source: salt://leak\n"})
+def test_salt_reads_a_tree_link_in_the_image_not_on_the_host(
+    planted: Planted, tmp_path: Path, shared_store: Path, base_image: str
+) -> None:
+    steps = '[[images.prj-leak.provision]]\ntype = "salt"\nmode = "chroot"\nstate_tree = "salt"\n'
+    root = project(
+        tmp_path,
+        "prj-leak",
+        steps,
+        {
+            "salt/top.sls": "base: {'*': [copy]}\n",
+            "salt/copy.sls": "/etc/prj-leaked:\n  file.managed:\n    - source: salt://leak\n",
+        },
+    )
     (root / "salt/leak").symlink_to(SECRET_FILE)
     before = StoreState.of(shared_store)
     result = sysbake("build", root, store=shared_store, check=False, timeout=900)
     # The link leads nowhere in the image: the state fails, nothing is tagged.
     assert result.returncode == 1, result.stderr
     (line,) = error_lines(result)
-    assert line.startswith("sysbake: error: prj-leak: salt-1: salt: 1 of 1 states failed, "
-                           "first: /etc/prj-leaked (file.managed '/etc/prj-leaked', sls copy):"), \
-        line
+    assert line.startswith(
+        "sysbake: error: prj-leak: salt-1: salt: 1 of 1 states failed, "
+        "first: /etc/prj-leaked (file.managed '/etc/prj-leaked', sls copy):"
+    ), line
     assert "salt://leak not found" in line, line
     StoreState.of(shared_store).assert_same_as(before)
     assert files_containing(shared_store / "tmp", planted.secret) == []

@@ -102,11 +102,23 @@ def test_devices_owners_and_capabilities_round_trip(special: Path, tmp_path: Pat
 def test_gnu_tar_restores_our_capabilities(special: Path, tmp_path: Path) -> None:
     (tmp_path / "t.tar").write_bytes(tar_of(special))
     (tmp_path / "gnu").mkdir()
-    subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf",
-                    tmp_path / "t.tar", "-C", tmp_path / "gnu"], check=True)
+    subprocess.run(
+        [
+            "tar",
+            "--xattrs",
+            "--xattrs-include=*",
+            "--numeric-owner",
+            "-xpf",
+            tmp_path / "t.tar",
+            "-C",
+            tmp_path / "gnu",
+        ],
+        check=True,
+    )
     assert os.getxattr(tmp_path / "gnu/bin/ping", "security.capability") == CAP_NET_RAW
-    getcap = subprocess.run(["getcap", tmp_path / "gnu/bin/ping"], capture_output=True,
-                            text=True, check=True)
+    getcap = subprocess.run(
+        ["getcap", tmp_path / "gnu/bin/ping"], capture_output=True, text=True, check=True
+    )
     assert "cap_net_raw" in getcap.stdout
 
 
@@ -142,25 +154,35 @@ def overlay(tmp_path: Path) -> Iterator[dict[str, Path]]:
     for path in dirs.values():
         path.mkdir()
     lower = dirs["lower"]
-    for name in ("etc/motd", "etc/keep", "etc/mod", "gone/a/b", "opq/old/x", "perm",
-                 "moved", "link-src"):
+    for name in (
+        "etc/motd",
+        "etc/keep",
+        "etc/mod",
+        "gone/a/b",
+        "opq/old/x",
+        "perm",
+        "moved",
+        "link-src",
+    ):
         (lower / name).parent.mkdir(parents=True, exist_ok=True)
         (lower / name).write_text(name)
     os.link(lower / "link-src", lower / "link-dst")
     os.symlink("etc/motd", lower / "sym")
     stamp(lower)
-    options = (f"lowerdir={lower},upperdir={dirs['upper']},workdir={dirs['work']},"
-               "redirect_dir=off,metacopy=off")
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, dirs["merged"]],
-                   check=True)
+    options = (
+        f"lowerdir={lower},upperdir={dirs['upper']},workdir={dirs['work']},"
+        "redirect_dir=off,metacopy=off"
+    )
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, dirs["merged"]], check=True)
     try:
         yield dirs
     finally:
         subprocess.run(["umount", dirs["merged"]], check=False)
 
 
-def test_real_overlay_diff_applies_to_the_merged_view(overlay: dict[str, Path],
-                                                      tmp_path: Path) -> None:
+def test_real_overlay_diff_applies_to_the_merged_view(
+    overlay: dict[str, Path], tmp_path: Path
+) -> None:
     merged = overlay["merged"]
     (merged / "etc/new").write_text("created")
     with open(merged / "etc/mod", "a") as f:
@@ -196,8 +218,10 @@ def test_real_overlay_diff_applies_to_the_merged_view(overlay: dict[str, Path],
     layer = apply(tmp_path / "layer", diff, overlay=True)
     again = tmp_path / "again"
     again.mkdir()
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                    f"lowerdir={layer}:{overlay['lower']}", again], check=True)
+    subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={layer}:{overlay['lower']}", again],
+        check=True,
+    )
     try:
         assert tar_of(again) == expected
     finally:
@@ -228,11 +252,11 @@ def test_host_tree_round_trip(tmp_path: Path) -> None:
     source = Path("/usr/lib/python3")
     data = tar_of(source)
     (tmp_path / "t.tar").write_bytes(data)
-    ours = subprocess.run(["tar", "-tf", tmp_path / "t.tar"], capture_output=True, text=True,
-                          check=True)
+    ours = subprocess.run(
+        ["tar", "-tf", tmp_path / "t.tar"], capture_output=True, text=True, check=True
+    )
     assert ours.stderr == ""
-    gnu = subprocess.run(["tar", "-C", source, "-cf", "-", "."], capture_output=True,
-                         check=True)
+    gnu = subprocess.run(["tar", "-C", source, "-cf", "-", "."], capture_output=True, check=True)
     with tarfile.open(fileobj=io.BytesIO(gnu.stdout)) as tf:
         gnu_names = {n.removeprefix("./") for n in tf.getnames()} - {"."}
     assert {n.rstrip("/") for n in ours.stdout.splitlines()} == gnu_names

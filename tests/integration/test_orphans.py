@@ -42,8 +42,10 @@ class Orphaned:
         self.dir = cdir
         self.name = cdir.name
         self.runtime_id = str(state["runtime_id"])
-        self.pidfds = [os.pidfd_open(int(state["pid"])),
-                       os.pidfd_open(int((cdir / "monitor.pid").read_text()))]
+        self.pidfds = [
+            os.pidfd_open(int(state["pid"])),
+            os.pidfd_open(int((cdir / "monitor.pid").read_text())),
+        ]
 
     def processes_ended(self) -> bool:
         poller = select.poll()
@@ -73,8 +75,13 @@ class Orphaned:
             os.close(fd)
 
 
-def _wait_for(what: str, found: Callable[[], bool], process: subprocess.Popen[bytes],
-              log: Path, timeout: float = 600) -> None:
+def _wait_for(
+    what: str,
+    found: Callable[[], bool],
+    process: subprocess.Popen[bytes],
+    log: Path,
+    timeout: float = 600,
+) -> None:
     """Poll `found()` until it is true; fail (killing `process`) on timeout or its end."""
     deadline = time.monotonic() + timeout
     while not found():
@@ -86,13 +93,15 @@ def _wait_for(what: str, found: Callable[[], bool], process: subprocess.Popen[by
 
 
 @contextmanager
-def _killed(args: list[str], store: Path, log: Path, ready: Callable[[], Path | None],
-            cwd: Path) -> Iterator[tuple[int, Orphaned]]:
+def _killed(
+    args: list[str], store: Path, log: Path, ready: Callable[[], Path | None], cwd: Path
+) -> Iterator[tuple[int, Orphaned]]:
     """Start `sysbake ARGS`; once `ready()` gives a container dir, kill the sysbake
     process (by its pid) with SIGKILL. Yields its pid and the orphan it left."""
     with open(log, "wb") as out:
-        process = subprocess.Popen([*SYSBAKE, "--store", str(store), *args], stdout=out,
-                                   stderr=subprocess.STDOUT, cwd=cwd)
+        process = subprocess.Popen(
+            [*SYSBAKE, "--store", str(store), *args], stdout=out, stderr=subprocess.STDOUT, cwd=cwd
+        )
     found: list[Path] = []
 
     def container() -> bool:
@@ -115,8 +124,11 @@ def _killed(args: list[str], store: Path, log: Path, ready: Callable[[], Path | 
 def _napping_step(store: Path) -> Path | None:
     """The build container whose step runs (its marker in the upper dir), with its pid."""
     for cdir in (store / "containers").glob("build-*"):
-        if (cdir / "upper" / "orp-napping").exists() and (cdir / "state.json").exists() \
-                and json.loads((cdir / "state.json").read_text()).get("pid"):
+        if (
+            (cdir / "upper" / "orp-napping").exists()
+            and (cdir / "state.json").exists()
+            and json.loads((cdir / "state.json").read_text()).get("pid")
+        ):
             return cdir
     return None
 
@@ -141,11 +153,17 @@ def _reaped_row(rows: list[dict[str, object]], name: str, owner: int) -> dict[st
     return mine[0]
 
 
-def test_a_killed_build_step_is_reaped_by_ps(shared_store: Path, base_image: str,
-                                             tmp_path: Path) -> None:
+def test_a_killed_build_step_is_reaped_by_ps(
+    shared_store: Path, base_image: str, tmp_path: Path
+) -> None:
     project = write_project(tmp_path / "sleepy", {"sysbake.toml": SLEEPY})
-    with _killed(["build", str(project)], shared_store, tmp_path / "build.log",
-                 lambda: _napping_step(shared_store), tmp_path) as (owner, orphan):
+    with _killed(
+        ["build", str(project)],
+        shared_store,
+        tmp_path / "build.log",
+        lambda: _napping_step(shared_store),
+        tmp_path,
+    ) as (owner, orphan):
         orphan.assert_running()
         listed = sysbake("ps", "--json", store=shared_store)
         row = _reaped_row(json.loads(listed.stdout), orphan.name, owner)
@@ -158,28 +176,42 @@ def test_a_killed_build_step_is_reaped_by_ps(shared_store: Path, base_image: str
         assert orphan.name not in table
 
 
-def test_a_killed_build_step_is_reaped_by_images(shared_store: Path, base_image: str,
-                                                 tmp_path: Path) -> None:
+def test_a_killed_build_step_is_reaped_by_images(
+    shared_store: Path, base_image: str, tmp_path: Path
+) -> None:
     project = write_project(tmp_path / "sleepy", {"sysbake.toml": SLEEPY})
-    with _killed(["build", str(project)], shared_store, tmp_path / "build.log",
-                 lambda: _napping_step(shared_store), tmp_path) as (owner, orphan):
+    with _killed(
+        ["build", str(project)],
+        shared_store,
+        tmp_path / "build.log",
+        lambda: _napping_step(shared_store),
+        tmp_path,
+    ) as (owner, orphan):
         orphan.assert_running()
         listed = sysbake("images", store=shared_store)
         assert "base" in listed.stdout
-        assert (f"removed container {orphan.name} (orphaned: owner pid {owner} gone)"
-                in listed.stderr.splitlines())
+        assert (
+            f"removed container {orphan.name} (orphaned: owner pid {owner} gone)"
+            in listed.stderr.splitlines()
+        )
         orphan.assert_gone(shared_store)
         assert "orp-sleepy" not in listed.stdout
 
 
 def test_a_killed_sysbake_test_is_reaped_and_run_d_containers_stay(
-        shared_store: Path, base_image: str, tmp_path: Path) -> None:
+    shared_store: Path, base_image: str, tmp_path: Path
+) -> None:
     sysbake("tag", base_image, "orp-base:latest", store=shared_store)
     keep = f"orp-keep-{os.urandom(3).hex()}"
     sysbake("run", "-d", "--name", keep, base_image, store=shared_store, timeout=300)
     try:
-        with _killed(["test", "orp-base:latest"], shared_store, tmp_path / "test.log",
-                     lambda: _booted_test(shared_store), tmp_path) as (owner, orphan):
+        with _killed(
+            ["test", "orp-base:latest"],
+            shared_store,
+            tmp_path / "test.log",
+            lambda: _booted_test(shared_store),
+            tmp_path,
+        ) as (owner, orphan):
             orphan.assert_running()
             rows = json.loads(sysbake("ps", "--json", store=shared_store).stdout)
             _reaped_row(rows, orphan.name, owner)

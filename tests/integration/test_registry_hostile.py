@@ -8,13 +8,11 @@ names with `--cache-from` may stand in for a stage, and `--explain` names it."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import socket
 import subprocess
-import tarfile
 import threading
 from collections.abc import Iterator
 from contextlib import suppress
@@ -25,9 +23,9 @@ from helpers import EXAMPLE, new_store, sysbake
 from services import RegistryService, registry_server
 
 from sysbake.build.cache import StageCache
-from sysbake.oci import model as oci
 from sysbake.oci.model import Layer
 from sysbake.oci.store import Store
+from tests.unit.conftest import files_tar, noise, put_image, put_layer
 
 pytestmark = pytest.mark.integration
 PLANTED = "etc/reg-planted"
@@ -57,22 +55,20 @@ def _poison(tmp_path: Path, key: str) -> tuple[Path, Layer]:
     labelled and annotated in history as the bootstrap stage of `key`."""
     store_path = new_store(tmp_path / "attacker")
     store = Store(store_path).ensure()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        payload = b"planted by the attacker\n"
-        info = tarfile.TarInfo(PLANTED)
-        info.size = len(payload)
-        tar.addfile(info, io.BytesIO(payload))
-    plain = buf.getvalue()
-    layer = Layer(store.put_bytes(plain, oci.MT_LAYER), oci.sha256_digest(plain))
-    config = {"architecture": "amd64", "os": "linux",
-              "config": {"Labels": {"io.sysbake.image": "base",
-                                    "io.sysbake.stage.bootstrap": key}},
-              "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
-              "history": [{"created": "2026-01-01T00:00:00Z",
-                           "created_by": "sysbake bootstrap bookworm minbase",
-                           "comment": f"sysbake bootstrap {key[:16]}"}]}
-    store.tag("reg-poison:latest", store.put_image(config, (layer,)))
+    layer = put_layer(store, files_tar({PLANTED: b"planted by the attacker\n"}), compressed=False)
+    put_image(
+        store,
+        layer,
+        ref="reg-poison:latest",
+        config={"Labels": {"io.sysbake.image": "base", "io.sysbake.stage.bootstrap": key}},
+        history=[
+            {
+                "created": "2026-01-01T00:00:00Z",
+                "created_by": "sysbake bootstrap bookworm minbase",
+                "comment": f"sysbake bootstrap {key[:16]}",
+            }
+        ],
+    )
     return store_path, layer
 
 
@@ -82,9 +78,13 @@ def _stages(out: subprocess.CompletedProcess[str]) -> dict[str, dict[str, object
 
 
 def test_a_pulled_image_never_poisons_the_stage_cache(
-        registry: RegistryService, shared_store: Path, base_image: str,
-        first_build: subprocess.CompletedProcess[str], tmp_path: Path,
-        env: dict[str, str]) -> None:
+    registry: RegistryService,
+    shared_store: Path,
+    base_image: str,
+    first_build: subprocess.CompletedProcess[str],
+    tmp_path: Path,
+    env: dict[str, str],
+) -> None:
     key = _bootstrap_key(first_build)
     attacker, planted = _poison(tmp_path, key)
     poison_ref = f"{registry.address}/reg-poison:latest"
@@ -93,8 +93,7 @@ def test_a_pulled_image_never_poisons_the_stage_cache(
     # The victim pulls the image for any reason, then builds their own project.
     victim = new_store(tmp_path / "victim")
     sysbake("pull", poison_ref, store=victim, env=env)
-    built = sysbake("build", "--json", "--explain", "-t", "base", EXAMPLE, store=victim,
-                    env=env)
+    built = sysbake("build", "--json", "--explain", "-t", "base", EXAMPLE, store=victim, env=env)
     bootstrap = _stages(built)["bootstrap"]
     assert bootstrap["key"] == key
     assert bootstrap["reused"] is False, built.stdout
@@ -108,24 +107,34 @@ def test_a_pulled_image_never_poisons_the_stage_cache(
 
 
 def test_cache_from_a_named_source_is_reused_and_explained(
-        registry: RegistryService, shared_store: Path, base_image: str,
-        first_build: subprocess.CompletedProcess[str], tmp_path: Path,
-        env: dict[str, str]) -> None:
+    registry: RegistryService,
+    shared_store: Path,
+    base_image: str,
+    first_build: subprocess.CompletedProcess[str],
+    tmp_path: Path,
+    env: dict[str, str],
+) -> None:
     source = f"{registry.address}/reg-cache:latest"
-    pushed = json.loads(sysbake("push", "--json", base_image, source, store=shared_store,
-                                env=env).stdout)["digest"]
+    pushed = json.loads(
+        sysbake("push", "--json", base_image, source, store=shared_store, env=env).stdout
+    )["digest"]
     store = new_store(tmp_path / "store")
-    explained = sysbake("build", "--explain", "--cache-from", source, "-t", "base", EXAMPLE,
-                        store=store, env=env)
-    assert f"base: bootstrap: reused: from {registry.address}/reg-cache@{pushed}\n" in \
-        explained.stdout, explained.stdout
+    explained = sysbake(
+        "build", "--explain", "--cache-from", source, "-t", "base", EXAMPLE, store=store, env=env
+    )
+    assert (
+        f"base: bootstrap: reused: from {registry.address}/reg-cache@{pushed}\n" in explained.stdout
+    ), explained.stdout
     ours = Store(store).resolve("base:latest")
     assert ours.id == Store(shared_store).resolve(base_image).id
     [record] = [r for r in StageCache(Store(store)).records() if r.stage == "bootstrap"]
     assert record.key == _bootstrap_key(first_build)
     assert record.origin is not None
-    assert (record.origin.registry, record.origin.repository, record.origin.manifest) == \
-        (registry.address, "reg-cache", pushed)
+    assert (record.origin.registry, record.origin.repository, record.origin.manifest) == (
+        registry.address,
+        "reg-cache",
+        pushed,
+    )
     assert record.layer == ours.layers[0]
 
 
@@ -152,10 +161,10 @@ class DripProxy:
                 return
             upstream = socket.create_connection(self.target)
             self.sockets += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, None),
-                             daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, self.free),
-                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(
+                target=self._pump, args=(upstream, client, self.free), daemon=True
+            ).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, free: int | None) -> None:
         try:
@@ -168,7 +177,7 @@ class DripProxy:
                 for i in range(free, len(data)):
                     if self.closing.wait(0.05):
                         break
-                    dst.sendall(data[i:i + 1])
+                    dst.sendall(data[i : i + 1])
                 free = 0
         except OSError:
             pass
@@ -184,14 +193,12 @@ class DripProxy:
 
 
 def test_a_dripping_registry_is_dropped_with_one_clear_line(
-        registry: RegistryService, tmp_path: Path, env: dict[str, str]) -> None:
+    registry: RegistryService, tmp_path: Path, env: dict[str, str]
+) -> None:
     source = new_store(tmp_path / "source")
     store = Store(source).ensure()
-    plain = os.urandom(256 << 10)
-    layer = Layer(store.put_bytes(plain, oci.MT_LAYER), oci.sha256_digest(plain))
-    config = {"architecture": "amd64", "os": "linux",
-              "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]}}
-    store.tag("reg-drip:1", store.put_image(config, (layer,)))
+    layer = put_layer(store, noise(256 << 10), compressed=False)
+    put_image(store, layer, ref="reg-drip:1")
     sysbake("push", "reg-drip:1", f"{registry.address}/reg-drip:1", store=source, env=env)
     host, port = registry.address.split(":")
     # Manifest and config pass (a few KiB); the layer then drips.
@@ -200,12 +207,18 @@ def test_a_dripping_registry_is_dropped_with_one_clear_line(
         victim = new_store(tmp_path / "victim")
         ref = f"127.0.0.1:{proxy.port}/reg-drip:1"
         # Dripped whole, the layer would take hours: the timeouts only bound a broken test.
-        out = sysbake("pull", "--rate-window", "1", ref, store=victim, check=False, env=env,
-                      timeout=120)
+        out = sysbake(
+            "pull", "--rate-window", "1", ref, store=victim, check=False, env=env, timeout=120
+        )
         # The same through the environment.
-        slow = sysbake("pull", ref, store=victim, check=False, timeout=120,
-                       env={**env, "SYSBAKE_REGISTRY_WINDOW": "1",
-                            "SYSBAKE_REGISTRY_MIN_RATE": "2"})
+        slow = sysbake(
+            "pull",
+            ref,
+            store=victim,
+            check=False,
+            timeout=120,
+            env={**env, "SYSBAKE_REGISTRY_WINDOW": "1", "SYSBAKE_REGISTRY_MIN_RATE": "2"},
+        )
     finally:
         proxy.close()
     assert out.returncode == 1, out.stderr
@@ -213,7 +226,9 @@ def test_a_dripping_registry_is_dropped_with_one_clear_line(
     assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
     assert re.fullmatch(
         rf"sysbake: error: pull {re.escape(ref)}: blob {layer.blob.digest}: the registry sent "
-        r"\d+ bytes in 1 s \(less than the minimum of 1 KiB/s\): dropped", errors[0]), errors
+        r"\d+ bytes in 1 s \(less than the minimum of 1 KiB/s\): dropped",
+        errors[0],
+    ), errors
     assert "less than the minimum of 2 KiB/s): dropped" in slow.stderr, slow.stderr
     assert slow.returncode == 1
     s = Store(victim)

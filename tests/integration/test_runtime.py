@@ -19,6 +19,7 @@ import pytest
 from helpers import SYSBAKE, sysbake
 from runtime_fixtures import ECHO_PORT, RuntimeImages, runtime_images
 
+from sysbake import cgroups
 from sysbake import imagetest as checks
 from sysbake.oci.store import Store
 from sysbake.project.load import TestSpec
@@ -30,8 +31,9 @@ pytestmark = pytest.mark.integration
 RUNC_ROOT = "/run/sysbake/runc"
 
 
-def cli(images: RuntimeImages, *args: str, check: bool = True,
-        timeout: float = 180, **kw: object) -> subprocess.CompletedProcess[str]:
+def cli(
+    images: RuntimeImages, *args: str, check: bool = True, timeout: float = 180, **kw: object
+) -> subprocess.CompletedProcess[str]:
     return sysbake(*args, store=images.store, check=check, timeout=timeout, **kw)
 
 
@@ -40,8 +42,12 @@ def unique(prefix: str) -> str:
 
 
 def runc_ids() -> set[str]:
-    out = subprocess.run(["runc", "--root", RUNC_ROOT, "list", "--format", "json"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["runc", "--root", RUNC_ROOT, "list", "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return {c["id"] for c in json.loads(out or "null") or []}
 
 
@@ -94,8 +100,11 @@ class Running:
     def wait_for_process(self, cmdline: str) -> None:
         """Until a process whose command line has `cmdline` runs in the container."""
         deadline = time.monotonic() + 30
-        while not [p for p in processes_mentioning(cmdline)
-                   if self.runtime_id in _read(Path(f"/proc/{p}/cgroup"))]:
+        while not [
+            p
+            for p in processes_mentioning(cmdline)
+            if self.runtime_id in _read(Path(f"/proc/{p}/cgroup"))
+        ]:
             assert time.monotonic() < deadline, f"{cmdline!r} never started in {self.name}"
             time.sleep(0.1)
 
@@ -122,8 +131,16 @@ def wait_booted(images: RuntimeImages, name: str, *, started: bool = True) -> st
     socket yet: systemctl prints nothing), so then this asks again."""
     deadline = time.monotonic() + 90
     while True:
-        state = cli(images, "exec", name, "systemctl", "is-system-running", "--wait",
-                    check=False, timeout=90).stdout.strip()
+        state = cli(
+            images,
+            "exec",
+            name,
+            "systemctl",
+            "is-system-running",
+            "--wait",
+            check=False,
+            timeout=90,
+        ).stdout.strip()
         if state or started or time.monotonic() > deadline:
             return state
         time.sleep(0.1)
@@ -134,8 +151,7 @@ def images(runtime_images: RuntimeImages) -> Iterator[RuntimeImages]:
     """The test images; containers a test leaves behind are removed (and it fails)."""
     before = {c.name for c in runtime.all_containers(runtime_images.containers)}
     yield runtime_images
-    left = [c for c in runtime.all_containers(runtime_images.containers)
-            if c.name not in before]
+    left = [c for c in runtime.all_containers(runtime_images.containers) if c.name not in before]
     for container in left:
         runtime.remove(container, force=True)
     assert not left, f"containers left behind: {[c.name for c in left]}"
@@ -146,8 +162,10 @@ def test_boot_exec_stop_leaves_nothing(images: RuntimeImages) -> None:
     assert cli(images, "run", "-d", "--name", name, images.systemd).stdout.strip() == name
     running = Running(images, name)
     assert wait_booted(images, name) == "running"
-    assert cli(images, "exec", name, "systemctl", "--failed", "--plain", "--no-legend")\
-        .stdout.strip() == ""
+    assert (
+        cli(images, "exec", name, "systemctl", "--failed", "--plain", "--no-legend").stdout.strip()
+        == ""
+    )
     environ = cli(images, "exec", name, "cat", "/proc/1/environ").stdout.split("\0")
     assert "container=oci" in environ
     assert any(e.startswith("container_uuid=") and len(e) == 47 for e in environ)
@@ -156,7 +174,7 @@ def test_boot_exec_stop_leaves_nothing(images: RuntimeImages) -> None:
     # --network none: a namespace of its own with only a loopback, up.
     assert cli(images, "exec", name, "ls", "/sys/class/net").stdout.split() == ["lo"]
     assert cli(images, "exec", name, "cat", "/sys/class/net/lo/flags").stdout.strip() == "0x9"
-    if runtime.host_cgroup_mode() != "v2":
+    if cgroups.host_cgroup_mode() != "v2":
         # v1/hybrid: systemd's own hierarchy is writable for it, the controllers are not.
         mountinfo = cli(images, "exec", name, "cat", "/proc/1/mountinfo").stdout
         options = {f[4]: f[5].split(",") for f in map(str.split, mountinfo.splitlines())}
@@ -166,8 +184,9 @@ def test_boot_exec_stop_leaves_nothing(images: RuntimeImages) -> None:
         assert "systemd-journald.service" in units.split()
     # Unprivileged: no CAP_SYS_ADMIN (bit 21) in PID 1's effective set.
     status = cli(images, "exec", name, "cat", "/proc/1/status").stdout
-    cap_eff = int(next(line for line in status.splitlines()
-                       if line.startswith("CapEff:")).split()[1], 16)
+    cap_eff = int(
+        next(line for line in status.splitlines() if line.startswith("CapEff:")).split()[1], 16
+    )
     assert not cap_eff & (1 << 21)
     exit_code = cli(images, "exec", name, "sh", "-c", "exit 7", check=False).returncode
     assert exit_code == 7
@@ -204,8 +223,9 @@ def test_two_containers_of_one_image(images: RuntimeImages) -> None:
     assert wait_booted(images, first) == "running"
     assert wait_booted(images, second) == "running"
     cli(images, "exec", first, "sh", "-c", "echo mine > /etc/only-in-first")
-    assert cli(images, "exec", second, "test", "-e", "/etc/only-in-first",
-               check=False).returncode == 1
+    assert (
+        cli(images, "exec", second, "test", "-e", "/etc/only-in-first", check=False).returncode == 1
+    )
     assert (images.containers / first / "upper/etc/only-in-first").read_text() == "mine\n"
     store = Store(images.store)
     lower = store.layer_tree(store.resolve(images.systemd).layers[-1])
@@ -222,8 +242,13 @@ def test_harness_passes_a_clean_image(images: RuntimeImages) -> None:
     report = json.loads(result.stdout)
     assert report["passed"] is True and report["state"] == "running"
     assert report["failed_units"] == []
-    assert report["checks"] == [{"name": "stop", "passed": True, "detail": "exit 0 after "
-                                 f"signal {int(signal.SIGRTMIN) + 3}"}]
+    assert report["checks"] == [
+        {
+            "name": "stop",
+            "passed": True,
+            "detail": f"exit 0 after signal {int(signal.SIGRTMIN) + 3}",
+        }
+    ]
     assert not (images.containers / report["container"]).exists()
     human = cli(images, "test", images.systemd)
     assert "ok    systemd: running, 0 failed units" in human.stdout
@@ -246,15 +271,28 @@ def test_harness_names_failed_units_with_their_journal(images: RuntimeImages) ->
 
 def test_harness_runs_the_image_checks(images: RuntimeImages) -> None:
     store = Store(images.store)
-    good = TestSpec(timeout=30, commands=("test -S /run/systemd/notify", "true"),
-                    units=("sysbake-echo.socket", "dbus.service"), ports=(ECHO_PORT,))
+    good = TestSpec(
+        timeout=30,
+        commands=("test -S /run/systemd/notify", "true"),
+        units=("sysbake-echo.socket", "dbus.service"),
+        ports=(ECHO_PORT,),
+    )
     report = checks.run_test(store, images.echo, good, timeout=60)
     assert report.passed, report.summary()
     assert [c.name for c in report.checks] == [
-        "command: test -S /run/systemd/notify", "command: true", "unit sysbake-echo.socket",
-        "unit dbus.service", f"port {ECHO_PORT}", "stop"]
-    bad = TestSpec(timeout=3, commands=("echo nope; exit 4",), units=("nosuch.service",),
-                   ports=(ECHO_PORT + 1,))
+        "command: test -S /run/systemd/notify",
+        "command: true",
+        "unit sysbake-echo.socket",
+        "unit dbus.service",
+        f"port {ECHO_PORT}",
+        "stop",
+    ]
+    bad = TestSpec(
+        timeout=3,
+        commands=("echo nope; exit 4",),
+        units=("nosuch.service",),
+        ports=(ECHO_PORT + 1,),
+    )
     report = checks.run_test(store, images.echo, bad, timeout=60)
     assert not report.passed
     verdicts = {c.name: (c.passed, c.detail) for c in report.checks}
@@ -284,12 +322,13 @@ def test_bad_requests_get_one_clear_line(images: RuntimeImages) -> None:
     running = Running(images, name)
     again = cli(images, "run", "-d", "--name", name, images.systemd, check=False)
     assert again.returncode == 1
-    assert again.stderr.strip() == (f"sysbake: error: a container named '{name}' already "
-                                    f"exists: remove it with `sysbake rm {name}` or choose "
-                                    "another --name")
+    assert again.stderr.strip() == (
+        f"sysbake: error: a container named '{name}' already "
+        f"exists: remove it with `sysbake rm {name}` or choose "
+        "another --name"
+    )
     assert wait_booted(images, name) == "running"  # the first one is untouched
-    missing = cli(images, "run", "-d", "-v", "/nonexistent/src:/data", images.systemd,
-                  check=False)
+    missing = cli(images, "run", "-d", "-v", "/nonexistent/src:/data", images.systemd, check=False)
     assert missing.returncode == 1
     assert "the source /nonexistent/src does not exist" in missing.stderr
     unknown = cli(images, "run", "-d", "no-such-image:1", check=False)
@@ -303,7 +342,7 @@ def test_bad_requests_get_one_clear_line(images: RuntimeImages) -> None:
 
 def test_crun_on_this_host(images: RuntimeImages) -> None:
     result = cli(images, "run", "-d", "--runtime", "crun", images.systemd, check=False)
-    if runtime.host_cgroup_mode() == "hybrid":
+    if cgroups.host_cgroup_mode() == "hybrid":
         assert result.returncode == 1
         assert "crun does not support hybrid cgroups" in result.stderr
         assert list(images.containers.iterdir()) == []
@@ -316,8 +355,18 @@ def test_crun_on_this_host(images: RuntimeImages) -> None:
 def test_bind_mounts(images: RuntimeImages, tmp_path: Path) -> None:
     (tmp_path / "hello").write_text("from the host\n")
     name = unique("bind")
-    cli(images, "run", "-d", "--name", name, "-v", f"{tmp_path}:/mnt/ro:ro",
-        "-v", f"{tmp_path}:/mnt/rw", images.systemd)
+    cli(
+        images,
+        "run",
+        "-d",
+        "--name",
+        name,
+        "-v",
+        f"{tmp_path}:/mnt/ro:ro",
+        "-v",
+        f"{tmp_path}:/mnt/rw",
+        images.systemd,
+    )
     running = Running(images, name)
     assert cli(images, "exec", name, "cat", "/mnt/ro/hello").stdout == "from the host\n"
     denied = cli(images, "exec", name, "touch", "/mnt/ro/x", check=False)
@@ -331,17 +380,19 @@ def test_bind_mounts(images: RuntimeImages, tmp_path: Path) -> None:
 
 def test_pid1_exiting_at_once_is_an_error_with_full_cleanup(images: RuntimeImages) -> None:
     name = unique("quick")
-    result = cli(images, "run", "--name", name, images.systemd, "sh", "-c",
-                 "echo boom; exit 3", check=False)
+    result = cli(
+        images, "run", "--name", name, images.systemd, "sh", "-c", "echo boom; exit 3", check=False
+    )
     assert result.returncode == 1
-    assert result.stderr.strip() == \
-        f"sysbake: error: container {name} exited immediately with code 3: boom"
+    assert (
+        result.stderr.strip()
+        == f"sysbake: error: container {name} exited immediately with code 3: boom"
+    )
     assert not (images.containers / name).exists()
     assert not [i for i in runc_ids() if i.startswith(f"{name}.")]
     assert str(images.containers) not in Path("/proc/mounts").read_text()
     assert processes_mentioning(str(images.containers / name)) == []
-    notfound = cli(images, "run", "--name", name, images.systemd, "no-such-command",
-                   check=False)
+    notfound = cli(images, "run", "--name", name, images.systemd, "no-such-command", check=False)
     assert notfound.returncode == 1
     assert 'exec: "no-such-command": executable file not found' in notfound.stderr
     assert not (images.containers / name).exists()
@@ -352,8 +403,10 @@ def test_killed_sysbake_leaves_a_manageable_container(images: RuntimeImages) -> 
     cli(images, "run", "-d", "--name", name, images.systemd)
     running = Running(images, name)
     assert wait_booted(images, name) == "running"
-    exec_proc = subprocess.Popen([*SYSBAKE, "--store", str(images.store), "exec", name,
-                                  "sleep", "100"], stdin=subprocess.DEVNULL)
+    exec_proc = subprocess.Popen(
+        [*SYSBAKE, "--store", str(images.store), "exec", name, "sleep", "100"],
+        stdin=subprocess.DEVNULL,
+    )
     running.wait_for_process("sleep\0" + "100")
     exec_proc.kill()
     exec_proc.wait()
@@ -370,9 +423,11 @@ def test_killed_sysbake_leaves_a_manageable_container(images: RuntimeImages) -> 
 
     # kill -9 of a foreground `sysbake run`: the container lives on, detached.
     name = unique("fg9")
-    fg = subprocess.Popen([*SYSBAKE, "--store", str(images.store), "run", "--name", name,
-                           images.systemd], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+    fg = subprocess.Popen(
+        [*SYSBAKE, "--store", str(images.store), "run", "--name", name, images.systemd],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while not (images.containers / name / "init.pid").exists():
         assert time.monotonic() < deadline
@@ -394,9 +449,12 @@ def test_stop_does_not_wait_on_an_exec_process_that_has_ended(images: RuntimeIma
     running = Running(images, name)
     assert wait_booted(images, name) == "running"
     script = 'trap "sleep 2; exit 0" TERM HUP; while :; do sleep 0.1; done'
-    exec_proc = subprocess.Popen([*SYSBAKE, "--store", str(images.store), "exec", name,
-                                  "sh", "-c", script], stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    exec_proc = subprocess.Popen(
+        [*SYSBAKE, "--store", str(images.store), "exec", name, "sh", "-c", script],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     running.wait_for_process("trap ")
     stopped = cli(images, "stop", "--timeout", "8", name)
     assert f"{name}: stopped (exit code 0)" in stopped.stdout, stopped.stderr
@@ -424,8 +482,11 @@ def test_stop_kills_a_pid1_that_ignores_the_stop_signal(images: RuntimeImages) -
 
 def test_foreground_run_shows_the_boot_and_ctrl_c_stops_it(images: RuntimeImages) -> None:
     name = unique("fg")
-    fg = subprocess.Popen([*SYSBAKE, "--store", str(images.store), "run", "--name", name,
-                           images.systemd], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    fg = subprocess.Popen(
+        [*SYSBAKE, "--store", str(images.store), "run", "--name", name, images.systemd],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 60
         while not (images.containers / name / "init.pid").exists():
@@ -447,8 +508,15 @@ def test_foreground_run_shows_the_boot_and_ctrl_c_stops_it(images: RuntimeImages
 
 def test_shell_runs_a_login_shell_then_removes_the_container(images: RuntimeImages) -> None:
     name = unique("shell")
-    result = cli(images, "shell", "--name", name, images.systemd, check=False,
-                 input="echo host=$(hostname) state=$(systemctl is-system-running); exit 5\n")
+    result = cli(
+        images,
+        "shell",
+        "--name",
+        name,
+        images.systemd,
+        check=False,
+        input="echo host=$(hostname) state=$(systemctl is-system-running); exit 5\n",
+    )
     assert result.returncode == 5
     assert f"host={name} state=running" in result.stdout
     assert not (images.containers / name).exists()
@@ -457,14 +525,26 @@ def test_shell_runs_a_login_shell_then_removes_the_container(images: RuntimeImag
 
 def test_host_network_and_env(images: RuntimeImages) -> None:
     name = unique("hostnet")
-    cli(images, "run", "-d", "--name", name, "--network", "host", "-e", "GREETING=hi there",
-        images.systemd)
+    cli(
+        images,
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        "host",
+        "-e",
+        "GREETING=hi there",
+        images.systemd,
+    )
     running = Running(images, name)
     assert wait_booted(images, name) == "running"
     inside = set(cli(images, "exec", name, "ls", "/sys/class/net").stdout.split())
     assert inside == {p.name for p in Path("/sys/class/net").iterdir()}
-    assert cli(images, "exec", name, "cat", "/etc/resolv.conf").stdout == \
-        Path("/etc/resolv.conf").read_text()
+    assert (
+        cli(images, "exec", name, "cat", "/etc/resolv.conf").stdout
+        == Path("/etc/resolv.conf").read_text()
+    )
     assert cli(images, "exec", name, "hostname").stdout.strip() == name
     environ = cli(images, "exec", name, "cat", "/proc/1/environ").stdout.split("\0")
     assert "GREETING=hi there" in environ

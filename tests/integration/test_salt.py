@@ -86,26 +86,41 @@ class Box:
         lines.append(f'exec chroot {mnt} "$@"')
         return "\n".join(lines)
 
-    def chroot(self, argv: list[str], *, mounts: list[tuple[Path, str, bool]] | None = None,
-               files: dict[str, bytes] | None = None, env: dict[str, str] | None = None,
-               ) -> tuple[int, bytes, bytes]:
+    def chroot(
+        self,
+        argv: list[str],
+        *,
+        mounts: list[tuple[Path, str, bool]] | None = None,
+        files: dict[str, bytes] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> tuple[int, bytes, bytes]:
         script = self._script(mounts or [], files or {})
-        result = proc.run(["unshare", "--mount", "--propagation", "private", "sh", "-ec",
-                           script, "sh", *argv], check=False, timeout=900,
-                          env=env or {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-        leftover = [line for line in Path("/proc/self/mounts").read_text().splitlines()
-                    if str(self.base) in line]
+        result = proc.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-ec", script, "sh", *argv],
+            check=False,
+            timeout=900,
+            env=env or {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        )
+        leftover = [
+            line
+            for line in Path("/proc/self/mounts").read_text().splitlines()
+            if str(self.base) in line
+        ]
         assert leftover == [], "mounts outlived the runner"
         return result.returncode, result.stdout, result.stderr
 
     def salt(self, run: SaltRun, record: str = "") -> SaltResult:
-        rc, out, err = self.chroot(run.command(), mounts=run.mounts(), files=run.config_files(),
-                                   env=run.env())
+        rc, out, err = self.chroot(
+            run.command(), mounts=run.mounts(), files=run.config_files(), env=run.env()
+        )
         self.stderr = err.decode()
         if RECORD and record:
-            Path(RECORD, f"{record}.json").write_text(json.dumps(
-                {"returncode": rc, "stdout": out.decode(), "stderr": err.decode()},
-                indent=1) + "\n")
+            Path(RECORD, f"{record}.json").write_text(
+                json.dumps(
+                    {"returncode": rc, "stdout": out.decode(), "stderr": err.decode()}, indent=1
+                )
+                + "\n"
+            )
         return salt.parse_result(out, rc, err)
 
     def changes(self) -> list[str]:
@@ -148,8 +163,10 @@ as-demo:
 """
 
 
-def test_toolchain_is_reused_without_download(toolchain: Toolchain, toolchain_store: Path,
-                                              ) -> None:
+def test_toolchain_is_reused_without_download(
+    toolchain: Toolchain,
+    toolchain_store: Path,
+) -> None:
     start = time.monotonic()
     again = salt.ensure_toolchain(Store(toolchain_store), toolchain.version)
     assert time.monotonic() - start < 5
@@ -157,38 +174,51 @@ def test_toolchain_is_reused_without_download(toolchain: Toolchain, toolchain_st
     assert toolchain.key == salt.toolchain_key(toolchain.version)
     assert (toolchain.path / toolchain.python).is_file()
     assert not (toolchain.path / "usr/bin/gcc").exists(), "build tools must be removed"
-    links = [p for p in toolchain.path.rglob("*") if p.is_symlink()
-             and os.readlink(p).startswith("/")]
+    links = [
+        p for p in toolchain.path.rglob("*") if p.is_symlink() and os.readlink(p).startswith("/")
+    ]
     assert links == [], "absolute links would point into the image"
 
 
-def test_toolchain_python_is_whole_inside_an_image_without_python(toolchain: Toolchain,
-                                                                 box: Box) -> None:
-    code = ("import sys, ssl, ctypes, sqlite3, zlib, lzma, subprocess; print(sys.prefix); "
-            "print(subprocess.run(['/bin/echo', 'child'], capture_output=True).stdout)")
-    rc, out, err = box.chroot([*toolchain.argv(salt.SALT_MOUNT), "-I", "-c", code],
-                              mounts=[(toolchain.path, salt.SALT_MOUNT, True)])
+def test_toolchain_python_is_whole_inside_an_image_without_python(
+    toolchain: Toolchain, box: Box
+) -> None:
+    code = (
+        "import sys, ssl, ctypes, sqlite3, zlib, lzma, subprocess; print(sys.prefix); "
+        "print(subprocess.run(['/bin/echo', 'child'], capture_output=True).stdout)"
+    )
+    rc, out, err = box.chroot(
+        [*toolchain.argv(salt.SALT_MOUNT), "-I", "-c", code],
+        mounts=[(toolchain.path, salt.SALT_MOUNT, True)],
+    )
     assert rc == 0, err.decode()
     assert out.decode().splitlines() == ["/run/sysbake/salt/usr", "b'child\\n'"]
-    rc, out, err = box.chroot([f"{salt.SALT_MOUNT}/sysbake/python", "-I", "-c",
-                               "import sys; print(sys.executable)"],
-                              mounts=[(toolchain.path, salt.SALT_MOUNT, True)])
+    rc, out, err = box.chroot(
+        [f"{salt.SALT_MOUNT}/sysbake/python", "-I", "-c", "import sys; print(sys.executable)"],
+        mounts=[(toolchain.path, salt.SALT_MOUNT, True)],
+    )
     assert (rc, out) == (0, b"/run/sysbake/salt/usr/bin/python3.11\n"), err.decode()
 
 
 def test_unknown_salt_version_is_one_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(BuildError, match=r"^salt_version '9999': no such version on the "
-                                         r"package index$"):
+    with pytest.raises(
+        BuildError,
+        match=r"^salt_version '9999': no such version on the "
+        r"package index$",
+    ):
         salt.ensure_toolchain(Store(new_store(tmp_path / "store")), "9999")
 
 
 def test_killed_toolchain_build_leaves_nothing(tmp_path: Path) -> None:
     store = new_store(tmp_path / "store", share=("debs",))  # a build must really start
-    code = ("from pathlib import Path; from sysbake.build.salt import run as salt; "
-            "from sysbake.oci.store import Store; "
-            f"salt.ensure_toolchain(Store(Path({str(store)!r})))")
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    code = (
+        "from pathlib import Path; from sysbake.build.salt import run as salt; "
+        "from sysbake.oci.store import Store; "
+        f"salt.ensure_toolchain(Store(Path({str(store)!r})))"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 300
         while not list((store / "tmp").glob("toolchain-*/tree/var")):
@@ -218,16 +248,23 @@ def _users_of(path: Path) -> list[str]:
     return users
 
 
-def test_states_apply_without_a_trace_and_are_idempotent(toolchain: Toolchain, box: Box,
-                                                         tmp_path: Path) -> None:
+def test_states_apply_without_a_trace_and_are_idempotent(
+    toolchain: Toolchain, box: Box, tmp_path: Path
+) -> None:
     states = tree(tmp_path / "salt", {"top.sls": TOP.format("demo"), "demo.sls": DEMO})
-    pillar = tree(tmp_path / "pillar", {"top.sls": TOP.format("data"),
-                                        "data.sls": "greeting: hello from pillar\n"})
+    pillar = tree(
+        tmp_path / "pillar",
+        {"top.sls": TOP.format("data"), "data.sls": "greeting: hello from pillar\n"},
+    )
     run = SaltRun(toolchain, (states,), (pillar,), grains_json='{"role": "web"}')
     first = box.salt(run, record="success")
     assert first.ok, first.report()
-    assert [s.id for s in first.states] == ["demo-user", "greeting-file", "hello-package",
-                                            "as-demo"]
+    assert [s.id for s in first.states] == [
+        "demo-user",
+        "greeting-file",
+        "hello-package",
+        "as-demo",
+    ]
     assert first.changes == 4 and first.failed == ()
     changed = box.changes()
     assert "etc/greeting" in changed and "usr/bin/hello" in changed and "home/demo" in changed
@@ -237,8 +274,7 @@ def test_states_apply_without_a_trace_and_are_idempotent(toolchain: Toolchain, b
     assert (box.upper / "home/demo/home.txt").read_text() == "/home/demo\n"
     assert "Environment could not be retrieved" not in box.stderr
     assert box.stderr == "", box.stderr
-    salty = [p for p in changed if "salt" in p.lower() or p.split("/")[0] in ("opt", "run",
-                                                                               "srv")]
+    salty = [p for p in changed if "salt" in p.lower() or p.split("/")[0] in ("opt", "run", "srv")]
     assert salty == [], f"Salt left traces in the layer: {salty}"
     assert [p for p in changed if p.startswith("tmp/")] == []
 
@@ -247,18 +283,25 @@ def test_states_apply_without_a_trace_and_are_idempotent(toolchain: Toolchain, b
     assert second.changes == 0 and len(second.states) == 4
 
 
-def test_custom_modules_in_the_state_tree_are_synced_and_found(toolchain: Toolchain, box: Box,
-                                                             tmp_path: Path) -> None:
+def test_custom_modules_in_the_state_tree_are_synced_and_found(
+    toolchain: Toolchain, box: Box, tmp_path: Path
+) -> None:
     """A tree with `_modules/` keeps Salt's sync and its search by virtual name (a module
     file named unlike its virtual name): sysbake only skips both for trees without any."""
-    module = ('__virtualname__ = "greeter"\n\n\ndef __virtual__():\n'
-              '    return __virtualname__\n\n\ndef hello(name):\n'
-              '    return "hello " + name\n')
-    states = tree(tmp_path / "salt", {
-        "top.sls": TOP.format("custom"),
-        "_modules/greeting_impl.py": module,
-        "custom.sls": "/etc/custom-greeting:\n  file.managed:\n"
-                      "    - contents: {{ salt['greeter.hello']('world') }}\n"})
+    module = (
+        '__virtualname__ = "greeter"\n\n\ndef __virtual__():\n'
+        "    return __virtualname__\n\n\ndef hello(name):\n"
+        '    return "hello " + name\n'
+    )
+    states = tree(
+        tmp_path / "salt",
+        {
+            "top.sls": TOP.format("custom"),
+            "_modules/greeting_impl.py": module,
+            "custom.sls": "/etc/custom-greeting:\n  file.managed:\n"
+            "    - contents: {{ salt['greeter.hello']('world') }}\n",
+        },
+    )
     run = SaltRun(toolchain, (states,))
     assert run.custom_modules()
     result = box.salt(run)
@@ -267,7 +310,11 @@ def test_custom_modules_in_the_state_tree_are_synced_and_found(toolchain: Toolch
 
 
 def test_failing_states_are_reported(toolchain: Toolchain, box: Box, tmp_path: Path) -> None:
-    states = tree(tmp_path / "salt", {"top.sls": TOP.format("broken"), "broken.sls": """\
+    states = tree(
+        tmp_path / "salt",
+        {
+            "top.sls": TOP.format("broken"),
+            "broken.sls": """\
 fine:
   test.succeed_without_changes: []
 broken-command:
@@ -282,7 +329,9 @@ after-broken:
     - name: touch /etc/not-reached
     - require:
       - cmd: broken-command
-"""})
+""",
+        },
+    )
     result = box.salt(SaltRun(toolchain, (states,)), record="failure")
     assert not result.ok and result.returncode == 2
     failed = {s.id: s for s in result.failed}
@@ -303,43 +352,70 @@ def test_render_errors_are_reported(toolchain: Toolchain, box: Box, tmp_path: Pa
     assert result.error_line().startswith("Unable to render top file: ")
 
     states = tree(tmp_path / "salt", {"top.sls": TOP.format("demo"), "demo.sls": DEMO})
-    pillar = tree(tmp_path / "pillar", {"top.sls": TOP.format("data"),
-                                        "data.sls": "greeting: {{ undefined_thing( }}\n"})
+    pillar = tree(
+        tmp_path / "pillar",
+        {"top.sls": TOP.format("data"), "data.sls": "greeting: {{ undefined_thing( }}\n"},
+    )
     result = box.salt(SaltRun(toolchain, (states,), (pillar,)), record="pillar-render-error")
     assert not result.ok and result.states == ()
-    assert result.error_line() == ("pillar: Rendering SLS 'data' failed, render error: Jinja "
-                                   "syntax error: unexpected '}', expected ')'; line 1: "
-                                   "greeting: {{ undefined_thing( }}")
+    assert result.error_line() == (
+        "pillar: Rendering SLS 'data' failed, render error: Jinja "
+        "syntax error: unexpected '}', expected ')'; line 1: "
+        "greeting: {{ undefined_thing( }}"
+    )
     assert "etc/greeting" not in box.changes()
 
 
-def test_project_pillar_is_merged_over_the_global_pillar(toolchain: Toolchain, box: Box,
-                                                         tmp_path: Path) -> None:
-    states = tree(tmp_path / "salt", {"top.sls": TOP.format("dump"), "dump.sls": """\
+def test_project_pillar_is_merged_over_the_global_pillar(
+    toolchain: Toolchain, box: Box, tmp_path: Path
+) -> None:
+    states = tree(
+        tmp_path / "salt",
+        {
+            "top.sls": TOP.format("dump"),
+            "dump.sls": """\
 dump:
   file.managed:
     - name: /etc/pillar.json
     - contents: |
         {{ pillar | json }}
-"""})
-    glob = tree(tmp_path / "global", {"top.sls": TOP.format("common"), "common.sls": """\
+""",
+        },
+    )
+    glob = tree(
+        tmp_path / "global",
+        {
+            "top.sls": TOP.format("common"),
+            "common.sls": """\
 shared: global
 only_global: kept
 nested: {a: 1, b: 1}
-"""})
-    project = tree(tmp_path / "project", {"top.sls": TOP.format("mine"), "mine.sls": """\
+""",
+        },
+    )
+    project = tree(
+        tmp_path / "project",
+        {
+            "top.sls": TOP.format("mine"),
+            "mine.sls": """\
 shared: project
 nested: {b: 2}
 only_project: {{ grains['os'] }}
-"""})
+""",
+        },
+    )
     run = SaltRun(toolchain, (states,), (glob,), project)
     # Without a fixed order Salt merges pillar envs in random order: ask more than once.
     for attempt in range(3):
         result = box.salt(run)
         assert result.ok, result.report()
         data = json.loads((box.upper / "etc/pillar.json").read_text())
-        assert data == {"shared": "project", "only_global": "kept", "nested": {"a": 1, "b": 2},
-                        "only_project": "Debian"}, f"attempt {attempt}"
+        assert data == {
+            "shared": "project",
+            "only_global": "kept",
+            "nested": {"a": 1, "b": 2},
+            "only_project": "Debian",
+        }, f"attempt {attempt}"
 
     # A seed-style project pillar: an init.sls and no top file.
     (project / "top.sls").unlink()
@@ -349,17 +425,24 @@ only_project: {{ grains['os'] }}
     assert data["shared"] == "from init" and data["only_global"] == "kept"
 
 
-def test_no_pillar_means_none_not_the_images(toolchain: Toolchain, box: Box,
-                                             tmp_path: Path) -> None:
+def test_no_pillar_means_none_not_the_images(
+    toolchain: Toolchain, box: Box, tmp_path: Path
+) -> None:
     # An image's own /srv/pillar (Salt's default pillar_roots) must not be read.
     tree(box.upper / "srv/pillar", {"top.sls": TOP.format("leak"), "leak.sls": "leak: yes\n"})
-    states = tree(tmp_path / "salt", {"top.sls": TOP.format("dump"), "dump.sls": """\
+    states = tree(
+        tmp_path / "salt",
+        {
+            "top.sls": TOP.format("dump"),
+            "dump.sls": """\
 dump:
   file.managed:
     - name: /etc/pillar.json
     - contents: |
         {{ pillar | json }}
-"""})
+""",
+        },
+    )
     result = box.salt(SaltRun(toolchain, (states,)))
     assert result.ok, result.report()
     assert json.loads((box.upper / "etc/pillar.json").read_text()) == {}
@@ -367,8 +450,9 @@ dump:
 
 def test_dry_run_changes_nothing(toolchain: Toolchain, box: Box, tmp_path: Path) -> None:
     states = tree(tmp_path / "salt", {"top.sls": TOP.format("demo"), "demo.sls": DEMO})
-    pillar = tree(tmp_path / "pillar", {"top.sls": TOP.format("data"),
-                                        "data.sls": "greeting: hi\n"})
+    pillar = tree(
+        tmp_path / "pillar", {"top.sls": TOP.format("data"), "data.sls": "greeting: hi\n"}
+    )
     result = box.salt(SaltRun(toolchain, (states,), (pillar,), test=True))
     assert result.ok, result.report()
     assert result.changes >= 2 and {s.result for s in result.changed} == {None}
@@ -379,8 +463,9 @@ def test_dry_run_changes_nothing(toolchain: Toolchain, box: Box, tmp_path: Path)
 def test_keep_salt_installs_a_working_salt_call(toolchain: Toolchain, box: Box) -> None:
     salt.install_salt(toolchain, Root(box.upper))
     assert (box.upper / "opt/sysbake/salt" / toolchain.python).is_file()
-    rc, out, err = box.chroot(["/usr/local/sbin/salt-call", "--local", "--out=json",
-                               "grains.item", "os", "osfinger"])
+    rc, out, err = box.chroot(
+        ["/usr/local/sbin/salt-call", "--local", "--out=json", "grains.item", "os", "osfinger"]
+    )
     assert rc == 0, err.decode()
     assert json.loads(out)["local"] == {"os": "Debian", "osfinger": "Debian-12"}
     rc, out, err = box.chroot(["/usr/local/sbin/salt-call", "--version"])

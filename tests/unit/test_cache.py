@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from sysbake.build import cache
 from sysbake.build.cache import StageCache, StageRecord, explain, hash_tree, stage_key
 from sysbake.errors import BuildError
 from sysbake.oci.model import MT_LAYER_GZIP, Layer
@@ -45,11 +46,35 @@ def test_hash_tree_sees_contents_modes_and_links_but_not_mtimes(tmp_path: Path) 
     assert hash_tree(tmp_path / "nope") == "missing"
 
 
+def test_hash_tree_reads_large_files_and_small_ones_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file of 1 MiB or more is streamed (OpenSSL), a smaller one read whole (CPython's
+    SHA-256): either way a file's digest is that of its content, so keys do not depend on
+    which way it was read."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "small").write_bytes(b"s" * 100)
+    big = tmp_path / "big"
+    big.write_bytes(b"a" * (1 << 20) + b"b")
+    whole, one = hash_tree(tmp_path), hash_tree(big)
+    monkeypatch.setattr(cache, "_SMALL_FILE", 0)  # every file streamed
+    assert (hash_tree(tmp_path), hash_tree(big)) == (whole, one)
+    big.write_bytes(b"a" * (1 << 20) + b"c")
+    assert hash_tree(tmp_path) != whole
+    assert hash_tree(big) != one
+
+
 def _record(store: Store, key: str, stage: str = "bootstrap") -> StageRecord:
     blob = store.put_bytes(key.encode(), MT_LAYER_GZIP)
-    return StageRecord(key=key, image="base", stage=stage, inputs={"k": key},
-                       layer=Layer(blob, "sha256:" + "0" * 64), created="2026-01-01T00:00:00Z",
-                       created_by="test")
+    return StageRecord(
+        key=key,
+        image="base",
+        stage=stage,
+        inputs={"k": key},
+        layer=Layer(blob, "sha256:" + "0" * 64),
+        created="2026-01-01T00:00:00Z",
+        created_by="test",
+    )
 
 
 def test_records_round_trip_and_need_their_blob(tmp_path: Path) -> None:
@@ -80,8 +105,7 @@ def test_explain_names_a_pulled_stage() -> None:
     from sysbake.build.cache import explain
 
     reason = explain({"pulled": "127.0.0.1:5000/base:latest"}, {"stage": "bootstrap"})
-    assert reason == ("the cached stage came from 127.0.0.1:5000/base:latest and its "
-                      "inputs differ")
+    assert reason == ("the cached stage came from 127.0.0.1:5000/base:latest and its inputs differ")
 
 
 def test_hash_tree_hashes_a_link_inside_as_a_link_never_its_target(tmp_path: Path) -> None:
@@ -162,6 +186,8 @@ def test_hash_tree_walks_trees_deeper_than_the_recursion_limit() -> None:
 
 
 def test_hash_tree_says_which_directory_it_cannot_read() -> None:
-    with nested("x" * 200, 25) as top, \
-            pytest.raises(BuildError, match="cannot read: File name too long"):
+    with (
+        nested("x" * 200, 25) as top,
+        pytest.raises(BuildError, match="cannot read: File name too long"),
+    ):
         hash_tree(top)  # a path longer than PATH_MAX

@@ -29,7 +29,7 @@ def packed(kind: str, data: bytes, level: int | None = None) -> bytes:
     out = io.BytesIO()
     with compress.compressor(kind, out, level=level) as sink:
         for start in range(0, len(data), 100_000):  # many writes, as a tar writer does
-            sink.write(data[start:start + 100_000])
+            sink.write(data[start : start + 100_000])
     return out.getvalue()
 
 
@@ -63,15 +63,15 @@ def test_round_trip(kind: str) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_deterministic(kind: str) -> None:
     data = sample()
-    assert hashlib.sha256(packed(kind, data)).digest() == \
-        hashlib.sha256(packed(kind, data)).digest()
+    assert (
+        hashlib.sha256(packed(kind, data)).digest() == hashlib.sha256(packed(kind, data)).digest()
+    )
 
 
 @pytest.mark.parametrize("kind", ["gzip", "zstd", "xz"])
 def test_readable_by_the_standard_tools(kind: str) -> None:
     data = sample(1 << 20)
-    result = subprocess.run(TOOLS[kind], input=packed(kind, data), capture_output=True,
-                            check=True)
+    result = subprocess.run(TOOLS[kind], input=packed(kind, data), capture_output=True, check=True)
     assert result.stdout == data
 
 
@@ -117,8 +117,10 @@ def test_sniff() -> None:
 
 
 def test_unknown_kind() -> None:
-    with pytest.raises(LayerError, match="unknown compression 'bz2'"), \
-            compress.compressor("bz2", io.BytesIO()):
+    with (
+        pytest.raises(LayerError, match="unknown compression 'bz2'"),
+        compress.compressor("bz2", io.BytesIO()),
+    ):
         pass
 
 
@@ -159,17 +161,18 @@ class FailingSink:
 def test_output_failure_surfaces_without_hanging(kind: str) -> None:
     before = children()
     data = sample(2 << 20)
-    with pytest.raises(OSError, match="No space left"), \
-            compress.compressor(kind, FailingSink(4096)) as sink:
+    with (
+        pytest.raises(OSError, match="No space left"),
+        compress.compressor(kind, FailingSink(4096)) as sink,
+    ):
         for start in range(0, len(data), 1 << 16):
-            sink.write(data[start:start + (1 << 16)])
+            sink.write(data[start : start + (1 << 16)])
     assert children() == before
 
 
 def test_error_in_the_caller_kills_the_tool() -> None:
     before = children()
-    with pytest.raises(RuntimeError, match="boom"), \
-            compress.compressor("xz", io.BytesIO()) as sink:
+    with pytest.raises(RuntimeError, match="boom"), compress.compressor("xz", io.BytesIO()) as sink:
         sink.write(b"x" * 1000)
         raise RuntimeError("boom")
     assert children() == before
@@ -187,8 +190,10 @@ def test_tool_death_is_a_command_error() -> None:
     import signal
 
     before = children()
-    with pytest.raises(CommandError, match=r"zstd compression failed \(exit -9\)"), \
-            compress.compressor("zstd", io.BytesIO()) as sink:
+    with (
+        pytest.raises(CommandError, match=r"zstd compression failed \(exit -9\)"),
+        compress.compressor("zstd", io.BytesIO()) as sink,
+    ):
         sink.write(b"x" * 1000)
         for pid in children() - before:
             os.kill(pid, signal.SIGKILL)
@@ -212,8 +217,10 @@ class BrokenSource:
 def test_source_failure_is_reported_as_such() -> None:
     before = children()
     blob = packed("zstd", sample())
-    with pytest.raises(ConnectionResetError), \
-            compress.decompressor("zstd", BrokenSource(blob)) as src:
+    with (
+        pytest.raises(ConnectionResetError),
+        compress.decompressor("zstd", BrokenSource(blob)) as src,
+    ):
         while src.read(65536):
             pass
     assert children() == before

@@ -15,24 +15,35 @@ from sysbake.errors import StoreError
 from sysbake.fsutil import no_space_line, raise_disk, raise_if_no_space
 
 TAR = "tar: ./usr/lib/x86_64-linux-gnu/libc.so.6: Cannot write: No space left on device"
-DPKG = ("dpkg: error processing archive /var/cache/apt/archives/libc6_2.36_amd64.deb "
-        "(--unpack):\n cannot copy extracted data for './usr/bin/ldd' to "
-        "'/usr/bin/ldd.dpkg-new': failed to write (No space left on device)")
-APT = ("E: Failed to fetch http://deb.example/pool/main/b/bash_5.2.deb  Write error - "
-       "write (28: No space left on device) /var/cache/apt/archives/partial/bash_5.2.deb")
+DPKG = (
+    "dpkg: error processing archive /var/cache/apt/archives/libc6_2.36_amd64.deb "
+    "(--unpack):\n cannot copy extracted data for './usr/bin/ldd' to "
+    "'/usr/bin/ldd.dpkg-new': failed to write (No space left on device)"
+)
+APT = (
+    "E: Failed to fetch http://deb.example/pool/main/b/bash_5.2.deb  Write error - "
+    "write (28: No space left on device) /var/cache/apt/archives/partial/bash_5.2.deb"
+)
 
 
-@pytest.mark.parametrize(("output", "line"), [
-    (f"I: extracting\n{TAR}\ntar: Exiting with failure status\nE: mmdebstrap failed", TAR),
-    (f"Unpacking libc6\n{DPKG}\nErrors were encountered", DPKG.splitlines()[1].strip()),
-    (APT, APT[3:]),
-    ("OSError: [Errno 28] No space left on device: '/etc/big'",
-     "OSError: [Errno 28] No space left on device: '/etc/big'"),
-    ("dd: error writing '/big': Disk quota exceeded", "dd: error writing '/big': Disk quota "
-                                                       "exceeded"),
-    ("E: Unable to locate package nosuchpkg", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    ("output", "line"),
+    [
+        (f"I: extracting\n{TAR}\ntar: Exiting with failure status\nE: mmdebstrap failed", TAR),
+        (f"Unpacking libc6\n{DPKG}\nErrors were encountered", DPKG.splitlines()[1].strip()),
+        (APT, APT[3:]),
+        (
+            "OSError: [Errno 28] No space left on device: '/etc/big'",
+            "OSError: [Errno 28] No space left on device: '/etc/big'",
+        ),
+        (
+            "dd: error writing '/big': Disk quota exceeded",
+            "dd: error writing '/big': Disk quota exceeded",
+        ),
+        ("E: Unable to locate package nosuchpkg", None),
+        ("", None),
+    ],
+)
 def test_the_first_line_that_says_the_disk_is_full(output: str, line: str | None) -> None:
     assert no_space_line(output) == line
 
@@ -46,14 +57,14 @@ def test_a_long_line_is_cut_to_what_leads_to_the_message() -> None:
 
 def test_a_bootstrap_that_fills_the_root_names_it(tmp_path: Path) -> None:
     target, debs = tmp_path / "tmp/bootstrap-1/rootfs", tmp_path / "debs"
-    message = bootstrap.failure_message("bookworm", f"I: extracting\n{TAR}\nE: failed",
-                                        target, debs)
+    message = bootstrap.failure_message(
+        "bookworm", f"I: extracting\n{TAR}\nE: failed", target, debs
+    )
     assert message == f"bootstrap bookworm: no space left on device writing {target}: {TAR}"
     assert "\n" not in bootstrap.failure_message("bookworm", DPKG, target, debs)
 
 
-def test_a_bootstrap_whose_downloads_fill_the_deb_cache_names_the_cache(
-        tmp_path: Path) -> None:
+def test_a_bootstrap_whose_downloads_fill_the_deb_cache_names_the_cache(tmp_path: Path) -> None:
     target, debs = tmp_path / "rootfs", tmp_path / "debs"
     message = bootstrap.failure_message("bookworm", APT, target, debs)
     assert message.startswith(f"bootstrap bookworm: no space left on device writing {debs}:")
@@ -61,8 +72,11 @@ def test_a_bootstrap_whose_downloads_fill_the_deb_cache_names_the_cache(
 
 def test_other_bootstrap_failures_keep_their_explanation(tmp_path: Path) -> None:
     message = bootstrap.failure_message(
-        "bookworm", "I: resolving\nE: Unable to locate package nosuchpkg\nE: failed",
-        tmp_path / "rootfs", tmp_path / "debs")
+        "bookworm",
+        "I: resolving\nE: Unable to locate package nosuchpkg\nE: failed",
+        tmp_path / "rootfs",
+        tmp_path / "debs",
+    )
     assert message == "bootstrap bookworm: Unable to locate package nosuchpkg"
 
 
@@ -70,26 +84,30 @@ def test_a_step_that_fills_the_disk_says_so_in_one_line() -> None:
     output = f"Setting up x\n{DPKG}\nE: Sub-process /usr/bin/dpkg returned an error code\n"
     with pytest.raises(StoreError) as caught:
         raise_if_no_space(output.encode(), "web: packages")
-    assert str(caught.value) == ("web: packages: no space left on device: cannot copy "
-                                 "extracted data for './usr/bin/ldd' to "
-                                 "'/usr/bin/ldd.dpkg-new': failed to write (No space "
-                                 "left on device)")
+    assert str(caught.value) == (
+        "web: packages: no space left on device: cannot copy "
+        "extracted data for './usr/bin/ldd' to "
+        "'/usr/bin/ldd.dpkg-new': failed to write (No space "
+        "left on device)"
+    )
     raise_if_no_space(b"E: Unable to locate package x", "web: packages")  # not full
 
 
 def test_raise_disk_names_the_file_the_error_names(tmp_path: Path) -> None:
     path = tmp_path / "blob-1"
-    with pytest.raises(StoreError, match=rf"^writing a blob \({path}\): no space left on "
-                                         "device$"):
-        raise_disk(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)),
-                   "writing a blob")
+    with pytest.raises(
+        StoreError,
+        match=rf"^writing a blob \({path}\): no space left on "
+        "device$",
+    ):
+        raise_disk(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)), "writing a blob")
     with pytest.raises(StoreError, match=rf"^writing {path}: no space left on device$"):
-        raise_disk(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)),
-                   f"writing {path}")
+        raise_disk(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)), f"writing {path}")
 
 
-def test_an_unwrapped_full_disk_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unwrapped_full_disk_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from sysbake.commands import images
 
     def full(ctx: object, args: object) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sysbake.errors import ImageNotFound, LayerError, StoreError
+from sysbake.errors import ImageNotFound, LayerError
 from sysbake.oci import model as oci
 from sysbake.oci.export import (
     ExportError,
@@ -24,48 +24,21 @@ from sysbake.oci.export import (
     merge_index,
     rootfs_compression_for,
 )
-from sysbake.oci.model import Descriptor, Image, Layer
+from sysbake.oci.model import Descriptor, Layer
+from sysbake.oci.reference import InvalidReference
 from sysbake.oci.store import Store
-
-
-def _tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in sorted(files.items()):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def _image(store: Store, *layer_files: dict[str, bytes], ref: str = "t:latest") -> Image:
-    layers = []
-    for files in layer_files:
-        plain = _tar(files)
-        blob = store.put_bytes(gzip.compress(plain, mtime=0), oci.MT_LAYER_GZIP)
-        layers.append(Layer(blob, oci.sha256_digest(plain)))
-    config = {"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/sbin/init"]},
-              "rootfs": {"type": "layers", "diff_ids": [la.diff_id for la in layers]}}
-    image = store.put_image(config, tuple(layers))
-    store.tag(ref, image)
-    return image
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "store").ensure()
+from tests.unit.conftest import (
+    Entry,
+    crafted_tar,
+    files_tar,
+    put_image,
+    tar_member,
+    tar_members,
+)
 
 
 def _members(data: bytes) -> dict[str, tarfile.TarInfo]:
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        return {m.name: m for m in tar.getmembers()}
-
-
-def _read_member(data: bytes, name: str) -> bytes:
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        f = tar.extractfile(name)
-        assert f is not None
-        return f.read()
+    return {m.name: m for m in tar_members(data)}
 
 
 # -- pure parts ----------------------------------------------------------------------------
@@ -88,12 +61,13 @@ def test_check_options_defaults_and_rejections() -> None:
 
 
 def test_rootfs_compression_follows_the_file_name(store: Store, tmp_path: Path) -> None:
-    assert [rootfs_compression_for(Path(n)) for n in
-            ("a.tar", "a.tar.gz", "a.tgz", "a.tar.zst", "a.tar.xz", "-", "rootfs")] == \
-        ["none", "gzip", "gzip", "zstd", "xz", "xz", "xz"]
-    _image(store, {"etc/hostname": b"box\n"})
+    assert [
+        rootfs_compression_for(Path(n))
+        for n in ("a.tar", "a.tar.gz", "a.tgz", "a.tar.zst", "a.tar.xz", "-", "rootfs")
+    ] == ["none", "gzip", "gzip", "zstd", "xz", "xz", "xz"]
+    put_image(store, {"etc/hostname": b"box\n"})
     plain = export_image(store, "t", "rootfs", tmp_path / "r.tar").read_bytes()
-    assert plain == _tar({"etc/hostname": b"box\n"})
+    assert plain == files_tar({"etc/hostname": b"box\n"})
     packed = export_image(store, "t", "rootfs", tmp_path / "r.tar.gz").read_bytes()
     assert gzip.decompress(packed) == plain
 
@@ -105,14 +79,15 @@ def test_export_name_is_the_full_tag_or_nothing_for_an_id() -> None:
     assert export_name("abcdef123456", tags) is None  # an image ID
     assert export_name("sha256:abcdef", tags) is None
     assert export_name("abcdef123456", tags, name="other") == "other:latest"
-    with pytest.raises(StoreError, match="invalid image name"):
+    with pytest.raises(InvalidReference, match="invalid path component 'Bad Name'"):
         export_name("web", tags, name="Bad Name")
 
 
 def test_docker_manifest_lists_config_tags_and_layers() -> None:
     data = docker_manifest("c.json", ["web:latest"], ["a/layer.tar", "b/layer.tar"])
-    assert json.loads(data) == [{"Config": "c.json", "RepoTags": ["web:latest"],
-                                 "Layers": ["a/layer.tar", "b/layer.tar"]}]
+    assert json.loads(data) == [
+        {"Config": "c.json", "RepoTags": ["web:latest"], "Layers": ["a/layer.tar", "b/layer.tar"]}
+    ]
 
 
 def test_merge_index_replaces_same_name_and_untagged_same_digest() -> None:
@@ -122,8 +97,11 @@ def test_merge_index_replaces_same_name_and_untagged_same_digest() -> None:
 
     old = [desc("a", "web:latest"), desc("b", "web:1.0"), desc("c", None)]
     merged = merge_index(old, desc("d", "web:latest"))
-    assert [(d.digest[7], d.annotation(oci.ANN_REF_NAME)) for d in merged] == \
-        [("c", None), ("b", "web:1.0"), ("d", "web:latest")]
+    assert [(d.digest[7], d.annotation(oci.ANN_REF_NAME)) for d in merged] == [
+        ("c", None),
+        ("b", "web:1.0"),
+        ("d", "web:latest"),
+    ]
     merged = merge_index(old, desc("c", None))
     assert len(merged) == 3
     merged = merge_index(old, desc("a", None))  # untagged, other digest: added
@@ -134,22 +112,28 @@ def test_merge_index_replaces_same_name_and_untagged_same_digest() -> None:
 
 
 def test_docker_archive_holds_uncompressed_layers_config_and_manifest(
-        store: Store, tmp_path: Path) -> None:
-    image = _image(store, {"etc/hostname": b"box\n"}, {"usr/bin/tool": b"#!/bin/sh\n"})
+    store: Store, tmp_path: Path
+) -> None:
+    image = put_image(store, {"etc/hostname": b"box\n"}, {"usr/bin/tool": b"#!/bin/sh\n"})
     out = export_image(store, "t", "docker-archive", tmp_path / "d.tar")
     data = out.read_bytes()
     members = _members(data)
     config_name = f"{oci.hex_of(image.id)}.json"
     layer_names = [f"{oci.hex_of(d)}/layer.tar" for d in image.diff_ids]
     assert list(members) == sorted(members)
-    assert set(members) == {config_name, "manifest.json", *layer_names,
-                            *(n.split("/")[0] for n in layer_names)}
+    assert set(members) == {
+        config_name,
+        "manifest.json",
+        *layer_names,
+        *(n.split("/")[0] for n in layer_names),
+    }
     assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 for m in members.values())
-    assert json.loads(_read_member(data, "manifest.json")) == [
-        {"Config": config_name, "RepoTags": ["t:latest"], "Layers": layer_names}]
-    assert _read_member(data, config_name) == store.blob_path(image.id).read_bytes()
+    assert json.loads(tar_member(data, "manifest.json")) == [
+        {"Config": config_name, "RepoTags": ["t:latest"], "Layers": layer_names}
+    ]
+    assert tar_member(data, config_name) == store.blob_path(image.id).read_bytes()
     for name, diff_id in zip(layer_names, image.diff_ids, strict=True):
-        assert oci.sha256_digest(_read_member(data, name)) == diff_id
+        assert oci.sha256_digest(tar_member(data, name)) == diff_id
     assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
 
@@ -161,8 +145,9 @@ def _umask() -> int:
 
 
 def test_archives_are_byte_identical_and_honour_source_date_epoch(
-        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _image(store, {"a": b"1"}, {"b": b"2"})
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    put_image(store, {"a": b"1"}, {"b": b"2"})
     for fmt in ("oci-archive", "docker-archive"):
         one = export_image(store, "t", fmt, tmp_path / f"{fmt}-1.tar").read_bytes()
         two = export_image(store, "t", fmt, tmp_path / f"{fmt}-2.tar").read_bytes()
@@ -172,37 +157,42 @@ def test_archives_are_byte_identical_and_honour_source_date_epoch(
     assert {m.mtime for m in _members(data).values()} == {1700000000}
 
 
-def test_oci_archive_is_a_layout_tagged_with_the_full_name(store: Store,
-                                                           tmp_path: Path) -> None:
-    image = _image(store, {"a": b"1"}, ref="web:1.0")
+def test_oci_archive_is_a_layout_tagged_with_the_full_name(store: Store, tmp_path: Path) -> None:
+    image = put_image(store, {"a": b"1"}, ref="web:1.0")
     data = export_image(store, "web:1.0", "oci-archive", tmp_path / "o.tar").read_bytes()
     members = _members(data)
     blobs = {image.manifest.digest, image.id, *(la.blob.digest for la in image.layers)}
-    assert set(members) == {"blobs", "blobs/sha256", "oci-layout", "index.json",
-                            *(f"blobs/sha256/{oci.hex_of(b)}" for b in blobs)}
-    index = json.loads(_read_member(data, "index.json"))
+    assert set(members) == {
+        "blobs",
+        "blobs/sha256",
+        "oci-layout",
+        "index.json",
+        *(f"blobs/sha256/{oci.hex_of(b)}" for b in blobs),
+    }
+    index = json.loads(tar_member(data, "index.json"))
     [entry] = index["manifests"]
     assert entry["digest"] == image.manifest.digest
     assert entry["annotations"] == {oci.ANN_REF_NAME: "web:1.0"}
-    assert json.loads(_read_member(data, "oci-layout")) == {"imageLayoutVersion": "1.0.0"}
+    assert json.loads(tar_member(data, "oci-layout")) == {"imageLayoutVersion": "1.0.0"}
 
 
 def test_an_image_id_exports_untagged_unless_named(store: Store, tmp_path: Path) -> None:
-    image = _image(store, {"a": b"1"})
+    image = put_image(store, {"a": b"1"})
     short = oci.hex_of(image.id)[:12]
     data = export_image(store, short, "docker-archive", tmp_path / "d.tar").read_bytes()
-    assert json.loads(_read_member(data, "manifest.json"))[0]["RepoTags"] == []
-    data = export_image(store, short, "docker-archive", tmp_path / "n.tar",
-                        name="named:v1").read_bytes()
-    assert json.loads(_read_member(data, "manifest.json"))[0]["RepoTags"] == ["named:v1"]
+    assert json.loads(tar_member(data, "manifest.json"))[0]["RepoTags"] == []
+    data = export_image(
+        store, short, "docker-archive", tmp_path / "n.tar", name="named:v1"
+    ).read_bytes()
+    assert json.loads(tar_member(data, "manifest.json"))[0]["RepoTags"] == ["named:v1"]
 
 
 def test_oci_recompression_keeps_config_and_diff_ids(store: Store, tmp_path: Path) -> None:
-    image = _image(store, {"a": b"1" * 5000})
+    image = put_image(store, {"a": b"1" * 5000})
     data = export_image(store, "t", "oci-archive", tmp_path / "o.tar", "none").read_bytes()
-    [entry] = json.loads(_read_member(data, "index.json"))["manifests"]
+    [entry] = json.loads(tar_member(data, "index.json"))["manifests"]
     assert entry["digest"] != image.manifest.digest
-    manifest = json.loads(_read_member(data, f"blobs/sha256/{oci.hex_of(entry['digest'])}"))
+    manifest = json.loads(tar_member(data, f"blobs/sha256/{oci.hex_of(entry['digest'])}"))
     assert manifest["config"]["digest"] == image.id
     [layer] = manifest["layers"]
     assert layer["mediaType"] == oci.MT_LAYER
@@ -213,16 +203,18 @@ def test_oci_recompression_keeps_config_and_diff_ids(store: Store, tmp_path: Pat
 
 
 def test_oci_layout_links_blobs_and_adds_refs(store: Store, tmp_path: Path) -> None:
-    first = _image(store, {"a": b"1"}, ref="one:latest")
-    second = _image(store, {"b": b"2"}, ref="two:latest")
+    first = put_image(store, {"a": b"1"}, ref="one:latest")
+    second = put_image(store, {"b": b"2"}, ref="two:latest")
     dest = tmp_path / "layout"
     dest.mkdir()  # an empty directory is taken over
     assert export_image(store, "one", "oci", dest) == dest
     export_image(store, "two", "oci", dest)
     export_image(store, "one", "oci", dest)  # replacing a ref is idempotent
     index = json.loads((dest / "index.json").read_text())
-    assert [(m["digest"], m["annotations"][oci.ANN_REF_NAME]) for m in index["manifests"]] == \
-        [(first.manifest.digest, "one:latest"), (second.manifest.digest, "two:latest")]
+    assert [(m["digest"], m["annotations"][oci.ANN_REF_NAME]) for m in index["manifests"]] == [
+        (first.manifest.digest, "one:latest"),
+        (second.manifest.digest, "two:latest"),
+    ]
     layer = first.layers[0].blob.digest
     exported = dest / "blobs" / "sha256" / oci.hex_of(layer)
     assert exported.stat().st_ino == store.blob_path(layer).stat().st_ino
@@ -233,7 +225,7 @@ def test_oci_layout_copies_blobs_across_file_systems(store: Store, tmp_path: Pat
     shm = Path("/dev/shm")
     if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
         pytest.fail("this test needs /dev/shm on another file system than the temp dir")
-    image = _image(store, {"a": b"1"})
+    image = put_image(store, {"a": b"1"})
     dest = shm / f"sysbake-export-test-{os.getpid()}"
     try:
         export_image(store, "t", "oci", dest)
@@ -247,9 +239,9 @@ def test_oci_layout_copies_blobs_across_file_systems(store: Store, tmp_path: Pat
 
 
 def test_rootfs_of_one_layer_is_that_layer(store: Store, tmp_path: Path) -> None:
-    _image(store, {"etc/hostname": b"box\n"})
+    put_image(store, {"etc/hostname": b"box\n"})
     plain = export_image(store, "t", "rootfs", tmp_path / "r", "none").read_bytes()
-    assert plain == _tar({"etc/hostname": b"box\n"})
+    assert plain == files_tar({"etc/hostname": b"box\n"})
     packed = export_image(store, "t", "rootfs", tmp_path / "r.xz", "gzip").read_bytes()
     assert gzip.decompress(packed) == plain  # an explicit compression wins over the name
 
@@ -258,7 +250,7 @@ def test_rootfs_of_one_layer_is_that_layer(store: Store, tmp_path: Path) -> None
 
 
 def test_export_errors_are_one_clear_line(store: Store, tmp_path: Path) -> None:
-    _image(store, {"a": b"1"})
+    put_image(store, {"a": b"1"})
     with pytest.raises(ImageNotFound, match="no image 'nope'"):
         export_image(store, "nope", "docker-archive", tmp_path / "x.tar")
     with pytest.raises(ExportError, match="oci format writes a directory"):
@@ -282,72 +274,69 @@ def test_export_errors_are_one_clear_line(store: Store, tmp_path: Path) -> None:
 
 
 def test_a_corrupt_layer_fails_loudly_and_leaves_nothing(store: Store, tmp_path: Path) -> None:
-    image = _image(store, {"a": b"1"})
+    image = put_image(store, {"a": b"1"})
     blob = store.blob_path(image.layers[0].blob.digest)
     blob.chmod(0o644)
-    blob.write_bytes(gzip.compress(_tar({"a": b"2"}), mtime=0))
+    blob.write_bytes(gzip.compress(files_tar({"a": b"2"}), mtime=0))
     # Never checked: the layer check finds that it does not hash to its diff_id.
-    with pytest.raises(LayerError, match=f"layer {image.layers[0].blob.digest}: its content "
-                                         f"hashes to .*, not to its diff_id "
-                                         f"{image.diff_ids[0]}"):
+    with pytest.raises(
+        LayerError,
+        match=f"layer {image.layers[0].blob.digest}: its content "
+        f"hashes to .*, not to its diff_id "
+        f"{image.diff_ids[0]}",
+    ):
         export_image(store, "t", "rootfs", tmp_path / "x.tar")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
     # Checked before it was damaged: the export's own digest check still catches it.
-    image = _image(store, {"b": b"1"}, ref="u:latest")
+    image = put_image(store, {"b": b"1"}, ref="u:latest")
     export_image(store, "u", "rootfs", tmp_path / "ok.tar", "none")
     (tmp_path / "ok.tar").unlink()
     blob = store.blob_path(image.layers[0].blob.digest)
     blob.chmod(0o644)
-    blob.write_bytes(gzip.compress(_tar({"b": b"2"}), mtime=0))
+    blob.write_bytes(gzip.compress(files_tar({"b": b"2"}), mtime=0))
     for fmt in ("docker-archive", "rootfs"):
-        with pytest.raises(ExportError, match=f"content has digest .* expected "
-                                              f"{image.diff_ids[0]}"):
+        with pytest.raises(
+            ExportError, match=f"content has digest .* expected {image.diff_ids[0]}"
+        ):
             export_image(store, "u", fmt, tmp_path / "x.tar")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
 
 
-def _crafted_image(store: Store, plain: bytes, *, below: bytes | None = None,
-                   ref: str = "bad:latest") -> Image:
-    """An image whose top layer is the uncompressed bytes `plain` (gzip-compressed, as
-    registries serve it), on top of `below` when given."""
-    layers = []
-    for data in ([below] if below is not None else []) + [plain]:
-        blob = store.put_bytes(gzip.compress(data, mtime=0), oci.MT_LAYER_GZIP)
-        layers.append(Layer(blob, oci.sha256_digest(data)))
-    config = {"architecture": "amd64", "os": "linux", "config": {},
-              "rootfs": {"type": "layers", "diff_ids": [la.diff_id for la in layers]}}
-    image = store.put_image(config, tuple(layers))
-    store.tag(ref, image)
-    return image
-
-
 def _hostile(kind: str) -> tuple[bytes, str]:
     """A hostile layer tar and the problem its refusal names."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        info = tarfile.TarInfo({"dotdot": "../x", "absolute": "/etc/x"}.get(kind, "x"))
-        if kind == "hardlink":
-            info.type, info.linkname = tarfile.LNKTYPE, "/etc/shadow"
-        elif kind == "device":
-            info.type, info.devmajor, info.devminor = tarfile.BLKTYPE, 8, 0
-        tar.addfile(info)
-    problems = {"dotdot": "'..' is not allowed", "absolute": "absolute names are not allowed",
-                "hardlink": "hardlink target '/etc/shadow': absolute names",
-                "device": "block device 8:0 is not allowed"}
-    return buf.getvalue(), problems[kind]
+    entries: dict[str, Entry] = {
+        "dotdot": ("../x", tarfile.REGTYPE, {}),
+        "absolute": ("/etc/x", tarfile.REGTYPE, {}),
+        "hardlink": ("x", tarfile.LNKTYPE, {"linkname": "/etc/shadow"}),
+        "device": ("x", tarfile.BLKTYPE, {"devmajor": 8, "devminor": 0}),
+    }
+    problems = {
+        "dotdot": "'..' is not allowed",
+        "absolute": "absolute names are not allowed",
+        "hardlink": "hardlink target '/etc/shadow': absolute names",
+        "device": "block device 8:0 is not allowed",
+    }
+    return crafted_tar(entries[kind]), problems[kind]
 
 
 HOSTILE_KINDS = ("dotdot", "absolute", "hardlink", "device")
-FORMATS = (("oci", None), ("oci-archive", None), ("oci-archive", "zstd"),
-           ("docker-archive", None), ("rootfs", "none"), ("rootfs", "xz"))
+FORMATS = (
+    ("oci", None),
+    ("oci-archive", None),
+    ("oci-archive", "zstd"),
+    ("docker-archive", None),
+    ("rootfs", "none"),
+    ("rootfs", "xz"),
+)
 
 
 @pytest.mark.parametrize("kind", HOSTILE_KINDS)
 @pytest.mark.parametrize("below", [False, True], ids=["one-layer", "two-layers"])
-def test_hostile_layers_are_refused_by_every_format(store: Store, tmp_path: Path, kind: str,
-                                                    below: bool) -> None:
+def test_hostile_layers_are_refused_by_every_format(
+    store: Store, tmp_path: Path, kind: str, below: bool
+) -> None:
     plain, problem = _hostile(kind)
-    image = _crafted_image(store, plain, below=_tar({"ok": b"ok"}) if below else None)
+    image = put_image(store, *([{"ok": b"ok"}] if below else []), plain, ref="bad:latest")
     digest = image.layers[-1].blob.digest
     for fmt, compression in FORMATS:
         with pytest.raises(LayerError) as caught:
@@ -360,19 +349,18 @@ def test_hostile_layers_are_refused_by_every_format(store: Store, tmp_path: Path
 
 
 def test_a_layer_that_is_not_a_tar_is_refused(store: Store, tmp_path: Path) -> None:
-    image = _crafted_image(store, b"this is no tar archive" * 40)
+    image = put_image(store, b"this is no tar archive" * 40, ref="bad:latest")
     for fmt, compression in FORMATS:
-        with pytest.raises(LayerError, match=f"layer {image.layers[0].blob.digest}: not a "
-                                             "valid tar"):
+        with pytest.raises(
+            LayerError, match=f"layer {image.layers[0].blob.digest}: not a valid tar"
+        ):
             export_image(store, "bad", fmt, tmp_path / "out", compression)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
 
 
 def test_a_layer_that_does_not_decompress_is_refused(store: Store, tmp_path: Path) -> None:
     blob = store.put_bytes(b"\x1f\x8b" + b"not gzip at all" * 50, oci.MT_LAYER_GZIP)
-    config = {"architecture": "amd64", "os": "linux", "config": {},
-              "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "0" * 64]}}
-    store.tag("bad", store.put_image(config, (Layer(blob, "sha256:" + "0" * 64),)))
+    put_image(store, Layer(blob, "sha256:" + "0" * 64), ref="bad")
     for fmt, compression in FORMATS:
         with pytest.raises(LayerError, match=f"layer {blob.digest}: "):
             export_image(store, "bad", fmt, tmp_path / "out", compression)
@@ -380,35 +368,25 @@ def test_a_layer_that_does_not_decompress_is_refused(store: Store, tmp_path: Pat
 
 
 def test_standard_devices_and_setuid_files_export(store: Store, tmp_path: Path) -> None:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        null = tarfile.TarInfo("dev/null")
-        null.type, null.devmajor, null.devminor, null.mode = tarfile.CHRTYPE, 1, 3, 0o666
-        tar.addfile(null)
-        su = tarfile.TarInfo("bin/su")
-        su.mode, su.size = 0o4755, 3
-        tar.addfile(su, io.BytesIO(b"elf"))
-    image = _crafted_image(store, buf.getvalue(), ref="fine:latest")
+    plain = crafted_tar(
+        ("dev/null", tarfile.CHRTYPE, {"devmajor": 1, "devminor": 3, "mode": 0o666}),
+        ("bin/su", tarfile.REGTYPE, {"mode": 0o4755, "data": b"elf"}),
+    )
+    image = put_image(store, plain, ref="fine:latest")
     out = export_image(store, "fine", "rootfs", tmp_path / "r.tar", "none")
-    assert out.read_bytes() == buf.getvalue()
+    assert out.read_bytes() == plain
     # Checked once: the marker spares the next export the pass over the layer.
     assert (store.checked_dir / oci.hex_of(image.diff_ids[0])).is_file()
 
 
 def test_non_utf8_names_export_byte_exact(store: Store, tmp_path: Path) -> None:
-    name = os.fsdecode(b"caf\xe9/\xff\xfe-latin1")
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT,
-                      encoding="utf-8", errors="surrogateescape") as tar:
-        info = tarfile.TarInfo(name)
-        info.size = 2
-        tar.addfile(info, io.BytesIO(b"hi"))
-    plain = buf.getvalue()
-    _crafted_image(store, plain, below=_tar({"ok": b"ok"}), ref="latin:latest")
+    plain = files_tar({os.fsdecode(b"caf\xe9/\xff\xfe-latin1"): b"hi"})
+    put_image(store, {"ok": b"ok"}, plain, ref="latin:latest")
     merged = export_image(store, "latin", "rootfs", tmp_path / "r.tar", "none").read_bytes()
-    with tarfile.open(fileobj=io.BytesIO(merged), encoding="utf-8",
-                      errors="surrogateescape") as tar:
+    with tarfile.open(
+        fileobj=io.BytesIO(merged), encoding="utf-8", errors="surrogateescape"
+    ) as tar:
         names = {os.fsencode(m.name) for m in tar.getmembers()}
     assert b"caf\xe9/\xff\xfe-latin1" in names
     docker = export_image(store, "latin", "docker-archive", tmp_path / "d.tar").read_bytes()
-    assert _read_member(docker, f"{oci.hex_of(oci.sha256_digest(plain))}/layer.tar") == plain
+    assert tar_member(docker, f"{oci.hex_of(oci.sha256_digest(plain))}/layer.tar") == plain

@@ -3,22 +3,41 @@ import shutil
 from pathlib import Path
 
 from sysbake.build import finalize
-from sysbake.build.finalize import Cleanup, OciSettings
+from sysbake.build.finalize import Cleanup
+from sysbake.project.specs import OciConfigSpec
 from sysbake.rootfs import Root
 
 
 def _tree(root: Path) -> Path:
-    for d in ("etc/ssh", "var/lib/apt/lists/partial", "var/cache/apt/archives/partial",
-              "var/log/apt", "tmp", "var/tmp", "dev", "var/lib/dbus", "etc/salt/pki"):
+    for d in (
+        "etc/ssh",
+        "var/lib/apt/lists/partial",
+        "var/cache/apt/archives/partial",
+        "var/log/apt",
+        "tmp",
+        "var/tmp",
+        "dev",
+        "var/lib/dbus",
+        "etc/salt/pki",
+    ):
         (root / d).mkdir(parents=True, exist_ok=True)
     files = {
-        "etc/machine-id": "abc\n", "var/lib/dbus/machine-id": "abc\n",
-        "etc/ssh/ssh_host_rsa_key": "k", "etc/ssh/ssh_host_rsa_key.pub": "k",
-        "etc/ssh/sshd_config": "cfg", "var/lib/apt/lists/deb_Packages": "p",
-        "var/lib/apt/lists/lock": "", "var/cache/apt/archives/x.deb": "d",
-        "var/cache/apt/pkgcache.bin": "b", "var/log/apt/history.log": "h",
-        "var/log/wtmp": "w", "tmp/junk": "j", "var/tmp/junk": "j", "etc/resolv.conf": "ns 1",
-        "etc/hostname": "buildhost", "etc/salt/pki/minion.pem": "secret",
+        "etc/machine-id": "abc\n",
+        "var/lib/dbus/machine-id": "abc\n",
+        "etc/ssh/ssh_host_rsa_key": "k",
+        "etc/ssh/ssh_host_rsa_key.pub": "k",
+        "etc/ssh/sshd_config": "cfg",
+        "var/lib/apt/lists/deb_Packages": "p",
+        "var/lib/apt/lists/lock": "",
+        "var/cache/apt/archives/x.deb": "d",
+        "var/cache/apt/pkgcache.bin": "b",
+        "var/log/apt/history.log": "h",
+        "var/log/wtmp": "w",
+        "tmp/junk": "j",
+        "var/tmp/junk": "j",
+        "etc/resolv.conf": "ns 1",
+        "etc/hostname": "buildhost",
+        "etc/salt/pki/minion.pem": "secret",
     }
     for name, text in files.items():
         (root / name).write_text(text)
@@ -51,8 +70,10 @@ def test_clean_tree_respects_switches(tmp_path: Path) -> None:
 def test_container_ready_masks_units_and_neutralises_host_files(tmp_path: Path) -> None:
     root = _tree(tmp_path)
     (root / "dev/null").write_text("")  # stands in for a device node
-    cleanup = Cleanup(mask=("foo.service", "systemd-fstab-generator"),
-                      unmask=("systemd-logind.service", "systemd-gpt-auto-generator"))
+    cleanup = Cleanup(
+        mask=("foo.service", "systemd-fstab-generator"),
+        unmask=("systemd-logind.service", "systemd-gpt-auto-generator"),
+    )
     finalize.make_container_ready(Root(root), cleanup)
     finalize.make_container_ready(Root(root), cleanup)  # idempotent
     units = root / "etc/systemd/system"
@@ -72,12 +93,23 @@ def test_container_ready_masks_units_and_neutralises_host_files(tmp_path: Path) 
 
 
 def test_image_config_is_the_systemd_container_interface() -> None:
-    settings = OciSettings(env=(("LANG", "C.UTF-8"),), ports=("80", "53/udp"),
-                           volumes=("/srv",), stop_signal="37", container="docker")
-    cfg = finalize.image_config(settings, architecture="amd64", diff_ids=["sha256:" + "a" * 64],
-                                history=[], created="2026-01-01T00:00:00Z",
-                                labels={"io.sysbake.stage.bootstrap": "k"})
+    settings = OciConfigSpec(
+        env=(("LANG", "C.UTF-8"),),
+        ports=("80/tcp", "53/udp"),
+        volumes=("/srv",),
+        stop_signal="37",
+        container="docker",
+    )
+    cfg = finalize.image_config(
+        settings,
+        architecture="amd64",
+        diff_ids=["sha256:" + "a" * 64],
+        history=[],
+        created="2026-01-01T00:00:00Z",
+        labels={"io.sysbake.stage.bootstrap": "k"},
+    )
     c = cfg["config"]
+    assert isinstance(c, dict)
     assert c["Cmd"] == ["/lib/systemd/systemd"]
     assert c["StopSignal"] == "SIGRTMIN+3"
     assert "container=docker" in c["Env"] and "LANG=C.UTF-8" in c["Env"]
@@ -88,30 +120,61 @@ def test_image_config_is_the_systemd_container_interface() -> None:
     assert cfg["rootfs"] == {"type": "layers", "diff_ids": ["sha256:" + "a" * 64]}
 
 
-def test_signal_names() -> None:
-    assert finalize.signal_name("SIGRTMIN+3") == "SIGRTMIN+3"
-    assert finalize.signal_name("term") == "SIGTERM"
-    assert finalize.signal_name(15) == "SIGTERM"
-
-
 # Every directory that clean_tree and make_container_ready touch, as a hostile image may
 # make it: a symlink to a host directory (absolute, or climbing out with ..).
-_TOUCHED = ("var/log", "var/log/journal", "var/lib/apt/lists", "var/lib/apt/lists/partial",
-            "var/cache/apt", "var/cache/apt/archives", "var/cache/debconf", "etc/ssh", "tmp",
-            "var/tmp", "etc/salt", "etc/salt/pki", "var/cache/salt", "var/lib/dbus", "root",
-            "var/lib/systemd", "var/lib/systemd/timers", "dev", "etc/systemd",
-            "etc/systemd/system", "etc/systemd/system-generators", "etc")
+_TOUCHED = (
+    "var/log",
+    "var/log/journal",
+    "var/lib/apt/lists",
+    "var/lib/apt/lists/partial",
+    "var/cache/apt",
+    "var/cache/apt/archives",
+    "var/cache/debconf",
+    "etc/ssh",
+    "tmp",
+    "var/tmp",
+    "etc/salt",
+    "etc/salt/pki",
+    "var/cache/salt",
+    "var/lib/dbus",
+    "root",
+    "var/lib/systemd",
+    "var/lib/systemd/timers",
+    "dev",
+    "etc/systemd",
+    "etc/systemd/system",
+    "etc/systemd/system-generators",
+    "etc",
+)
 
 
 def _host_files(host: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(host)): p.read_bytes() if p.is_file() else b"<dir>"
-            for p in sorted(host.rglob("*"))}
+    return {
+        str(p.relative_to(host)): p.read_bytes() if p.is_file() else b"<dir>"
+        for p in sorted(host.rglob("*"))
+    }
 
 
 def _plant(host: Path) -> None:
-    names = ("machine-id", "hostname", "resolv.conf", "x.deb", "pkgcache.bin", "ssh_host_key",
-             "wtmp", "history.log", "random-seed", "stamp-x", ".bash_history", "deb_Packages",
-             "minion.pem", "hosts", "sysbake-ssh-host-keys.service", "null", "x-old")
+    names = (
+        "machine-id",
+        "hostname",
+        "resolv.conf",
+        "x.deb",
+        "pkgcache.bin",
+        "ssh_host_key",
+        "wtmp",
+        "history.log",
+        "random-seed",
+        "stamp-x",
+        ".bash_history",
+        "deb_Packages",
+        "minion.pem",
+        "hosts",
+        "sysbake-ssh-host-keys.service",
+        "null",
+        "x-old",
+    )
     for name in names:
         (host / name).write_bytes(b"host file " + name.encode())
     (host / "journal").mkdir(exist_ok=True)

@@ -1,4 +1,4 @@
-"""Host integration without a host: cgroup detection from mountinfo text, flag selection
+"""Host integration without a host: host facts from a fake /proc and /sys, flag selection
 over every combination of host facts, the AppArmor profile text and load output parsing."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 
 from sysbake import cli
 from sysbake import engines as hostint
+from sysbake.cgroups import CgroupMode
 from sysbake.engines import HostError, HostFacts, ImageFacts, select_flags
 
 V2 = """\
@@ -33,25 +34,11 @@ V1 = """\
 38 35 0:33 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
 """
 MODES = {"v1": V1, "hybrid": HYBRID, "v2": V2}
-KNOWN_GOOD_DOCKER = ("--tmpfs /run --tmpfs /run/lock --tmpfs /tmp "
-                     "-v /sys/fs/cgroup:/sys/fs/cgroup:ro -e container=docker "
-                     "--stop-signal SIGRTMIN+3")
-
-
-@pytest.mark.parametrize("mode", sorted(MODES))
-def test_cgroup_mode_from_mountinfo(mode: str) -> None:
-    assert hostint.cgroup_mode(MODES[mode]) == mode
-
-
-def test_cgroup_mode_last_mount_wins_and_escapes() -> None:
-    stacked = V1 + "40 35 0:40 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
-    assert hostint.cgroup_mode(stacked) == "v2"
-    assert hostint.mount_types("1 2 0:1 / /a\\040b rw - tmpfs tmpfs rw\n") == {"/a b": "tmpfs"}
-
-
-def test_no_cgroup_fs_is_a_clear_error() -> None:
-    with pytest.raises(HostError, match="/sys/fs/cgroup"):
-        hostint.cgroup_mode("25 30 0:22 / /sys rw - sysfs sysfs rw\n")
+KNOWN_GOOD_DOCKER = (
+    "--tmpfs /run --tmpfs /run/lock --tmpfs /tmp "
+    "-v /sys/fs/cgroup:/sys/fs/cgroup:ro -e container=docker "
+    "--stop-signal SIGRTMIN+3"
+)
 
 
 def test_capability_bits() -> None:
@@ -60,8 +47,9 @@ def test_capability_bits() -> None:
     assert not hostint.has_capability("Name: x\n", 24)
 
 
-def _fake_root(tmp_path: Path, *, mountinfo: str, capeff: str, apparmor: str | None,
-               profiles: str = "") -> Path:
+def _fake_root(
+    tmp_path: Path, *, mountinfo: str, capeff: str, apparmor: str | None, profiles: str = ""
+) -> Path:
     (tmp_path / "proc/self").mkdir(parents=True)
     (tmp_path / "proc/self/mountinfo").write_text(mountinfo)
     (tmp_path / "proc/self/status").write_text(f"Name:\tx\nCapEff:\t{capeff}\n")
@@ -79,16 +67,30 @@ def _fake_root(tmp_path: Path, *, mountinfo: str, capeff: str, apparmor: str | N
 def test_detect_host_reads_the_tree(tmp_path: Path) -> None:
     root = _fake_root(tmp_path, mountinfo=HYBRID, capeff="000001fffeffffff", apparmor=None)
     assert hostint.detect_host(root, euid=0) == HostFacts(
-        cgroup_mode="hybrid", rootless=False, apparmor=False, apparmor_profile_loaded=False,
-        cap_sys_resource=False)
+        cgroup_mode="hybrid",
+        rootless=False,
+        apparmor=False,
+        apparmor_profile_loaded=False,
+        cap_sys_resource=False,
+    )
 
 
 def test_detect_host_apparmor_and_loaded_profile(tmp_path: Path) -> None:
-    root = _fake_root(tmp_path, mountinfo=V2, capeff="000001ffffffffff", apparmor="Y\n",
-                      profiles="docker-default (enforce)\nsysbake-systemd (enforce)\n")
+    root = _fake_root(
+        tmp_path,
+        mountinfo=V2,
+        capeff="000001ffffffffff",
+        apparmor="Y\n",
+        profiles="docker-default (enforce)\nsysbake-systemd (enforce)\n",
+    )
     facts = hostint.detect_host(root, euid=1000)
-    assert facts == HostFacts(cgroup_mode="v2", rootless=True, apparmor=True,
-                              apparmor_profile_loaded=True, cap_sys_resource=True)
+    assert facts == HostFacts(
+        cgroup_mode="v2",
+        rootless=True,
+        apparmor=True,
+        apparmor_profile_loaded=True,
+        cap_sys_resource=True,
+    )
 
 
 def test_detect_host_apparmor_disabled(tmp_path: Path) -> None:
@@ -105,11 +107,17 @@ def test_known_good_set_for_this_kind_of_host() -> None:
 IMAGES = (
     None,
     ImageFacts("bare:1"),
-    ImageFacts("baked:1", stop_signal="SIGRTMIN+3", container_env="docker",
-               command=("/lib/systemd/systemd",)),
+    ImageFacts(
+        "baked:1",
+        stop_signal="SIGRTMIN+3",
+        container_env="docker",
+        command=("/lib/systemd/systemd",),
+    ),
     ImageFacts("numeric:1", stop_signal="37"),
     ImageFacts("term:1", stop_signal="SIGTERM", container_env="oci"),
 )
+
+
 def _pairs(flags: tuple[str, ...], name: str) -> list[str]:
     return [flags[i + 1] for i, f in enumerate(flags[:-1]) if f == name]
 
@@ -123,7 +131,8 @@ def _check(engine: hostint.Engine, host: HostFacts, image: ImageFacts | None) ->
     assert not any(f.startswith(("--privileged", "--cap-add")) for f in flags)
     assert (_pairs(flags, "--security-opt") == ["apparmor=sysbake-systemd"]) == host.apparmor
     assert ("sysbake apparmor --install" in notes) == (
-        host.apparmor and not host.apparmor_profile_loaded)
+        host.apparmor and not host.apparmor_profile_loaded
+    )
     if engine == "docker":
         assert _pairs(flags, "--tmpfs") == ["/run", "/run/lock", "/tmp"]
         volumes = _pairs(flags, "-v")
@@ -150,11 +159,16 @@ def _check(engine: hostint.Engine, host: HostFacts, image: ImageFacts | None) ->
 
 @pytest.mark.parametrize("engine", hostint.ENGINES)
 @pytest.mark.parametrize("mode", ["v1", "hybrid", "v2"])
-def test_flags_for_every_host(engine: hostint.Engine, mode: hostint.CgroupMode) -> None:
+def test_flags_for_every_host(engine: hostint.Engine, mode: CgroupMode) -> None:
     checked = 0
     for rootless, apparmor, loaded, capres in itertools.product((False, True), repeat=4):
-        host = HostFacts(cgroup_mode=mode, rootless=rootless, apparmor=apparmor,
-                         apparmor_profile_loaded=loaded, cap_sys_resource=capres)
+        host = HostFacts(
+            cgroup_mode=mode,
+            rootless=rootless,
+            apparmor=apparmor,
+            apparmor_profile_loaded=loaded,
+            cap_sys_resource=capres,
+        )
         for image in IMAGES:
             try:
                 _check(engine, host, image)
@@ -170,10 +184,17 @@ def test_unknown_engine() -> None:
 
 
 def test_image_facts_from_config() -> None:
-    config = {"config": {"Env": ["PATH=/usr/bin", "container=docker"], "StopSignal": "SIGRTMIN+3",
-                         "Entrypoint": None, "Cmd": ["/sbin/init"]}}
+    config = {
+        "config": {
+            "Env": ["PATH=/usr/bin", "container=docker"],
+            "StopSignal": "SIGRTMIN+3",
+            "Entrypoint": None,
+            "Cmd": ["/sbin/init"],
+        }
+    }
     assert ImageFacts.from_config("web:1", config) == ImageFacts(
-        "web:1", stop_signal="SIGRTMIN+3", container_env="docker", command=("/sbin/init",))
+        "web:1", stop_signal="SIGRTMIN+3", container_env="docker", command=("/sbin/init",)
+    )
     assert ImageFacts.from_config("x", {"config": {"Env": ["container="]}}) == ImageFacts("x")
     assert ImageFacts.from_config("x", {}) == ImageFacts("x")
 
@@ -201,20 +222,20 @@ def test_install_refuses_without_apparmor(tmp_path: Path) -> None:
     assert not target.exists()
 
 
-def test_write_atomic(tmp_path: Path) -> None:
-    target = tmp_path / "p"
-    hostint.write_atomic(target, "one")
-    hostint.write_atomic(target, "two")
-    assert target.read_text() == "two"
-    assert os.listdir(tmp_path) == ["p"]
-    with pytest.raises(HostError, match="cannot write"):
-        hostint.write_atomic(tmp_path / "missing" / "p", "x")
+def test_write_the_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "profiles" / "sysbake-systemd"
+    assert cli.main(["apparmor", "-o", str(target)]) == 0
+    assert target.read_text() == hostint.apparmor_profile()
+    assert os.listdir(target.parent) == ["sysbake-systemd"]  # no temp file left
+    assert target.stat().st_mode & 0o777 == 0o644
+    assert capsys.readouterr().out == ""
 
 
 def test_loaded_names() -> None:
     assert hostint.loaded_names("Loaded image: web:latest\n") == ("web:latest",)
-    assert hostint.loaded_names("Getting image source signatures\n"
-                                "Loaded image: localhost/web:latest\n") == ("localhost/web:latest",)
+    assert hostint.loaded_names(
+        "Getting image source signatures\nLoaded image: localhost/web:latest\n"
+    ) == ("localhost/web:latest",)
     assert hostint.loaded_names("Loaded image(s): a:1, b:2\n") == ("a:1", "b:2")
     assert hostint.loaded_names("Loaded image ID: sha256:ab\n") == ("sha256:ab",)
     assert hostint.loaded_names("nothing\n") == ()

@@ -15,8 +15,14 @@ from sysbake.commands.project import init_project, starter_name
 from sysbake.errors import ConfigError
 from sysbake.project.load import ProjectStep, SaltStep, ScriptStep, load_project
 
-STARTER_FILES = ["pillar/site.sls", "pillar/top.sls", "salt/site/index.html.jinja",
-                 "salt/site/init.sls", "salt/top.sls", "sysbake.toml"]
+STARTER_FILES = [
+    "pillar/site.sls",
+    "pillar/top.sls",
+    "salt/site/index.html.jinja",
+    "salt/site/init.sls",
+    "salt/top.sls",
+    "sysbake.toml",
+]
 
 
 Run = Callable[..., tuple[int, str, str]]
@@ -31,6 +37,7 @@ def sysbake(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str])
         code = cli.main(list(argv))
         out, err = capsys.readouterr()
         return code, out, err
+
     return run
 
 
@@ -50,7 +57,10 @@ def test_starter_project_loads(tmp_path: Path) -> None:
     assert (base.name, app.name, app.parent, app.parent_is_local) == ("base", "shop", "base", True)
     assert base.bootstrap is not None
     assert (base.bootstrap.distro, base.bootstrap.suite, base.bootstrap.mirror) == (
-        "debian", "bookworm", "")
+        "debian",
+        "bookworm",
+        "",
+    )
     (step,) = app.provision
     assert isinstance(step, SaltStep)
     assert (step.state_tree, step.pillar, step.sls) == ((root / "salt",), (root / "pillar",), ())
@@ -65,8 +75,11 @@ def test_starter_states_and_pillar_fit_together(tmp_path: Path) -> None:
     top = (tmp_path / "salt/top.sls").read_text()
     assert "- site" in top and (tmp_path / "salt/site/init.sls").is_file()
     assert "salt://site/index.html.jinja" in (tmp_path / "salt/site/init.sls").read_text()
-    used = set(re.findall(r"pillar\['site'\]\['(\w+)'\]",
-                          (tmp_path / "salt/site/index.html.jinja").read_text()))
+    used = set(
+        re.findall(
+            r"pillar\['site'\]\['(\w+)'\]", (tmp_path / "salt/site/index.html.jinja").read_text()
+        )
+    )
     pillar = (tmp_path / "pillar/site.sls").read_text()
     assert used == {"title", "message"}
     assert all(re.search(rf"^  {key}: ", pillar, re.M) for key in used)
@@ -74,10 +87,18 @@ def test_starter_states_and_pillar_fit_together(tmp_path: Path) -> None:
     assert "- site" in (tmp_path / "pillar/top.sls").read_text()
 
 
-@pytest.mark.parametrize(("directory", "expected"), [
-    ("web", "web"), ("My App", "my-app"), ("Shop_2.0", "shop_2.0"), ("--x--", "x"),
-    ("base", "web"), ("...", "web"), ("été", "t"),
-])
+@pytest.mark.parametrize(
+    ("directory", "expected"),
+    [
+        ("web", "web"),
+        ("My App", "my-app"),
+        ("Shop_2.0", "shop_2.0"),
+        ("--x--", "x"),
+        ("base", "web"),
+        ("...", "web"),
+        ("été", "t"),
+    ],
+)
 def test_starter_name_from_directory(directory: str, expected: str) -> None:
     assert starter_name(Path("/srv") / directory) == expected
 
@@ -93,11 +114,14 @@ def test_explicit_name(tmp_path: Path) -> None:
     assert load_project(tmp_path).image("api:latest").name == "api"
 
 
-@pytest.mark.parametrize(("name", "message"), [
-    ("Api", "--name: expected an image name matching [a-z0-9][a-z0-9._-]*, got 'Api'"),
-    ("", "--name: expected an image name"),
-    ("base", "--name: 'base' is the starter's parent image: choose another name"),
-])
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("Api", "--name: expected an image name matching [a-z0-9][a-z0-9._-]*, got 'Api'"),
+        ("", "--name: expected an image name"),
+        ("base", "--name: 'base' is the starter's parent image: choose another name"),
+    ],
+)
 def test_bad_names(tmp_path: Path, name: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         init_project(tmp_path, name=name)
@@ -110,10 +134,14 @@ def test_refuses_to_overwrite_and_writes_nothing(tmp_path: Path) -> None:
     (tmp_path / "sysbake.toml").write_text("mine\n")
     with pytest.raises(ConfigError) as info:
         init_project(tmp_path)
-    assert str(info.value) == f"{tmp_path}: would overwrite pillar/top.sls, sysbake.toml " \
-                              "(use --force)"
+    assert (
+        str(info.value) == f"{tmp_path}: would overwrite pillar/top.sls, sysbake.toml (use --force)"
+    )
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
-        "pillar", "pillar/top.sls", "sysbake.toml"]
+        "pillar",
+        "pillar/top.sls",
+        "sysbake.toml",
+    ]
     assert (tmp_path / "sysbake.toml").read_text() == "mine\n"
 
     init_project(tmp_path, force=True)
@@ -167,18 +195,17 @@ def test_every_commented_example_in_the_starter_is_valid(tmp_path: Path) -> None
     kinds = [type(s) for s in load_project(tmp_path).images[1].provision]
     assert kinds == [SaltStep]  # the last example loaded was the finalize table
     (tmp_path / "sysbake.toml").write_text(_uncommented(original, blocks[2]))
-    assert [type(s) for s in load_project(tmp_path).images[1].provision] == [SaltStep,
-                                                                             ProjectStep]
+    assert [type(s) for s in load_project(tmp_path).images[1].provision] == [SaltStep, ProjectStep]
     (tmp_path / "sysbake.toml").write_text(_uncommented(original, blocks[0]))
-    assert [type(s) for s in load_project(tmp_path).images[1].provision] == [SaltStep,
-                                                                             ScriptStep]
+    assert [type(s) for s in load_project(tmp_path).images[1].provision] == [SaltStep, ScriptStep]
 
 
 # ---------------------------------------------------------------- the command line
 
 
-def test_cli_init_then_validate(sysbake: Run, tmp_path: Path,
-                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_init_then_validate(
+    sysbake: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     code, out, err = sysbake("init", "blog")
     assert (code, err) == (0, "")
@@ -198,8 +225,9 @@ def test_cli_init_then_validate(sysbake: Run, tmp_path: Path,
     assert data["images"][1]["provision"][0]["state_tree"] == [str(tmp_path / "blog/salt")]
 
 
-def test_cli_init_in_current_directory_with_json(sysbake: Run, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_init_in_current_directory_with_json(
+    sysbake: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     code, out, _ = sysbake("init", "--name", "api", "--json")
     assert code == 0
@@ -212,20 +240,31 @@ def test_cli_init_in_current_directory_with_json(sysbake: Run, tmp_path: Path,
     assert (code, out.splitlines()[-1]) == (0, "next: sysbake build")
 
 
-def test_cli_errors_are_one_line_with_exit_code_2(sysbake: Run, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_errors_are_one_line_with_exit_code_2(
+    sysbake: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     assert sysbake("validate") == (
-        2, "", f"sysbake: error: no sysbake.toml in {tmp_path} (run 'sysbake init')\n")
+        2,
+        "",
+        f"sysbake: error: no sysbake.toml in {tmp_path} (run 'sysbake init')\n",
+    )
     assert sysbake("validate", "nope.toml") == (
-        2, "", "sysbake: error: nope.toml: no such file or directory\n")
+        2,
+        "",
+        "sysbake: error: nope.toml: no such file or directory\n",
+    )
     (tmp_path / "sysbake.toml").write_text('[images.web.bootstrap]\nsutie = "bookworm"\n')
     code, out, err = sysbake("validate")
     assert (code, out) == (2, "")
-    assert err.startswith("sysbake: error: sysbake.toml: images.web.bootstrap.sutie: unknown key, "
-                          "did you mean 'suite'? (expected one of: architecture, ")
+    assert err.startswith(
+        "sysbake: error: sysbake.toml: images.web.bootstrap.sutie: unknown key, "
+        "did you mean 'suite'? (expected one of: architecture, "
+    )
     assert err.count("\n") == 1
     sysbake("init", "--force")
     code, _, err = sysbake("init", "--name", "Bad")
-    assert (code, err) == (2, "sysbake: error: --name: expected an image name matching "
-                              "[a-z0-9][a-z0-9._-]*, got 'Bad'\n")
+    assert (code, err) == (
+        2,
+        "sysbake: error: --name: expected an image name matching [a-z0-9][a-z0-9._-]*, got 'Bad'\n",
+    )

@@ -26,46 +26,11 @@ from hypothesis import strategies as st
 from sysbake.errors import LayerError
 from sysbake.oci import model as oci
 from sysbake.oci.layers import archive as layers
-
-EPOCH = 1_700_000_000
-Spec = tuple[str, bytes, dict[str, object]]
-
-
-def crafted(*entries: Spec) -> bytes:
-    """A tar as a foreign or hostile tool writes it (names may hold any byte)."""
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8",
-                      errors="surrogateescape") as tf:
-        for name, kind, attrs in entries:
-            info = tarfile.TarInfo(name)
-            info.type = kind
-            info.mtime = EPOCH
-            info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
-            attrs = dict(attrs)
-            data = attrs.pop("data", b"")
-            assert isinstance(data, bytes)
-            for key, value in attrs.items():
-                setattr(info, key, value)
-            info.size = len(data) if kind == tarfile.REGTYPE else 0
-            tf.addfile(info, io.BytesIO(data))
-    return out.getvalue()
+from tests.unit.conftest import EPOCH, Entry, crafted_tar, flat
 
 
 def validate(data: bytes, **kw: object) -> None:
     layers.validate_layer(io.BytesIO(data), "layer sha256:feed", **kw)  # type: ignore[arg-type]
-
-
-def opener(data: bytes) -> Callable[[], contextlib.AbstractContextManager[io.BytesIO]]:
-    @contextlib.contextmanager
-    def open_layer() -> Iterator[io.BytesIO]:
-        yield io.BytesIO(data)
-    return open_layer
-
-
-def flat(*tars: bytes) -> bytes:
-    out = io.BytesIO()
-    layers.flatten([opener(t) for t in tars], out, mtime=None)
-    return out.getvalue()
 
 
 def info(name: str, kind: bytes = tarfile.REGTYPE, **attrs: object) -> tarfile.TarInfo:
@@ -82,32 +47,60 @@ REFUSED: dict[str, tuple[list[tarfile.TarInfo], str]] = {
     "dotdot": ([info("a/../../x")], "'..' is not allowed"),
     "absolute": ([info("/etc/x")], "absolute names are not allowed"),
     "nul": ([info("a\0b")], "a NUL byte"),
-    "through-symlink": ([info("a", tarfile.SYMTYPE, linkname="/etc"), info("a/passwd")],
-                        "a is a symlink: refusing to write through it"),
-    "through-nested-symlink": ([info("d", tarfile.DIRTYPE), info("d/l", tarfile.SYMTYPE,
-                                                                  linkname="/"),
-                                info("d/l/x/y", tarfile.DIRTYPE)], "d/l is a symlink"),
-    "whiteout-through-symlink": ([info("a", tarfile.SYMTYPE, linkname="/etc"),
-                                  info("a/.wh.passwd")], "a is a symlink"),
-    "hardlink-absolute": ([info("x", tarfile.LNKTYPE, linkname="/etc/shadow")],
-                          "hardlink target '/etc/shadow': absolute names are not allowed"),
-    "hardlink-dotdot": ([info("x", tarfile.LNKTYPE, linkname="../etc/shadow")],
-                        "'..' is not allowed"),
-    "hardlink-through-symlink": ([info("a", tarfile.SYMTYPE, linkname="/etc"),
-                                  info("x", tarfile.LNKTYPE, linkname="a/shadow")],
-                                 "a is a symlink"),
-    "hardlink-to-itself": ([info("x", tarfile.LNKTYPE, linkname="./x")],
-                           "invalid hardlink target"),
-    "hardlink-to-a-directory": ([info("d", tarfile.DIRTYPE),
-                                 info("x", tarfile.LNKTYPE, linkname="d")],
-                                "hardlink target d is a directory"),
-    "block-device": ([info("sda", tarfile.BLKTYPE, devmajor=8, devminor=0)],
-                     "block device 8:0 is not allowed"),
-    "mem-device": ([info("mem", tarfile.CHRTYPE, devmajor=1, devminor=1)],
-                   "character device 1:1 is not allowed"),
-    "overlay-whiteout-device": ([info("gone", tarfile.CHRTYPE, devmajor=0, devminor=0)],
-                                "character device 0:0"),
-    "whiteout-dotdot": ([info(".wh..."), ], "not a valid whiteout name"),
+    "through-symlink": (
+        [info("a", tarfile.SYMTYPE, linkname="/etc"), info("a/passwd")],
+        "a is a symlink: refusing to write through it",
+    ),
+    "through-nested-symlink": (
+        [
+            info("d", tarfile.DIRTYPE),
+            info("d/l", tarfile.SYMTYPE, linkname="/"),
+            info("d/l/x/y", tarfile.DIRTYPE),
+        ],
+        "d/l is a symlink",
+    ),
+    "whiteout-through-symlink": (
+        [info("a", tarfile.SYMTYPE, linkname="/etc"), info("a/.wh.passwd")],
+        "a is a symlink",
+    ),
+    "hardlink-absolute": (
+        [info("x", tarfile.LNKTYPE, linkname="/etc/shadow")],
+        "hardlink target '/etc/shadow': absolute names are not allowed",
+    ),
+    "hardlink-dotdot": (
+        [info("x", tarfile.LNKTYPE, linkname="../etc/shadow")],
+        "'..' is not allowed",
+    ),
+    "hardlink-through-symlink": (
+        [
+            info("a", tarfile.SYMTYPE, linkname="/etc"),
+            info("x", tarfile.LNKTYPE, linkname="a/shadow"),
+        ],
+        "a is a symlink",
+    ),
+    "hardlink-to-itself": ([info("x", tarfile.LNKTYPE, linkname="./x")], "invalid hardlink target"),
+    "hardlink-to-a-directory": (
+        [info("d", tarfile.DIRTYPE), info("x", tarfile.LNKTYPE, linkname="d")],
+        "hardlink target d is a directory",
+    ),
+    "block-device": (
+        [info("sda", tarfile.BLKTYPE, devmajor=8, devminor=0)],
+        "block device 8:0 is not allowed",
+    ),
+    "mem-device": (
+        [info("mem", tarfile.CHRTYPE, devmajor=1, devminor=1)],
+        "character device 1:1 is not allowed",
+    ),
+    "overlay-whiteout-device": (
+        [info("gone", tarfile.CHRTYPE, devmajor=0, devminor=0)],
+        "character device 0:0",
+    ),
+    "whiteout-dotdot": (
+        [
+            info(".wh..."),
+        ],
+        "not a valid whiteout name",
+    ),
     "symlink-nul": ([info("l", tarfile.SYMTYPE, linkname="a\0b")], "a NUL byte"),
     "uid": ([info("x", uid=-1)], "uid -1 is out of range"),
     "gid": ([info("x", gid=2**32 - 1)], "gid 4294967295 is out of range"),
@@ -128,17 +121,29 @@ def test_entry_check_refuses(case: str) -> None:
 
 
 ACCEPTED: dict[str, list[tarfile.TarInfo]] = {
-    "symlinks-anywhere": [info("abs", tarfile.SYMTYPE, linkname="/etc/shadow"),
-                          info("up", tarfile.SYMTYPE, linkname="../../../x")],
-    "symlink-replaced-by-a-dir": [info("a", tarfile.SYMTYPE, linkname="/etc"),
-                                  info("a", tarfile.DIRTYPE), info("a/x")],
-    "hardlink-to-a-symlink": [info("l", tarfile.SYMTYPE, linkname="/etc/shadow"),
-                              info("h", tarfile.LNKTYPE, linkname="l")],
+    "symlinks-anywhere": [
+        info("abs", tarfile.SYMTYPE, linkname="/etc/shadow"),
+        info("up", tarfile.SYMTYPE, linkname="../../../x"),
+    ],
+    "symlink-replaced-by-a-dir": [
+        info("a", tarfile.SYMTYPE, linkname="/etc"),
+        info("a", tarfile.DIRTYPE),
+        info("a/x"),
+    ],
+    "hardlink-to-a-symlink": [
+        info("l", tarfile.SYMTYPE, linkname="/etc/shadow"),
+        info("h", tarfile.LNKTYPE, linkname="l"),
+    ],
     "hardlink-to-a-lower-layer": [info("h", tarfile.LNKTYPE, linkname="usr/bin/x")],
-    "dir-replaced-by-a-file": [info("d", tarfile.DIRTYPE), info("d"),
-                               info("h", tarfile.LNKTYPE, linkname="d")],
-    "standard-devices": [info(f"dev/{name}", tarfile.CHRTYPE, devmajor=major, devminor=minor)
-                         for (major, minor), name in layers.STANDARD_DEVICES.items()],
+    "dir-replaced-by-a-file": [
+        info("d", tarfile.DIRTYPE),
+        info("d"),
+        info("h", tarfile.LNKTYPE, linkname="d"),
+    ],
+    "standard-devices": [
+        info(f"dev/{name}", tarfile.CHRTYPE, devmajor=major, devminor=minor)
+        for (major, minor), name in layers.STANDARD_DEVICES.items()
+    ],
     "setuid": [info("bin/su", mode=0o4755), info("bin/wall", mode=0o2755)],
     "dot-slash": [info("./", tarfile.DIRTYPE), info("./etc//x")],
     "whiteouts": [info(".wh.a"), info("d/.wh..wh..opq"), info(".wh..wh.plnk.1")],
@@ -156,33 +161,41 @@ def test_entry_check_accepts(case: str) -> None:
 
 def test_devices_can_be_refused_altogether() -> None:
     with pytest.raises(LayerError, match="device nodes are not allowed"):
-        layers.EntryCheck(allow_devices=False).entry(info("null", tarfile.CHRTYPE,
-                                                          devmajor=1, devminor=3))
+        layers.EntryCheck(allow_devices=False).entry(
+            info("null", tarfile.CHRTYPE, devmajor=1, devminor=3)
+        )
 
 
 # -- validate_layer ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("data,problem", [
-    (b"", "not a valid tar (empty file)"),
-    (b"no tar here" * 100, "not a valid tar"),
-    (crafted(("a", tarfile.REGTYPE, {"data": b"x" * 2000}))[:1000], "unexpected end of data"),
-])
+@pytest.mark.parametrize(
+    "data,problem",
+    [
+        (b"", "not a valid tar (empty file)"),
+        (b"no tar here" * 100, "not a valid tar"),
+        (
+            crafted_tar(("a", tarfile.REGTYPE, {"data": b"x" * 2000}))[:1000],
+            "unexpected end of data",
+        ),
+    ],
+)
 def test_validate_refuses_what_is_not_a_tar(data: bytes, problem: str) -> None:
     with pytest.raises(LayerError, match=f"^layer sha256:feed: .*{re.escape(problem)}"):
         validate(data)
 
 
 def test_validate_names_the_layer_and_the_entry() -> None:
-    data = crafted(("ok", tarfile.REGTYPE, {}), ("../../etc/cron.d/x", tarfile.REGTYPE, {}))
+    data = crafted_tar(("ok", tarfile.REGTYPE, {}), ("../../etc/cron.d/x", tarfile.REGTYPE, {}))
     with pytest.raises(LayerError) as caught:
         validate(data)
-    assert str(caught.value) == ("layer sha256:feed: layer entry '../../etc/cron.d/x': "
-                                 "'..' is not allowed in a path")
+    assert str(caught.value) == (
+        "layer sha256:feed: layer entry '../../etc/cron.d/x': '..' is not allowed in a path"
+    )
 
 
 def test_validate_checks_the_diff_id_over_every_byte() -> None:
-    data = crafted(("a", tarfile.REGTYPE, {"data": b"1"}))
+    data = crafted_tar(("a", tarfile.REGTYPE, {"data": b"1"}))
     validate(data, diff_id=oci.sha256_digest(data))
     validate(bytes(1024))  # an empty layer
     with pytest.raises(LayerError, match="not to its diff_id"):
@@ -195,8 +208,13 @@ def test_validate_refuses_what_extraction_refuses(tmp_path: Path) -> None:
         if case == "sparse":
             continue  # tarfile writes no sparse headers
         data = io.BytesIO()
-        with tarfile.open(fileobj=data, mode="w", format=tarfile.PAX_FORMAT,
-                          encoding="utf-8", errors="surrogateescape") as tf:
+        with tarfile.open(
+            fileobj=data,
+            mode="w",
+            format=tarfile.PAX_FORMAT,
+            encoding="utf-8",
+            errors="surrogateescape",
+        ) as tf:
             for entry in entries:
                 entry = copy.copy(entry)
                 if not math.isfinite(entry.mtime):  # tarfile writes these as PAX records
@@ -221,25 +239,30 @@ def test_validate_refuses_what_extraction_refuses(tmp_path: Path) -> None:
 
 
 def test_flatten_names_the_layer() -> None:
-    good = crafted(("a", tarfile.REGTYPE, {}))
-    bad = crafted(("/etc/passwd", tarfile.REGTYPE, {}))
+    good = crafted_tar(("a", tarfile.REGTYPE, {}))
+    bad = crafted_tar(("/etc/passwd", tarfile.REGTYPE, {}))
     with pytest.raises(LayerError, match=r"^layer 2 of 3: layer entry '/etc/passwd': absolute"):
         flat(good, bad, good)
 
 
 @pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.REGTYPE])
 def test_flatten_refuses_a_lower_file_that_an_upper_layer_writes_into(kind: bytes) -> None:
-    lower = crafted(("etc", kind, {"linkname": "/etc"} if kind == tarfile.SYMTYPE else {}))
-    upper = crafted(("etc/cron.d/evil", tarfile.REGTYPE, {"data": b"* * * * * root sh"}))
-    with pytest.raises(LayerError, match=r"layer 1 of 2: layer entry 'etc': a .*, but an "
-                                         "upper layer writes into it as a directory"):
+    lower = crafted_tar(("etc", kind, {"linkname": "/etc"} if kind == tarfile.SYMTYPE else {}))
+    upper = crafted_tar(("etc/cron.d/evil", tarfile.REGTYPE, {"data": b"* * * * * root sh"}))
+    with pytest.raises(
+        LayerError,
+        match=r"layer 1 of 2: layer entry 'etc': a .*, but an "
+        "upper layer writes into it as a directory",
+    ):
         flat(lower, upper)
     # With the directory itself in the upper layer (as real diffs have it), it replaces
     # the lower symlink: nothing is written through it.
-    upper = crafted(("etc", tarfile.DIRTYPE, {}), ("etc/x", tarfile.REGTYPE, {}))
+    upper = crafted_tar(("etc", tarfile.DIRTYPE, {}), ("etc/x", tarfile.REGTYPE, {}))
     with tarfile.open(fileobj=io.BytesIO(flat(lower, upper))) as tf:
-        assert [(m.name, m.type) for m in tf] == [("etc", tarfile.DIRTYPE),
-                                                  ("etc/x", tarfile.REGTYPE)]
+        assert [(m.name, m.type) for m in tf] == [
+            ("etc", tarfile.DIRTYPE),
+            ("etc/x", tarfile.REGTYPE),
+        ]
 
 
 # -- names that are not UTF-8 ------------------------------------------------------------
@@ -277,8 +300,11 @@ def test_non_utf8_names_round_trip(tmp_path: Path) -> None:
 
 def test_foreign_non_utf8_names_extract_byte_exact(tmp_path: Path) -> None:
     names = [os.fsdecode(raw) for raw in (b"\xff", b"d\xe9/", b"d\xe9/f\x80")]
-    data = crafted((names[0], tarfile.REGTYPE, {"data": b"1"}),
-                   (names[1], tarfile.DIRTYPE, {}), (names[2], tarfile.REGTYPE, {}))
+    data = crafted_tar(
+        (names[0], tarfile.REGTYPE, {"data": b"1"}),
+        (names[1], tarfile.DIRTYPE, {}),
+        (names[2], tarfile.REGTYPE, {}),
+    )
     layers.extract(io.BytesIO(data), tmp_path, overlay=True)
     assert sorted(os.listdir(os.fsencode(tmp_path))) == [b"d\xe9", b"\xff"]
     assert os.listdir(os.path.join(os.fsencode(tmp_path), b"d\xe9")) == [b"f\x80"]
@@ -288,26 +314,45 @@ def test_foreign_non_utf8_names_extract_byte_exact(tmp_path: Path) -> None:
 
 VICTIMS = {b"victim": b"precious", b"sub/v": b"v"}
 _COMPONENTS = st.one_of(
-    st.sampled_from(["..", ".", "", "a", "b", "etc", "OUT", ".wh.a", ".wh..wh..opq", ".wh...",
-                     ".wh.", "a\0b"]),
-    st.binary(min_size=1, max_size=5).filter(lambda b: b"/" not in b and b"\0" not in b)
-    .map(os.fsdecode))
-_NAMES = st.builds(lambda lead, parts: lead + "/".join(parts),
-                   st.sampled_from(["", "", "./", "/", "//"]),
-                   st.lists(_COMPONENTS, min_size=1, max_size=4))
-_TARGETS = st.one_of(_NAMES, st.sampled_from(["OUTSIDE", "OUTSIDE/victim", "OUTSIDE/sub",
-                                              "../outside/victim", "../../outside/sub/v"]))
+    st.sampled_from(
+        ["..", ".", "", "a", "b", "etc", "OUT", ".wh.a", ".wh..wh..opq", ".wh...", ".wh.", "a\0b"]
+    ),
+    st.binary(min_size=1, max_size=5)
+    .filter(lambda b: b"/" not in b and b"\0" not in b)
+    .map(os.fsdecode),
+)
+_NAMES = st.builds(
+    lambda lead, parts: lead + "/".join(parts),
+    st.sampled_from(["", "", "./", "/", "//"]),
+    st.lists(_COMPONENTS, min_size=1, max_size=4),
+)
+_TARGETS = st.one_of(
+    _NAMES,
+    st.sampled_from(
+        ["OUTSIDE", "OUTSIDE/victim", "OUTSIDE/sub", "../outside/victim", "../../outside/sub/v"]
+    ),
+)
 _DEVICES = st.sampled_from([(1, 3), (1, 1), (0, 0), (8, 0), (5, 2)])
 
 
 @st.composite
-def _entries(draw: st.DrawFn) -> list[Spec]:
-    entries: list[Spec] = []
+def _entries(draw: st.DrawFn) -> list[Entry]:
+    entries: list[Entry] = []
     for _ in range(draw(st.integers(1, 8))):
         name = draw(_NAMES)
-        kind = draw(st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE,
-                                     tarfile.LNKTYPE, tarfile.FIFOTYPE, tarfile.CHRTYPE,
-                                     tarfile.BLKTYPE]))
+        kind = draw(
+            st.sampled_from(
+                [
+                    tarfile.REGTYPE,
+                    tarfile.DIRTYPE,
+                    tarfile.SYMTYPE,
+                    tarfile.LNKTYPE,
+                    tarfile.FIFOTYPE,
+                    tarfile.CHRTYPE,
+                    tarfile.BLKTYPE,
+                ]
+            )
+        )
         attrs: dict[str, object] = {"mode": draw(st.sampled_from([0o644, 0o4755, 0o000]))}
         if kind == tarfile.REGTYPE:
             attrs["data"] = draw(st.binary(max_size=16))
@@ -359,16 +404,23 @@ def _unprivileged(run: Callable[[], None]) -> None:
     assert os.waitstatus_to_exitcode(status) == 0, "the property failed: see the output"
 
 
-def _resolve(entries: list[Spec], outside: Path) -> bytes:
+def _resolve(entries: list[Entry], outside: Path) -> bytes:
     """The tar of `entries`, with OUTSIDE made the planted directory's absolute path (and
     OUT that path without its "/": an absolute name then aims at the planted files)."""
-    def fix(value: object) -> object:
-        if isinstance(value, str):
-            value = value.replace("OUTSIDE", str(outside)) if value.startswith("OUTSIDE") \
-                else value.replace("OUT", str(outside).lstrip("/"))
-        return value
-    return crafted(*[(fix(n), k, {key: fix(v) for key, v in a.items()})  # type: ignore[misc]
-                     for n, k, a in entries])
+
+    def fix(value: str) -> str:
+        return (
+            value.replace("OUTSIDE", str(outside))
+            if value.startswith("OUTSIDE")
+            else value.replace("OUT", str(outside).lstrip("/"))
+        )
+
+    return crafted_tar(
+        *[
+            (fix(n), k, {key: fix(v) if isinstance(v, str) else v for key, v in a.items()})
+            for n, k, a in entries
+        ]
+    )
 
 
 def _state(dest: Path) -> list[tuple[bytes, int, int, bytes]]:
@@ -388,13 +440,14 @@ def _state(dest: Path) -> list[tuple[bytes, int, int, bytes]]:
     return sorted(found)
 
 
-_PROPERTY = settings(max_examples=300, deadline=None, database=None,
-                     suppress_health_check=[HealthCheck.too_slow])
+_PROPERTY = settings(
+    max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @_PROPERTY
 @given(st.lists(_entries(), min_size=1, max_size=2), st.booleans())
-def _extraction_stays_inside(layer_list: list[list[Spec]], overlay: bool) -> None:
+def _extraction_stays_inside(layer_list: list[list[Entry]], overlay: bool) -> None:
     with _sandbox() as (dest, outside):
         before = _state(dest)
         for data in [_resolve(entries, outside) for entries in layer_list]:
@@ -419,7 +472,7 @@ def test_extraction_never_escapes_nor_crashes() -> None:
 
 @_PROPERTY
 @given(st.lists(_entries(), min_size=1, max_size=3))
-def _flattening_stays_inside(layer_list: list[list[Spec]]) -> None:
+def _flattening_stays_inside(layer_list: list[list[Entry]]) -> None:
     with _sandbox() as (dest, outside):
         before = _state(dest)
         try:
@@ -440,11 +493,14 @@ def test_flattening_never_escapes_nor_crashes() -> None:
 @_PROPERTY
 @given(st.binary(max_size=3000), st.integers(0, 3000), st.binary(min_size=1, max_size=8))
 def _damage_is_a_layer_error(noise: bytes, at: int, patch: bytes) -> None:
-    good = crafted(("d", tarfile.DIRTYPE, {}), ("d/f", tarfile.REGTYPE, {"data": b"x" * 700}),
-                   ("l", tarfile.SYMTYPE, {"linkname": "d/f"}),
-                   ("h", tarfile.LNKTYPE, {"linkname": "d/f"}))
+    good = crafted_tar(
+        ("d", tarfile.DIRTYPE, {}),
+        ("d/f", tarfile.REGTYPE, {"data": b"x" * 700}),
+        ("l", tarfile.SYMTYPE, {"linkname": "d/f"}),
+        ("h", tarfile.LNKTYPE, {"linkname": "d/f"}),
+    )
     at = min(at, len(good))
-    for data in (noise, good[:at] + patch + good[at + len(patch):], good[:at]):
+    for data in (noise, good[:at] + patch + good[at + len(patch) :], good[:at]):
         with contextlib.suppress(LayerError):
             validate(data)
         with _sandbox() as (dest, _), contextlib.suppress(LayerError):

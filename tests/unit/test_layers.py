@@ -6,7 +6,6 @@ tests/integration/test_layers_root.py.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
@@ -14,16 +13,14 @@ import re
 import stat
 import subprocess
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
 from sysbake.errors import LayerError
 from sysbake.oci.layers import archive as layers
-
-EPOCH = 1_700_000_000
-
+from tests.unit.conftest import EPOCH, Entry, crafted_tar, flat, tar_members
 
 # -- helpers ---------------------------------------------------------------------------
 
@@ -37,16 +34,11 @@ def tar_of(root: Path, *, mtime: int | None = None, diff: bool = False) -> bytes
     return out.getvalue()
 
 
-def members(data: bytes) -> list[tarfile.TarInfo]:
-    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
-        return tf.getmembers()
-
-
 def names(data: bytes) -> list[str]:
-    return [m.name + ("/" if m.isdir() else "") for m in members(data)]
+    return [m.name + ("/" if m.isdir() else "") for m in tar_members(data)]
 
 
-def build(root: Path, spec: dict[str, str | bytes | None], *, mtime: int = EPOCH) -> Path:
+def build(root: Path, spec: Mapping[str, str | bytes | None], *, mtime: int = EPOCH) -> Path:
     """Make a tree: "dir/" -> directory, "name" -> bytes content, "link@" -> symlink target."""
     root.mkdir(parents=True, exist_ok=True)
     for name, value in spec.items():
@@ -69,24 +61,6 @@ def stamp(root: Path, mtime: int) -> None:
             os.utime(os.path.join(dirpath, name), (mtime, mtime), follow_symlinks=False)
 
 
-def crafted(*entries: tuple[str, bytes, dict[str, object]]) -> bytes:
-    """A tar written by Python's tarfile, as a foreign or hostile tool would."""
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, kind, attrs in entries:
-            info = tarfile.TarInfo(name)
-            info.type = kind
-            info.mtime = EPOCH
-            info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
-            data = attrs.pop("data", b"")
-            assert isinstance(data, bytes)
-            for key, value in attrs.items():
-                setattr(info, key, value)
-            info.size = len(data) if kind == tarfile.REGTYPE else 0
-            tf.addfile(info, io.BytesIO(data))
-    return out.getvalue()
-
-
 def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
     """What a tree holds, comparably: type, mode, mtime, content or target, xattrs."""
     found: dict[str, tuple[object, ...]] = {}
@@ -100,11 +74,18 @@ def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
                 body = os.readlink(path)
             else:
                 body = None
-            xattrs = {} if stat.S_ISLNK(st.st_mode) else {
-                k: os.getxattr(path, k) for k in os.listxattr(path) if k.startswith("user.")}
+            xattrs = (
+                {}
+                if stat.S_ISLNK(st.st_mode)
+                else {k: os.getxattr(path, k) for k in os.listxattr(path) if k.startswith("user.")}
+            )
             found[os.path.relpath(path, root)] = (
-                stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), int(st.st_mtime), body,
-                sorted(xattrs.items()))
+                stat.S_IFMT(st.st_mode),
+                stat.S_IMODE(st.st_mode),
+                int(st.st_mtime),
+                body,
+                sorted(xattrs.items()),
+            )
     return found
 
 
@@ -113,19 +94,6 @@ def apply(dest: Path, *tars: bytes, overlay: bool = False) -> Path:
     for data in tars:
         layers.extract(io.BytesIO(data), dest, overlay=overlay)
     return dest
-
-
-def opener(data: bytes) -> Callable[[], contextlib.AbstractContextManager[io.BytesIO]]:
-    @contextlib.contextmanager
-    def open_layer() -> Iterator[io.BytesIO]:
-        yield io.BytesIO(data)
-    return open_layer
-
-
-def flat(*tars: bytes, mtime: int | None = None) -> bytes:
-    out = io.BytesIO()
-    layers.flatten([opener(t) for t in tars], out, mtime=mtime)
-    return out.getvalue()
 
 
 def gnu_tar_list(data: bytes, tmp_path: Path) -> str:
@@ -202,7 +170,7 @@ def test_mtimes_are_clamped(tree: Path) -> None:
     assert tar_of(tree, mtime=EPOCH) == reference
     assert tar_of(tree) != reference
     stamp(tree, EPOCH - 10)  # older than the clamp: kept
-    assert {m.mtime for m in members(tar_of(tree, mtime=EPOCH))} == {EPOCH - 10}
+    assert {m.mtime for m in tar_members(tar_of(tree, mtime=EPOCH))} == {EPOCH - 10}
 
 
 def test_canonical_format(tree: Path, tmp_path: Path) -> None:
@@ -212,7 +180,7 @@ def test_canonical_format(tree: Path, tmp_path: Path) -> None:
     assert listed.index("a/") < listed.index("a/z") < listed.index("bin")
     assert "etc/" in listed and not any(n.startswith(("./", "/")) for n in listed)
     assert "tree" not in " ".join(listed)  # the root itself is not an entry
-    for member in members(data):
+    for member in tar_members(data):
         assert member.uname == "" and member.gname == ""
         assert set(member.pax_headers) <= {"path", "SCHILY.xattr.user.note"}
     assert len(data) % 512 == 0 and data.endswith(bytes(1024))
@@ -221,14 +189,18 @@ def test_canonical_format(tree: Path, tmp_path: Path) -> None:
 
 
 def test_entry_types(tree: Path) -> None:
-    by_name = {m.name: m for m in members(tar_of(tree))}
+    by_name = {m.name: m for m in tar_members(tar_of(tree))}
     assert by_name["bin"].issym() and by_name["bin"].linkname == "usr/bin"
     assert by_name["fifo"].isfifo()
     assert by_name["etc/passwd"].isreg()
     link = by_name["usr/bin/hardlink"]
     assert link.islnk() and link.linkname == "etc/passwd"  # first in order is the file
-    assert by_name["etc/os-release"].pax_headers["SCHILY.xattr.user.note"].encode(
-        "utf-8", "surrogateescape") == b"\x00\xffbinary"
+    assert (
+        by_name["etc/os-release"]
+        .pax_headers["SCHILY.xattr.user.note"]
+        .encode("utf-8", "surrogateescape")
+        == b"\x00\xffbinary"
+    )
 
 
 def test_sockets_are_skipped(tmp_path: Path) -> None:
@@ -246,7 +218,7 @@ def test_exclude_drops_subtrees(tree: Path) -> None:
     listed = names(out.getvalue())
     assert not any(n.startswith("etc") for n in listed) and "a.b" not in listed
     # etc/passwd was excluded, so its other name now carries the content.
-    assert next(m for m in members(out.getvalue()) if m.name == "usr/bin/hardlink").isreg()
+    assert next(m for m in tar_members(out.getvalue()) if m.name == "usr/bin/hardlink").isreg()
 
 
 def test_round_trip_through_extract(tree: Path, tmp_path: Path) -> None:
@@ -261,8 +233,18 @@ def test_gnu_tar_extracts_what_we_write(tree: Path, tmp_path: Path) -> None:
     data = tar_of(tree)
     (tmp_path / "t.tar").write_bytes(data)
     (tmp_path / "gnu").mkdir()
-    subprocess.run(["tar", "--xattrs", "--xattrs-include=user.*", "-xf", tmp_path / "t.tar",
-                    "-C", tmp_path / "gnu"], check=True)
+    subprocess.run(
+        [
+            "tar",
+            "--xattrs",
+            "--xattrs-include=user.*",
+            "-xf",
+            tmp_path / "t.tar",
+            "-C",
+            tmp_path / "gnu",
+        ],
+        check=True,
+    )
     assert snapshot(tmp_path / "gnu") == snapshot(tree)
 
 
@@ -272,8 +254,11 @@ def test_reads_gnu_tar_output(fmt: str, tree: Path, tmp_path: Path) -> None:
     if fmt == "gnu":  # GNU long names instead of PAX, and no xattrs
         os.removexattr(tree / "etc/os-release", "user.note")
         xattrs = []
-    result = subprocess.run(["tar", "-C", tree, *xattrs, f"--format={fmt}", "-cf", "-", "."],
-                            capture_output=True, check=True)
+    result = subprocess.run(
+        ["tar", "-C", tree, *xattrs, f"--format={fmt}", "-cf", "-", "."],
+        capture_output=True,
+        check=True,
+    )
     copy = apply(tmp_path / "copy", result.stdout)
     assert snapshot(copy) == snapshot(tree)
 
@@ -286,8 +271,16 @@ def whiteout(path: Path) -> None:
 
 
 def test_overlay_diff(tmp_path: Path) -> None:
-    upper = build(tmp_path / "upper", {"etc/": None, "etc/new": "n", "opq/": None,
-                                       "opq/kept": "k", "-first": "sorts before .wh."})
+    upper = build(
+        tmp_path / "upper",
+        {
+            "etc/": None,
+            "etc/new": "n",
+            "opq/": None,
+            "opq/kept": "k",
+            "-first": "sorts before .wh.",
+        },
+    )
     whiteout(upper / "etc/gone")
     whiteout(upper / "gonedir")
     os.setxattr(upper / "opq", "user.overlay.opaque", b"y")
@@ -296,9 +289,17 @@ def test_overlay_diff(tmp_path: Path) -> None:
     data = tar_of(upper, diff=True)
     # Whiteouts first among their siblings (even before "-first"), the opaque marker right
     # after its directory.
-    assert names(data) == [".wh.gonedir", "-first", "etc/", "etc/.wh.gone", "etc/new", "opq/",
-                           "opq/.wh..wh..opq", "opq/kept"]
-    for member in members(data):
+    assert names(data) == [
+        ".wh.gonedir",
+        "-first",
+        "etc/",
+        "etc/.wh.gone",
+        "etc/new",
+        "opq/",
+        "opq/.wh..wh..opq",
+        "opq/kept",
+    ]
+    for member in tar_members(data):
         assert not any("overlay" in key for key in member.pax_headers)
         if ".wh." in member.name:
             assert member.isreg() and member.size == 0
@@ -315,18 +316,28 @@ def test_overlay_diff_refuses_redirects(tmp_path: Path) -> None:
 # -- applying whiteouts ------------------------------------------------------------------
 
 
-LOWER = {"a": "a", "keep": "k", "d/": None, "d/x": "x", "d/sub/": None, "d/sub/y": "y",
-         "e/": None, "e/f": "f"}
+LOWER = {
+    "a": "a",
+    "keep": "k",
+    "d/": None,
+    "d/x": "x",
+    "d/sub/": None,
+    "d/sub/y": "y",
+    "e/": None,
+    "e/f": "f",
+}
 
 
 def test_whiteouts_flatten_onto_a_directory(tmp_path: Path) -> None:
     dest = build(tmp_path / "dest", LOWER)
-    layer = crafted(("./.wh.a", tarfile.REGTYPE, {}),  # "./": dropped
-                    ("d/", tarfile.DIRTYPE, {}),
-                    ("d/new", tarfile.REGTYPE, {"data": b"new"}),
-                    ("d/.wh..wh..opq", tarfile.REGTYPE, {}),  # after d/new: spares it
-                    ("e/.wh.f", tarfile.REGTYPE, {}),
-                    (".wh..wh.plnk", tarfile.REGTYPE, {}))  # aufs bookkeeping: ignored
+    layer = crafted_tar(
+        ("./.wh.a", tarfile.REGTYPE, {}),  # "./": dropped
+        ("d/", tarfile.DIRTYPE, {}),
+        ("d/new", tarfile.REGTYPE, {"data": b"new"}),
+        ("d/.wh..wh..opq", tarfile.REGTYPE, {}),  # after d/new: spares it
+        ("e/.wh.f", tarfile.REGTYPE, {}),
+        (".wh..wh.plnk", tarfile.REGTYPE, {}),
+    )  # aufs bookkeeping: ignored
     apply(dest, layer)
     assert sorted(snapshot(dest)) == ["d", "d/new", "e", "keep"]
 
@@ -334,16 +345,27 @@ def test_whiteouts_flatten_onto_a_directory(tmp_path: Path) -> None:
 def test_whiteout_and_entry_in_one_layer(tmp_path: Path) -> None:
     dest = build(tmp_path / "dest", LOWER)
     # "d" deleted then recreated by this layer: only the new content remains, in any order.
-    apply(dest, crafted(("d/", tarfile.DIRTYPE, {}), ("d/n", tarfile.REGTYPE, {}),
-                        (".wh.d", tarfile.REGTYPE, {})))
+    apply(
+        dest,
+        crafted_tar(
+            ("d/", tarfile.DIRTYPE, {}),
+            ("d/n", tarfile.REGTYPE, {}),
+            (".wh.d", tarfile.REGTYPE, {}),
+        ),
+    )
     assert sorted(p for p in snapshot(dest) if p.startswith("d")) == ["d", "d/n"]
 
 
 def test_entries_replace_existing_paths(tmp_path: Path) -> None:
     dest = build(tmp_path / "dest", LOWER)
-    apply(dest, crafted(("d", tarfile.REGTYPE, {"data": b"now a file"}),
-                        ("a/", tarfile.DIRTYPE, {}), ("keep", tarfile.SYMTYPE,
-                                                      {"linkname": "/etc/hostname"})))
+    apply(
+        dest,
+        crafted_tar(
+            ("d", tarfile.REGTYPE, {"data": b"now a file"}),
+            ("a/", tarfile.DIRTYPE, {}),
+            ("keep", tarfile.SYMTYPE, {"linkname": "/etc/hostname"}),
+        ),
+    )
     assert (dest / "d").read_bytes() == b"now a file"
     assert (dest / "a").is_dir() and os.readlink(dest / "keep") == "/etc/hostname"
 
@@ -356,15 +378,21 @@ def sequential(tmp_path: Path, *tars: bytes) -> bytes:
 
 
 def test_flatten_equals_sequential_extraction(tmp_path: Path) -> None:
-    base = tar_of(build(tmp_path / "l1", {**LOWER, "p": "file", "h": "old", "opq/": None,
-                                           "opq/old": "o"}))
-    top = crafted((".wh.a", tarfile.REGTYPE, {}),
-                  ("d/", tarfile.DIRTYPE, {}), ("d/.wh.x", tarfile.REGTYPE, {}),
-                  ("e", tarfile.REGTYPE, {"data": b"file replaces dir"}),
-                  ("p/", tarfile.DIRTYPE, {}), ("p/q", tarfile.REGTYPE, {"data": b"q"}),
-                  ("h", tarfile.REGTYPE, {"data": b"new"}),
-                  ("opq/", tarfile.DIRTYPE, {}), ("opq/.wh..wh..opq", tarfile.REGTYPE, {}),
-                  ("opq/fresh", tarfile.REGTYPE, {"data": b"f"}))
+    base = tar_of(
+        build(tmp_path / "l1", {**LOWER, "p": "file", "h": "old", "opq/": None, "opq/old": "o"})
+    )
+    top = crafted_tar(
+        (".wh.a", tarfile.REGTYPE, {}),
+        ("d/", tarfile.DIRTYPE, {}),
+        ("d/.wh.x", tarfile.REGTYPE, {}),
+        ("e", tarfile.REGTYPE, {"data": b"file replaces dir"}),
+        ("p/", tarfile.DIRTYPE, {}),
+        ("p/q", tarfile.REGTYPE, {"data": b"q"}),
+        ("h", tarfile.REGTYPE, {"data": b"new"}),
+        ("opq/", tarfile.DIRTYPE, {}),
+        ("opq/.wh..wh..opq", tarfile.REGTYPE, {}),
+        ("opq/fresh", tarfile.REGTYPE, {"data": b"f"}),
+    )
     merged = flat(base, top)
     assert flat(base, top) == merged
     listed = names(merged)
@@ -377,12 +405,12 @@ def test_flatten_of_one_layer_is_that_layer(tree: Path) -> None:
     data = tar_of(tree)
     assert flat(data) == data
     assert names(flat(data, mtime=EPOCH - 1)) == names(data)
-    assert {m.mtime for m in members(flat(data, mtime=EPOCH - 1))} == {EPOCH - 1}
+    assert {m.mtime for m in tar_members(flat(data, mtime=EPOCH - 1))} == {EPOCH - 1}
 
 
 def test_flatten_root_opaque_hides_everything_below(tmp_path: Path) -> None:
     base = tar_of(build(tmp_path / "l1", LOWER))
-    top = crafted((".wh..wh..opq", tarfile.REGTYPE, {}), ("only", tarfile.REGTYPE, {}))
+    top = crafted_tar((".wh..wh..opq", tarfile.REGTYPE, {}), ("only", tarfile.REGTYPE, {}))
     assert names(flat(base, top)) == ["only"]
 
 
@@ -391,24 +419,27 @@ def test_flatten_keeps_hardlinks_whose_target_was_replaced(tmp_path: Path) -> No
     os.link(root / "f", root / "g")
     os.link(root / "f", root / "h")
     base = tar_of(root)
-    for top in (crafted((".wh.f", tarfile.REGTYPE, {})),
-                crafted(("f", tarfile.REGTYPE, {"data": b"replaced"}))):
+    for top in (
+        crafted_tar((".wh.f", tarfile.REGTYPE, {})),
+        crafted_tar(("f", tarfile.REGTYPE, {"data": b"replaced"})),
+    ):
         merged = flat(base, top)
         out = apply(tmp_path / f"m{len(os.listdir(tmp_path))}", merged)
         assert (out / "g").read_bytes() == (out / "h").read_bytes() == b"original"
         assert os.stat(out / "g").st_ino == os.stat(out / "h").st_ino
-        assert snapshot(out) == snapshot(apply(tmp_path / f"s{len(os.listdir(tmp_path))}",
-                                               base, top))
+        assert snapshot(out) == snapshot(
+            apply(tmp_path / f"s{len(os.listdir(tmp_path))}", base, top)
+        )
 
 
 def test_flatten_cross_layer_hardlink(tmp_path: Path) -> None:
     base = tar_of(build(tmp_path / "l1", {"f": "lower"}))
-    top = crafted(("g", tarfile.LNKTYPE, {"linkname": "f"}))
+    top = crafted_tar(("g", tarfile.LNKTYPE, {"linkname": "f"}))
     merged = flat(base, top)
     out = apply(tmp_path / "m", merged)
     assert os.stat(out / "g").st_ino == os.stat(out / "f").st_ino
     with pytest.raises(LayerError, match="hardlink g -> nothere"):
-        flat(base, crafted(("g", tarfile.LNKTYPE, {"linkname": "nothere"})))
+        flat(base, crafted_tar(("g", tarfile.LNKTYPE, {"linkname": "nothere"})))
 
 
 # -- hostile input -----------------------------------------------------------------------
@@ -425,31 +456,57 @@ def assert_untouched(outside: Path) -> None:
     assert (outside / "victim").read_text() == "precious"
 
 
-HOSTILE = {
-    "dotdot": ([("../../outside/victim", tarfile.REGTYPE, {"data": b"pwned"})],
-               "'..' is not allowed"),
-    "symlink-then-write": ([("a", tarfile.SYMTYPE, {"linkname": "OUTSIDE"}),
-                            ("a/victim", tarfile.REGTYPE, {"data": b"pwned"})],
-                           "a is a symlink: refusing to write through it"),
-    "symlink-then-dir": ([("a", tarfile.SYMTYPE, {"linkname": "OUTSIDE"}),
-                          ("a/sub/", tarfile.DIRTYPE, {})], "a is a symlink"),
-    "symlink-then-whiteout": ([("a", tarfile.SYMTYPE, {"linkname": "OUTSIDE"}),
-                               ("a/.wh.victim", tarfile.REGTYPE, {})], "a is a symlink"),
-    "symlink-then-opaque": ([("a", tarfile.SYMTYPE, {"linkname": "OUTSIDE"}),
-                             ("a/.wh..wh..opq", tarfile.REGTYPE, {})], "a is a symlink"),
-    "hardlink-absolute": ([("shadow", tarfile.LNKTYPE, {"linkname": "/etc/shadow"})],
-                          "hardlink target '/etc/shadow': absolute names are not allowed"),
-    "hardlink-missing": ([("shadow", tarfile.LNKTYPE, {"linkname": "etc/shadow"})],
-                         "hardlink target etc/shadow does not exist"),
-    "absolute": ([("/etc/", tarfile.DIRTYPE, {}), ("/etc/motd", tarfile.REGTYPE, {})],
-                 "'/etc': absolute names are not allowed"),
-    "hardlink-dotdot": ([("v", tarfile.LNKTYPE, {"linkname": "../outside/victim"})],
-                        "'..' is not allowed"),
-    "hardlink-through-symlink": ([("a", tarfile.SYMTYPE, {"linkname": "OUTSIDE"}),
-                                  ("v", tarfile.LNKTYPE, {"linkname": "a/victim"})],
-                                 "a is a symlink"),
-    "device": ([("null", tarfile.CHRTYPE, {"devmajor": 1, "devminor": 3})],
-               "device nodes are not allowed"),
+HOSTILE: dict[str, tuple[list[Entry], str]] = {
+    "dotdot": (
+        [("../../outside/victim", tarfile.REGTYPE, {"data": b"pwned"})],
+        "'..' is not allowed",
+    ),
+    "symlink-then-write": (
+        [
+            ("a", tarfile.SYMTYPE, {"linkname": "OUTSIDE"}),
+            ("a/victim", tarfile.REGTYPE, {"data": b"pwned"}),
+        ],
+        "a is a symlink: refusing to write through it",
+    ),
+    "symlink-then-dir": (
+        [("a", tarfile.SYMTYPE, {"linkname": "OUTSIDE"}), ("a/sub/", tarfile.DIRTYPE, {})],
+        "a is a symlink",
+    ),
+    "symlink-then-whiteout": (
+        [("a", tarfile.SYMTYPE, {"linkname": "OUTSIDE"}), ("a/.wh.victim", tarfile.REGTYPE, {})],
+        "a is a symlink",
+    ),
+    "symlink-then-opaque": (
+        [("a", tarfile.SYMTYPE, {"linkname": "OUTSIDE"}), ("a/.wh..wh..opq", tarfile.REGTYPE, {})],
+        "a is a symlink",
+    ),
+    "hardlink-absolute": (
+        [("shadow", tarfile.LNKTYPE, {"linkname": "/etc/shadow"})],
+        "hardlink target '/etc/shadow': absolute names are not allowed",
+    ),
+    "hardlink-missing": (
+        [("shadow", tarfile.LNKTYPE, {"linkname": "etc/shadow"})],
+        "hardlink target etc/shadow does not exist",
+    ),
+    "absolute": (
+        [("/etc/", tarfile.DIRTYPE, {}), ("/etc/motd", tarfile.REGTYPE, {})],
+        "'/etc': absolute names are not allowed",
+    ),
+    "hardlink-dotdot": (
+        [("v", tarfile.LNKTYPE, {"linkname": "../outside/victim"})],
+        "'..' is not allowed",
+    ),
+    "hardlink-through-symlink": (
+        [
+            ("a", tarfile.SYMTYPE, {"linkname": "OUTSIDE"}),
+            ("v", tarfile.LNKTYPE, {"linkname": "a/victim"}),
+        ],
+        "a is a symlink",
+    ),
+    "device": (
+        [("null", tarfile.CHRTYPE, {"devmajor": 1, "devminor": 3})],
+        "device nodes are not allowed",
+    ),
     "whiteout-dotdot": ([(".wh...", tarfile.REGTYPE, {})], "not a valid whiteout name"),
 }
 
@@ -457,38 +514,55 @@ HOSTILE = {
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_tars_are_refused(case: str, tmp_path: Path, outside: Path) -> None:
     entries, message = HOSTILE[case]
-    resolved = [(n, k, {key: (str(outside) if v == "OUTSIDE" else v) for key, v in a.items()})
-                for n, k, a in entries]
+    resolved = [
+        (n, k, {key: (str(outside) if v == "OUTSIDE" else v) for key, v in a.items()})
+        for n, k, a in entries
+    ]
     dest = tmp_path / "dest"
     dest.mkdir()
     with pytest.raises(LayerError, match=message) as caught:
-        layers.extract(io.BytesIO(crafted(*resolved)), dest, overlay=False,
-                       allow_devices=False)
+        layers.extract(io.BytesIO(crafted_tar(*resolved)), dest, overlay=False, allow_devices=False)
     assert "\n" not in str(caught.value)
     assert_untouched(outside)
 
 
 def test_dot_slash_names_land_inside(tmp_path: Path) -> None:
-    dest = apply(tmp_path / "dest", crafted(("./", tarfile.DIRTYPE, {}),
-                                            ("./etc/", tarfile.DIRTYPE, {}),
-                                            ("./etc/motd", tarfile.REGTYPE, {"data": b"hi"})))
+    dest = apply(
+        tmp_path / "dest",
+        crafted_tar(
+            ("./", tarfile.DIRTYPE, {}),
+            ("./etc/", tarfile.DIRTYPE, {}),
+            ("./etc/motd", tarfile.REGTYPE, {"data": b"hi"}),
+        ),
+    )
     assert (dest / "etc/motd").read_bytes() == b"hi"
 
 
 def test_symlinks_may_point_anywhere(tmp_path: Path) -> None:
-    dest = apply(tmp_path / "dest", crafted(("abs", tarfile.SYMTYPE, {"linkname": "/etc"}),
-                                            ("up", tarfile.SYMTYPE, {"linkname": "../../x"})))
+    dest = apply(
+        tmp_path / "dest",
+        crafted_tar(
+            ("abs", tarfile.SYMTYPE, {"linkname": "/etc"}),
+            ("up", tarfile.SYMTYPE, {"linkname": "../../x"}),
+        ),
+    )
     assert os.readlink(dest / "abs") == "/etc" and os.readlink(dest / "up") == "../../x"
 
 
 def test_replacing_a_symlink_does_not_follow_it(tmp_path: Path, outside: Path) -> None:
-    dest = apply(tmp_path / "dest", crafted(("victim", tarfile.SYMTYPE,
-                                             {"linkname": str(outside / "victim")})))
-    apply(dest, crafted(("victim", tarfile.REGTYPE, {"data": b"replaced"})))
+    dest = apply(
+        tmp_path / "dest",
+        crafted_tar(("victim", tarfile.SYMTYPE, {"linkname": str(outside / "victim")})),
+    )
+    apply(dest, crafted_tar(("victim", tarfile.REGTYPE, {"data": b"replaced"})))
     assert (dest / "victim").read_bytes() == b"replaced" and not (dest / "victim").is_symlink()
-    apply(dest, crafted(("lnk", tarfile.SYMTYPE, {"linkname": str(outside)}),
-                        (".wh.lnk", tarfile.REGTYPE, {})))
-    apply(dest, crafted((".wh.lnk", tarfile.REGTYPE, {})))  # deletes the link, not its target
+    apply(
+        dest,
+        crafted_tar(
+            ("lnk", tarfile.SYMTYPE, {"linkname": str(outside)}), (".wh.lnk", tarfile.REGTYPE, {})
+        ),
+    )
+    apply(dest, crafted_tar((".wh.lnk", tarfile.REGTYPE, {})))  # deletes the link, not its target
     assert not os.path.lexists(dest / "lnk")
     assert_untouched(outside)
 

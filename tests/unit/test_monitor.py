@@ -21,14 +21,19 @@ from sysbake import cli
 from sysbake.errors import RuntimeFailure
 from sysbake.runtime import containers as runtime
 from sysbake.runtime import monitor, owners
-from sysbake.runtime.containers import MONITOR_LOCK
+from sysbake.runtime.container_dir import MONITOR_LOCK
 
 
 def _spec(tmp_path: Path, runtime: str) -> monitor.MonitorSpec:
     cdir = tmp_path / "container"
     (cdir / "bundle" / "rootfs").mkdir(parents=True)
-    return monitor.MonitorSpec(runtime=runtime, root=tmp_path / "state", id="c.1234",
-                               dir=cdir, socket=tmp_path / "console" / "c.sock")
+    return monitor.MonitorSpec(
+        runtime=runtime,
+        root=tmp_path / "state",
+        id="c.1234",
+        dir=cdir,
+        socket=tmp_path / "console" / "c.sock",
+    )
 
 
 def _lock_is_free(cdir: Path) -> bool:
@@ -42,7 +47,7 @@ def _lock_is_free(cdir: Path) -> bool:
 
 def test_cancel_ends_the_monitor_with_nothing_started(tmp_path: Path) -> None:
     runtime = tmp_path / "runtime"
-    runtime.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'calls'}\n")
+    runtime.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\n')
     runtime.chmod(0o755)
     spec = _spec(tmp_path, str(runtime))
     launch = monitor.prepare(spec)
@@ -63,10 +68,12 @@ def test_cancel_ends_the_monitor_with_nothing_started(tmp_path: Path) -> None:
 
 def test_a_failing_runtime_is_the_verdict_of_start(tmp_path: Path) -> None:
     runtime = tmp_path / "runtime"
-    runtime.write_text("#!/bin/sh\n"
-                       "[ \"$3\" = run ] || exit 0\n"
-                       "echo 'time=\"x\" level=error msg=\"no such \\\"thing\\\"\"' >&2\n"
-                       "exit 3\n")
+    runtime.write_text(
+        "#!/bin/sh\n"
+        '[ "$3" = run ] || exit 0\n'
+        'echo \'time="x" level=error msg="no such \\"thing\\""\' >&2\n'
+        "exit 3\n"
+    )
     runtime.chmod(runtime.stat().st_mode | stat.S_IXUSR)
     spec = _spec(tmp_path, str(runtime))
     launch = monitor.prepare(spec)
@@ -114,8 +121,7 @@ def _kill_9(pid: int, pipe: int) -> None:
     os.close(pipe)
 
 
-def test_a_live_owner_keeps_its_container_and_a_killed_one_leaves_an_orphan(
-        tmp_path: Path) -> None:
+def test_a_live_owner_keeps_its_container_and_a_killed_one_leaves_an_orphan(tmp_path: Path) -> None:
     containers = tmp_path / "containers"
     pid, pipe = _owner(containers, "build-1")
     assert owners.owner_pid(containers, "build-1") == pid
@@ -155,8 +161,10 @@ def test_a_released_owner_leaves_nothing_to_reap(tmp_path: Path) -> None:
 
 def test_an_owner_file_is_never_shared(tmp_path: Path) -> None:
     containers = tmp_path / "containers"
-    with owners.owned(containers, "build-2"), \
-            pytest.raises(RuntimeFailure, match="already has an owner"):
+    with (
+        owners.owned(containers, "build-2"),
+        pytest.raises(RuntimeFailure, match="already has an owner"),
+    ):
         owners.owned(containers, "build-2")
     assert os.listdir(containers) == []
 
@@ -187,7 +195,8 @@ def test_reaping_removes_a_container_its_owner_never_finished_making(tmp_path: P
 
 
 def test_the_cli_reaps_before_a_store_command_and_ps_says_so(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     store = tmp_path / "store"
     containers = store / "containers"
     store.mkdir()
@@ -200,17 +209,28 @@ def test_the_cli_reaps_before_a_store_command_and_ps_says_so(
     assert (containers / "build-5.owner").exists()
     assert cli.main(["--store", str(store), "--json", "ps"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert rows == [{"name": "build-5", "image": "", "image_id": "",
-                     "status": f"reaped (orphaned: owner pid {pid} gone)", "exit_code": None,
-                     "created": None, "pid": None, "runtime": None, "owner_pid": pid,
-                     "orphaned": True}]
+    assert rows == [
+        {
+            "name": "build-5",
+            "image": "",
+            "image_id": "",
+            "status": f"reaped (orphaned: owner pid {pid} gone)",
+            "exit_code": None,
+            "created": None,
+            "pid": None,
+            "runtime": None,
+            "owner_pid": pid,
+            "orphaned": True,
+        }
+    ]
     assert os.listdir(containers) == []
     assert cli.main(["--store", str(store), "ps"]) == 0
     assert capsys.readouterr().out.split() == ["NAME", "IMAGE", "STATUS", "CREATED", "PID"]
 
 
-def test_every_store_command_reaps_first(tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_store_command_reaps_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     store = tmp_path / "store"
     store.mkdir()
     containers = store / "containers"
@@ -220,20 +240,24 @@ def test_every_store_command_reaps_first(tmp_path: Path,
     # exec's own `command` argument must not hide which command this is.
     assert cli.main(["--store", str(store), "exec", "test-c", "true"]) == 1
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"removed container test-c (orphaned: owner pid {pid} gone)",
-                   f"sysbake: error: no container 'test-c' in {containers}"]
+    assert err == [
+        f"removed container test-c (orphaned: owner pid {pid} gone)",
+        f"sysbake: error: no container 'test-c' in {containers}",
+    ]
     assert os.listdir(containers) == []
 
 
-def test_the_reap_check_imports_nothing_when_there_is_nothing_to_reap(
-        tmp_path: Path) -> None:
+def test_the_reap_check_imports_nothing_when_there_is_nothing_to_reap(tmp_path: Path) -> None:
     containers = tmp_path / "containers"
     with owners.owned(containers, "build-6"):  # alive: nothing to reap
-        code = ("import sys; from pathlib import Path; from sysbake import cli; "
-                f"ctx = cli.Context(Path({str(tmp_path)!r}), False, False); "
-                "assert cli.reap_orphans(ctx, 'images') is ctx; "
-                "print(sorted(m for m in sys.modules if m.startswith('sysbake')))")
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                                text=True, check=True)
+        code = (
+            "import sys; from pathlib import Path; from sysbake import cli; "
+            f"ctx = cli.Context(Path({str(tmp_path)!r}), False, False); "
+            "assert cli.reap_orphans(ctx, 'images') is ctx; "
+            "print(sorted(m for m in sys.modules if m.startswith('sysbake')))"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
     assert "sysbake.runtime.containers" not in result.stdout
     assert "sysbake.runtime.owners" in result.stdout

@@ -24,8 +24,10 @@ def _files(root: Path) -> set[str]:
 
 def test_unchanged_copy_ups_go_and_changes_stay(tmp_path: Path) -> None:
     lower = _tree(tmp_path / "lower", {"etc/a.conf": "a\n", "etc/b.conf": "b\n"})
-    upper = _tree(tmp_path / "upper", {"etc/a.conf": "a\n", "etc/b.conf": "changed\n",
-                                       "etc/new.conf": "new\n"})
+    upper = _tree(
+        tmp_path / "upper",
+        {"etc/a.conf": "a\n", "etc/b.conf": "changed\n", "etc/new.conf": "new\n"},
+    )
     prune_copy_ups(upper, [lower])
     assert _files(upper) == {"etc/b.conf", "etc/new.conf"}
 
@@ -33,10 +35,12 @@ def test_unchanged_copy_ups_go_and_changes_stay(tmp_path: Path) -> None:
 def test_files_under_an_opaque_directory_stay(tmp_path: Path) -> None:
     # Salt removed /etc/app and wrote it again with one file unchanged: overlayfs marks
     # the new directory opaque, so the lower copy no longer shows through it.
-    lower = _tree(tmp_path / "lower", {"etc/app/same.conf": "same\n",
-                                       "etc/app/gone.conf": "gone\n"})
-    upper = _tree(tmp_path / "upper", {"etc/app/same.conf": "same\n",
-                                       "etc/app/sub/deep.conf": "x\n"})
+    lower = _tree(
+        tmp_path / "lower", {"etc/app/same.conf": "same\n", "etc/app/gone.conf": "gone\n"}
+    )
+    upper = _tree(
+        tmp_path / "upper", {"etc/app/same.conf": "same\n", "etc/app/sub/deep.conf": "x\n"}
+    )
     os.setxattr(upper / "etc" / "app", "user.overlay.opaque", b"y")
     prune_copy_ups(upper, [lower])
     assert _files(upper) == {"etc/app/same.conf", "etc/app/sub/deep.conf"}

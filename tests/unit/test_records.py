@@ -92,8 +92,11 @@ def test_classvar_is_not_a_field() -> None:
 def test_missing_unexpected_and_repeated_arguments() -> None:
     with pytest.raises(TypeError, match=r"Point\(\) missing 1 required argument: 'x'"):
         Point()  # type: ignore[call-arg]
-    with pytest.raises(TypeError, match=r"Child\(\) missing 2 required arguments: 'root', "
-                                        "'extra'"):
+    with pytest.raises(
+        TypeError,
+        match=r"Child\(\) missing 2 required arguments: 'root', "
+        "'extra'",
+    ):
         Child(name="n")  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="unexpected keyword argument 'z'"):
         Point(1, z=2)  # type: ignore[call-arg]
@@ -160,6 +163,7 @@ def test_post_init_runs_after_the_fields_are_set() -> None:
 
 def test_a_method_record_would_replace_is_refused() -> None:
     with pytest.raises(TypeError, match="defines __repr__"):
+
         @record
         class Own:
             x: int
@@ -169,10 +173,13 @@ def test_a_method_record_would_replace_is_refused() -> None:
 
 
 def test_the_build_path_loads_neither_dataclasses_nor_inspect() -> None:
-    code = ("import sys, sysbake.cli, sysbake.build.pipeline, sysbake.project.load, "
-            "sysbake.build.steps, sysbake.build.salt.run, sysbake.runtime.monitor, "
-            "sysbake.runtime.containers; "
-            "print(sorted({'dataclasses', 'inspect'} & set(sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
+    code = (
+        "import sys, sysbake.cli, sysbake.build.pipeline, sysbake.project.load, "
+        "sysbake.build.steps, sysbake.build.salt.run, sysbake.runtime.monitor, "
+        "sysbake.runtime.containers; "
+        "print(sorted({'dataclasses', 'inspect'} & set(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]"

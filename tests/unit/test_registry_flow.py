@@ -5,11 +5,8 @@ real registry (docker-registry) is exercised by tests/integration/test_registry.
 from __future__ import annotations
 
 import base64
-import gzip
 import hashlib
-import io
 import json
-import tarfile
 import threading
 import urllib.parse
 import uuid
@@ -26,6 +23,7 @@ from sysbake.oci.model import Image, Layer
 from sysbake.oci.store import Store
 from sysbake.registry.auth import Credentials, RegistryError
 from sysbake.registry.transfer import ConnectOptions, Reference, pull, push
+from tests.unit.conftest import files_tar, put_image
 
 TOKEN = "token-" + uuid.uuid4().hex
 
@@ -64,8 +62,11 @@ class Handler(BaseHTTPRequestHandler):
         if not self.state.bearer or self.headers.get("Authorization") == f"Bearer {TOKEN}":
             return True
         realm = f"http://{self.headers['Host']}/token"
-        self._send(401, b'{"errors":[{"code":"UNAUTHORIZED","message":"authenticate"}]}',
-                   {"WWW-Authenticate": f'Bearer realm="{realm}",service="fake"'})
+        self._send(
+            401,
+            b'{"errors":[{"code":"UNAUTHORIZED","message":"authenticate"}]}',
+            {"WWW-Authenticate": f'Bearer realm="{realm}",service="fake"'},
+        )
         return False
 
     def _route(self) -> None:
@@ -96,8 +97,11 @@ class Handler(BaseHTTPRequestHandler):
         if (repo, ref) not in self.state.manifests:
             return self._send(404, b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"nope"}]}')
         data, media_type = self.state.manifests[(repo, ref)]
-        return self._send(200, data, {"Content-Type": media_type,
-                                      "Docker-Content-Digest": oci.sha256_digest(data)})
+        return self._send(
+            200,
+            data,
+            {"Content-Type": media_type, "Docker-Content-Digest": oci.sha256_digest(data)},
+        )
 
     def _blob(self, repo: str, rest: str, query: dict[str, list[str]], body: bytes) -> None:
         if rest.startswith("uploads/"):
@@ -118,7 +122,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data[:self.state.drop_after])
+            self.wfile.write(data[: self.state.drop_after])
             self.wfile.flush()
             self.close_connection = True
             return None
@@ -142,32 +146,21 @@ def registry() -> Iterator[tuple[str, State]]:
         thread.join(10)
 
 
-def _tar(name: str, data: bytes) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def _image(store: Store, ref: str = "web:latest") -> Image:
     """A two-layer image with sysbake stage labels, tagged `ref`."""
-    layers, history, labels = [], [], {"io.sysbake.image": "web"}
+    tars, history, labels = [], [], {"io.sysbake.image": "web"}
     for i, stage in enumerate(("bootstrap", "site")):
-        plain = _tar(f"etc/layer{i}", hashlib.sha256(str(i).encode()).digest() * 5000)
-        blob = store.put_bytes(gzip.compress(plain, mtime=0), oci.MT_LAYER_GZIP)
-        layers.append(Layer(blob, oci.sha256_digest(plain)))
+        tars.append(files_tar({f"etc/layer{i}": hashlib.sha256(str(i).encode()).digest() * 5000}))
         key = hashlib.sha256(stage.encode()).hexdigest()
         labels[f"io.sysbake.stage.{stage}"] = key
-        history.append({"created": "2026-01-01T00:00:00Z", "created_by": stage,
-                        "comment": f"sysbake {stage} {key[:16]}"})
-    config = {"architecture": "amd64", "os": "linux", "config": {"Labels": labels},
-              "rootfs": {"type": "layers", "diff_ids": [la.diff_id for la in layers]},
-              "history": history}
-    image = store.put_image(config, tuple(layers))
-    store.tag(ref, image)
-    return image
+        history.append(
+            {
+                "created": "2026-01-01T00:00:00Z",
+                "created_by": stage,
+                "comment": f"sysbake {stage} {key[:16]}",
+            }
+        )
+    return put_image(store, *tars, ref=ref, config={"Labels": labels}, history=history)
 
 
 def _assert_untouched(store: Store, before: set[str]) -> None:
@@ -206,8 +199,7 @@ def test_bearer_push_then_pull_round_trip(registry: tuple[str, State], tmp_path:
     assert (second.fetched, second.present) == (0, 3)
 
 
-def test_bearer_wrong_or_missing_credentials(registry: tuple[str, State],
-                                             tmp_path: Path) -> None:
+def test_bearer_wrong_or_missing_credentials(registry: tuple[str, State], tmp_path: Path) -> None:
     address, state = registry
     state.bearer = True
     store = Store(tmp_path / "s").ensure()
@@ -215,14 +207,17 @@ def test_bearer_wrong_or_missing_credentials(registry: tuple[str, State],
     dest = Reference.parse(f"{address}/web:1")
     auth_file = tmp_path / "empty-auth.json"
     with pytest.raises(RegistryError, match="rejected the credentials of user 'ann'"):
-        push(store, "web", dest, ConnectOptions(creds=Credentials("ann", "wrong"),
-                                                auth_file=auth_file))
+        push(
+            store,
+            "web",
+            dest,
+            ConnectOptions(creds=Credentials("ann", "wrong"), auth_file=auth_file),
+        )
     with pytest.raises(RegistryError, match=r"requires authentication.*sysbake login"):
         push(store, "web", dest, ConnectOptions(auth_file=auth_file))
 
 
-def test_credentials_come_from_the_auth_file(registry: tuple[str, State],
-                                             tmp_path: Path) -> None:
+def test_credentials_come_from_the_auth_file(registry: tuple[str, State], tmp_path: Path) -> None:
     address, state = registry
     state.bearer = True
     from sysbake.registry.auth import save_credentials
@@ -244,30 +239,67 @@ def test_docker_schema2_and_index_pull(registry: tuple[str, State], tmp_path: Pa
             state.blobs[layer.blob.digest] = f.read()
     with a.open_blob(image.id) as f:
         state.blobs[image.id] = f.read()
-    docker = json.dumps({
-        "schemaVersion": 2, "mediaType": oci.MT_DOCKER_MANIFEST,
-        "config": {"mediaType": oci.MT_DOCKER_CONFIG, "digest": image.id,
-                   "size": image.config_descriptor.size},
-        "layers": [{"mediaType": oci.MT_DOCKER_LAYER_GZIP, "digest": la.blob.digest,
-                    "size": la.blob.size} for la in image.layers]}, indent=3).encode()
+    docker = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": oci.MT_DOCKER_MANIFEST,
+            "config": {
+                "mediaType": oci.MT_DOCKER_CONFIG,
+                "digest": image.id,
+                "size": image.config_descriptor.size,
+            },
+            "layers": [
+                {
+                    "mediaType": oci.MT_DOCKER_LAYER_GZIP,
+                    "digest": la.blob.digest,
+                    "size": la.blob.size,
+                }
+                for la in image.layers
+            ],
+        },
+        indent=3,
+    ).encode()
     state.manifests[("web", oci.sha256_digest(docker))] = (docker, oci.MT_DOCKER_MANIFEST)
-    index = json.dumps({"schemaVersion": 2, "mediaType": oci.MT_DOCKER_LIST, "manifests": [
-        {"mediaType": oci.MT_DOCKER_MANIFEST, "digest": "sha256:" + "9" * 64, "size": 9,
-         "platform": {"os": "linux", "architecture": "s390x"}},
-        {"mediaType": oci.MT_DOCKER_MANIFEST, "digest": oci.sha256_digest(docker),
-         "size": len(docker), "platform": {"os": "linux", "architecture": "amd64"}}]}).encode()
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": oci.MT_DOCKER_LIST,
+            "manifests": [
+                {
+                    "mediaType": oci.MT_DOCKER_MANIFEST,
+                    "digest": "sha256:" + "9" * 64,
+                    "size": 9,
+                    "platform": {"os": "linux", "architecture": "s390x"},
+                },
+                {
+                    "mediaType": oci.MT_DOCKER_MANIFEST,
+                    "digest": oci.sha256_digest(docker),
+                    "size": len(docker),
+                    "platform": {"os": "linux", "architecture": "amd64"},
+                },
+            ],
+        }
+    ).encode()
     state.manifests[("web", "multi")] = (index, oci.MT_DOCKER_LIST)
 
-    result = pull(b, Reference.parse(f"{address}/web:multi"), ConnectOptions(),
-                  wanted=("linux", "amd64", None))
+    result = pull(
+        b,
+        Reference.parse(f"{address}/web:multi"),
+        ConnectOptions(),
+        wanted=("linux", "amd64", None),
+    )
     assert result.image.id == image.id  # the config bytes are kept
     stored = b.read_json(result.image.manifest.digest)
     assert stored["mediaType"] == oci.MT_MANIFEST
     assert {la["mediaType"] for la in stored["layers"]} == {oci.MT_LAYER_GZIP}
     assert result.image.layers[0].compression == "gzip"
     with pytest.raises(RegistryError, match="no image for linux/arm64"):
-        pull(b, Reference.parse(f"{address}/web:multi"), ConnectOptions(),
-             wanted=("linux", "arm64", None))
+        pull(
+            b,
+            Reference.parse(f"{address}/web:multi"),
+            ConnectOptions(),
+            wanted=("linux", "arm64", None),
+        )
 
 
 def test_unknown_tag_and_lying_registry(registry: tuple[str, State], tmp_path: Path) -> None:
@@ -309,8 +341,9 @@ def test_connection_refused(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, never listening: refused
         store = Store(tmp_path / "s").ensure()
-        with pytest.raises(RegistryError, match=f"cannot connect to 127.0.0.1:{port}: "
-                                                "connection refused"):
+        with pytest.raises(
+            RegistryError, match=f"cannot connect to 127.0.0.1:{port}: connection refused"
+        ):
             pull(store, Reference.parse(f"127.0.0.1:{port}/web:1"), ConnectOptions())
     _assert_untouched(store, set())
 
@@ -322,18 +355,22 @@ def test_push_needs_a_registry_in_the_name(tmp_path: Path) -> None:
         push(store, "web", None, ConnectOptions())
 
 
-def test_config_lying_about_a_diff_id_is_refused(registry: tuple[str, State],
-                                                  tmp_path: Path) -> None:
+def test_config_lying_about_a_diff_id_is_refused(
+    registry: tuple[str, State], tmp_path: Path
+) -> None:
     address, _ = registry
     a = Store(tmp_path / "a").ensure()
     image = _image(a)
     wrong = (image.layers[0], Layer(image.layers[1].blob, image.layers[0].diff_id))
-    config = {**image.config, "rootfs": {"type": "layers",
-                                         "diff_ids": [la.diff_id for la in wrong]}}
+    config = {
+        **image.config,
+        "rootfs": {"type": "layers", "diff_ids": [la.diff_id for la in wrong]},
+    }
     a.tag("liar:1", a.put_image(config, wrong))
     push(a, "liar:1", Reference.parse(f"{address}/liar:1"), ConnectOptions())
     b = Store(tmp_path / "b").ensure()
-    with pytest.raises(RegistryError, match=f"layer {image.layers[1].blob.digest} does not "
-                                            "unpack to the diff_id"):
+    with pytest.raises(
+        RegistryError, match=f"layer {image.layers[1].blob.digest} does not unpack to the diff_id"
+    ):
         pull(b, Reference.parse(f"{address}/liar:1"), ConnectOptions())
     assert b.tags() == []

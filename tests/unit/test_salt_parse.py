@@ -30,13 +30,20 @@ def _recorded(name: str) -> salt.SaltResult:
 
 
 def _toolchain(path: Path = Path("/store/toolchains/salt-3007.16-abc")) -> Toolchain:
-    return Toolchain(path=path, version="3007.16", suite="bookworm", architecture="amd64",
-                     python="usr/bin/python3.11",
-                     loader="usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
-                     library_path=("usr/lib/x86_64-linux-gnu",), key="k" * 64)
+    return Toolchain(
+        path=path,
+        version="3007.16",
+        suite="bookworm",
+        architecture="amd64",
+        python="usr/bin/python3.11",
+        loader="usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+        library_path=("usr/lib/x86_64-linux-gnu",),
+        key="k" * 64,
+    )
 
 
 # -- toolchain helpers ----------------------------------------------------------------------
+
 
 def test_loader_path_per_architecture() -> None:
     assert salt.loader_path("amd64") == "lib64/ld-linux-x86-64.so.2"
@@ -53,7 +60,8 @@ def _merged_usr(root: Path) -> Path:
     (root / "lib64").symlink_to("usr/lib64")
     # As Debian ships it: absolute, so inside a container it would name the image's loader.
     (root / "usr/lib64/ld-linux-x86-64.so.2").symlink_to(
-        "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2")
+        "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
+    )
     return root
 
 
@@ -95,8 +103,10 @@ def _sdist(path: Path, pyproject: str | None) -> Path:
 
 
 def test_build_requirements_of_sdists(tmp_path: Path) -> None:
-    modern = _sdist(tmp_path / "salt-3007.16.tar.gz",
-                    '[build-system]\nrequires = ["setuptools>=64.0", "wheel"]\n')
+    modern = _sdist(
+        tmp_path / "salt-3007.16.tar.gz",
+        '[build-system]\nrequires = ["setuptools>=64.0", "wheel"]\n',
+    )
     assert salt_toolchain.build_requirements(modern) == ["setuptools>=64.0", "wheel"]
     legacy = _sdist(tmp_path / "contextvars-2.4.tar.gz", None)
     assert salt_toolchain.build_requirements(legacy) == ["setuptools>=40.8.0", "wheel"]
@@ -121,15 +131,21 @@ ERROR: No matching distribution found for certifi>=2026.10.23
 
 
 def test_pip_failures_become_one_line() -> None:
-    assert salt_toolchain.explain_pip_failure("9999", PIP_NO_VERSION) == \
-        "salt_version '9999': no such version on the package index"
-    assert salt_toolchain.explain_pip_failure("3007.17", PIP_NO_DEPENDENCY) == \
-        "salt_version '3007.17': its dependency 'certifi>=2026.10.23' is not on the " \
+    assert (
+        salt_toolchain.explain_pip_failure("9999", PIP_NO_VERSION)
+        == "salt_version '9999': no such version on the package index"
+    )
+    assert (
+        salt_toolchain.explain_pip_failure("3007.17", PIP_NO_DEPENDENCY)
+        == "salt_version '3007.17': its dependency 'certifi>=2026.10.23' is not on the "
         "package index"
+    )
     offline = "WARNING: Retrying...\nERROR: Could not install: connection refused\n"
-    assert salt_toolchain.explain_pip_failure("3007.16", offline) == \
-        "salt_version '3007.16': pip download failed: ERROR: Could not install: connection " \
+    assert (
+        salt_toolchain.explain_pip_failure("3007.16", offline)
+        == "salt_version '3007.16': pip download failed: ERROR: Could not install: connection "
         "refused"
+    )
 
 
 def test_toolchain_key_is_known_before_building() -> None:
@@ -137,8 +153,7 @@ def test_toolchain_key_is_known_before_building() -> None:
     assert len(key) == 64 and key == salt.toolchain_key("3007.16", "amd64")
     assert key != salt.toolchain_key("3007.15", "amd64")
     assert key != salt.toolchain_key("3007.16", "arm64")
-    assert salt.toolchain_key("", "amd64") == salt.toolchain_key(salt.DEFAULT_SALT_VERSION,
-                                                                 "amd64")
+    assert salt.toolchain_key("", "amd64") == salt.toolchain_key(salt.DEFAULT_SALT_VERSION, "amd64")
     with pytest.raises(BuildError, match="salt_version 'latest': expected a Salt version"):
         salt.toolchain_key("latest", "amd64")
 
@@ -154,11 +169,20 @@ def test_malformed_version_is_refused_before_any_work(tmp_path: Path) -> None:
 def test_toolchain_argv_and_metadata_round_trip(tmp_path: Path) -> None:
     tc = _toolchain(tmp_path)
     assert tc.argv("/run/sysbake/salt") == [
-        "/run/sysbake/salt/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", "--library-path",
-        "/run/sysbake/salt/usr/lib/x86_64-linux-gnu", "/run/sysbake/salt/usr/bin/python3.11"]
-    meta = {"version": tc.version, "suite": tc.suite, "architecture": tc.architecture,
-            "python": tc.python, "loader": tc.loader, "library_path": list(tc.library_path),
-            "key": tc.key}
+        "/run/sysbake/salt/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+        "--library-path",
+        "/run/sysbake/salt/usr/lib/x86_64-linux-gnu",
+        "/run/sysbake/salt/usr/bin/python3.11",
+    ]
+    meta = {
+        "version": tc.version,
+        "suite": tc.suite,
+        "architecture": tc.architecture,
+        "python": tc.python,
+        "loader": tc.loader,
+        "library_path": list(tc.library_path),
+        "key": tc.key,
+    }
     salt_toolchain._write_wrapper(tmp_path, meta)
     assert Toolchain.load(tmp_path) == replace(tc, ordered_pillar=False)
     pillar = tmp_path / "opt/salt/lib/salt/pillar"
@@ -179,10 +203,14 @@ def test_boot_code_starts_salt_call_from_the_toolchain(tmp_path: Path) -> None:
     (lib / "scripts.py").write_text(
         "import json, sys, tempfile\n"
         "def salt_call():\n"
-        "    print(json.dumps([sys.executable, tempfile.gettempdir(), sys.argv]))\n")
+        "    print(json.dumps([sys.executable, tempfile.gettempdir(), sys.argv]))\n"
+    )
     code = salt_toolchain.boot_code(str(tmp_path), str(tmp_path / "tmp"))
-    done = subprocess.run([sys.executable, "-I", "-c", code, "--local", "state.apply"],
-                          capture_output=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", code, "--local", "state.apply"],
+        capture_output=True,
+        check=True,
+    )
     assert done.stderr == b""
     executable, tmpdir, argv = json.loads(done.stdout)
     assert executable == f"{tmp_path}/sysbake/python"
@@ -190,13 +218,17 @@ def test_boot_code_starts_salt_call_from_the_toolchain(tmp_path: Path) -> None:
     assert argv == ["salt-call", "--local", "state.apply"]
 
 
-@pytest.mark.parametrize(("body", "code", "err"), [
-    ("    sys.exit(3)\n", 3, ""),
-    ("    sys.exit('bad pillar')\n", 1, "bad pillar\n"),
-    ("    return None\n", 0, ""),
-])
+@pytest.mark.parametrize(
+    ("body", "code", "err"),
+    [
+        ("    sys.exit(3)\n", 3, ""),
+        ("    sys.exit('bad pillar')\n", 1, "bad pillar\n"),
+        ("    return None\n", 0, ""),
+    ],
+)
 def test_boot_code_exits_with_salts_code_after_its_atexit_work(
-        tmp_path: Path, body: str, code: int, err: str) -> None:
+    tmp_path: Path, body: str, code: int, err: str
+) -> None:
     """The program skips the interpreter's tear-down, not Salt's exit code, its buffered
     output or its atexit handlers."""
     lib = tmp_path / "opt/salt/lib/salt"
@@ -207,15 +239,20 @@ def test_boot_code_exits_with_salts_code_after_its_atexit_work(
         "import atexit, sys\n"
         f"atexit.register(lambda: open({str(flag)!r}, 'w').close())\n"
         "def salt_call():\n"
-        "    sys.stdout.write('{\"local\": {}}')  # buffered, no newline\n" + body)
-    done = subprocess.run([sys.executable, "-I", "-c",
-                           salt_toolchain.boot_code(str(tmp_path), None)],
-                          capture_output=True, text=True, check=False)
+        "    sys.stdout.write('{\"local\": {}}')  # buffered, no newline\n" + body
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", salt_toolchain.boot_code(str(tmp_path), None)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert (done.returncode, done.stdout, done.stderr) == (code, '{"local": {}}', err)
     assert flag.exists()
 
 
 # -- a run: mounts, config, command ---------------------------------------------------------
+
 
 def _run(tmp_path: Path, **kw: object) -> SaltRun:
     states = tmp_path / "salt"
@@ -239,14 +276,22 @@ def test_minion_config_keeps_every_write_under_run(tmp_path: Path) -> None:
     files = run.config_files()
     assert list(files) == ["/run/sysbake/conf/minion"]
     config = json.loads(files["/run/sysbake/conf/minion"])
-    for key in ("root_dir", "cachedir", "pki_dir", "sock_dir", "log_file", "pidfile",
-                "extension_modules"):
+    for key in (
+        "root_dir",
+        "cachedir",
+        "pki_dir",
+        "sock_dir",
+        "log_file",
+        "pidfile",
+        "extension_modules",
+    ):
         assert config[key].startswith("/run/sysbake/var"), key
     assert config["id"] == "sysbake" and config["file_client"] == "local"
     assert config["grains"] == {"role": "web"}
     assert config["file_roots"] == {"base": ["/run/sysbake/srv/salt/0"]}
-    assert config["pillar_roots"] == {"base": ["/run/sysbake/srv/pillar/0",
-                                              "/run/sysbake/srv/pillar/1"]}
+    assert config["pillar_roots"] == {
+        "base": ["/run/sysbake/srv/pillar/0", "/run/sysbake/srv/pillar/1"]
+    }
     assert config["env_order"] == ["base"]
 
 
@@ -263,14 +308,17 @@ def test_project_pillar_gets_its_own_env_after_base(tmp_path: Path) -> None:
     config = json.loads(files["/run/sysbake/conf/minion"])
     assert config["pillar_roots"] == {
         "base": ["/run/sysbake/srv/pillar/0"],
-        "project": ["/run/sysbake/conf/pillar-top/project", "/run/sysbake/srv/pillar/project"]}
+        "project": ["/run/sysbake/conf/pillar-top/project", "/run/sysbake/srv/pillar/project"],
+    }
     assert config["env_order"] == ["base", "project"]
     assert config["pillar_source_merging_strategy"] == "recurse"
     top = files["/run/sysbake/conf/pillar-top/project/top.sls"].decode()
     assert "{% include 'sysbake-user-top.sls' %}" in top
     assert "('project' if env == 'base' else env)" in top
-    assert files["/run/sysbake/conf/pillar-top/project/sysbake-user-top.sls"] == \
-        (project / "top.sls").read_bytes()
+    assert (
+        files["/run/sysbake/conf/pillar-top/project/sysbake-user-top.sls"]
+        == (project / "top.sls").read_bytes()
+    )
 
 
 def test_project_pillar_with_only_init_sls(tmp_path: Path) -> None:
@@ -278,8 +326,9 @@ def test_project_pillar_with_only_init_sls(tmp_path: Path) -> None:
     project.mkdir()
     (project / "init.sls").write_text("key: value\n")
     files = _run(tmp_path, project_pillar=project).config_files()
-    assert json.loads(files["/run/sysbake/conf/pillar-top/project/top.sls"]) == \
-        {"project": {"*": ["init"]}}
+    assert json.loads(files["/run/sysbake/conf/pillar-top/project/top.sls"]) == {
+        "project": {"*": ["init"]}
+    }
     empty = tmp_path / "empty"
     empty.mkdir()
     files = _run(tmp_path, project_pillar=empty).config_files()
@@ -292,8 +341,14 @@ def test_command_runs_salt_call_with_the_toolchains_loader(tmp_path: Path) -> No
     cmd = _run(tmp_path).command()
     assert cmd[:4] == _toolchain().argv("/run/sysbake/salt")
     assert cmd[4] == "-I" and "-c" in cmd
-    assert cmd[-6:] == ["--local", "--config-dir=/run/sysbake/conf", "--out=json",
-                        "--retcode-passthrough", "--log-level=warning", "state.apply"]
+    assert cmd[-6:] == [
+        "--local",
+        "--config-dir=/run/sysbake/conf",
+        "--out=json",
+        "--retcode-passthrough",
+        "--log-level=warning",
+        "state.apply",
+    ]
     sls = _run(tmp_path, sls=("web", "db.server"), test=True).command()
     assert sls[-3:] == ["state.apply", "web,db.server", "test=True"]
     assert _run(tmp_path).env() == {"PATH": salt._PATH, "HOME": "/root", "LANG": "C.UTF-8"}
@@ -330,6 +385,7 @@ def test_key_inputs_hash_trees_and_never_hold_pillar_contents(tmp_path: Path) ->
 
 # -- results of real runs -------------------------------------------------------------------
 
+
 def test_parse_success() -> None:
     result = _recorded("success")
     assert result.ok and result.returncode == 0 and result.errors == ()
@@ -337,7 +393,8 @@ def test_parse_success() -> None:
         ("demo-user", "user.present", "demo"),
         ("greeting-file", "file.managed", "/etc/greeting"),
         ("hello-package", "pkg.installed", "hello"),
-        ("as-demo", "cmd.run", 'echo "$HOME" > /home/demo/home.txt')]
+        ("as-demo", "cmd.run", 'echo "$HOME" > /home/demo/home.txt'),
+    ]
     assert result.changes == 4 and result.failed == ()
     assert result.summary == "4 states: 4 succeeded, 0 failed, 4 changed"
 
@@ -347,12 +404,17 @@ def test_parse_failure() -> None:
     assert not result.ok and result.returncode == 2
     assert [s.id for s in result.failed] == ["broken-command", "missing-source", "after-broken"]
     broken = result.failed[0]
-    assert (broken.function, broken.name, broken.sls) == \
-        ("cmd.run", "echo about to fail; exit 3", "broken")
+    assert (broken.function, broken.name, broken.sls) == (
+        "cmd.run",
+        "echo about to fail; exit 3",
+        "broken",
+    )
     assert broken.comment
     assert result.summary == "4 states: 1 succeeded, 3 failed, 1 changed"
-    assert result.error_line().startswith("3 of 4 states failed, first: broken-command "
-                                          "(cmd.run 'echo about to fail; exit 3', sls broken)")
+    assert result.error_line().startswith(
+        "3 of 4 states failed, first: broken-command "
+        "(cmd.run 'echo about to fail; exit 3', sls broken)"
+    )
     report = result.report()
     assert "FAILED missing-source: file.managed '/etc/never'" in report
     assert "no-such-file" in report
@@ -373,10 +435,20 @@ def test_parse_pillar_render_error() -> None:
 
 
 def test_parse_no_matching_top_without_a_logged_reason() -> None:
-    stdout = json.dumps({"local": {"no_|-states_|-states_|-None": {
-        "result": False, "name": "No States", "changes": {}, "__run_num__": 0,
-        "comment": "No Top file or master_tops data matches found. Please see master log "
-                   "for details."}}}).encode()
+    stdout = json.dumps(
+        {
+            "local": {
+                "no_|-states_|-states_|-None": {
+                    "result": False,
+                    "name": "No States",
+                    "changes": {},
+                    "__run_num__": 0,
+                    "comment": "No Top file or master_tops data matches found. Please see "
+                    "master log for details.",
+                }
+            }
+        }
+    ).encode()
     result = salt.parse_result(stdout, 2, b"")
     assert not result.ok and result.states == ()
     assert result.error_line() == "No Top file or master_tops data matches found."
@@ -388,11 +460,13 @@ def test_parse_noise_and_nothing() -> None:
     assert noisy.ok and noisy.changes == 4
     crashed = salt.parse_result(b"", 1, b"Traceback...\nImportError: no module named salt\n")
     assert not crashed.ok
-    assert crashed.error_line() == ("salt-call printed no result (exit 1): Traceback... | "
-                                    "ImportError: no module named salt")
+    assert crashed.error_line() == (
+        "salt-call printed no result (exit 1): Traceback... | ImportError: no module named salt"
+    )
 
 
 # -- keep_salt ------------------------------------------------------------------------------
+
 
 def test_install_salt_copies_the_toolchain_and_a_wrapper(tmp_path: Path) -> None:
     source = tmp_path / "toolchain"
@@ -412,9 +486,11 @@ def test_install_salt_copies_the_toolchain_and_a_wrapper(tmp_path: Path) -> None
     assert os.access(wrapper, os.X_OK)
     text = wrapper.read_text()
     assert text.startswith("#!/bin/sh\n")
-    assert "exec /opt/sysbake/salt/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 " \
-           "--library-path /opt/sysbake/salt/usr/lib/x86_64-linux-gnu " \
-           "/opt/sysbake/salt/usr/bin/python3.11 -I" in text
+    assert (
+        "exec /opt/sysbake/salt/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 "
+        "--library-path /opt/sysbake/salt/usr/lib/x86_64-linux-gnu "
+        "/opt/sysbake/salt/usr/bin/python3.11 -I" in text
+    )
     assert text.rstrip().endswith('"$@"')
     salt.install_salt(_toolchain(source), Root(root))  # idempotent
     assert (kept / "usr/bin/python3.11").is_file()
@@ -443,13 +519,17 @@ def _fake_salt(prefix: Path) -> None:
     (lib / "scripts.py").write_text("def salt_call():\n    print('salt-call ran')\n")
 
 
-@pytest.mark.parametrize(("states", "code", "said"), [
-    (["starting", "running"], 0, "salt-call ran"),
-    (["degraded"], 0, "salt-call ran"),
-    (["maintenance"], 97, "sysbake: boot: maintenance"),
-])
-def test_booted_salt_waits_for_systemd_first(tmp_path: Path, states: list[str], code: int,
-                                             said: str) -> None:
+@pytest.mark.parametrize(
+    ("states", "code", "said"),
+    [
+        (["starting", "running"], 0, "salt-call ran"),
+        (["degraded"], 0, "salt-call ran"),
+        (["maintenance"], 97, "sysbake: boot: maintenance"),
+    ],
+)
+def test_booted_salt_waits_for_systemd_first(
+    tmp_path: Path, states: list[str], code: int, said: str
+) -> None:
     """salt-call in a booted container imports Salt, then waits for the boot to end; a
     boot that ends badly stops it before any state runs (exit BOOT_FAILED)."""
     _fake_salt(tmp_path)
@@ -457,12 +537,17 @@ def test_booted_salt_waits_for_systemd_first(tmp_path: Path, states: list[str], 
     answers.write_text("\n".join(states) + "\n")
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
-    (fake_bin / "systemctl").write_text(
-        f"#!/bin/sh\nhead -n1 {answers}\nsed -i 1d {answers}\n")
+    (fake_bin / "systemctl").write_text(f"#!/bin/sh\nhead -n1 {answers}\nsed -i 1d {answers}\n")
     (fake_bin / "systemctl").chmod(0o755)
     program = salt_toolchain.boot_code(str(tmp_path), None, boot_timeout=5)
-    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
-                         env={"PATH": f"{fake_bin}:/usr/bin:/bin"}, timeout=30, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", program],
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{fake_bin}:/usr/bin:/bin"},
+        timeout=30,
+        check=False,
+    )
     assert (out.returncode, said) == (code, (out.stdout + out.stderr).strip())
     assert code == salt_toolchain.BOOT_FAILED or code == 0
 
@@ -479,12 +564,19 @@ def test_booted_salt_asks_systemd_while_salt_imports(tmp_path: Path) -> None:
         f"while not os.path.exists({str(started)!r}):\n"
         "    if time.monotonic() > deadline:\n"
         "        raise SystemExit('salt imported before systemd was asked')\n"
-        "    time.sleep(0.01)\n")
+        "    time.sleep(0.01)\n"
+    )
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     (fake_bin / "systemctl").write_text(f"#!/bin/sh\ntouch {started}\necho running\n")
     (fake_bin / "systemctl").chmod(0o755)
     program = salt_toolchain.boot_code(str(tmp_path), None, boot_timeout=5)
-    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
-                         env={"PATH": f"{fake_bin}:/usr/bin:/bin"}, timeout=30, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", program],
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{fake_bin}:/usr/bin:/bin"},
+        timeout=30,
+        check=False,
+    )
     assert (out.returncode, (out.stdout + out.stderr).strip()) == (0, "salt-call ran")

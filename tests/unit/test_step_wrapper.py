@@ -15,8 +15,12 @@ from sysbake.build import steps as provision
 from sysbake.build.steps import CONF_DIR, StepPlan
 
 
-def _run(tmp_path: Path, plan: StepPlan, systemctl: str = "echo running",
-         init: tuple[str, ...] = ("/bin/echo", "init", "ran")) -> tuple[str, str]:
+def _run(
+    tmp_path: Path,
+    plan: StepPlan,
+    systemctl: str = "echo running",
+    init: tuple[str, ...] = ("/bin/echo", "init", "ran"),
+) -> tuple[str, str]:
     """Run the wrapper with `tmp_path/conf` as the conf dir; (the step's exit code as the
     FIFO gave it, what the stand-in init printed)."""
     conf = tmp_path / "conf"
@@ -33,9 +37,15 @@ def _run(tmp_path: Path, plan: StepPlan, systemctl: str = "echo running",
     done = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     try:
         # In a session of its own, as the runtime starts PID 1.
-        ran = subprocess.run([shell, flag, script, name, *init], start_new_session=True,
-                             capture_output=True, text=True, timeout=30, check=True,
-                             env={"PATH": f"{bin_dir}:/usr/bin:/bin", "container": "x"})
+        ran = subprocess.run(
+            [shell, flag, script, name, *init],
+            start_new_session=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+            env={"PATH": f"{bin_dir}:/usr/bin:/bin", "container": "x"},
+        )
         waiter = select.poll()  # as provision._step_result: no writer yet is no EOF
         waiter.register(done, select.POLLIN)
         code = b""
@@ -47,17 +57,18 @@ def _run(tmp_path: Path, plan: StepPlan, systemctl: str = "echo running",
 
 
 def test_the_step_runs_beside_the_init_with_only_its_own_environment(tmp_path: Path) -> None:
-    plan = StepPlan(("/bin/sh", "-c", 'echo "out $A/${container:-unset}"; echo err >&2; '
-                                      "exit 3"), {"PATH": "/usr/bin:/bin", "A": "b c"},
-                    waits_for_boot=True)
+    plan = StepPlan(
+        ("/bin/sh", "-c", 'echo "out $A/${container:-unset}"; echo err >&2; exit 3'),
+        {"PATH": "/usr/bin:/bin", "A": "b c"},
+        waits_for_boot=True,
+    )
     code, init = _run(tmp_path, plan, systemctl="exit 1")  # not asked: it waits itself
     assert (code, init) == ("3", "init ran")
     assert (tmp_path / "conf/step.out").read_text() == "out b c/unset\n"
     assert (tmp_path / "conf/step.err").read_text() == "err\n"
 
 
-def test_a_step_that_does_not_wait_itself_runs_once_systemd_has_booted(
-        tmp_path: Path) -> None:
+def test_a_step_that_does_not_wait_itself_runs_once_systemd_has_booted(tmp_path: Path) -> None:
     answers = tmp_path / "answers"
     answers.write_text("offline\nstarting\ndegraded\n")
     plan = StepPlan(("/bin/sh", "-c", f"cat {answers}"), {"PATH": "/usr/bin:/bin"})
@@ -67,8 +78,7 @@ def test_a_step_that_does_not_wait_itself_runs_once_systemd_has_booted(
 
 
 @pytest.mark.parametrize("answer", ["maintenance", "stopping"])
-def test_a_boot_that_ends_badly_stops_the_step_before_it_runs(tmp_path: Path,
-                                                              answer: str) -> None:
+def test_a_boot_that_ends_badly_stops_the_step_before_it_runs(tmp_path: Path, answer: str) -> None:
     plan = StepPlan(("/bin/sh", "-c", "echo step-ran"), {"PATH": "/usr/bin:/bin"})
     code, init = _run(tmp_path, plan, systemctl=f"echo {answer}")
     assert (code, init) == ("97", "init ran")
@@ -80,8 +90,11 @@ def test_the_step_survives_the_hang_up_of_the_session_it_started_in(tmp_path: Pa
     """systemd, taking over the console as PID 1, hangs up the session it was started in,
     as soon as it starts: the step has a session of its own; the subshell reporting its
     exit code traps the hang-up before PID 1 execs the init."""
-    plan = StepPlan(("/bin/sh", "-c", "sleep 0.5; echo survived"), {"PATH": "/usr/bin:/bin"},
-                    waits_for_boot=True)
+    plan = StepPlan(
+        ("/bin/sh", "-c", "sleep 0.5; echo survived"),
+        {"PATH": "/usr/bin:/bin"},
+        waits_for_boot=True,
+    )
     init = ("/bin/sh", "-c", "trap '' HUP; kill -HUP 0; echo init ran")  # at once
     assert _run(tmp_path, plan, init=init) == ("0", "init ran")
     assert (tmp_path / "conf/step.out").read_text() == "survived\n"

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -9,15 +10,9 @@ import pytest
 from sysbake.errors import ImageNotFound, StoreError
 from sysbake.oci import model as oci
 from sysbake.oci.model import Layer
-from sysbake.oci.store import Store, normalize_ref
-
-
-def _image(store: Store, payload: bytes = b"layer"):
-    blob = store.put_bytes(payload, oci.MT_LAYER_GZIP)
-    diff_id = oci.sha256_digest(payload + b"plain")
-    config = {"architecture": "amd64", "os": "linux", "config": {},
-              "rootfs": {"type": "layers", "diff_ids": [diff_id]}}
-    return store.put_image(config, (Layer(blob, diff_id),))
+from sysbake.oci.reference import InvalidReference
+from sysbake.oci.store import Store
+from tests.unit.conftest import crafted_tar, files_tar, put_image, put_layer
 
 
 def test_sha256_digest_is_sha256_whichever_implementation_hashes() -> None:
@@ -60,7 +55,7 @@ def test_discarded_writer_leaves_nothing(tmp_path: Path) -> None:
 
 def test_tags_resolve_and_untag(tmp_path: Path) -> None:
     store = Store(tmp_path).ensure()
-    image = _image(store)
+    image = put_image(store, {"f": b"layer"}, ref=None)
     assert store.tag("web", image) == "web:latest"
     store.tag("registry.local:5000/team/web:1.0", image)
     assert store.resolve("web").manifest.digest == image.manifest.digest
@@ -69,20 +64,27 @@ def test_tags_resolve_and_untag(tmp_path: Path) -> None:
     assert [t.ref for t in store.tags()] == ["registry.local:5000/team/web:1.0", "web:latest"]
     index = json.loads((tmp_path / "oci/index.json").read_text())
     assert {m["annotations"][oci.ANN_REF_NAME] for m in index["manifests"]} == {
-        "web:latest", "registry.local:5000/team/web:1.0"}
+        "web:latest",
+        "registry.local:5000/team/web:1.0",
+    }
     assert store.untag("web")
     assert not store.untag("web")
     with pytest.raises(ImageNotFound, match="no image 'web'"):
         store.resolve("web")
 
 
-def test_bad_refs_are_clear_errors() -> None:
-    assert normalize_ref("a/b:c") == "a/b:c"
-    assert normalize_ref("host:5000/a") == "host:5000/a:latest"
-    with pytest.raises(StoreError, match="invalid image name"):
-        normalize_ref("Web")
-    with pytest.raises(StoreError, match="invalid tag"):
-        normalize_ref("web:-x")
+def test_bad_refs_are_clear_errors(tmp_path: Path) -> None:
+    # The grammar itself is tests/unit/test_reference.py's; here, the store speaks it.
+    store = Store(tmp_path).ensure()
+    image = put_image(store, {"f": b"layer"}, ref=None)
+    assert store.tag("a/b:c", image) == "a/b:c"
+    assert store.tag("Host.Example:5000/a", image) == "host.example:5000/a:latest"
+    with pytest.raises(InvalidReference, match="invalid path component 'Web'"):
+        store.tag("Web", image)
+    with pytest.raises(InvalidReference, match="invalid tag '-x'"):
+        store.untag("web:-x")
+    with pytest.raises(InvalidReference, match=r"path component '\.\.'"):
+        store.resolve("../x")
 
 
 def test_put_image_refuses_missing_layers(tmp_path: Path) -> None:
@@ -94,15 +96,14 @@ def test_put_image_refuses_missing_layers(tmp_path: Path) -> None:
 
 def test_gc_keeps_what_tags_and_roots_reach(tmp_path: Path) -> None:
     store = Store(tmp_path).ensure()
-    kept = _image(store, b"kept")
+    kept = put_image(store, {"f": b"kept"}, ref=None)
     store.tag("kept", kept)
-    dropped = _image(store, b"dropped")
+    dropped = put_image(store, {"f": b"dropped"}, ref=None)
     rooted = store.put_bytes(b"cached layer", oci.MT_LAYER_GZIP)
     removed, freed = store.gc(extra_roots={rooted.digest})
     assert removed == 3 and freed > 0  # dropped's layer, config and manifest
     assert store.has_blob(rooted.digest)
-    for digest in (kept.manifest.digest, kept.config_descriptor.digest,
-                   kept.layers[0].blob.digest):
+    for digest in (kept.manifest.digest, kept.config_descriptor.digest, kept.layers[0].blob.digest):
         assert store.has_blob(digest)
     assert not store.has_blob(dropped.manifest.digest)
 
@@ -112,9 +113,11 @@ def test_clean_stale_removes_what_killed_writers_left(tmp_path: Path) -> None:
     live = store.blob_writer()
     live.write(b"in progress")
     # A writer in another process that dies with kill -9 leaves its temp file behind.
-    code = (f"import os,sys; sys.path[:0]={sys.path!r}; from sysbake.oci.store import Store; "
-            f"w=Store(__import__('pathlib').Path({str(tmp_path)!r})).blob_writer(); w.write(b'x'); "
-            "os.kill(os.getpid(), 9)")
+    code = (
+        f"import os,sys; sys.path[:0]={sys.path!r}; from sysbake.oci.store import Store; "
+        f"w=Store(__import__('pathlib').Path({str(tmp_path)!r})).blob_writer(); w.write(b'x'); "
+        "os.kill(os.getpid(), 9)"
+    )
     subprocess.run([sys.executable, "-c", code], check=False)
     with store.staging("build") as staging:
         assert staging.is_dir()
@@ -130,26 +133,6 @@ def test_clean_stale_removes_what_killed_writers_left(tmp_path: Path) -> None:
 
 
 # -- a closed store, checked layers ----------------------------------------------------------
-
-
-def _tar_layer(store: Store, *entries: tuple[str, bytes]) -> Layer:
-    """A gzip layer of regular files (or, with a "->" in the name, a hardlink)."""
-    import gzip
-    import io
-    import tarfile
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in entries:
-            info = tarfile.TarInfo(name.partition(" -> ")[0])
-            if " -> " in name:
-                info.type, info.linkname = tarfile.LNKTYPE, name.partition(" -> ")[2]
-            else:
-                info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    plain = buf.getvalue()
-    blob = store.put_bytes(gzip.compress(plain, mtime=0), oci.MT_LAYER_GZIP)
-    return Layer(blob, oci.sha256_digest(plain))
 
 
 def test_a_new_store_is_closed(tmp_path: Path) -> None:
@@ -168,12 +151,15 @@ def test_check_layer_refuses_names_the_layer_and_marks_nothing(tmp_path: Path) -
     from sysbake.errors import LayerError
 
     store = Store(tmp_path).ensure()
-    for entry, problem in ((("../x", b""), "'..' is not allowed"),
-                           (("/etc/x", b""), "absolute names are not allowed"),
-                           (("x -> /etc/shadow", b""), "hardlink target '/etc/shadow'")):
-        layer = _tar_layer(store, entry)
-        with pytest.raises(LayerError, match=f"^layer {layer.blob.digest}: layer entry .*"
-                                             f"{problem}"):
+    for entry, problem in (
+        (("../x", tarfile.REGTYPE, {}), "'..' is not allowed"),
+        (("/etc/x", tarfile.REGTYPE, {}), "absolute names are not allowed"),
+        (("x", tarfile.LNKTYPE, {"linkname": "/etc/shadow"}), "hardlink target '/etc/shadow'"),
+    ):
+        layer = put_layer(store, crafted_tar(entry))
+        with pytest.raises(
+            LayerError, match=f"^layer {layer.blob.digest}: layer entry .*{problem}"
+        ):
             store.check_layer(layer)
         assert not (store.checked_dir / oci.hex_of(layer.diff_id)).exists()
         with pytest.raises(LayerError, match=f"^layer {layer.blob.digest}: .*{problem}"):
@@ -186,7 +172,7 @@ def test_check_layer_verifies_the_diff_id(tmp_path: Path) -> None:
     from sysbake.errors import LayerError
 
     store = Store(tmp_path).ensure()
-    good = _tar_layer(store, ("a", b"1"))
+    good = put_layer(store, files_tar({"a": b"1"}))
     lying = Layer(good.blob, "sha256:" + "ab" * 32)
     for action in (store.check_layer, store.layer_tree):
         with pytest.raises(LayerError, match="not to its diff_id sha256:abab"):
@@ -196,7 +182,7 @@ def test_check_layer_verifies_the_diff_id(tmp_path: Path) -> None:
 
 def test_a_layer_is_checked_once(tmp_path: Path) -> None:
     store = Store(tmp_path).ensure()
-    layer = _tar_layer(store, ("a", b"1"))
+    layer = put_layer(store, files_tar({"a": b"1"}))
     store.check_layer(layer)
     marker = store.checked_dir / oci.hex_of(layer.diff_id)
     assert marker.is_file()
@@ -204,18 +190,16 @@ def test_a_layer_is_checked_once(tmp_path: Path) -> None:
     store.blob_path(layer.blob.digest).unlink()
     store.check_layer(layer)
     # An extraction marks its layer too.
-    other = _tar_layer(store, ("b", b"2"))
+    other = put_layer(store, files_tar({"b": b"2"}))
     assert (store.layer_tree(other) / "b").read_bytes() == b"2"
     assert (store.checked_dir / oci.hex_of(other.diff_id)).is_file()
 
 
 def test_gc_drops_the_markers_of_unreachable_layers(tmp_path: Path) -> None:
     store = Store(tmp_path).ensure()
-    kept, dropped = _tar_layer(store, ("k", b"k")), _tar_layer(store, ("d", b"d"))
+    kept, dropped = (put_layer(store, files_tar({name: b"x"})) for name in ("k", "d"))
     for layer in (kept, dropped):
         store.check_layer(layer)
-    config = {"architecture": "amd64", "os": "linux", "config": {},
-              "rootfs": {"type": "layers", "diff_ids": [kept.diff_id]}}
-    store.tag("kept", store.put_image(config, (kept,)))
+    put_image(store, kept, ref="kept")
     store.gc()
     assert sorted(p.name for p in store.checked_dir.iterdir()) == [oci.hex_of(kept.diff_id)]

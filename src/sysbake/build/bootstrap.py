@@ -2,7 +2,8 @@
 
 The default mirror is the host's own apt sources: we read them (one-line and deb822
 formats) and hand mmdebstrap explicit source lines, so the stage key records exactly
-which archive was used.
+which archive was used. `bootstrap_stage` is the stage the pipeline runs: the tree made
+container-ready, cleaned and committed as the image's base layer.
 """
 
 from __future__ import annotations
@@ -13,12 +14,19 @@ import functools
 import os
 import re
 import shlex
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from sysbake import log, proc
+from sysbake.build import finalize
+from sysbake.build.cache import hash_tree
+from sysbake.build.context import BuildContext, Stage
 from sysbake.errors import BuildError, CommandError
 from sysbake.fsutil import no_space_line, raise_disk
+from sysbake.oci.layers.commit import source_date_epoch
+from sysbake.oci.model import Layer
+from sysbake.project.specs import BootstrapSpec
 from sysbake.records import record
 
 # Packages every system-container base needs to boot systemd as PID 1.
@@ -140,11 +148,29 @@ def source_lines(
     return lines
 
 
+# Debian's architecture of each GNU multiarch tuple (CPython's sys.implementation._multiarch).
+_DEBIAN_ARCHES = {
+    "x86_64-linux-gnu": "amd64",
+    "i386-linux-gnu": "i386",
+    "aarch64-linux-gnu": "arm64",
+    "arm-linux-gnueabihf": "armhf",
+    "arm-linux-gnueabi": "armel",
+    "powerpc64le-linux-gnu": "ppc64el",
+    "s390x-linux-gnu": "s390x",
+    "riscv64-linux-gnu": "riscv64",
+    "mips64el-linux-gnuabi64": "mips64el",
+    "loongarch64-linux-gnu": "loong64",
+}
+
+
 @functools.cache
 def host_architecture() -> str:
-    """dpkg's architecture of this host (asked once per process: a build needs it twice)."""
-    out = proc.run(["dpkg", "--print-architecture"], what="dpkg").stdout
-    return out.decode().strip()
+    """dpkg's architecture of this host: the running Python's, a native program (no process
+    spawned on every build); dpkg's own answer for a tuple not in the table."""
+    arch = _DEBIAN_ARCHES.get(getattr(sys.implementation, "_multiarch", ""))
+    if arch is None:
+        arch = proc.run(["dpkg", "--print-architecture"], what="dpkg").stdout.decode().strip()
+    return arch
 
 
 @record
@@ -174,6 +200,71 @@ class BootstrapPlan:
         }
 
 
+def plan_for(spec: BootstrapSpec) -> BootstrapPlan:
+    """Resolve a [bootstrap] section against this host: architecture and apt sources."""
+    packages = tuple(dict.fromkeys((*BASE_PACKAGES, *spec.packages)))
+    return BootstrapPlan(
+        suite=spec.suite,
+        variant=spec.variant,
+        architecture=spec.architecture or host_architecture(),
+        components=tuple(spec.components),
+        packages=packages,
+        sources=tuple(
+            source_lines(
+                distro=spec.distro,
+                suite=spec.suite,
+                components=tuple(spec.components),
+                mirror=spec.mirror,
+                snapshot=spec.snapshot,
+                security=spec.security,
+            )
+        ),
+        keyring=str(spec.keyring or ""),
+        snapshot=spec.snapshot,
+        hooks=tuple(Path(h) for h in spec.hooks),
+    )
+
+
+def bootstrap_stage(
+    ctx: BuildContext, image: str, plan: BootstrapPlan, cleanup: finalize.Cleanup
+) -> Stage:
+    """The base stage of image `image`: `plan` bootstrapped, made container-ready and
+    cleaned by `cleanup`, committed as one layer whose tree the store keeps."""
+    compression = ctx.options.compression
+    inputs: dict[str, object] = {
+        "stage": "bootstrap",
+        "bootstrap": plan.key_inputs(),
+        "hooks": [hash_tree(h) for h in plan.hooks],
+        "cleanup": cleanup.key_inputs(),
+        "container_ready": finalize.container_ready_inputs(cleanup),
+        "compression": compression,
+        "mtime": source_date_epoch(),
+    }
+    store = ctx.store
+
+    def produce() -> Layer:
+        # Only a cache miss makes a layer: a no-op build never loads these (start-up cost).
+        from sysbake.oci.layers.commit import commit_tree
+        from sysbake.rootfs import Root
+
+        with store.staging("bootstrap") as staging:
+            tree = staging / "rootfs"
+            with log.step(
+                f"{image}: mmdebstrap {plan.suite} ({plan.variant}, {plan.architecture})"
+            ):
+                run_bootstrap(plan, tree, store.debs_dir)
+            with Root(tree) as root:
+                finalize.make_container_ready(root, cleanup)
+                finalize.clean_tree(root, cleanup)
+            with log.step(f"{image}: committing the base layer"):
+                layer = commit_tree(store, tree, compression=compression, mtime=source_date_epoch())
+            # The tree we just tarred is this layer unpacked: keep it for containers.
+            store.adopt_tree(layer.diff_id, tree)
+        return layer
+
+    return Stage("bootstrap", inputs, f"sysbake bootstrap {plan.suite} {plan.variant}", produce)
+
+
 def mmdebstrap_command(plan: BootstrapPlan, target: Path, debs: Path) -> list[str]:
     """The mmdebstrap command line, isolated (proc.ISOLATED) so that the .deb cache bind
     mount, mmdebstrap's own mounts and apt's processes vanish if we are killed."""
@@ -199,7 +290,7 @@ def mmdebstrap_command(plan: BootstrapPlan, target: Path, debs: Path) -> list[st
     if plan.keyring:
         cmd.append(f"--keyring={plan.keyring}")
     for hook in plan.hooks:
-        cmd.append(f"--customize-hook={shlex.quote(str(hook))} \"$1\"")
+        cmd.append(f'--customize-hook={shlex.quote(str(hook))} "$1"')
     cmd += [plan.suite, str(target), *plan.sources]
     return [*proc.ISOLATED, *cmd]
 
@@ -207,9 +298,14 @@ def mmdebstrap_command(plan: BootstrapPlan, target: Path, debs: Path) -> list[st
 def _explain_failure(tail: str) -> str:
     """The most telling line of mmdebstrap's output for the one-line error."""
     lines = [line.strip() for line in tail.splitlines() if line.strip()]
-    for pattern in (r"Unable to locate package", r"does not have a Release file",
-                    r"Failed to fetch", r"Could not resolve", r"Connection refused",
-                    r"^E:"):
+    for pattern in (
+        r"Unable to locate package",
+        r"does not have a Release file",
+        r"Failed to fetch",
+        r"Could not resolve",
+        r"Connection refused",
+        r"^E:",
+    ):
         for line in lines:
             if re.search(pattern, line):
                 return re.sub(r"^(E|W|I): ", "", line)
@@ -245,8 +341,9 @@ def run_bootstrap(plan: BootstrapPlan, target: Path, debs: Path) -> None:
     with _cache_lock(debs):
         try:
             # Not checked by proc: the whole output is searched, not only its tail.
-            result = proc.run(cmd, what="mmdebstrap", stream=log.debug_enabled(), env=env,
-                              check=False)
+            result = proc.run(
+                cmd, what="mmdebstrap", stream=log.debug_enabled(), env=env, check=False
+            )
         except CommandError as exc:
             raise BuildError(f"bootstrap {plan.suite}: {exc}") from exc
     if result.returncode != 0:
@@ -274,9 +371,14 @@ def _debootstrap(plan: BootstrapPlan, target: Path, debs: Path) -> None:
         raise BuildError("bootstrap: no apt source")
     uri = plan.sources[0].split()[1]
     variant = plan.variant if plan.variant in ("minbase", "buildd") else "minbase"
-    cmd = ["debootstrap", f"--variant={variant}", f"--arch={plan.architecture}",
-           f"--components={','.join(plan.components)}",
-           f"--include={','.join(plan.packages)}", f"--cache-dir={debs}"]
+    cmd = [
+        "debootstrap",
+        f"--variant={variant}",
+        f"--arch={plan.architecture}",
+        f"--components={','.join(plan.components)}",
+        f"--include={','.join(plan.packages)}",
+        f"--cache-dir={debs}",
+    ]
     if plan.keyring:
         cmd.append(f"--keyring={plan.keyring}")
     result = proc.run([*cmd, plan.suite, str(target), uri], what="debootstrap", check=False)

@@ -7,7 +7,7 @@ remembers the key of the previous build of that stage, which is what `--explain`
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import os
 import re
@@ -30,7 +30,7 @@ KEY_SCHEMA = 1  # bump when the meaning of an input changes
 def stage_key(inputs: dict[str, Any]) -> str:
     """The cache key of a stage: sha256 over its canonical inputs and the tool version."""
     doc = {"inputs": inputs, "sysbake": __version__, "schema": KEY_SCHEMA}
-    return hashlib.sha256(oci.canonical_json(doc)).hexdigest()
+    return oci.sha256_digest(oci.canonical_json(doc)).removeprefix("sha256:")
 
 
 def hash_tree(path: Path) -> str:
@@ -41,63 +41,75 @@ def hash_tree(path: Path) -> str:
     top = os.fsencode(os.path.realpath(path))
     try:
         st = os.stat(top)
+        if not stat.S_ISDIR(st.st_mode):
+            return oci.sha256_digest(
+                b"F" + oct(st.st_mode & 0o7777).encode() + b"\0" + _file_digest(top)
+            )
     except FileNotFoundError:
         return "missing"
     except OSError as exc:
         raise BuildError(f"{path}: cannot read: {exc.strerror}") from None
-    h = hashlib.sha256()
-    if not stat.S_ISDIR(st.st_mode):
-        h.update(b"F" + oct(st.st_mode & 0o7777).encode())
-        _hash_file(h, top)
-        return "sha256:" + h.hexdigest()
-    # Depth first, each directory's entries in byte order; iterative: a tree may be deeper
-    # than Python's recursion limit.
+    # The tree's description, hashed at the end: each file's content is in it as its own
+    # digest. Depth first, each directory's entries in byte order; iterative: a tree may be
+    # deeper than Python's recursion limit.
+    parts: list[bytes] = []
     todo = [(b".", st.st_mode)]
     while todo:
         rel, mode = todo.pop()
-        h.update(b"D\0" + rel + b"\0" + oct(mode).encode() + b"\0")
+        parts.append(b"D\0" + rel + b"\0" + oct(mode).encode() + b"\0")
         where = top if rel == b"." else os.path.join(top, rel)
         try:
-            subdirs = _hash_entries(h, where)
+            subdirs = _describe_entries(parts, where)
         except OSError as exc:
             raise BuildError(f"{os.fsdecode(where)}: cannot read: {exc.strerror}") from None
-        todo += [(name if rel == b"." else rel + b"/" + name, m) for name, m in
-                 reversed(subdirs)]
-    return "sha256:" + h.hexdigest()
+        todo += [(name if rel == b"." else rel + b"/" + name, m) for name, m in reversed(subdirs)]
+    return oci.sha256_digest(b"".join(parts))
 
 
-def _hash_entries(h: Any, directory: bytes) -> list[tuple[bytes, int]]:
-    """Hash the entries of `directory` that are not directories (links to them included);
-    return its subdirectories (name, mode), sorted. Nothing is opened through a link."""
+def _describe_entries(parts: list[bytes], directory: bytes) -> list[tuple[bytes, int]]:
+    """Describe in `parts` the entries of `directory` that are not directories (links to
+    them included); return its subdirectories (name, mode), sorted. Nothing is opened
+    through a link."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         with os.scandir(fd) as it:
-            entries = sorted((os.fsencode(e.name), e.stat(follow_symlinks=False).st_mode)
-                             for e in it)
+            entries = sorted(
+                (os.fsencode(e.name), e.stat(follow_symlinks=False).st_mode) for e in it
+            )
         subdirs = []
         for name, mode in entries:
             if stat.S_ISDIR(mode):
                 subdirs.append((name, mode))
                 continue
-            h.update(name + b"\0" + oct(mode).encode() + b"\0")
+            parts.append(name + b"\0" + oct(mode).encode() + b"\0")
             if stat.S_ISLNK(mode):
-                h.update(os.readlink(name, dir_fd=fd) + b"\0")
+                parts.append(os.readlink(name, dir_fd=fd) + b"\0")
             elif stat.S_ISREG(mode):
-                _hash_file(h, name, dir_fd=fd)
+                parts.append(_file_digest(name, dir_fd=fd))
         return subdirs
     finally:
         os.close(fd)
 
 
-def _hash_file(h: Any, path: bytes, dir_fd: int | None = None) -> None:
+_SMALL_FILE = 1 << 20  # read whole and hashed by oci.sha256_digest; larger ones streamed
+
+
+def _file_digest(path: bytes, dir_fd: int | None = None) -> bytes:
+    """b"sha256:<hex>" of a regular file's content; b"-" when `path` is no longer one."""
     # O_NOFOLLOW: a file swapped for a link is not read; O_NONBLOCK: nor does a FIFO hang.
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                 dir_fd=dir_fd)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     with os.fdopen(fd, "rb") as f:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    h.update(b"\0")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return b"-"
+        if st.st_size < _SMALL_FILE:
+            return oci.sha256_digest(f.read()).encode()
+        import hashlib
+
+        h = hashlib.sha256()
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+        return b"sha256:" + h.hexdigest().encode()
 
 
 @record
@@ -113,8 +125,7 @@ class Origin:
         return f"{self.registry}/{self.repository}@{self.manifest}"
 
     def to_json(self) -> dict[str, str]:
-        return {"registry": self.registry, "repository": self.repository,
-                "manifest": self.manifest}
+        return {"registry": self.registry, "repository": self.repository, "manifest": self.manifest}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Origin:
@@ -137,9 +148,14 @@ class StageRecord:
 
     def to_json(self) -> dict[str, Any]:
         doc = {
-            "key": self.key, "image": self.image, "stage": self.stage, "inputs": self.inputs,
-            "layer": self.layer.blob.to_json(), "diff_id": self.layer.diff_id,
-            "created": self.created, "created_by": self.created_by,
+            "key": self.key,
+            "image": self.image,
+            "stage": self.stage,
+            "inputs": self.inputs,
+            "layer": self.layer.blob.to_json(),
+            "diff_id": self.layer.diff_id,
+            "created": self.created,
+            "created_by": self.created_by,
         }
         if self.origin is not None:
             doc["origin"] = self.origin.to_json()
@@ -149,9 +165,13 @@ class StageRecord:
     def from_json(cls, doc: dict[str, Any]) -> StageRecord:
         origin = doc.get("origin")
         return cls(
-            key=doc["key"], image=doc["image"], stage=doc["stage"], inputs=doc["inputs"],
+            key=doc["key"],
+            image=doc["image"],
+            stage=doc["stage"],
+            inputs=doc["inputs"],
             layer=Layer(Descriptor.from_json(doc["layer"]), doc["diff_id"]),
-            created=doc["created"], created_by=doc.get("created_by", ""),
+            created=doc["created"],
+            created_by=doc.get("created_by", ""),
             origin=Origin.from_json(origin) if origin is not None else None,
         )
 
@@ -178,12 +198,18 @@ class StageCache:
             record = StageRecord.from_json(json.loads(path.read_bytes()))
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             record = None
-        if record is not None and _trusted(record) and self.store.has_blob(
-                record.layer.blob.digest):
+        if (
+            record is not None
+            and _trusted(record)
+            and self.store.has_blob(record.layer.blob.digest)
+        ):
             return record
         for offer in offered:
-            if offer.key == key and offer.origin is not None and \
-                    self.store.has_blob(offer.layer.blob.digest):
+            if (
+                offer.key == key
+                and offer.origin is not None
+                and self.store.has_blob(offer.layer.blob.digest)
+            ):
                 return offer
         return None
 
@@ -195,12 +221,19 @@ class StageCache:
     def add(self, record: StageRecord) -> None:
         """Record a stage without making it the last build of its stage (a pulled one:
         `--explain` must not compare against inputs this machine never had)."""
-        atomic_write(self.stages_dir / f"{record.key}.json",
-                     json.dumps(record.to_json(), indent=1, sort_keys=True).encode())
+        atomic_write(
+            self.stages_dir / f"{record.key}.json",
+            json.dumps(record.to_json(), indent=1, sort_keys=True).encode(),
+        )
 
     def remember(self, record: StageRecord) -> None:
-        atomic_write(self.last_dir / _safe(record.image) / _safe(record.stage),
-                     record.key.encode())
+        """Make `record` the last build of its stage (idempotent; nothing is written when it
+        is already: a no-op build writes nothing)."""
+        path = self.last_dir / _safe(record.image) / _safe(record.stage)
+        with contextlib.suppress(OSError):
+            if path.read_bytes() == record.key.encode():
+                return
+        atomic_write(path, record.key.encode())
 
     def last(self, image: str, stage: str) -> StageRecord | None:
         try:
@@ -238,8 +271,9 @@ class StageCache:
             for p in self.last_dir.glob("*/*"):
                 p.unlink()
         roots = {r.layer.blob.digest for r in self.records()}
-        blobs, freed = self.store.gc(extra_roots=roots, extra_trees={
-            oci.hex_of(r.layer.diff_id) for r in self.records()})
+        blobs, freed = self.store.gc(
+            extra_roots=roots, extra_trees={oci.hex_of(r.layer.diff_id) for r in self.records()}
+        )
         return dropped, blobs, freed
 
 

@@ -4,15 +4,15 @@ image config (systemd's container interface: https://systemd.io/CONTAINER_INTERF
 from __future__ import annotations
 
 import os
-import signal
 import stat
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
-from sysbake import __version__
-from sysbake.project.specs import FinalizeSpec
-from sysbake.records import record
-from sysbake.rootfs import Root
+from sysbake import __version__, signals
+from sysbake.project.specs import FinalizeSpec, OciConfigSpec
+
+if TYPE_CHECKING:
+    from sysbake.rootfs import Root
 
 # Units that cannot work in a container (no devices, no kernel modules, no hardware
 # clock, no real ttys, a read-only /sys) or that only make sense on a booted host.
@@ -134,8 +134,12 @@ def clean_tree(root: Root, cleanup: Cleanup) -> None:
         root.clear_dir("var/lib/apt/lists", keep=("lock", "partial"))
         root.clear_dir("var/lib/apt/lists/partial")
     if cleanup.apt_cache:
-        patterns += ["var/cache/apt/*.bin", "var/cache/apt/archives/*.deb",
-                     "var/cache/apt/archives/partial/*", "var/cache/debconf/*-old"]
+        patterns += [
+            "var/cache/apt/*.bin",
+            "var/cache/apt/archives/*.deb",
+            "var/cache/apt/archives/partial/*",
+            "var/cache/debconf/*-old",
+        ]
     if cleanup.logs:
         _clean_logs(root)
     if cleanup.ssh_host_keys:
@@ -149,12 +153,21 @@ def clean_tree(root: Root, cleanup: Cleanup) -> None:
         root.clear_dir("tmp")
         root.clear_dir("var/tmp")
     if cleanup.salt:
-        for name in ("etc/salt/pki", "etc/salt/minion_id", "var/cache/salt", "var/log/salt",
-                     "var/run/salt"):
+        for name in (
+            "etc/salt/pki",
+            "etc/salt/minion_id",
+            "var/cache/salt",
+            "var/log/salt",
+            "var/run/salt",
+        ):
             root.remove(name)
     # Traces of a boot during the build: seeds, timer stamps, shell history.
-    patterns += [*cleanup.remove, "root/.bash_history", "var/lib/systemd/random-seed",
-                 "var/lib/systemd/timers/stamp-*"]
+    patterns += [
+        *cleanup.remove,
+        "root/.bash_history",
+        "var/lib/systemd/random-seed",
+        "var/lib/systemd/timers/stamp-*",
+    ]
     for pattern in patterns:
         for hit in root.glob(pattern):
             root.remove(hit)
@@ -181,81 +194,44 @@ def _clean_logs(root: Root) -> None:
 def _write_if_changed(root: Root, path: str, data: bytes) -> None:
     # On an overlay, writing an unchanged file still copies it up: only write when needed.
     st = root.stat(path)
-    if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != len(data) \
-            or root.read_bytes(path) != data:
+    if (
+        st is None
+        or not stat.S_ISREG(st.st_mode)
+        or st.st_size != len(data)
+        or root.read_bytes(path) != data
+    ):
         root.write_bytes(path, data)
 
 
-def signal_name(value: str | int) -> str:
-    """'SIGRTMIN+3' for 37, 'SIGTERM' for 'TERM'; the form the image config stores."""
-    if isinstance(value, int) or value.isdigit():
-        num = int(value)
-        if signal.SIGRTMIN <= num <= signal.SIGRTMAX:
-            return f"SIGRTMIN+{num - signal.SIGRTMIN}"
-        return signal.Signals(num).name
-    upper = value.upper()
-    return upper if upper.startswith("SIG") else f"SIG{upper}"
-
-
-@record
-class OciSettings:
-    """The image config a user asked for (from the project file's [config])."""
-
-    cmd: tuple[str, ...] = ("/lib/systemd/systemd",)
-    entrypoint: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()
-    labels: tuple[tuple[str, str], ...] = ()
-    ports: tuple[str, ...] = ()
-    volumes: tuple[str, ...] = ()
-    stop_signal: str = "SIGRTMIN+3"
-    workdir: str = "/"
-    user: str = ""
-    container: str = "oci"
-
-    @classmethod
-    def from_spec(cls, spec: Any) -> OciSettings:
-        if spec is None:
-            return cls()
-
-        def pairs(value: Any) -> tuple[tuple[str, str], ...]:
-            items = value.items() if isinstance(value, Mapping) else value
-            return tuple(sorted((str(k), str(v)) for k, v in items))
-
-        return cls(
-            cmd=tuple(spec.cmd), entrypoint=tuple(spec.entrypoint), env=pairs(spec.env),
-            labels=pairs(spec.labels), ports=tuple(str(p) for p in spec.ports),
-            volumes=tuple(spec.volumes), stop_signal=str(spec.stop_signal),
-            workdir=spec.workdir, user=spec.user, container=spec.container,
-        )
-
-
 def image_config(
-    settings: OciSettings,
+    settings: OciConfigSpec,
     *,
     architecture: str,
     diff_ids: Iterable[str],
-    history: Iterable[dict[str, Any]],
+    history: Iterable[Mapping[str, object]],
     created: str,
     labels: Mapping[str, str],
-) -> dict[str, Any]:
-    """The OCI image config document for a finished image."""
+) -> dict[str, object]:
+    """The OCI image config document for a finished image whose project file asked for
+    `settings` (its [config] section)."""
     env = dict(settings.env)
     env.setdefault("PATH", DEFAULT_PATH)
     env["container"] = settings.container
-    config: dict[str, Any] = {
+    config: dict[str, object] = {
         "Env": [f"{k}={v}" for k, v in sorted(env.items())],
         "Cmd": list(settings.cmd),
-        "StopSignal": signal_name(settings.stop_signal),
+        "StopSignal": signals.canonical(settings.stop_signal),
         "WorkingDir": settings.workdir,
-        "Labels": dict(sorted({**dict(settings.labels), **labels,
-                               "io.sysbake.version": __version__}.items())),
+        "Labels": dict(
+            sorted({**dict(settings.labels), **labels, "io.sysbake.version": __version__}.items())
+        ),
     }
     if settings.entrypoint:
         config["Entrypoint"] = list(settings.entrypoint)
     if settings.user:
         config["User"] = settings.user
     if settings.ports:
-        config["ExposedPorts"] = {(p if "/" in p else f"{p}/tcp"): {} for p in settings.ports}
+        config["ExposedPorts"] = {port: {} for port in settings.ports}  # "N/tcp" already
     if settings.volumes:
         config["Volumes"] = {v: {} for v in settings.volumes}
     return {

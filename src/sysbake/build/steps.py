@@ -1,12 +1,13 @@
 """Provision stages: run one step in the parent image and commit what it changed.
 
-A step runs either in a container of the parent image booted with systemd as PID 1
-(`boot`, the default: services, daemon-reload and service.running behave as on a host) or
-in a chroot of an overlay mount with service starts suppressed (`chroot`). Either way the
-image's layer trees are overlay lowerdirs that are never written; the step's overlay upper
-dir is cleaned on the merged view and committed as the step's layer (deletions become
-whiteouts). Inputs (state trees, pillar, scripts) are bind-mounted read-only under
-/run/sysbake, a tmpfs: they never land in a layer.
+`provision_stage` returns the stage of one step (sysbake.build.context.Stage); the
+pipeline runs it. A step runs either in a container of the parent image booted with
+systemd as PID 1 (`boot`, the default: services, daemon-reload and service.running
+behave as on a host) or in a chroot of an overlay mount with service starts suppressed
+(`chroot`). Either way the image's layer trees are overlay lowerdirs that are never
+written; the step's overlay upper dir is cleaned on the merged view and committed as the
+step's layer (deletions become whiteouts). Inputs (state trees, pillar, scripts) are
+bind-mounted read-only under /run/sysbake, a tmpfs: they never land in a layer.
 """
 
 from __future__ import annotations
@@ -18,30 +19,36 @@ import re
 import select
 import shlex
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sysbake import log, proc
 from sysbake.build import finalize
-from sysbake.build.cache import StageCache, hash_tree
+from sysbake.build.cache import hash_tree
+from sysbake.build.context import BuildContext, Inputs, Stage
 from sysbake.errors import BuildError, CommandError, SysbakeError
 from sysbake.fsutil import raise_if_no_space
-from sysbake.oci.layers.commit import commit_tree
-from sysbake.oci.layers.tar import is_opaque, read_xattrs
+from sysbake.oci import model as oci
 from sysbake.oci.model import Layer
 from sysbake.oci.store import Store
+from sysbake.project.specs import FilesStep, ImageSpec, ProjectStep, SaltStep, ScriptStep, Step
 from sysbake.records import field, record
-from sysbake.rootfs import Root
-from sysbake.runtime import containers as runtime
-from sysbake.runtime import overlay, owners
-from sysbake.runtime.bundle import BindMount
+from sysbake.runtime import owners
+
+if TYPE_CHECKING:
+    from sysbake.build.salt.toolchain import Toolchain
+    from sysbake.rootfs import Root
+    from sysbake.runtime.containers import Container
 
 RUN_DIR = "/run/sysbake"
 CONF_DIR = f"{RUN_DIR}/conf"
 BOOT_TIMEOUT = 180.0
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _POLICY_RC = "#!/bin/sh\n# sysbake chroot step: no service starts\nexit 101\n"
+
+# How a step's output is judged: exit code, stdout, stderr -> raises BuildError if bad.
+Judge = Callable[[int, bytes, bytes], None]
 
 
 @record
@@ -53,90 +60,140 @@ class StepPlan:
     env: dict[str, str]
     mounts: tuple[tuple[Path, str], ...] = ()
     files: dict[str, bytes] = field(default_factory=dict)
-    judge: Callable[[int, bytes, bytes], None] | None = None
-    keep_salt: Any = None  # a salt Toolchain to install into the image, if kept
+    judge: Judge | None = None
+    keep_salt: Toolchain | None = None  # a Salt toolchain to install into the image
     waits_for_boot: bool = False  # the command itself waits for systemd (salt_toolchain)
 
 
-def run_step(spec: Any, index: int, step: Any, cleanup: finalize.Cleanup, project: Any,
-             store: Store, cache: StageCache, state: Any, options: Any, report: Any,
-             run_stage: Callable[..., Any]) -> None:
-    """Run provision step `step` of image `spec` as a cached stage (see sysbake.build.pipeline)."""
+def provision_stage(
+    ctx: BuildContext, spec: ImageSpec, step: Step, layers: Sequence[Layer]
+) -> Stage:
+    """The stage of provision step `step` of image `spec`, on top of `layers` (the image
+    so far, bottom to top)."""
     where = f"{spec.name}: {step.name}"
-    plan_inputs, make_plan = _prepare(step, store, where)
-    inputs = {
+    plan_inputs, make_plan = _prepare(step, ctx.store, where)
+    inputs: Inputs = {
         "stage": "provision",
-        "parent": state.chain,
+        "parent": oci.chain_id([layer.diff_id for layer in layers]),
         "step": step.key_inputs(),
         # Keyed by path so that --explain names the tree that changed.
-        "trees": {os.path.relpath(p, project.root): hash_tree(p) for p in step.input_paths()},
+        "trees": {os.path.relpath(p, ctx.project.root): hash_tree(p) for p in step.input_paths()},
         "plan": plan_inputs,
-        "cleanup": cleanup.key_inputs(),
-        "compression": options.compression,
+        "cleanup": spec.finalize.key_inputs(),
+        "compression": ctx.options.compression,
     }
 
     def produce() -> Layer:
-        lowerdirs = [store.layer_tree(layer) for layer in state.layers]
-        parent_config = _parent_config(state, spec)
-        with store.staging(f"step-{spec.name}") as staging:
-            upper, work = staging / "upper", staging / "work"
-            plan = make_plan()
-            if step.type == "files":
-                upper.mkdir()
-                work.mkdir()
-                with _mounted(lowerdirs, upper, work, staging / "root") as top, \
-                        Root(top) as root:
-                    _copy_files(step, root, where)
-            else:
-                if step.mode == "chroot":
-                    _run_chroot(plan, lowerdirs, staging, step.network, where)
-                else:
-                    _run_booted(plan, store, lowerdirs, parent_config, staging, step.network,
-                                where, options.keep_failed)
+        return _provision(ctx, spec, step, tuple(layers), make_plan(), where)
+
+    return Stage(step.name, inputs, f"sysbake {step.type} {step.name} ({step.mode})", produce)
+
+
+def _provision(
+    ctx: BuildContext,
+    spec: ImageSpec,
+    step: Step,
+    layers: tuple[Layer, ...],
+    plan: StepPlan,
+    where: str,
+) -> Layer:
+    """Run the step on the layers' trees, clean what it changed and commit it as a layer
+    whose tree (the upper dir, in overlay form) the store keeps."""
+    # Only a cache miss makes a layer: a no-op build never loads these (start-up cost).
+    from sysbake.oci.layers.commit import commit_tree
+    from sysbake.rootfs import Root
+
+    store, cleanup = ctx.store, spec.finalize
+    lowerdirs = [store.layer_tree(layer) for layer in layers]
+    with store.staging(f"step-{spec.name}") as staging:
+        upper, work = staging / "upper", staging / "work"
+        if isinstance(step, FilesStep):
+            upper.mkdir()
+            work.mkdir()
             with _mounted(lowerdirs, upper, work, staging / "root") as top, Root(top) as root:
-                finalize.clean_tree(root, cleanup)
-                if plan.keep_salt is not None:
-                    from sysbake.build.salt import run as salt
+                _copy_files(step, root, where)
+        elif step.mode == "chroot":
+            _run_chroot(plan, lowerdirs, staging, step.network, where)
+        else:
+            _run_booted(
+                plan,
+                store,
+                lowerdirs,
+                _step_config(spec),
+                staging,
+                step.network,
+                where,
+                keep_failed=ctx.options.keep_failed,
+            )
+        with _mounted(lowerdirs, upper, work, staging / "root") as top, Root(top) as root:
+            finalize.clean_tree(root, cleanup)
+            if plan.keep_salt is not None:
+                from sysbake.build.salt import run as salt
 
-                    salt.install_salt(plan.keep_salt, root)
-            # Unmounted: copy-ups equal to what the parent has (Salt's included) go.
-            prune_copy_ups(upper, lowerdirs)
-            with log.step(f"{where}: committing the layer"):
-                layer = commit_tree(store, upper, compression=options.compression,
-                                    overlay_upper=True)
-            # The upper dir is this layer in overlay form (whiteouts as 0/0 devices, opaque
-            # xattrs): keep it as the layer's tree so containers need not unpack the blob.
-            store.adopt_tree(layer.diff_id, upper)
-            return layer
-
-    run_stage(cache, state, stage=step.name, inputs=inputs,
-              created_by=f"sysbake {step.type} {step.name} ({step.mode})", options=options,
-              report=report, produce=produce)
+                salt.install_salt(plan.keep_salt, root)
+        # Unmounted: copy-ups equal to what the parent has (Salt's included) go.
+        prune_copy_ups(upper, lowerdirs)
+        with log.step(f"{where}: committing the layer"):
+            layer = commit_tree(
+                store, upper, compression=ctx.options.compression, overlay_upper=True
+            )
+        # The upper dir is this layer in overlay form (whiteouts as 0/0 devices, opaque
+        # xattrs): keep it as the layer's tree so containers need not unpack the blob.
+        store.adopt_tree(layer.diff_id, upper)
+        return layer
 
 
-def _parent_config(state: Any, spec: Any) -> dict[str, Any]:
+def _step_config(spec: ImageSpec) -> dict[str, object]:
     # The container of a step runs the parent's command (systemd) with its stop signal.
-    return {"config": {"Cmd": ["/lib/systemd/systemd"], "StopSignal": "SIGRTMIN+3",
-                       "Env": [f"PATH={_PATH}", f"container={spec.config.container}"]}}
+    return {
+        "config": {
+            "Cmd": ["/lib/systemd/systemd"],
+            "StopSignal": "SIGRTMIN+3",
+            "Env": [f"PATH={_PATH}", f"container={spec.config.container}"],
+        }
+    }
+
+
+def run_unjudged(
+    store: Store, spec: ImageSpec, step: Step, layers: Sequence[Layer], where: str
+) -> tuple[int, bytes, bytes]:
+    """Run step `step` of image `spec` again in a booted container of `layers`, thrown
+    away afterwards (sysbake test's idempotence check): its exit code, stdout, stderr."""
+    lowerdirs = [store.layer_tree(layer) for layer in layers]
+    plan = _prepare(step, store, where)[1]()
+    with (
+        store.staging("idempotence") as staging,
+        _booted(plan, store, lowerdirs, _step_config(spec), staging, step.network, where) as booted,
+    ):
+        return _step_result(booted, where)
 
 
 # -- what each kind of step runs ---------------------------------------------------------
 
 
-def _prepare(step: Any, store: Store, where: str) -> tuple[dict[str, Any], Callable[[], StepPlan]]:
+def _prepare(step: Step, store: Store, where: str) -> tuple[Inputs, Callable[[], StepPlan]]:
     """The step's extra key inputs, and a function making its plan (called on a miss)."""
-    if step.type == "files":
+    if isinstance(step, FilesStep):
         return {}, lambda: StepPlan((), {})
-    if step.type == "script":
-        body = step.body()  # never through a link to a host file (config_specs.read_input)
+    if isinstance(step, ScriptStep):
+        body = step.body()  # never through a link to a host file (specs.read_input)
         env = {"PATH": _PATH, "HOME": "/root", "LANG": "C.UTF-8", **dict(step.env)}
 
         def script_plan() -> StepPlan:
-            return StepPlan(("/bin/sh", "-e", f"{CONF_DIR}/script"), env,
-                            files={f"{CONF_DIR}/script": body},
-                            judge=lambda rc, out, err: _judge_script(rc, out, err, where))
+            return StepPlan(
+                ("/bin/sh", "-e", f"{CONF_DIR}/script"),
+                env,
+                files={f"{CONF_DIR}/script": body},
+                judge=lambda rc, out, err: _judge_script(rc, out, err, where),
+            )
 
         return {}, script_plan
+    return _prepare_salt(step, store, where)
+
+
+def _prepare_salt(
+    step: SaltStep | ProjectStep, store: Store, where: str
+) -> tuple[Inputs, Callable[[], StepPlan]]:
     from sysbake.build.salt import run as salt
     from sysbake.build.salt import toolchain as salt_toolchain
 
@@ -150,29 +207,44 @@ def _prepare(step: Any, store: Store, where: str) -> tuple[dict[str, Any], Calla
         # Booted, salt-call's own start-up (~0.4 s of imports) overlaps systemd's boot;
         # it waits for the boot to end before it applies anything.
         wait = BOOT_TIMEOUT if step.mode == "boot" else None
-        if step.type == "salt":
-            run = salt.SaltRun(toolchain, state_trees=tuple(step.state_tree),
-                               pillar=tuple(step.pillar), sls=tuple(step.sls),
-                               grains_json=step.grains_json, boot_timeout=wait)
+        if isinstance(step, SaltStep):
+            run = salt.SaltRun(
+                toolchain,
+                state_trees=tuple(step.state_tree),
+                pillar=tuple(step.pillar),
+                sls=tuple(step.sls),
+                grains_json=step.grains_json,
+                boot_timeout=wait,
+            )
         else:
-            run = salt.SaltRun(toolchain, state_trees=(step.state_tree,),
-                               pillar=tuple(step.pillar), project_pillar=step.project_pillar,
-                               grains_json=_project_grains(step), boot_timeout=wait)
-        return StepPlan(tuple(run.command()), {**run.env(), **dict(step.env)},
-                        mounts=tuple((host, dest) for host, dest, _ro in run.mounts()),
-                        files=run.config_files(),
-                        judge=lambda rc, out, err: _judge_salt(rc, out, err, where),
-                        keep_salt=toolchain if step.keep_salt else None,
-                        waits_for_boot=wait is not None)
+            run = salt.SaltRun(
+                toolchain,
+                state_trees=(step.state_tree,),
+                pillar=tuple(step.pillar),
+                project_pillar=step.project_pillar,
+                grains_json=_project_grains(step),
+                boot_timeout=wait,
+            )
+        return StepPlan(
+            tuple(run.command()),
+            {**run.env(), **dict(step.env)},
+            mounts=tuple((host, dest) for host, dest, _ro in run.mounts()),
+            files=run.config_files(),
+            judge=lambda rc, out, err: _judge_salt(rc, out, err, where),
+            keep_salt=toolchain if step.keep_salt else None,
+            waits_for_boot=wait is not None,
+        )
 
     # Trees, pillars, SLS list and grains are in the step's own inputs already.
-    key = {"schema": salt.RUN_SCHEMA,
-           "salt_version": step.salt_version or salt.DEFAULT_SALT_VERSION,
-           "toolchain": salt_toolchain.toolchain_key(step.salt_version)}
+    key: Inputs = {
+        "schema": salt.RUN_SCHEMA,
+        "salt_version": step.salt_version or salt.DEFAULT_SALT_VERSION,
+        "toolchain": salt_toolchain.toolchain_key(step.salt_version),
+    }
     return key, salt_plan
 
 
-def _project_grains(step: Any) -> str:
+def _project_grains(step: ProjectStep) -> str:
     import json
 
     grains = dict(step.grains)
@@ -183,11 +255,9 @@ def _project_grains(step: Any) -> str:
 def _judge_script(rc: int, out: bytes, err: bytes, where: str) -> None:
     if rc != 0:
         raise_if_no_space(out + err, where)
-        text = (out + err).decode(errors="replace").strip().splitlines()
-        tail = " | ".join(line.strip() for line in text[-5:] if line.strip()) or "no output"
-        for line in text[-20:]:
+        for line in proc.tail(out + err, 20, sep="\n", empty="").splitlines():
             log.info(f"    {line}")
-        raise BuildError(f"{where}: script exited {rc}: {tail}")
+        raise BuildError(f"{where}: script exited {rc}: {proc.tail(out + err, 5)}")
 
 
 def _judge_salt(rc: int, out: bytes, err: bytes, where: str) -> None:
@@ -203,7 +273,7 @@ def _judge_salt(rc: int, out: bytes, err: bytes, where: str) -> None:
     raise BuildError(f"{where}: salt: {result.error_line()}")
 
 
-def _copy_files(step: Any, root: Root, where: str) -> None:
+def _copy_files(step: FilesStep, root: Root, where: str) -> None:
     """The `files` step: `source` copied to `dest` inside the image (symlinks in it copied
     as symlinks), then given the step's owner, group and file mode."""
     dest = step.dest
@@ -220,8 +290,9 @@ def _copy_files(step: Any, root: Root, where: str) -> None:
             if step.file_mode is not None and st is not None and stat.S_ISREG(st.st_mode):
                 root.chmod(path, step.file_mode)
     except OSError as exc:
-        raise BuildError(f"{where}: copying {step.source} to {step.dest}: "
-                         f"{exc.strerror or exc}") from exc
+        raise BuildError(
+            f"{where}: copying {step.source} to {step.dest}: {exc.strerror or exc}"
+        ) from exc
     except SysbakeError as exc:
         raise BuildError(f"{where}: {exc}") from exc
 
@@ -242,56 +313,84 @@ def prune_copy_ups(upper: Path, lowerdirs: list[Path]) -> None:
     dir of a file created and removed again): files identical to those they shadow, then
     directories left empty whose mode and owner match the lower ones. The layer then holds
     only real changes."""
-    tops = list(reversed(lowerdirs))
-    # The upper's opaque dirs (a dir removed and made again), read before the walk below
-    # drops the marks that hide nothing: through them no lower file shows.
-    opaque = {Path(d).relative_to(upper) for d, _, _ in os.walk(upper)
-              if is_opaque(read_xattrs(d))}
-
-    def below(rel: Path) -> Path | None:
-        """What `rel` shadows in the lower layers, as overlayfs resolves it: None when
-        there is nothing, or a whiteout, a non-directory or an opaque dir hides it."""
-        if opaque.intersection(rel.parents):
-            return None
-        ancestors = list(reversed(rel.parents))[1:]  # "a", "a/b" for "a/b/c"
-        for lower in tops:
-            last = False  # an opaque ancestor here: the layers below are hidden
-            for ancestor in ancestors:
-                path = lower / ancestor
-                if not os.path.lexists(path):
-                    break  # not in this layer: look in the next one
-                st = path.lstat()
-                if not stat.S_ISDIR(st.st_mode):
-                    return None  # a whiteout, file or symlink hides the layers below
-                last = last or is_opaque(read_xattrs(os.fspath(path)))
-            else:
-                path = lower / rel
-                if os.path.lexists(path):
-                    st = path.lstat()
-                    whiteout = stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-                    return None if whiteout else path
-            if last:
-                return None
-        return None
-
+    shadows = _Shadows(upper, lowerdirs)
     for dirpath, _dirs, files in os.walk(upper, topdown=False):
         here = Path(dirpath)
-        if here != upper and below(here.relative_to(upper)) is None:
-            # overlayfs marks some new dirs opaque; with nothing below, it means nothing.
-            for attr in ("trusted.overlay.opaque", "user.overlay.opaque"):
-                with contextlib.suppress(OSError):
-                    os.removexattr(here, attr)
         for name in files:
             path = here / name
-            lower = below(path.relative_to(upper))
+            lower = shadows.below(path.relative_to(upper))
             if lower is not None and _same_file(path, lower):
                 path.unlink()
-        if here == upper or any(here.iterdir()):
-            continue
-        lower = below(here.relative_to(upper))
-        if lower is not None and lower.is_dir() and not lower.is_symlink() \
-                and _same_meta(here.lstat(), lower.lstat()) and not _xattrs(here):
-            here.rmdir()
+        if here != upper:
+            _prune_dir(here, shadows.below(here.relative_to(upper)))
+
+
+class _Shadows:
+    """What the paths of an overlay's upper dir shadow in its lower dirs (given bottom
+    first), as overlayfs resolves them."""
+
+    def __init__(self, upper: Path, lowerdirs: list[Path]) -> None:
+        from sysbake.oci.layers.tar import is_opaque, read_xattrs
+
+        self.tops = list(reversed(lowerdirs))
+        # The upper's opaque dirs (a dir removed and made again), read before the pruning
+        # drops the marks that hide nothing: through them no lower file shows.
+        self.opaque = {
+            Path(d).relative_to(upper) for d, _, _ in os.walk(upper) if is_opaque(read_xattrs(d))
+        }
+
+    def below(self, rel: Path) -> Path | None:
+        """What `rel` shadows in the lower layers: None when there is nothing, or a
+        whiteout, a non-directory or an opaque dir hides it."""
+        if self.opaque.intersection(rel.parents):
+            return None
+        ancestors = list(reversed(rel.parents))[1:]  # "a", "a/b" for "a/b/c"
+        for lower in self.tops:
+            found, final = _look_in(lower, rel, ancestors)
+            if final:
+                return found
+        return None
+
+
+def _look_in(lower: Path, rel: Path, ancestors: list[Path]) -> tuple[Path | None, bool]:
+    """`rel` in the one lower layer `lower`: (its path there, or None when this layer does
+    not show one; whether the search ends here, this layer hiding the ones below)."""
+    from sysbake.oci.layers.tar import is_opaque, read_xattrs
+
+    opaque = False  # an opaque ancestor here: the layers below are hidden
+    for ancestor in ancestors:
+        path = lower / ancestor
+        if not os.path.lexists(path):
+            return None, opaque  # not in this layer: look in the next one
+        if not stat.S_ISDIR(path.lstat().st_mode):
+            return None, True  # a whiteout, file or symlink hides the layers below
+        opaque = opaque or is_opaque(read_xattrs(os.fspath(path)))
+    path = lower / rel
+    if not os.path.lexists(path):
+        return None, opaque
+    st = path.lstat()
+    whiteout = stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    return (None if whiteout else path), True
+
+
+def _prune_dir(here: Path, lower: Path | None) -> None:
+    """Drop the upper dir `here` if it is empty, carries no xattrs of its own and matches
+    the lower dir `lower` it shadows in mode and owner; with nothing below, drop its
+    opaque marks instead."""
+    if lower is None:
+        # overlayfs marks some new dirs opaque; with nothing below, it means nothing.
+        for attr in ("trusted.overlay.opaque", "user.overlay.opaque"):
+            with contextlib.suppress(OSError):
+                os.removexattr(here, attr)
+        return
+    if (
+        not any(here.iterdir())
+        and lower.is_dir()
+        and not lower.is_symlink()
+        and _same_meta(here.lstat(), lower.lstat())
+        and not _xattrs(here)
+    ):
+        here.rmdir()
 
 
 def _xattrs(path: Path) -> dict[str, bytes]:
@@ -299,8 +398,11 @@ def _xattrs(path: Path) -> dict[str, bytes]:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:
         return {}
-    return {n: os.getxattr(path, n, follow_symlinks=False) for n in names
-            if not n.startswith("trusted.overlay.")}
+    return {
+        n: os.getxattr(path, n, follow_symlinks=False)
+        for n in names
+        if not n.startswith("trusted.overlay.")
+    }
 
 
 def _same_meta(a: os.stat_result, b: os.stat_result) -> bool:
@@ -321,6 +423,8 @@ def _same_file(a: Path, b: Path) -> bool:
 
 @contextlib.contextmanager
 def _mounted(lowerdirs: list[Path], upper: Path, work: Path, target: Path) -> Iterator[Path]:
+    from sysbake.runtime import overlay
+
     target.mkdir(exist_ok=True)
     overlay.mount_overlay(lowerdirs, upper, work, target)
     try:
@@ -367,16 +471,19 @@ def _wrapper(plan: StepPlan) -> tuple[str, ...]:
     step's exit code traps the hang-up."""
     from sysbake.build.salt.toolchain import BOOT_FAILED
 
-    step = "exec " + shlex.join(["/usr/bin/env", "-i",
-                                 *[f"{k}={v}" for k, v in plan.env.items()], *plan.command])
+    step = "exec " + shlex.join(
+        ["/usr/bin/env", "-i", *[f"{k}={v}" for k, v in plan.env.items()], *plan.command]
+    )
     if not plan.waits_for_boot:
         wait = _WAIT_FOR_BOOT.format(timeout=int(BOOT_TIMEOUT), failed=BOOT_FAILED)
         step = f"{wait}\n{step}"
     step = f": >{CONF_DIR}/{_STEP_STARTED}\n{step}"
-    script = (f"(trap : HUP; setsid /bin/sh -c {shlex.quote(step)} </dev/null "
-              f">{CONF_DIR}/{_STEP_OUT} 2>{CONF_DIR}/{_STEP_ERR}; "
-              f"echo $? >{CONF_DIR}/{_STEP_DONE}) </dev/null >/dev/null 2>&1 & "
-              f': <{CONF_DIR}/{_STEP_STARTED}; exec "$@"')
+    script = (
+        f"(trap : HUP; setsid /bin/sh -c {shlex.quote(step)} </dev/null "
+        f">{CONF_DIR}/{_STEP_OUT} 2>{CONF_DIR}/{_STEP_ERR}; "
+        f"echo $? >{CONF_DIR}/{_STEP_DONE}) </dev/null >/dev/null 2>&1 & "
+        f': <{CONF_DIR}/{_STEP_STARTED}; exec "$@"'
+    )
     return ("/bin/sh", "-c", script, "sysbake-step")
 
 
@@ -385,18 +492,30 @@ class _Booted:
     """A booted build container, its conf dir (on the host) and the read end of its
     step's FIFO there."""
 
-    container: runtime.Container
+    container: Container
     conf: Path
     done: int
 
 
 @contextlib.contextmanager
-def _booted(plan: StepPlan, store: Store, lowerdirs: list[Path], config: dict[str, Any],
-            staging: Path, network: bool, where: str) -> Iterator[_Booted]:
+def _booted(
+    plan: StepPlan,
+    store: Store,
+    lowerdirs: list[Path],
+    config: dict[str, object],
+    staging: Path,
+    network: bool,
+    where: str,
+    *,
+    keep_failed: bool = False,
+) -> Iterator[_Booted]:
     """A container of the image booting with systemd, the plan's files and mounts in
-    place and its step started (see _wrapper). Stopped and removed afterwards unless the
-    body named it in _KEEP (--keep-failed); if sysbake is killed, the next command
-    removes it (its owner lock: sysbake.runtime.owners)."""
+    place and its step started (see _wrapper). Stopped and removed afterwards, unless
+    `keep_failed` and the body failed with a BuildError (--keep-failed); if sysbake is
+    killed, the next command removes it (its owner lock: sysbake.runtime.owners)."""
+    from sysbake.runtime import containers as runtime
+    from sysbake.runtime.bundle import BindMount
+
     conf = staging / "conf"
     conf.mkdir()
     _write_files(plan.files, conf)
@@ -409,26 +528,37 @@ def _booted(plan: StepPlan, store: Store, lowerdirs: list[Path], config: dict[st
     done = os.open(conf / _STEP_DONE, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     with owners.owned(store.containers_dir, name):
         container = None
+        keep = False
         try:
             with log.step(f"{where}: booting the image"):
                 container = runtime.create(
-                    store.containers_dir, lowerdirs, config, image=where,
-                    options=runtime.RunOptions(name=name, binds=tuple(binds),
-                                               network="host" if network else "none",
-                                               wrapper=_wrapper(plan)),
-                    require_init=True, ready=None)
-            yield _Booted(container, conf, done)
+                    store.containers_dir,
+                    lowerdirs,
+                    config,
+                    image=where,
+                    options=runtime.RunOptions(
+                        name=name,
+                        binds=tuple(binds),
+                        network="host" if network else "none",
+                        wrapper=_wrapper(plan),
+                    ),
+                    require_init=True,
+                    ready=None,
+                )
+            try:
+                yield _Booted(container, conf, done)
+            except BuildError:
+                keep = keep_failed
+                raise
         finally:
             os.close(done)
-            if container is not None and name in _KEEP:
-                _KEEP.discard(name)
-                log.info(f"kept the failed container {name}: `sysbake exec {name} bash`, "
-                         f"then `sysbake rm -f {name}`")
+            if container is not None and keep:
+                log.info(
+                    f"kept the failed container {name}: `sysbake exec {name} bash`, "
+                    f"then `sysbake rm -f {name}`"
+                )
             elif container is not None:
                 runtime.remove(container, force=True)
-
-
-_KEEP: set[str] = set()  # names of failed build containers to keep (--keep-failed)
 
 
 def _check_boot(state: str, where: str) -> None:
@@ -440,6 +570,8 @@ def _step_result(booted: _Booted, where: str) -> tuple[int, bytes, bytes]:
     """The step's exit code, stdout and stderr, once it has ended (meanwhile, every
     0.5 s, a check that systemd still runs)."""
     from sysbake.build.salt.toolchain import BOOT_FAILED
+    from sysbake.runtime import containers as runtime
+    from sysbake.runtime.container_dir import console_tail
 
     waiter = select.poll()
     waiter.register(booted.done, select.POLLIN)
@@ -451,8 +583,10 @@ def _step_result(booted: _Booted, where: str) -> tuple[int, bytes, bytes]:
                 break
             said += chunk
         elif runtime.ended(booted.container):
-            raise BuildError(f"{where}: the image's systemd ended during the step: "
-                             f"{runtime.console_tail(booted.container)}")
+            raise BuildError(
+                f"{where}: the image's systemd ended during the step: "
+                f"{console_tail(booted.container.dir)}"
+            )
     try:
         code = int(said)
     except ValueError:
@@ -465,65 +599,43 @@ def _step_result(booted: _Booted, where: str) -> tuple[int, bytes, bytes]:
     return code, out, err
 
 
-def _run_booted(plan: StepPlan, store: Store, lowerdirs: list[Path],
-                parent_config: dict[str, Any], staging: Path, network: bool, where: str,
-                keep_failed: bool) -> None:
-    """Run the step in a booted container of the parent; its upper dir moves to
-    staging/upper once systemd has shut down cleanly."""
-    with _booted(plan, store, lowerdirs, parent_config, staging, network, where) as booted:
-        container = booted.container
-        try:
-            with log.step(f"{where}: running in the booted container"):
-                rc, out, err = _step_result(booted, where)
-                if plan.judge is not None:
-                    plan.judge(rc, out, err)
-        except BuildError:
-            if keep_failed:
-                _KEEP.add(container.name)
-            raise
+def _run_booted(
+    plan: StepPlan,
+    store: Store,
+    lowerdirs: list[Path],
+    config: dict[str, object],
+    staging: Path,
+    network: bool,
+    where: str,
+    *,
+    keep_failed: bool,
+) -> None:
+    """Run the step in a booted container of the parent; once systemd has shut down
+    cleanly, the container's upper dir becomes staging/upper (beside a fresh
+    staging/work); the container is kept if the step fails and `keep_failed`."""
+    from sysbake.runtime import containers as runtime
+
+    with _booted(
+        plan, store, lowerdirs, config, staging, network, where, keep_failed=keep_failed
+    ) as booted:
+        with log.step(f"{where}: running in the booted container"):
+            rc, out, err = _step_result(booted, where)
+            if plan.judge is not None:
+                plan.judge(rc, out, err)
         # The runtime's delete goes on meanwhile; `_booted` removes the container after it.
-        if runtime.halt(container, timeout=60).killed:
+        if runtime.halt(booted.container, timeout=60).killed:
             log.warn(f"{where}: the build container had to be killed to stop")
-        os.rename(container.dir / "upper", staging / "upper")
-        os.rename(container.dir / "work", staging / "work")
+        runtime.detach_upper(booted.container, staging / "upper")
+        (staging / "work").mkdir()
 
 
-def idempotence_checks(store: Store, spec: Any, ref: str) -> list[Any]:
-    """Re-apply each Salt step of image `spec` on a booted container of `ref`; a step
-    passes when Salt succeeds and reports no changes (sysbake test's idempotence check)."""
-    from sysbake.build.salt import run as salt
-    from sysbake.imagetest import CheckResult
-
-    image = store.resolve(ref)
-    lowerdirs = [store.layer_tree(layer) for layer in image.layers]
-    config = _parent_config(None, spec)
-    results = []
-    for step in spec.provision:
-        if step.type not in ("salt", "project"):
-            continue
-        where = f"{spec.name}: {step.name} (idempotence)"
-        plan = _prepare(step, store, where)[1]()
-        with store.staging("idempotence") as staging, \
-                _booted(plan, store, lowerdirs, config, staging, step.network, where) as b:
-            rc, out, err = _step_result(b, where)
-        result = salt.parse_result(out, rc, err)
-        if not result.ok:
-            results.append(CheckResult(f"idempotence: {step.name}", False,
-                                       f"salt failed on the image: {result.error_line()}"))
-        elif result.changes:
-            changed = "; ".join(s.describe() for s in result.changed)
-            results.append(CheckResult(f"idempotence: {step.name}", False,
-                                       f"{result.changes} states changed again: {changed}"))
-        else:
-            results.append(CheckResult(f"idempotence: {step.name}", True,
-                                       f"{len(result.states)} states, no changes"))
-    return results
-
-
-def _run_chroot(plan: StepPlan, lowerdirs: list[Path], staging: Path, network: bool,
-                where: str) -> None:
+def _run_chroot(
+    plan: StepPlan, lowerdirs: list[Path], staging: Path, network: bool, where: str
+) -> None:
     """Run the step with chroot in a private mount namespace (its mounts die with it),
     services suppressed by policy-rc.d; the upper dir stays in staging."""
+    from sysbake.runtime import overlay
+
     upper, work, root, conf = (staging / n for n in ("upper", "work", "root", "conf"))
     for d in (upper, work, root, conf):
         d.mkdir()
@@ -533,7 +645,7 @@ def _run_chroot(plan: StepPlan, lowerdirs: list[Path], staging: Path, network: b
         "set -e",
         f"mount -t overlay overlay -o lowerdir={overlay.lowerdir_option(lowerdirs)},"
         f"upperdir={upper},workdir={work},{overlay.FEATURES} {root}",
-        f'r={shlex.quote(str(root))}',
+        f"r={shlex.quote(str(root))}",
         # Mounts go on the image's own top-level dirs only: a symlink there (say /proc
         # -> /etc) would be followed on the host. Everything else is written under the
         # fresh tmpfs on /run, or by the image's own shell inside the chroot.
@@ -549,8 +661,10 @@ def _run_chroot(plan: StepPlan, lowerdirs: list[Path], staging: Path, network: b
         'mkdir -p "$r/run/lock"',
     ]
     if network:
-        lines.append('[ -f "$r/etc/resolv.conf" ] && [ ! -L "$r/etc/resolv.conf" ] && '
-                     'mount --bind /etc/resolv.conf "$r/etc/resolv.conf" || true')
+        lines.append(
+            '[ -f "$r/etc/resolv.conf" ] && [ ! -L "$r/etc/resolv.conf" ] && '
+            'mount --bind /etc/resolv.conf "$r/etc/resolv.conf" || true'
+        )
     for host, dest, ro in binds:
         if not dest.startswith(RUN_DIR + "/"):
             raise BuildError(f"internal: step mount {dest} outside {RUN_DIR}")
@@ -566,10 +680,10 @@ def _run_chroot(plan: StepPlan, lowerdirs: list[Path], staging: Path, network: b
     # both by the image's shell inside the chroot (its /usr/sbin resolves there).
     policy = shlex.quote(_POLICY_RC)
     lines += [
-        'made_policy=0',
+        "made_policy=0",
         f'chroot "$r" /bin/sh -c \'[ -e /usr/sbin/policy-rc.d ] && exit 1; '
         f'printf %s "$1" >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d || exit 2\' '
-        f'sh {policy} || made_policy=$?',
+        f"sh {policy} || made_policy=$?",
         '[ $made_policy -le 1 ] || { echo "sysbake: cannot write /usr/sbin/policy-rc.d in '
         'the image" >&2; exit 125; }',
         "set +e",

@@ -1,18 +1,29 @@
 """Sub-commands, one module per group; each module has `register(subparsers, add_globals)`.
-`COMMANDS` says which module registers which command, so that a command line imports and
-builds only its own module's parser (start-up cost: `run` and `stop` are timed against Go).
 
 A command's handler is set with `parser.set_defaults(handler=fn)` where
 `fn(ctx: Context, args: argparse.Namespace) -> int` returns the exit code.
+
+Start-up, the one rule: a command line imports only its own command's module (`COMMANDS`
+says which module registers which command; sysbake.cli registers that one alone), and a
+module imports at its top only what all of its callers need. What only some paths need is
+imported by the function that needs it: what one command alone uses, in its handler; what
+makes a layer or runs a container, in the function that does it (a cache hit never gets
+there); subprocess, tarfile, tempfile, shutil, datetime and the like, where they are used.
+Why: `run`, `stop`, `exec` and `ps` are timed against podman (bench/bench_run.py) and a
+no-op `build` against a cached `podman build` (bench/bench_noop.py), and most of their time
+is Python starting. tests/unit/test_startup.py holds the budget (the modules each of those
+command lines may import) and fails on a module new on their path. Measured for the same
+budget, and kept for it: records are sysbake.records classes, not dataclasses (whose module
+and generated code cost more than a no-op build's own work); small digests skip OpenSSL
+(sysbake.oci.model.sha256_digest); argparse is kept from importing shutil, the collector
+runs less often and the process exits without tearing its modules down (sysbake.cli).
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
 from collections.abc import Sequence
 from types import ModuleType
-from typing import Any
 
 # module -> the commands it registers, in help order (a unit test checks both agree)
 COMMANDS: dict[str, tuple[str, ...]] = {
@@ -60,21 +71,3 @@ def first_command(argv: Sequence[str]) -> str | None:
         elif not arg.startswith("-"):
             return arg
     return None
-
-
-class _Lazy:
-    """A module's stand-in that imports it on first attribute access (and looks each
-    attribute up in the real module, so that a patched attribute is seen)."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-
-    def __getattr__(self, attr: str) -> Any:
-        module = sys.modules.get(self._name) or importlib.import_module(self._name)
-        return getattr(module, attr)
-
-
-def lazy_module(name: str) -> Any:
-    """`name`, imported on first attribute access: command modules register their parsers
-    without paying for the imports of every other command (start-up is on the no-op path)."""
-    return _Lazy(name)

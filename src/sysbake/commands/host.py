@@ -9,41 +9,57 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sysbake import engines as hostint
 from sysbake import log
-from sysbake.commands import lazy_module
+from sysbake.fsutil import atomic_write
 
 if TYPE_CHECKING:
-    from sysbake import engines as hostint
     from sysbake.cli import Context
-else:
-    hostint = lazy_module("sysbake.engines")
-
 
 
 def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -> None:
     p = sub.add_parser("flags", help="docker/podman run flags that boot systemd on this host")
     p.add_argument("engine", choices=("docker", "podman"))
-    p.add_argument("image", nargs="?", help="tailor the flags to this stored image and "
-                   "show a full example command line")
+    p.add_argument(
+        "image",
+        nargs="?",
+        help="tailor the flags to this stored image and show a full example command line",
+    )
     add_globals(p)
     p.set_defaults(handler=cmd_flags)
 
-    p = sub.add_parser("apparmor", help="print (or install) the AppArmor profile for "
-                       "systemd containers")
-    p.add_argument("--install", action="store_true",
-                   help="write /etc/apparmor.d/sysbake-systemd and load it with apparmor_parser -r")
-    p.add_argument("-o", "--output", type=Path, default=None,
-                   help="write the profile to this file (with --install: install it there)")
+    p = sub.add_parser(
+        "apparmor", help="print (or install) the AppArmor profile for systemd containers"
+    )
+    p.add_argument(
+        "--install",
+        action="store_true",
+        help="write /etc/apparmor.d/sysbake-systemd and load it with apparmor_parser -r",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        help="write the profile to this file (with --install: install it there)",
+    )
     add_globals(p)
     p.set_defaults(handler=cmd_apparmor)
 
     p = sub.add_parser("load", help="load a stored image into a local docker or podman")
     p.add_argument("image", nargs="?", help="stored image to load (name[:tag] or ID)")
     p.add_argument("--into", required=True, choices=("docker", "podman"))
-    p.add_argument("--host", default=None,
-                   help="daemon address (docker -H / podman --url), e.g. unix:///run/docker.sock")
-    p.add_argument("--archive", type=Path, default=None,
-                   help="load this docker-archive file instead of exporting IMAGE")
+    p.add_argument(
+        "--host",
+        default=None,
+        help="daemon address (docker -H / podman --url), e.g. unix:///run/docker.sock",
+    )
+    p.add_argument(
+        "--archive",
+        type=Path,
+        default=None,
+        help="load this docker-archive file instead of exporting IMAGE",
+    )
     add_globals(p)
     p.set_defaults(handler=cmd_load)
 
@@ -78,10 +94,9 @@ def cmd_apparmor(ctx: Context, args: argparse.Namespace) -> int:
         return 0
     text = hostint.apparmor_profile()
     if args.output is not None:
-        hostint.write_atomic(args.output, text)
+        atomic_write(args.output, text.encode())
         if ctx.json:
-            ctx.emit({"profile": hostint.PROFILE_NAME, "path": str(args.output),
-                      "loaded": False})
+            ctx.emit({"profile": hostint.PROFILE_NAME, "path": str(args.output), "loaded": False})
     elif ctx.json:
         ctx.emit({"profile": hostint.PROFILE_NAME, "text": text})
     else:

@@ -39,16 +39,30 @@ def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -
 
     p = sub.add_parser("export", help="export an image: oci, oci-archive, docker-archive, rootfs")
     p.add_argument("image")
-    p.add_argument("--format", required=True,
-                   choices=("oci", "oci-archive", "docker-archive", "rootfs"))
-    p.add_argument("--compression", choices=("xz", "zstd", "gzip", "none"), default=None,
-                   help="rootfs: xz (default unless the file name says .tar/.gz/.zst), zstd, "
-                   "gzip, none; oci/oci-archive: re-compress layers (gzip, zstd; default: as "
-                   "stored)")
-    p.add_argument("--name", default=None, metavar="NAME:TAG",
-                   help="the name the exported image carries (default: its tag in the store)")
-    p.add_argument("-o", "--output", required=True, type=Path,
-                   help="destination file or directory ('-' for stdout)")
+    p.add_argument(
+        "--format", required=True, choices=("oci", "oci-archive", "docker-archive", "rootfs")
+    )
+    p.add_argument(
+        "--compression",
+        choices=("xz", "zstd", "gzip", "none"),
+        default=None,
+        help="rootfs: xz (default unless the file name says .tar/.gz/.zst), zstd, "
+        "gzip, none; oci/oci-archive: re-compress layers (gzip, zstd; default: as "
+        "stored)",
+    )
+    p.add_argument(
+        "--name",
+        default=None,
+        metavar="NAME:TAG",
+        help="the name the exported image carries (default: its tag in the store)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        type=Path,
+        help="destination file or directory ('-' for stdout)",
+    )
     add_globals(p)
     p.set_defaults(handler=cmd_export)
 
@@ -58,8 +72,11 @@ def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -
     add_globals(q)
     q.set_defaults(handler=cmd_cache_ls)
     q = csub.add_parser("prune", help="drop superseded stages and unreferenced blobs")
-    q.add_argument("--all", action="store_true",
-                   help="drop every cached stage and the Salt toolchains (tagged images stay)")
+    q.add_argument(
+        "--all",
+        action="store_true",
+        help="drop every cached stage and the Salt toolchains (tagged images stay)",
+    )
     add_globals(q)
     q.set_defaults(handler=cmd_cache_prune)
 
@@ -95,15 +112,31 @@ def cmd_images(ctx: Any, args: argparse.Namespace) -> int:
     store = ctx.store()
     tagged = store.tags() if store.oci_dir.exists() else []
     if ctx.json:
-        ctx.emit([{"ref": t.ref, "id": t.image.id, "manifest": t.image.manifest.digest,
-                   "created": t.image.config.get("created", ""), "size": t.image.size}
-                  for t in tagged])
+        ctx.emit(
+            [
+                {
+                    "ref": t.ref,
+                    "id": t.image.id,
+                    "manifest": t.image.manifest.digest,
+                    "created": t.image.config.get("created", ""),
+                    "size": t.image.size,
+                }
+                for t in tagged
+            ]
+        )
         return 0
     rows = [["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"]]
     for t in tagged:
         name, _, tag = t.ref.rpartition(":")
-        rows.append([name, tag, _short_id(t.image.id),
-                     _ago(t.image.config.get("created", "")), human_size(t.image.size)])
+        rows.append(
+            [
+                name,
+                tag,
+                _short_id(t.image.id),
+                _ago(t.image.config.get("created", "")),
+                human_size(t.image.size),
+            ]
+        )
     _table(rows)
     return 0
 
@@ -112,15 +145,24 @@ def cmd_inspect(ctx: Any, args: argparse.Namespace) -> int:
     store = ctx.store()
     image = store.resolve(args.image)
     refs = [t.ref for t in store.tags() if t.image.manifest.digest == image.manifest.digest]
-    ctx.emit({
-        "Id": image.id,
-        "RepoTags": refs,
-        "Manifest": image.manifest.to_json(),
-        "Config": image.config,
-        "Layers": [{"digest": lay.blob.digest, "mediaType": lay.blob.media_type,
-                    "size": lay.blob.size, "diff_id": lay.diff_id} for lay in image.layers],
-        "Size": image.size,
-    })
+    ctx.emit(
+        {
+            "Id": image.id,
+            "RepoTags": refs,
+            "Manifest": image.manifest.to_json(),
+            "Config": image.config,
+            "Layers": [
+                {
+                    "digest": lay.blob.digest,
+                    "mediaType": lay.blob.media_type,
+                    "size": lay.blob.size,
+                    "diff_id": lay.diff_id,
+                }
+                for lay in image.layers
+            ],
+            "Size": image.size,
+        }
+    )
     return 0
 
 
@@ -148,8 +190,9 @@ def cmd_rmi(ctx: Any, args: argparse.Namespace) -> int:
 def cmd_export(ctx: Any, args: argparse.Namespace) -> int:
     from sysbake.oci.export import export_image
 
-    dest = export_image(ctx.store(), args.image, args.format, args.output, args.compression,
-                        name=args.name)
+    dest = export_image(
+        ctx.store(), args.image, args.format, args.output, args.compression, name=args.name
+    )
     if ctx.json and str(args.output) != "-":  # stdout carries the archive itself
         ctx.emit({"image": args.image, "format": args.format, "output": str(dest)})
     return 0
@@ -164,8 +207,16 @@ def cmd_cache_ls(ctx: Any, args: argparse.Namespace) -> int:
         return 0
     rows = [["IMAGE", "STAGE", "KEY", "LAYER", "SIZE", "CREATED"]]
     for r in records:
-        rows.append([r.image, r.stage, r.key[:16], _short_id(r.layer.diff_id),
-                     human_size(r.layer.blob.size), _ago(r.created)])
+        rows.append(
+            [
+                r.image,
+                r.stage,
+                r.key[:16],
+                _short_id(r.layer.diff_id),
+                human_size(r.layer.blob.size),
+                _ago(r.created),
+            ]
+        )
     _table(rows)
     return 0
 

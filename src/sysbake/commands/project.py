@@ -6,17 +6,15 @@ import argparse
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sysbake.commands import lazy_module
 from sysbake.errors import ConfigError
-
-config = lazy_module("sysbake.project.load")  # not on the start-up path of other commands
+from sysbake.fsutil import atomic_write
+from sysbake.project import load as config
 
 if TYPE_CHECKING:
     from sysbake.cli import Context
@@ -47,27 +45,13 @@ def _render(text: str, name: str) -> str:
     return text.replace("@KEY@", key).replace("@NAME@", name)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def init_project(directory: Path, name: str | None = None, force: bool = False) -> list[Path]:
     """Write the starter project into `directory` (made if missing) and return the files
     written. Refuses, writing nothing, when one of them exists and `force` is not set."""
     if name is not None and not re.fullmatch(config.IMAGE_NAME, name):
-        raise ConfigError(f"--name: expected an image name matching {config.IMAGE_NAME}, "
-                          f"got {name!r}")
+        raise ConfigError(
+            f"--name: expected an image name matching {config.IMAGE_NAME}, got {name!r}"
+        )
     if name == _PARENT_NAME:
         raise ConfigError(f"--name: {name!r} is the starter's parent image: choose another name")
     name = name or starter_name(directory)
@@ -77,7 +61,7 @@ def init_project(directory: Path, name: str | None = None, force: bool = False) 
     if existing and not force:
         raise ConfigError(f"{root}: would overwrite {', '.join(existing)} (use --force)")
     for path, src in files:
-        _write_atomic(path, _render(src.read_text(encoding="utf-8"), name))
+        atomic_write(path, _render(src.read_text(encoding="utf-8"), name).encode())
     return [path for path, _ in files]
 
 
@@ -106,25 +90,44 @@ def _validate(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
-             add_globals: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    add_globals: Callable[[argparse.ArgumentParser], None],
+) -> None:
     """Add the `init` and `validate` sub-commands."""
-    init = sub.add_parser("init", help="write a starter project (sysbake.toml, salt/, pillar/)",
-                          description="Write a starter project: a base image bootstrapped from "
-                          "the host's apt sources and an image provisioned with Salt.")
-    init.add_argument("directory", nargs="?", type=Path, default=Path("."),
-                      help="where to write it (default: the current directory)")
-    init.add_argument("--name", help="the application image's name (default: the directory's "
-                                     f"name, or '{_FALLBACK_NAME}')")
+    init = sub.add_parser(
+        "init",
+        help="write a starter project (sysbake.toml, salt/, pillar/)",
+        description="Write a starter project: a base image bootstrapped from "
+        "the host's apt sources and an image provisioned with Salt.",
+    )
+    init.add_argument(
+        "directory",
+        nargs="?",
+        type=Path,
+        default=Path("."),
+        help="where to write it (default: the current directory)",
+    )
+    init.add_argument(
+        "--name",
+        help=f"the application image's name (default: the directory's name, or '{_FALLBACK_NAME}')",
+    )
     init.add_argument("--force", action="store_true", help="overwrite existing files")
     add_globals(init)
     init.set_defaults(handler=_init)
 
-    validate = sub.add_parser("validate", help="check a project file (sysbake.toml)",
-                              description="Load and check a project file; with --json, print "
-                              "it with every default filled in.")
-    validate.add_argument("path", nargs="?", type=Path, default=None,
-                          help="the file, or a directory with a sysbake.toml (default: .)")
+    validate = sub.add_parser(
+        "validate",
+        help="check a project file (sysbake.toml)",
+        description="Load and check a project file; with --json, print "
+        "it with every default filled in.",
+    )
+    validate.add_argument(
+        "path",
+        nargs="?",
+        type=Path,
+        default=None,
+        help="the file, or a directory with a sysbake.toml (default: .)",
+    )
     add_globals(validate)
     validate.set_defaults(handler=_validate)

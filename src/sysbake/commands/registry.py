@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,47 +32,88 @@ def _positive(value: str) -> float:
 
 def connection_options(p: argparse.ArgumentParser, *, creds: bool = True) -> None:
     """Add the options of a command that talks to a registry (see `connect_options`)."""
-    p.add_argument("--tls-verify", type=_tls_verify, default=True, metavar="BOOL",
-                   help="verify the registry's TLS certificate (default: true); false also "
-                   "allows plain http")
-    p.add_argument("--cert-dir", type=Path, default=None, metavar="PATH",
-                   help="a CA file, or a directory of *.crt CAs and *.cert/*.key client "
-                   "certificates (default: /etc/containers/certs.d/HOST)")
-    p.add_argument("--authfile", type=Path, default=None, metavar="FILE",
-                   help="auth.json to use (default: $REGISTRY_AUTH_FILE, else podman's and "
-                   "docker's files)")
+    p.add_argument(
+        "--tls-verify",
+        type=_tls_verify,
+        default=True,
+        metavar="BOOL",
+        help="verify the registry's TLS certificate (default: true); false also allows plain http",
+    )
+    p.add_argument(
+        "--cert-dir",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="a CA file, or a directory of *.crt CAs and *.cert/*.key client "
+        "certificates (default: /etc/containers/certs.d/HOST)",
+    )
+    p.add_argument(
+        "--authfile",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="auth.json to use (default: $REGISTRY_AUTH_FILE, else podman's and docker's files)",
+    )
     if creds:
-        p.add_argument("--creds", default=None, metavar="USER[:PASSWORD]",
-                       help="credentials for the registry (asked for when PASSWORD is left out)")
-    p.add_argument("--min-rate", type=_positive, default=None, metavar="KIB_PER_S",
-                   help="drop a registry that moves fewer KiB/s than this over a window "
-                   "(default: $SYSBAKE_REGISTRY_MIN_RATE, else 1; 0: no minimum)")
-    p.add_argument("--rate-window", type=_positive, default=None, metavar="SECONDS",
-                   help="the window the minimum rate is measured over, and the longest "
-                   "silence allowed (default: $SYSBAKE_REGISTRY_WINDOW, else 30)")
+        p.add_argument(
+            "--creds",
+            default=None,
+            metavar="USER[:PASSWORD]",
+            help="credentials for the registry (asked for when PASSWORD is left out)",
+        )
+    p.add_argument(
+        "--min-rate",
+        type=_positive,
+        default=None,
+        metavar="KIB_PER_S",
+        help="drop a registry that moves fewer KiB/s than this over a window "
+        "(default: $SYSBAKE_REGISTRY_MIN_RATE, else 1; 0: no minimum)",
+    )
+    p.add_argument(
+        "--rate-window",
+        type=_positive,
+        default=None,
+        metavar="SECONDS",
+        help="the window the minimum rate is measured over, and the longest "
+        "silence allowed (default: $SYSBAKE_REGISTRY_WINDOW, else 30)",
+    )
 
 
 def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -> None:
-    p = sub.add_parser("push", help="push an image to an OCI registry",
-                       description="Push IMAGE to DEST (host[:port]/repository[:tag]; default: "
-                       "IMAGE's own name when it names a registry). Blobs the registry has are "
-                       "skipped; the manifest is pushed last.")
+    p = sub.add_parser(
+        "push",
+        help="push an image to an OCI registry",
+        description="Push IMAGE to DEST (host[:port]/repository[:tag]; default: "
+        "IMAGE's own name when it names a registry). Blobs the registry has are "
+        "skipped; the manifest is pushed last.",
+    )
     p.add_argument("image")
     p.add_argument("dest", nargs="?", default=None)
     connection_options(p)
     add_globals(p)
     p.set_defaults(handler=cmd_push)
 
-    p = sub.add_parser("pull", help="pull an image from an OCI registry",
-                       description="Pull REF (host[:port]/repository[:tag|@digest]) into the "
-                       "store. A pulled image never feeds the stage cache: to reuse its "
-                       "stages, name it with `sysbake build --cache-from REF`.")
+    p = sub.add_parser(
+        "pull",
+        help="pull an image from an OCI registry",
+        description="Pull REF (host[:port]/repository[:tag|@digest]) into the "
+        "store. A pulled image never feeds the stage cache: to reuse its "
+        "stages, name it with `sysbake build --cache-from REF`.",
+    )
     p.add_argument("ref")
-    p.add_argument("-t", "--tag", default=None, metavar="NAME[:TAG]",
-                   help="tag it this in the store (default: REF itself)")
-    p.add_argument("--platform", default=None, metavar="OS/ARCH[/VARIANT]",
-                   help="the platform to pick from a multi-platform index (default: this "
-                   "host's)")
+    p.add_argument(
+        "-t",
+        "--tag",
+        default=None,
+        metavar="NAME[:TAG]",
+        help="tag it this in the store (default: REF itself)",
+    )
+    p.add_argument(
+        "--platform",
+        default=None,
+        metavar="OS/ARCH[/VARIANT]",
+        help="the platform to pick from a multi-platform index (default: this host's)",
+    )
     connection_options(p)
     add_globals(p)
     p.set_defaults(handler=cmd_pull)
@@ -82,8 +122,9 @@ def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -
     p.add_argument("registry", metavar="HOST[:PORT]")
     p.add_argument("-u", "--username", default=None)
     p.add_argument("-p", "--password", default=None)
-    p.add_argument("--password-stdin", action="store_true",
-                   help="read the password from standard input")
+    p.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input"
+    )
     connection_options(p, creds=False)
     add_globals(p)
     p.set_defaults(handler=cmd_login)
@@ -91,16 +132,24 @@ def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -
     p = sub.add_parser("logout", help="remove a registry's credentials from auth.json")
     p.add_argument("registry", nargs="?", default=None, metavar="HOST[:PORT]")
     p.add_argument("-a", "--all", action="store_true", help="remove every registry's")
-    p.add_argument("--authfile", type=Path, default=None, metavar="FILE",
-                   help="auth.json to edit (default: $REGISTRY_AUTH_FILE or podman's)")
+    p.add_argument(
+        "--authfile",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="auth.json to edit (default: $REGISTRY_AUTH_FILE or podman's)",
+    )
     add_globals(p)
     p.set_defaults(handler=cmd_logout)
 
 
 def _ask(prompt: str, *, secret: bool) -> str:
     if not sys.stdin.isatty():
-        raise SysbakeError(f"{prompt.rstrip(': ')} not given and standard input is not a "
-                           "terminal to ask for it")
+        raise SysbakeError(
+            f"{prompt.rstrip(': ')} not given and standard input is not a terminal to ask for it"
+        )
+    import getpass
+
     return getpass.getpass(prompt) if secret else input(prompt)
 
 
@@ -115,8 +164,9 @@ def connect_options(args: argparse.Namespace) -> Any:
         if password is None:
             password = _ask(f"Password for {user}: ", secret=True)
         creds = Credentials(user, password)
-    return ConnectOptions(tls=_tls(args), creds=creds, auth_file=args.authfile,
-                          limits=_limits(args))
+    return ConnectOptions(
+        tls=_tls(args), creds=creds, auth_file=args.authfile, limits=_limits(args)
+    )
 
 
 def _limits(args: argparse.Namespace) -> Any:
@@ -159,7 +209,7 @@ def _platform(text: str | None) -> tuple[str, str, str | None] | None:
 def cmd_push(ctx: Any, args: argparse.Namespace) -> int:
     from sysbake.registry.transfer import Reference, push
 
-    dest = Reference.parse(args.dest) if args.dest else None
+    dest = Reference.parse(args.dest, need_registry=True) if args.dest is not None else None
     result = push(ctx.store(), args.image, dest, connect_options(args))
     return _done(ctx, result.to_json(), f"{result.ref} {result.digest}")
 
@@ -167,9 +217,10 @@ def cmd_push(ctx: Any, args: argparse.Namespace) -> int:
 def cmd_pull(ctx: Any, args: argparse.Namespace) -> int:
     from sysbake.registry.transfer import Reference, pull
 
-    source = Reference.parse(args.ref)
-    result = pull(ctx.store(), source, connect_options(args), tag=args.tag,
-                  wanted=_platform(args.platform))
+    source = Reference.parse(args.ref, need_registry=True)
+    result = pull(
+        ctx.store(), source, connect_options(args), tag=args.tag, wanted=_platform(args.platform)
+    )
     return _done(ctx, result.to_json(), f"{result.ref} {result.image.id}")
 
 
@@ -182,8 +233,7 @@ def cmd_login(ctx: Any, args: argparse.Namespace) -> int:
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
-        password = args.password if args.password is not None else _ask("Password: ",
-                                                                        secret=True)
+        password = args.password if args.password is not None else _ask("Password: ", secret=True)
     creds = Credentials(user, password)
     session = Session(registry, tls=_tls(args), creds=creds, limits=_limits(args))
     session.check_login()
@@ -201,14 +251,15 @@ def cmd_logout(ctx: Any, args: argparse.Namespace) -> int:
     path = args.authfile or default_auth_file()
     if not remove_credentials(path, registry):
         raise SysbakeError(f"not logged in to {registry or 'any registry'} (in {path})")
-    return _done(ctx, {"registry": registry, "authfile": str(path)},
-                 f"Removed login credentials for {registry or 'all registries'}")
+    return _done(
+        ctx,
+        {"registry": registry, "authfile": str(path)},
+        f"Removed login credentials for {registry or 'all registries'}",
+    )
 
 
 def _registry_arg(text: str) -> str:
+    from sysbake.oci.reference import parse_domain
     from sysbake.registry.auth import normalize_key
 
-    registry = normalize_key(text).lower()
-    if not registry or "/" in registry:
-        raise SysbakeError(f"{text!r}: expected a registry HOST[:PORT]")
-    return registry
+    return parse_domain(normalize_key(text))

@@ -233,8 +233,9 @@ class _Filter:
     """A compression tool in a pipe: stdin and stdout pipes (or stdout straight into the
     descriptor `stdout`), stderr kept in a temp file."""
 
-    def __init__(self, argv: list[str], what: str, err: IO[bytes],
-                 stdout: int | None = None) -> None:
+    def __init__(
+        self, argv: list[str], what: str, err: IO[bytes], stdout: int | None = None
+    ) -> None:
         self.what = what
         self._err = err
         log.debug("run: " + " ".join(argv))
@@ -322,14 +323,13 @@ class _Filter:
     def _error(self, rc: int) -> CommandError:
         self._err.seek(0)
         text = self._err.read()[-4096:].decode(errors="replace")
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        if any("No space left on device" in line for line in lines):
+        last = proc.tail(text, 20, sep="\n", empty="")
+        if "No space left on device" in text:
             # Writing its output itself, the tool met the full disk: say it as we would.
-            return CommandError(f"{self.what}: no space left on device", returncode=rc,
-                                tail="\n".join(lines[-20:]))
-        tail = " | ".join(lines[-3:]) or "no output"
-        return CommandError(f"{self.what} failed (exit {rc}): {tail}", returncode=rc,
-                            tail="\n".join(lines[-20:]))
+            return CommandError(f"{self.what}: no space left on device", returncode=rc, tail=last)
+        return CommandError(
+            f"{self.what} failed (exit {rc}): {proc.tail(text)}", returncode=rc, tail=last
+        )
 
 
 def _fd(pipe: IO[bytes] | None) -> int:

@@ -5,9 +5,10 @@ Every layer passes the store's layer check (Store.check_layer: the same EntryChe
 extraction applies) before anything is written, whatever the format: no export copies a
 `..`, an absolute name, an escaping hardlink or a disk's device node out of a pulled layer.
 
-Everything streams (no layer is held in memory) and writes are atomic: a file or a new
-layout is written as `<dest>.tmp-XXXX` and renamed; an existing layout gets its blobs
-(each temp + rename) before its index.json is replaced. Exports carry the full "name:tag"
+Everything streams (no layer is held in memory) and writes are atomic: a file is written
+under a hidden temp name and renamed (fsutil.atomic_file), a new layout is made as a
+hidden temp dir and renamed (fsutil.publish_dir); an existing layout gets its blobs (each
+atomically) before its index.json is replaced. Exports carry the full "name:tag"
 (`org.opencontainers.image.ref.name`, `RepoTags`): skopeo (`oci:DIR:web:latest`) and umoci
 (`--image DIR:web:latest`) accept it and `podman load` names the image after it, whereas a
 bare "latest" would load as "localhost/latest:latest".
@@ -30,25 +31,33 @@ import tempfile
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 
 from sysbake import log, proc
-from sysbake.errors import CommandError, StoreError, SysbakeError
-from sysbake.fsutil import remove_tree
+from sysbake.errors import CommandError, SysbakeError
+from sysbake.fsutil import atomic_file, publish_dir, remove_tree
 from sysbake.oci import compress
 from sysbake.oci import model as oci
 from sysbake.oci.compress import Readable
 from sysbake.oci.layers import archive as layers
 from sysbake.oci.layers.commit import source_date_epoch
 from sysbake.oci.model import Descriptor, Image, Layer
-from sysbake.oci.store import Store, normalize_ref
+from sysbake.oci.reference import InvalidReference, Reference
+from sysbake.oci.store import Store
 from sysbake.records import record
 
 FORMATS = ("oci", "oci-archive", "docker-archive", "rootfs")
 ROOTFS_COMPRESSIONS = ("none", "gzip", "zstd", "xz")
 LAYER_COMPRESSIONS = ("none", "gzip", "zstd")
-_SUFFIX_COMPRESSION = {".tar": "none", ".gz": "gzip", ".tgz": "gzip", ".zst": "zstd",
-                       ".tzst": "zstd", ".xz": "xz", ".txz": "xz"}
+_SUFFIX_COMPRESSION = {
+    ".tar": "none",
+    ".gz": "gzip",
+    ".tgz": "gzip",
+    ".zst": "zstd",
+    ".tzst": "zstd",
+    ".xz": "xz",
+    ".txz": "xz",
+}
 OCI_LAYOUT = oci.canonical_json({"imageLayoutVersion": "1.0.0"})
 _CHUNK = 1 << 20
 
@@ -70,8 +79,10 @@ def check_options(fmt: str, compression: str | None) -> str | None:
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if fmt == "docker-archive" and compression not in (None, "none"):
-        raise ExportError(f"docker-archive takes no compression (got {compression!r}): its "
-                          "layers are the uncompressed tars docker load checks")
+        raise ExportError(
+            f"docker-archive takes no compression (got {compression!r}): its "
+            "layers are the uncompressed tars docker load checks"
+        )
     kinds = ROOTFS_COMPRESSIONS if fmt == "rootfs" else LAYER_COMPRESSIONS
     kind = compression or ("xz" if fmt == "rootfs" else None)
     if kind is not None and kind not in kinds:
@@ -91,34 +102,42 @@ def export_name(ref: str, tags: Collection[str], name: str | None = None) -> str
     """The "name:tag" an export carries: `name` when given, else `ref` when it is one of
     the store's `tags`; None for an image ID (the export is then untagged)."""
     if name is not None:
-        return normalize_ref(name)
+        return Reference.parse(name, allow_digest=False).store_name()
     try:
-        wanted = normalize_ref(ref)
-    except StoreError:
+        wanted = Reference.parse(ref, allow_digest=False).store_name()
+    except InvalidReference:
         return None
     return wanted if wanted in tags else None
 
 
-def docker_manifest(config_name: str, repo_tags: Sequence[str],
-                    layer_names: Sequence[str]) -> bytes:
+def docker_manifest(
+    config_name: str, repo_tags: Sequence[str], layer_names: Sequence[str]
+) -> bytes:
     """manifest.json of a `docker save` archive holding one image."""
-    return oci.canonical_json([{"Config": config_name, "RepoTags": list(repo_tags),
-                                "Layers": list(layer_names)}])
+    return oci.canonical_json(
+        [{"Config": config_name, "RepoTags": list(repo_tags), "Layers": list(layer_names)}]
+    )
 
 
 def merge_index(existing: Sequence[Descriptor], new: Descriptor) -> list[Descriptor]:
     """An OCI index's manifests with `new` added: an entry with the same ref name (or,
     when `new` is untagged, an untagged entry with the same digest) is replaced."""
     name = new.annotation(oci.ANN_REF_NAME)
-    kept = [d for d in existing if d.annotation(oci.ANN_REF_NAME) != name
-            or (name is None and d.digest != new.digest)]
+    kept = [
+        d
+        for d in existing
+        if d.annotation(oci.ANN_REF_NAME) != name or (name is None and d.digest != new.digest)
+    ]
     return sorted([*kept, new], key=lambda d: (d.annotation(oci.ANN_REF_NAME) or "", d.digest))
 
 
 def oci_index(manifests: Sequence[Descriptor], annotations: dict[str, str] | None = None) -> bytes:
     """index.json of an OCI layout listing `manifests`, in the given order."""
-    doc: dict[str, Any] = {"schemaVersion": 2, "mediaType": oci.MT_INDEX,
-                           "manifests": [m.to_json() for m in manifests]}
+    doc: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": oci.MT_INDEX,
+        "manifests": [m.to_json() for m in manifests],
+    }
     if annotations:
         doc["annotations"] = annotations
     return json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
@@ -147,15 +166,19 @@ class _Checked:
             pass
         actual = "sha256:" + self._hash.hexdigest()
         if actual != self._digest:
-            raise ExportError(f"{self._what}: content has digest {actual}, expected "
-                              f"{self._digest} (the store is corrupt: rebuild or re-pull it)")
+            raise ExportError(
+                f"{self._what}: content has digest {actual}, expected "
+                f"{self._digest} (the store is corrupt: rebuild or re-pull it)"
+            )
 
 
 @contextlib.contextmanager
 def _layer_stream(store: Store, layer: Layer) -> Iterator[Readable]:
     """The uncompressed tar of `layer`, checked against its diff_id once read."""
-    with store.open_blob(layer.blob.digest) as raw, \
-            compress.decompressor(layer.compression, raw) as plain:
+    with (
+        store.open_blob(layer.blob.digest) as raw,
+        compress.decompressor(layer.compression, raw) as plain,
+    ):
         checked = _Checked(plain, layer.diff_id, f"layer {layer.blob.digest} uncompressed")
         yield checked
         checked.finish()
@@ -182,13 +205,15 @@ class _Entry:
 
 
 def _bytes_entry(name: str, data: bytes) -> _Entry:
-    return _Entry(name, len(data), oci.sha256_digest(data),
-                  lambda: contextlib.nullcontext(io.BytesIO(data)))
+    return _Entry(
+        name, len(data), oci.sha256_digest(data), lambda: contextlib.nullcontext(io.BytesIO(data))
+    )
 
 
 def _file_entry(name: str, path: Path, desc: Descriptor) -> _Entry:
-    return _Entry(name, desc.size, desc.digest,
-                  functools.partial(_file_stream, path, desc.digest), path)
+    return _Entry(
+        name, desc.size, desc.digest, functools.partial(_file_stream, path, desc.digest), path
+    )
 
 
 def _write_tar(out: BinaryIO, entries: Sequence[_Entry], mtime: int) -> None:
@@ -217,8 +242,10 @@ def _copy_exactly(entry: _Entry, out: BinaryIO) -> None:
         while left:
             chunk = src.read(min(_CHUNK, left))
             if not chunk:
-                raise ExportError(f"{entry.name}: ended after {entry.size - left} of "
-                                  f"{entry.size} bytes (did the store change meanwhile?)")
+                raise ExportError(
+                    f"{entry.name}: ended after {entry.size - left} of "
+                    f"{entry.size} bytes (did the store change meanwhile?)"
+                )
             out.write(chunk)
             left -= len(chunk)
 
@@ -244,15 +271,15 @@ def _resolve(store: Store, ref: str, name: str | None) -> _Source:
 
 def _recompress(store: Store, layer: Layer, kind: str, workdir: Path) -> tuple[Descriptor, Path]:
     log.info(f"    re-compressing layer {layer.diff_id[:19]} as {kind}")
-    fd, tmp = tempfile.mkstemp(dir=workdir, prefix="layer-")
+    # Private to this export (a staging dir): any free name will do, no rename needed.
+    fd, path = tempfile.mkstemp(dir=workdir, prefix="layer-")
     with os.fdopen(fd, "wb") as f:
         packed = layers.HashingWriter(f)
         with _layer_stream(store, layer) as plain, compress.compressor(kind, packed) as sink:
             shutil.copyfileobj(plain, sink, _CHUNK)
-    final = workdir / oci.hex_of(packed.digest)
-    os.rename(tmp, final)
-    return Descriptor(oci.LAYER_MEDIA_TYPE[kind], packed.digest, packed.size,
-                      layer.blob.annotations), final
+    return Descriptor(
+        oci.LAYER_MEDIA_TYPE[kind], packed.digest, packed.size, layer.blob.annotations
+    ), Path(path)
 
 
 def _workdir(store: Store, image: Image, kind: str | None) -> AbstractContextManager[Path | None]:
@@ -262,8 +289,9 @@ def _workdir(store: Store, image: Image, kind: str | None) -> AbstractContextMan
     return contextlib.nullcontext(None)
 
 
-def _plan_layout(store: Store, src: _Source, kind: str | None,
-                 workdir: Path | None) -> tuple[Descriptor, list[_Entry]]:
+def _plan_layout(
+    store: Store, src: _Source, kind: str | None, workdir: Path | None
+) -> tuple[Descriptor, list[_Entry]]:
     """The manifest (as index.json lists it) and blobs of `src` as an OCI layout; with
     `kind`, layers stored in another compression are re-compressed into `workdir` under a
     new manifest (the config, and so the diff_ids and the image ID, stay the same)."""
@@ -279,13 +307,14 @@ def _plan_layout(store: Store, src: _Source, kind: str | None,
         layer_descs.append(desc)
         blobs[desc.digest] = _file_entry(blob_name(desc.digest), path, desc)
     config = image.config_descriptor
-    blobs[config.digest] = _file_entry(blob_name(config.digest),
-                                       store.blob_path(config.digest), config)
+    blobs[config.digest] = _file_entry(
+        blob_name(config.digest), store.blob_path(config.digest), config
+    )
     if layer_descs == [layer.blob for layer in image.layers]:
-        manifest = Descriptor(image.manifest.media_type, image.manifest.digest,
-                              image.manifest.size)
-        blobs[manifest.digest] = _file_entry(blob_name(manifest.digest),
-                                             store.blob_path(manifest.digest), manifest)
+        manifest = Descriptor(image.manifest.media_type, image.manifest.digest, image.manifest.size)
+        blobs[manifest.digest] = _file_entry(
+            blob_name(manifest.digest), store.blob_path(manifest.digest), manifest
+        )
     else:
         doc = store.read_json(image.manifest.digest)
         doc["layers"] = [d.to_json() for d in layer_descs]
@@ -299,7 +328,7 @@ def _plan_layout(store: Store, src: _Source, kind: str | None,
 
 def _place(entry: _Entry, target: Path) -> None:
     """Put `entry` at `target`: a hard link when the content is a file on the same file
-    system, else a checked copy (temp file + fsync + rename)."""
+    system, else a checked copy written atomically (fsutil.atomic_file)."""
     try:
         if entry.path is not None:
             os.link(entry.path, target)
@@ -307,18 +336,8 @@ def _place(entry: _Entry, target: Path) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
             raise
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:16]}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f, entry.opener() as src:
-            shutil.copyfileobj(src, f, _CHUNK)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(target) as f, entry.opener() as src:
+        shutil.copyfileobj(src, f, _CHUNK)
 
 
 def _put_files(root: Path, entries: Sequence[_Entry], *, replace: bool = False) -> None:
@@ -343,17 +362,29 @@ def _add_to_layout(dest: Path, manifest: Descriptor, blobs: Sequence[_Entry]) ->
 
 def _new_layout(dest: Path, manifest: Descriptor, blobs: Sequence[_Entry]) -> None:
     if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())):
-        raise ExportError(f"{dest} exists and is not an OCI layout (no oci-layout file): "
-                          "give a new or empty directory")
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f"{dest.name}.tmp-"))
+        raise ExportError(
+            f"{dest} exists and is not an OCI layout (no oci-layout file): "
+            "give a new or empty directory"
+        )
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
     try:
         os.chmod(tmp, 0o755)
-        _put_files(tmp, [*blobs, _bytes_entry("oci-layout", OCI_LAYOUT),
-                         _bytes_entry("index.json", oci_index([manifest]))])
-        os.rename(tmp, dest)  # replaces an empty directory
+        _put_files(
+            tmp,
+            [
+                *blobs,
+                _bytes_entry("oci-layout", OCI_LAYOUT),
+                _bytes_entry("index.json", oci_index([manifest])),
+            ],
+        )
+        if publish_dir(tmp, dest):  # replaces an empty directory
+            return
     except BaseException:
         remove_tree(tmp)
         raise
+    raise ExportError(
+        f"{dest} was filled while the layout was written: give a new or empty directory"
+    )
 
 
 @contextlib.contextmanager
@@ -375,46 +406,44 @@ def _writing(dest: Path | str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _output(dest: Path) -> Iterator[BinaryIO]:
-    """A file to write an archive to: `dest` via a temp file renamed on success, or
-    stdout for "-". Atomic against interruption, not fsynced: an export is the user's file
-    (like `tar -f` or `docker save -o` write it), unlike the store's blobs."""
+    """A file to write an archive to: `dest` written atomically (fsutil.atomic_file), or
+    stdout for "-". Not fsynced: an export is the user's file (like `tar -f` or
+    `docker save -o` write it), unlike the store's blobs."""
     if str(dest) == "-":
         if sys.stdout.isatty():
-            raise ExportError("refusing to write an archive to a terminal: redirect stdout "
-                              "or give an output file")
+            raise ExportError(
+                "refusing to write an archive to a terminal: redirect stdout or give an output file"
+            )
         with _writing("stdout"):
             yield sys.stdout.buffer
             sys.stdout.buffer.flush()
         return
     if dest.is_dir():
         raise ExportError(f"{dest} is a directory: give a file name for the archive")
-    with _writing(dest):
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f"{dest.name}.tmp-")
-    try:
-        with _writing(dest), os.fdopen(fd, "wb") as f:
-            yield cast(BinaryIO, f)
-            f.flush()
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            os.rename(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with _writing(dest), atomic_file(dest, durable=False, mode=None) as f:
+        yield f
 
 
 # -- the exports ---------------------------------------------------------------------------
 
 
-def export_oci(store: Store, ref: str, dest_dir: Path, *, compression: str | None = None,
-               name: str | None = None) -> Path:
+def export_oci(
+    store: Store,
+    ref: str,
+    dest_dir: Path,
+    *,
+    compression: str | None = None,
+    name: str | None = None,
+) -> Path:
     """Write image `ref` as an OCI layout at `dest_dir` (blobs hard-linked from the store
     when possible); an existing layout gets the image added, replacing a same-named one."""
     kind = check_options("oci", compression)
     src = _resolve(store, ref, name)
-    with log.step(f"exporting {src.label} as an OCI layout to {dest_dir}"), \
-            _writing(dest_dir), _workdir(store, src.image, kind) as workdir:
+    with (
+        log.step(f"exporting {src.label} as an OCI layout to {dest_dir}"),
+        _writing(dest_dir),
+        _workdir(store, src.image, kind) as workdir,
+    ):
         manifest, blobs = _plan_layout(store, src, kind, workdir)
         if (dest_dir / "oci-layout").is_file():
             _add_to_layout(dest_dir, manifest, blobs)
@@ -423,21 +452,33 @@ def export_oci(store: Store, ref: str, dest_dir: Path, *, compression: str | Non
     return dest_dir
 
 
-def export_oci_archive(store: Store, ref: str, out: BinaryIO, *,
-                       compression: str | None = None, name: str | None = None) -> None:
+def export_oci_archive(
+    store: Store,
+    ref: str,
+    out: BinaryIO,
+    *,
+    compression: str | None = None,
+    name: str | None = None,
+) -> None:
     """Write image `ref` to `out` as an oci-archive: a deterministic tar of an OCI layout."""
     kind = check_options("oci-archive", compression)
     src = _resolve(store, ref, name)
-    with log.step(f"exporting {src.label} as an oci-archive"), \
-            _workdir(store, src.image, kind) as workdir:
+    with (
+        log.step(f"exporting {src.label} as an oci-archive"),
+        _workdir(store, src.image, kind) as workdir,
+    ):
         manifest, blobs = _plan_layout(store, src, kind, workdir)
-        entries = [*blobs, _bytes_entry("oci-layout", OCI_LAYOUT),
-                   _bytes_entry("index.json", oci_index([manifest]))]
+        entries = [
+            *blobs,
+            _bytes_entry("oci-layout", OCI_LAYOUT),
+            _bytes_entry("index.json", oci_index([manifest])),
+        ]
         _write_tar(out, entries, source_date_epoch() or 0)
 
 
-def export_docker_archive(store: Store, ref: str, out: BinaryIO, *,
-                          name: str | None = None) -> None:
+def export_docker_archive(
+    store: Store, ref: str, out: BinaryIO, *, name: str | None = None
+) -> None:
     """Write image `ref` to `out` in `docker save` format; each `<diff_id>/layer.tar` is
     the uncompressed layer, checked against its diff_id as it is written."""
     src = _resolve(store, ref, name)
@@ -501,8 +542,7 @@ def _piped_rootfs(store: Store, layer: Layer, out: BinaryIO, kind: str) -> bool:
     against its digest first, which vouches for the diff_id committed with it. False when
     the path does not apply (no file descriptor, no external tool for a side)."""
     tools = {"gzip": "pigz", "zstd": "zstd", "xz": "xz"}
-    if kind not in tools or layer.compression not in tools or \
-            compress.gzip_backend() != "pigz":
+    if kind not in tools or layer.compression not in tools or compress.gzip_backend() != "pigz":
         return False
     out_fd = compress.file_descriptor(out)
     if out_fd is None:
@@ -513,16 +553,26 @@ def _piped_rootfs(store: Store, layer: Layer, out: BinaryIO, kind: str) -> bool:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     if f"sha256:{digest.hexdigest()}" != layer.blob.digest:
-        raise ExportError(f"blob {layer.blob.digest} has digest sha256:{digest.hexdigest()} "
-                          "(the store is corrupt)")
+        raise ExportError(
+            f"blob {layer.blob.digest} has digest sha256:{digest.hexdigest()} "
+            "(the store is corrupt)"
+        )
     level = compress.DEFAULT_LEVELS[kind]
     decode = [tools[layer.compression], "-d", "-c", str(path)]
     encode = [tools[kind], f"-{level}", "-c", *(["-n"] if kind == "gzip" else ["-T0", "-q"])]
-    with subprocess.Popen(decode, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          preexec_fn=proc.die_with_parent_hook()) as dec:
-        with subprocess.Popen(encode, stdin=dec.stdout, stdout=out_fd,
-                              stderr=subprocess.PIPE,
-                              preexec_fn=proc.die_with_parent_hook()) as enc:
+    with subprocess.Popen(
+        decode,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=proc.die_with_parent_hook(),
+    ) as dec:
+        with subprocess.Popen(
+            encode,
+            stdin=dec.stdout,
+            stdout=out_fd,
+            stderr=subprocess.PIPE,
+            preexec_fn=proc.die_with_parent_hook(),
+        ) as enc:
             assert dec.stdout is not None
             dec.stdout.close()
             _, enc_err = enc.communicate()
@@ -537,8 +587,15 @@ def _piped_rootfs(store: Store, layer: Layer, out: BinaryIO, kind: str) -> bool:
     return True
 
 
-def export_image(store: Store, ref: str, fmt: str, dest: Path,
-                 compression: str | None = None, *, name: str | None = None) -> Path:
+def export_image(
+    store: Store,
+    ref: str,
+    fmt: str,
+    dest: Path,
+    compression: str | None = None,
+    *,
+    name: str | None = None,
+) -> Path:
     """Export image `ref` in format `fmt` to `dest` (a directory for "oci", else a file,
     "-" meaning stdout); `name` overrides the "name:tag" the export carries. A rootfs
     export without `compression` takes it from the file name (see rootfs_compression_for)."""
@@ -549,8 +606,10 @@ def export_image(store: Store, ref: str, fmt: str, dest: Path,
     store.check_image(store.resolve(ref))
     if fmt == "oci":
         if str(dest) == "-":
-            raise ExportError("the oci format writes a directory: give one as the output "
-                              "(or use oci-archive to write to stdout)")
+            raise ExportError(
+                "the oci format writes a directory: give one as the output "
+                "(or use oci-archive to write to stdout)"
+            )
         return export_oci(store, ref, dest, compression=kind, name=name)
     with _output(dest) as out:
         if fmt == "oci-archive":

@@ -20,8 +20,12 @@ MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 MT_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 MT_DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
-LAYER_COMPRESSION = {MT_LAYER: "none", MT_LAYER_GZIP: "gzip", MT_LAYER_ZSTD: "zstd",
-                     MT_DOCKER_LAYER_GZIP: "gzip"}
+LAYER_COMPRESSION = {
+    MT_LAYER: "none",
+    MT_LAYER_GZIP: "gzip",
+    MT_LAYER_ZSTD: "zstd",
+    MT_DOCKER_LAYER_GZIP: "gzip",
+}
 LAYER_MEDIA_TYPE = {"none": MT_LAYER, "gzip": MT_LAYER_GZIP, "zstd": MT_LAYER_ZSTD}
 
 ANN_REF_NAME = "org.opencontainers.image.ref.name"
@@ -36,8 +40,8 @@ def canonical_json(value: Any) -> bytes:
 
 
 def sha256_digest(data: bytes) -> str:
-    """The digest of `data`. The run path hashes a few KB of JSON: CPython's own SHA-256
-    does that sooner than hashlib can load OpenSSL (~6 ms)."""
+    """The digest of `data`: by CPython's own SHA-256 when small, which spares the commands
+    that hash a few KB of JSON the loading of OpenSSL (sysbake.commands: start-up)."""
     new = _builtin_sha256() if len(data) < 1 << 20 else None
     if new is None:
         import hashlib
@@ -82,8 +86,11 @@ class Descriptor(NamedTuple):
     annotations: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest,
-                               "size": self.size}
+        out: dict[str, Any] = {
+            "mediaType": self.media_type,
+            "digest": self.digest,
+            "size": self.size,
+        }
         if self.annotations:
             out["annotations"] = dict(self.annotations)
         return out

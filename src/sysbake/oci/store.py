@@ -37,35 +37,13 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 from sysbake.errors import CommandError, ImageNotFound, LayerError, StoreError
-from sysbake.fsutil import atomic_write, fsync_dir, raise_disk, remove_tree
+from sysbake.fsutil import atomic_write, fsync_dir, publish_dir, raise_disk, remove_tree
 from sysbake.oci import model as oci
 from sysbake.oci.model import Descriptor, Image, Layer
+from sysbake.oci.reference import InvalidReference, Reference
 
-if TYPE_CHECKING:  # sysbake.oci.compress costs start-up time that `run` need not pay
+if TYPE_CHECKING:
     from sysbake.oci.compress import Readable
-
-_NAME_RE = re.compile(
-    r"^(?:[a-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-]+[a-z0-9]+)*(?:/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*$"
-)
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-
-
-def normalize_ref(ref: str) -> str:
-    """'web' -> 'web:latest'; validates name and tag (docker's grammar, lowercase names)."""
-    name, tag = split_ref(ref)
-    return f"{name}:{tag}"
-
-
-def split_ref(ref: str) -> tuple[str, str]:
-    """('name', 'tag') of a reference; the tag defaults to 'latest'."""
-    name, sep, tag = ref.rpartition(":")
-    if not sep or "/" in tag:
-        name, tag = ref, "latest"
-    if not _NAME_RE.match(name):
-        raise StoreError(f"invalid image name {name!r}: expected lowercase [a-z0-9._-/]")
-    if not _TAG_RE.match(tag):
-        raise StoreError(f"invalid tag {tag!r}: expected [A-Za-z0-9_.-], at most 128 characters")
-    return name, tag
 
 
 class BlobWriter:
@@ -76,8 +54,6 @@ class BlobWriter:
     """
 
     def __init__(self, store: Store) -> None:
-        # Imported here, like in staging(): `run` reads the store, never writes it, and
-        # these imports (OpenSSL for hashlib) are start-up cost on its path.
         import hashlib
         import tempfile
 
@@ -135,6 +111,20 @@ class Tagged(NamedTuple):
     image: Image
 
 
+# An image ID or manifest digest ("sha256:" optional), or a prefix of one.
+_ID_RE = re.compile(r"(?:sha256:)?[0-9a-f]{4,64}")
+
+
+def _names(desc: Descriptor, wanted: Reference) -> bool:
+    """Whether the index entry `desc` is the image `wanted` names: its tag, or for a pinned
+    reference, a tag of the same name on a manifest of that digest (the tag aside, as
+    docker and podman read a reference holding both)."""
+    ref = desc.annotation(oci.ANN_REF_NAME)
+    if wanted.digest is None:
+        return ref == wanted.store_name()
+    return desc.digest == wanted.digest and (ref or "").startswith(f"{wanted.name}:")
+
+
 class Store:
     """A content-addressed image store at `root` (see the module docstring for the layout)."""
 
@@ -171,8 +161,15 @@ class Store:
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._close_top()
-            for d in (self.blobs_dir, self.trees_dir, self.cache_dir, self.debs_dir,
-                      self.containers_dir, self.tmp_dir, self.checked_dir):
+            for d in (
+                self.blobs_dir,
+                self.trees_dir,
+                self.cache_dir,
+                self.debs_dir,
+                self.containers_dir,
+                self.tmp_dir,
+                self.checked_dir,
+            ):
                 d.mkdir(parents=True, exist_ok=True)
             layout = self.oci_dir / "oci-layout"
             if not layout.exists():
@@ -274,8 +271,12 @@ class Store:
 
     # -- images and tags ---------------------------------------------------------------
 
-    def put_image(self, config: dict[str, Any], layers: tuple[Layer, ...],
-                  annotations: dict[str, str] | None = None) -> Image:
+    def put_image(
+        self,
+        config: dict[str, Any],
+        layers: tuple[Layer, ...],
+        annotations: dict[str, str] | None = None,
+    ) -> Image:
         """Write config and manifest blobs for an image whose layer blobs are present."""
         for layer in layers:
             if not self.has_blob(layer.blob.digest):
@@ -299,8 +300,10 @@ class Store:
         diff_ids = config.get("rootfs", {}).get("diff_ids", [])
         blobs = [Descriptor.from_json(d) for d in doc.get("layers", [])]
         if len(diff_ids) != len(blobs):
-            raise StoreError(f"image {manifest.digest}: {len(blobs)} layers but "
-                             f"{len(diff_ids)} diff_ids in its config")
+            raise StoreError(
+                f"image {manifest.digest}: {len(blobs)} layers but "
+                f"{len(diff_ids)} diff_ids in its config"
+            )
         layers = tuple(Layer(b, d) for b, d in zip(blobs, diff_ids, strict=True))
         return Image(manifest, config_desc, config, layers)
 
@@ -316,21 +319,29 @@ class Store:
 
     def _write_index(self, manifests: list[Descriptor]) -> None:
         ordered = sorted(manifests, key=lambda d: d.annotation(oci.ANN_REF_NAME) or "")
-        doc = {"schemaVersion": 2, "mediaType": oci.MT_INDEX,
-               "manifests": [m.to_json() for m in ordered]}
+        doc = {
+            "schemaVersion": 2,
+            "mediaType": oci.MT_INDEX,
+            "manifests": [m.to_json() for m in ordered],
+        }
         atomic_write(self.oci_dir / "index.json", json.dumps(doc, indent=2).encode() + b"\n")
 
     def tag(self, ref: str, image: Image) -> str:
-        """Point `ref` at `image` (replacing any previous target); returns the normal ref."""
-        ref = normalize_ref(ref)
+        """Point `ref` ("name[:tag]", see sysbake.oci.reference) at `image`, replacing any
+        previous target; returns its store name ("name:tag"). Idempotent."""
+        ref = Reference.parse(ref, allow_digest=False).store_name()
+        tagged = image.manifest.with_annotations(**{oci.ANN_REF_NAME: ref})
         with self.lock():
-            kept = [m for m in self._read_index() if m.annotation(oci.ANN_REF_NAME) != ref]
-            kept.append(image.manifest.with_annotations(**{oci.ANN_REF_NAME: ref}))
-            self._write_index(kept)
+            index = self._read_index()
+            if tagged not in index:  # else nothing to write (a no-op build writes nothing)
+                self._write_index(
+                    [m for m in index if m.annotation(oci.ANN_REF_NAME) != ref] + [tagged]
+                )
         return ref
 
     def untag(self, ref: str) -> bool:
-        ref = normalize_ref(ref)
+        """Remove the tag `ref` ("name[:tag]"); False when there was none."""
+        ref = Reference.parse(ref, allow_digest=False).store_name()
         with self.lock():
             manifests = self._read_index()
             kept = [m for m in manifests if m.annotation(oci.ANN_REF_NAME) != ref]
@@ -353,20 +364,28 @@ class Store:
         return out
 
     def resolve(self, ref: str) -> Image:
-        """An image by 'name[:tag]', image ID (config digest) or its prefix, or manifest digest."""
+        """An image by reference: "name[:tag]", or "name[:tag]@digest" (an image tagged
+        with that name whose manifest has that digest); by image ID (config digest) or
+        its prefix of 4 or more hex digits, or manifest digest. ImageNotFound when there
+        is none; InvalidReference when `ref` is neither a reference nor an ID."""
         try:
-            wanted = normalize_ref(ref)
-        except StoreError:
+            wanted: Reference | None = Reference.parse(ref)
+        except InvalidReference:
+            if not _ID_RE.fullmatch(ref):
+                raise
             wanted = None
-        for desc in self._read_index():  # a tag: load that image only
-            if wanted is not None and desc.annotation(oci.ANN_REF_NAME) == wanted:
-                return self.load_image(desc)
-        tags = self.tags()
+        if wanted is not None:  # a tag: load that image only
+            for desc in self._read_index():
+                if _names(desc, wanted):
+                    return self.load_image(desc)
         probe = ref.removeprefix("sha256:")
-        if len(probe) >= 4 and re.fullmatch(r"[0-9a-f]+", probe):
-            hits = {t.image.manifest.digest: t.image for t in tags
-                    if oci.hex_of(t.image.id).startswith(probe)
-                    or oci.hex_of(t.image.manifest.digest).startswith(probe)}
+        if _ID_RE.fullmatch(ref):
+            hits = {
+                t.image.manifest.digest: t.image
+                for t in self.tags()
+                if oci.hex_of(t.image.id).startswith(probe)
+                or oci.hex_of(t.image.manifest.digest).startswith(probe)
+            }
             if len(hits) == 1:
                 return next(iter(hits.values()))
             if len(hits) > 1:
@@ -382,10 +401,7 @@ class Store:
         """Move an already-built directory into place as the unpacked tree of `diff_id`
         (the caller guarantees it matches the layer, as when a stage just built it)."""
         final = self.tree_path(diff_id)
-        if final.exists():
-            remove_tree(tree)
-            return final
-        os.rename(tree, final)
+        publish_dir(tree, final)  # an existing tree of `diff_id` is the same tree
         return final
 
     def layer_tree(self, layer: Layer) -> Path:
@@ -404,9 +420,8 @@ class Store:
             with self._layer_error(layer), self._plain_layer(layer) as plain:
                 layers.extract(plain, target, overlay=True, diff_id=layer.diff_id)
             self.mark_checked(layer.diff_id)
-            with contextlib.suppress(FileExistsError, OSError):
-                if not final.exists():
-                    os.rename(target, final)
+            with contextlib.suppress(OSError):
+                publish_dir(target, final)
         if not final.exists():
             raise StoreError(f"could not unpack layer {layer.diff_id}")
         return final
@@ -438,8 +453,10 @@ class Store:
     def _plain_layer(self, layer: Layer) -> Iterator[Readable]:
         from sysbake.oci import compress
 
-        with self.open_blob(layer.blob.digest) as raw, \
-                compress.decompressor(layer.compression, raw) as plain:
+        with (
+            self.open_blob(layer.blob.digest) as raw,
+            compress.decompressor(layer.compression, raw) as plain,
+        ):
             yield plain
 
     @staticmethod
@@ -454,50 +471,65 @@ class Store:
                 raise
             raise LayerError(f"{what}: {exc}") from exc
         except CommandError as exc:  # the decompressor refused the stream
-            raise LayerError(f"{what}: not a valid {layer.compression} stream ({exc})") \
-                from exc
+            raise LayerError(f"{what}: not a valid {layer.compression} stream ({exc})") from exc
 
     # -- garbage collection ------------------------------------------------------------
 
-    def gc(self, extra_roots: set[str] | None = None,
-           extra_trees: set[str] | None = None) -> tuple[int, int]:
+    def gc(
+        self, extra_roots: set[str] | None = None, extra_trees: set[str] | None = None
+    ) -> tuple[int, int]:
         """Delete blobs and trees that no tag and no cache record (`extra_roots`: blob
         digests, `extra_trees`: tree names) reaches. Returns (blobs removed, bytes freed).
         Idempotent."""
-        roots = set(extra_roots or ())
-        keep_blobs: set[str] = set()
-        keep_trees: set[str] = set(extra_trees or ())
         with self.lock():
-            for desc in self._read_index():
-                roots.add(desc.digest)
-            for digest in roots:
-                if not oci.is_digest(digest) or not self.has_blob(digest):
-                    continue
-                keep_blobs.add(digest)
-                try:
-                    doc = self.read_json(digest)
-                except (StoreError, ValueError, UnicodeDecodeError):
-                    continue  # a layer blob given directly as a root
-                if isinstance(doc, dict) and "config" in doc:
-                    keep_blobs.add(doc["config"]["digest"])
-                    keep_blobs.update(d["digest"] for d in doc.get("layers", []))
-                    cfg = self.read_json(doc["config"]["digest"])
-                    keep_trees.update(oci.hex_of(d) for d in cfg.get("rootfs", {})
-                                      .get("diff_ids", []))
-            removed = freed = 0
-            for blob in self.blobs_dir.iterdir():
-                if f"sha256:{blob.name}" not in keep_blobs:
-                    freed += blob.stat().st_size
-                    blob.unlink()
-                    removed += 1
-            for tree in self.trees_dir.iterdir():
-                if tree.name not in keep_trees and not _tree_in_use(tree):
-                    remove_tree(tree)
-            if self.checked_dir.is_dir():
-                for marker in self.checked_dir.iterdir():
-                    if marker.name not in keep_trees:
-                        marker.unlink()
+            roots = set(extra_roots or ()) | {desc.digest for desc in self._read_index()}
+            keep_blobs, keep_trees = self._reachable(roots)
+            removed, freed = self._sweep_blobs(keep_blobs)
+            self._sweep_trees(keep_trees | set(extra_trees or ()))
         return removed, freed
+
+    def _reachable(self, roots: set[str]) -> tuple[set[str], set[str]]:
+        """The blobs and tree names that `roots` (blob digests) reach: a manifest keeps its
+        config, its layers and its layers' trees; a root that is no stored blob keeps nothing.
+        Caller holds the lock."""
+        keep_blobs: set[str] = set()
+        keep_trees: set[str] = set()
+        for digest in roots:
+            if not oci.is_digest(digest) or not self.has_blob(digest):
+                continue
+            keep_blobs.add(digest)
+            try:
+                doc = self.read_json(digest)
+            except (StoreError, ValueError, UnicodeDecodeError):
+                continue  # a layer blob given directly as a root
+            if isinstance(doc, dict) and "config" in doc:
+                keep_blobs.add(doc["config"]["digest"])
+                keep_blobs.update(d["digest"] for d in doc.get("layers", []))
+                cfg = self.read_json(doc["config"]["digest"])
+                keep_trees.update(oci.hex_of(d) for d in cfg.get("rootfs", {}).get("diff_ids", []))
+        return keep_blobs, keep_trees
+
+    def _sweep_blobs(self, keep: set[str]) -> tuple[int, int]:
+        """Delete every blob whose digest is not in `keep`; returns (removed, bytes freed).
+        Caller holds the lock."""
+        removed = freed = 0
+        for blob in self.blobs_dir.iterdir():
+            if f"sha256:{blob.name}" not in keep:
+                freed += blob.stat().st_size
+                blob.unlink()
+                removed += 1
+        return removed, freed
+
+    def _sweep_trees(self, keep: set[str]) -> None:
+        """Delete every tree not in `keep` and not mounted, and the check markers of the
+        trees not in `keep`. Caller holds the lock."""
+        for tree in self.trees_dir.iterdir():
+            if tree.name not in keep and not _tree_in_use(tree):
+                remove_tree(tree)
+        if self.checked_dir.is_dir():
+            for marker in self.checked_dir.iterdir():
+                if marker.name not in keep:
+                    marker.unlink()
 
 
 def _tree_in_use(tree: Path) -> bool:

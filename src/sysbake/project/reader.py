@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import stat
 from collections.abc import Callable, Sequence
 from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any
 
+from sysbake import signals
 from sysbake.errors import ConfigError
+from sysbake.oci.reference import InvalidReference, Reference
 from sysbake.records import record
 
 Pairs = tuple[tuple[str, str], ...]
@@ -51,7 +52,7 @@ def got(value: object) -> str:
 
 def did_you_mean(name: str, options: Sequence[str]) -> str:
     """` (did you mean 'x'?)` when one option is close to `name`, else ''."""
-    import difflib  # only for a misspelt key: not every command's start-up
+    import difflib
 
     close = difflib.get_close_matches(name, options, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -95,8 +96,11 @@ class Reader:
         for name in data:
             if name not in allowed:
                 hint = did_you_mean(name, allowed).strip(" ()")
-                raise src.error(join_key(key, name), f"unknown key{', ' + hint if hint else ''}"
-                                f" (expected one of: {', '.join(sorted(allowed))})")
+                raise src.error(
+                    join_key(key, name),
+                    f"unknown key{', ' + hint if hint else ''}"
+                    f" (expected one of: {', '.join(sorted(allowed))})",
+                )
         self.src, self.key, self.data = src, key, data
 
     def at(self, name: str) -> str:
@@ -133,12 +137,23 @@ class Reader:
     def boolean(self, name: str, default: bool) -> bool:
         return bool(self.get(name, (bool,), "a boolean (true or false)", default))
 
-    def scalar(self, name: str, kinds: tuple[type, ...], what: str, default: Any,
-               check: Callable[[Any], Any]) -> Any:
+    def scalar(
+        self,
+        name: str,
+        kinds: tuple[type, ...],
+        what: str,
+        default: Any,
+        check: Callable[[Any], Any],
+    ) -> Any:
         return self.checked(self.at(name), self.get(name, kinds, what, default), check)
 
-    def items(self, name: str, check: Callable[[Any], Any] | None = None,
-              kinds: tuple[type, ...] = (str,), what: str = "a string") -> tuple[Any, ...]:
+    def items(
+        self,
+        name: str,
+        check: Callable[[Any], Any] | None = None,
+        kinds: tuple[type, ...] = (str,),
+        what: str = "a string",
+    ) -> tuple[Any, ...]:
         """An array (default empty) of scalars, each type-checked and passed through `check`."""
         out = []
         plural = f"an array of {what.split(' ', 1)[1]}s"  # "a port" -> "an array of ports"
@@ -171,8 +186,10 @@ class Reader:
         else:
             found = self.items(name, what="a path")
             keys = [f"{self.at(name)}[{i}]" for i in range(1, len(found) + 1)]
-        return tuple(self.checked(k, v, existing(self.src.root, kind))
-                     for k, v in zip(keys, found, strict=True))
+        return tuple(
+            self.checked(k, v, existing(self.src.root, kind))
+            for k, v in zip(keys, found, strict=True)
+        )
 
     def path(self, name: str, kind: str) -> Path | None:
         """An optional path relative to the project that must exist as `kind`; "" is None."""
@@ -196,15 +213,19 @@ def pattern(regex: str, what: str) -> Check:
         if not compiled.fullmatch(value):
             raise Invalid(f"expected {what}, got {got(value)}")
         return value
+
     return check
 
 
 def choice(*options: str) -> Check:
     def check(value: str) -> str:
         if value not in options:
-            raise Invalid(f"expected one of {', '.join(map(json.dumps, options))}, got "
-                          f"{got(value)}{did_you_mean(value, options)}")
+            raise Invalid(
+                f"expected one of {', '.join(map(json.dumps, options))}, got "
+                f"{got(value)}{did_you_mean(value, options)}"
+            )
         return value
+
     return check
 
 
@@ -214,6 +235,7 @@ _NOUNS = {"dir": "directory", "file": "file", "any": "file or directory"}
 def existing(root: Path, kind: str) -> Callable[[str], Path]:
     """A check resolving a path against `root`; it must exist as a dir, file or either ('any'),
     and, when it is named inside the project, resolve inside it (see `escaping_link`)."""
+
     def check(value: str) -> Path:
         if not value:
             raise Invalid("expected a path, got an empty string")
@@ -222,8 +244,10 @@ def existing(root: Path, kind: str) -> Callable[[str], Path]:
         path = Path(os.path.normpath(root / value))
         escape = escaping_link(root, path)
         if escape:
-            raise Invalid(f"{json.dumps(value)} resolves outside the project ({escape}): name "
-                          "the outside path explicitly if you mean it")
+            raise Invalid(
+                f"{json.dumps(value)} resolves outside the project ({escape}): name "
+                "the outside path explicitly if you mean it"
+            )
         try:
             mode = path.stat().st_mode
         except FileNotFoundError:
@@ -234,6 +258,7 @@ def existing(root: Path, kind: str) -> Callable[[str], Path]:
         if not {"dir": is_dir, "file": is_file, "any": is_dir or is_file}[kind]:
             raise Invalid(f"not a {_NOUNS[kind]}: {path}")
         return path
+
     return check
 
 
@@ -261,8 +286,11 @@ def escaping_link(root: Path, path: Path) -> str | None:
         except (OSError, ValueError):
             return f"{Path(*parts[:end]).as_posix()} is a symlink that cannot be resolved"
         if not within(real_root, target):
-            link = "a symlink" if end == len(parts) else \
-                f"{Path(*parts[:end]).as_posix()} is a symlink"
+            link = (
+                "a symlink"
+                if end == len(parts)
+                else f"{Path(*parts[:end]).as_posix()} is a symlink"
+            )
             return f"{link} to {target}"
     return None
 
@@ -279,8 +307,19 @@ def removable(value: str) -> str:
     return value
 
 
-_UNIT_SUFFIXES = ("service", "socket", "target", "timer", "mount", "automount", "path", "swap",
-                  "slice", "scope", "device")
+_UNIT_SUFFIXES = (
+    "service",
+    "socket",
+    "target",
+    "timer",
+    "mount",
+    "automount",
+    "path",
+    "swap",
+    "slice",
+    "scope",
+    "device",
+)
 
 
 def unit(value: str) -> str:
@@ -320,29 +359,11 @@ def tcp_port(value: int) -> int:
 
 
 def stop_signal(value: int | str) -> str:
-    """A signal normalized to its name: 37, "RTMIN+3" and "SIGRTMAX-27" are "SIGRTMIN+3"."""
-    text = str(value).strip().upper()
-    text = text if text.isdigit() or text.startswith("SIG") else f"SIG{text}"
-    rt = re.fullmatch(r"SIGRT(MIN|MAX)(?:([+-])(\d+))?", text)
-    if text.isdigit():
-        number = int(text)
-    elif text in signal.Signals.__members__:
-        number = signal.Signals[text].value
-    elif rt and (rt[1], rt[2]) in (("MIN", "+"), ("MAX", "-")):
-        base = signal.SIGRTMIN if rt[1] == "MIN" else signal.SIGRTMAX
-        number = base + int(rt[3]) * (1 if rt[2] == "+" else -1)
-    else:
-        number = 0
-    if signal.SIGRTMIN <= number <= signal.SIGRTMAX:
-        offset = number - signal.SIGRTMIN
-        return f"SIGRTMIN+{offset}" if offset else "SIGRTMIN"
-    if 1 <= number < signal.SIGRTMIN:
-        try:
-            return signal.Signals(number).name
-        except ValueError:
-            pass  # a gap in the numbering (32, 33: reserved by the C library)
-    raise Invalid(f'expected a signal name like "SIGTERM" or "SIGRTMIN+3", or a number in '
-                  f"1..{signal.SIGRTMAX.value}, got {got(value)}")
+    """A signal by its canonical name (sysbake.signals): 37 and "RTMIN+3" are "SIGRTMIN+3"."""
+    try:
+        return signals.canonical(value)
+    except ValueError:
+        raise Invalid(f"expected {signals.EXPECTED}, got {got(value)}") from None
 
 
 def owner(value: int | str) -> str:
@@ -374,21 +395,30 @@ def json_value(value: object) -> object:
     return value.isoformat() if isinstance(value, datetime | date | time) else value
 
 
-_REF_NAME = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REF_HOST = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*(?::\d+)?/)?"
-REFERENCE = rf"{_REF_HOST}{_REF_NAME}(?:/{_REF_NAME})*(?::[\w][\w.-]{{0,127}})?"
-
-
 def tag(value: str) -> str:
-    """An image reference to tag a result as; ':latest' is added when it has no tag."""
-    if not re.fullmatch(REFERENCE, value):
-        raise Invalid(f'expected an image reference like "web:latest", got {got(value)}')
-    return value if ":" in value.rsplit("/", 1)[-1] else f"{value}:latest"
+    """A reference to tag a result as (sysbake.oci.reference, no digest), normalized as the
+    store writes it: ':latest' added when it has no tag, the registry host in lower case."""
+    return _reference(value, allow_digest=False).store_name()
+
+
+def is_tag(value: str) -> bool:
+    """Whether `tag` takes `value`."""
+    try:
+        tag(value)
+    except Invalid:
+        return False
+    return True
 
 
 def parent_ref(value: str) -> str:
-    """A store reference, optionally pinned by digest."""
-    if not re.fullmatch(rf"{REFERENCE}(?:@sha256:[0-9a-f]{{64}})?", value):
-        raise Invalid(f'expected an image of this file or a reference like "debian:bookworm", '
-                      f"got {got(value)}")
+    """A store reference, optionally pinned by digest; kept as written (the cache key holds
+    it), the store reads it with the same grammar."""
+    _reference(value)
     return value
+
+
+def _reference(value: str, *, allow_digest: bool = True) -> Reference:
+    try:
+        return Reference.parse(value, allow_digest=allow_digest)
+    except InvalidReference as exc:
+        raise Invalid(f"{exc.problem}, got {got(value)}") from None

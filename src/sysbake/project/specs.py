@@ -14,12 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from sysbake import signals
 from sysbake.errors import ConfigError
 from sysbake.project.reader import Pairs, did_you_mean, display_path, escaping_link, rel_path
 from sysbake.records import field, fields, is_record, record
 
 DEFAULT_CMD = ("/lib/systemd/systemd",)
-DEFAULT_STOP_SIGNAL = "SIGRTMIN+3"
+DEFAULT_STOP_SIGNAL = signals.name(signals.SYSTEMD_STOP)  # "SIGRTMIN+3"
 _MAP: dict[str, bool] = {"mapping": True}  # field metadata: a Pairs field shown as a table
 
 
@@ -29,14 +30,19 @@ def read_input(path: Path, within: Path) -> bytes:
     refused (ConfigError), never read; the file itself is opened without following links."""
     escape = escaping_link(within, path)
     if escape:
-        raise ConfigError(f"{display_path(path)}: resolves outside {display_path(within)} "
-                          f"({escape}): sysbake does not read host files through a link")
+        raise ConfigError(
+            f"{display_path(path)}: resolves outside {display_path(within)} "
+            f"({escape}): sysbake does not read host files through a link"
+        )
     real = os.path.realpath(path)
     try:
         # Checked before opening (a device may act on open) and after (it may be swapped).
         regular = stat.S_ISREG(os.lstat(real).st_mode)
-        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK) \
-            if regular else -1
+        fd = (
+            os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            if regular
+            else -1
+        )
     except OSError as exc:
         raise ConfigError(f"{display_path(path)}: cannot read: {exc.strerror}") from None
     if fd < 0:
@@ -67,12 +73,19 @@ class BootstrapSpec:
     def key_inputs(self) -> dict[str, object]:
         """The bootstrap stage's cache inputs (see the module docstring); `mirror` "" means
         the host's apt sources, which the stage itself must account for."""
-        return {"distro": self.distro, "suite": self.suite, "mirror": self.mirror,
-                "components": list(self.components), "variant": self.variant,
-                "packages": sorted(set(self.packages)), "architecture": self.architecture,
-                "snapshot": self.snapshot, "security": self.security,
-                "keyring": rel_path(self.root, self.keyring) if self.keyring else None,
-                "hooks": [rel_path(self.root, p) for p in self.hooks]}
+        return {
+            "distro": self.distro,
+            "suite": self.suite,
+            "mirror": self.mirror,
+            "components": list(self.components),
+            "variant": self.variant,
+            "packages": sorted(set(self.packages)),
+            "architecture": self.architecture,
+            "snapshot": self.snapshot,
+            "security": self.security,
+            "keyring": rel_path(self.root, self.keyring) if self.keyring else None,
+            "hooks": [rel_path(self.root, p) for p in self.hooks],
+        }
 
     def input_paths(self) -> tuple[Path, ...]:
         """Files and trees whose contents the cache key must also cover."""
@@ -81,7 +94,8 @@ class BootstrapSpec:
 
 @record(kw_only=True)
 class OciConfigSpec:
-    """The OCI image config of the result."""
+    """The OCI image config of the result, normalized by the reader (ports "N/tcp",
+    the stop signal by its canonical name): what sysbake.build.finalize writes."""
 
     cmd: tuple[str, ...] = DEFAULT_CMD
     entrypoint: tuple[str, ...] = ()
@@ -96,10 +110,18 @@ class OciConfigSpec:
 
     def key_inputs(self) -> dict[str, object]:
         """The config's cache inputs; set-like lists (volumes) are sorted."""
-        return {"cmd": list(self.cmd), "entrypoint": list(self.entrypoint),
-                "env": dict(self.env), "labels": dict(self.labels), "ports": list(self.ports),
-                "volumes": sorted(set(self.volumes)), "stop_signal": self.stop_signal,
-                "workdir": self.workdir, "user": self.user, "container": self.container}
+        return {
+            "cmd": list(self.cmd),
+            "entrypoint": list(self.entrypoint),
+            "env": dict(self.env),
+            "labels": dict(self.labels),
+            "ports": list(self.ports),
+            "volumes": sorted(set(self.volumes)),
+            "stop_signal": self.stop_signal,
+            "workdir": self.workdir,
+            "user": self.user,
+            "container": self.container,
+        }
 
 
 @record(kw_only=True)
@@ -119,8 +141,10 @@ class FinalizeSpec:
 
     def key_inputs(self) -> dict[str, object]:
         """The clean-up's cache inputs; unit and path lists are sets, hence sorted."""
-        return {f.name: sorted(set(v)) if isinstance(v := getattr(self, f.name), tuple) else v
-                for f in fields(self)}
+        return {
+            f.name: sorted(set(v)) if isinstance(v := getattr(self, f.name), tuple) else v
+            for f in fields(self)
+        }
 
 
 @record(kw_only=True)
@@ -137,9 +161,13 @@ class TestSpec:
 
     def key_inputs(self) -> dict[str, object]:
         """What a cached test result would depend on (the image's digest aside)."""
-        return {"timeout": self.timeout, "commands": list(self.commands),
-                "units": sorted(set(self.units)), "ports": sorted(set(self.ports)),
-                "idempotence": self.idempotence}
+        return {
+            "timeout": self.timeout,
+            "commands": list(self.commands),
+            "units": sorted(set(self.units)),
+            "ports": sorted(set(self.ports)),
+            "idempotence": self.idempotence,
+        }
 
 
 @record(kw_only=True)
@@ -154,8 +182,12 @@ class _StepBase:
 
     def _common_key(self) -> dict[str, object]:
         # The step's name is a label, not an input: renaming a step keeps its cache.
-        return {"type": self.type, "mode": self.mode, "network": self.network,
-                "env": dict(self.env)}
+        return {
+            "type": self.type,
+            "mode": self.mode,
+            "network": self.network,
+            "env": dict(self.env),
+        }
 
     def input_paths(self) -> tuple[Path, ...]:
         """Files and trees whose contents the cache key must also cover."""
@@ -173,8 +205,11 @@ class _SaltBase(_StepBase):
         return dict(json.loads(self.grains_json))
 
     def _salt_key(self) -> dict[str, object]:
-        return self._common_key() | {"grains": self.grains, "salt_version": self.salt_version,
-                                     "keep_salt": self.keep_salt}
+        return self._common_key() | {
+            "grains": self.grains,
+            "salt_version": self.salt_version,
+            "keep_salt": self.keep_salt,
+        }
 
 
 @record(kw_only=True)
@@ -190,7 +225,9 @@ class SaltStep(_SaltBase):
         """The step's cache inputs; the trees' contents are left to the cache."""
         return self._salt_key() | {
             "state_tree": [rel_path(self.root, p) for p in self.state_tree],
-            "pillar": [rel_path(self.root, p) for p in self.pillar], "sls": list(self.sls)}
+            "pillar": [rel_path(self.root, p) for p in self.pillar],
+            "sls": list(self.sls),
+        }
 
     def input_paths(self) -> tuple[Path, ...]:
         return self.state_tree + self.pillar
@@ -215,9 +252,11 @@ class ProjectStep(_SaltBase):
 
     def key_inputs(self) -> dict[str, object]:
         """The step's cache inputs; the project tree's contents are left to the cache."""
-        return self._salt_key() | {"path": rel_path(self.root, self.path),
-                                   "project": self.project,
-                                   "pillar": [rel_path(self.root, p) for p in self.pillar]}
+        return self._salt_key() | {
+            "path": rel_path(self.root, self.path),
+            "project": self.project,
+            "pillar": [rel_path(self.root, p) for p in self.pillar],
+        }
 
     def input_paths(self) -> tuple[Path, ...]:
         return (self.path, *self.pillar)
@@ -261,8 +300,14 @@ class FilesStep(_StepBase):
     def key_inputs(self) -> dict[str, object]:
         """The step's cache inputs; the source's contents are left to the cache."""
         mode = None if self.file_mode is None else f"{self.file_mode:04o}"
-        return {"type": self.type, "source": rel_path(self.root, self.source),
-                "dest": self.dest, "owner": self.owner, "group": self.group, "mode": mode}
+        return {
+            "type": self.type,
+            "source": rel_path(self.root, self.source),
+            "dest": self.dest,
+            "owner": self.owner,
+            "group": self.group,
+            "mode": mode,
+        }
 
     def input_paths(self) -> tuple[Path, ...]:
         return (self.source,)
@@ -289,11 +334,15 @@ class ImageSpec:
     def key_inputs(self) -> dict[str, object]:
         """Everything that shapes the image (not its tag, name or tests); a local parent is
         named here and stands for its digest in the cache's own key."""
-        return {"parent": self.parent, "parent_is_local": self.parent_is_local,
-                "bootstrap": self.bootstrap.key_inputs() if self.bootstrap else None,
-                "provision": [s.key_inputs() for s in self.provision],
-                "finalize": self.finalize.key_inputs(), "config": self.config.key_inputs(),
-                "description": self.description}
+        return {
+            "parent": self.parent,
+            "parent_is_local": self.parent_is_local,
+            "bootstrap": self.bootstrap.key_inputs() if self.bootstrap else None,
+            "provision": [s.key_inputs() for s in self.provision],
+            "finalize": self.finalize.key_inputs(),
+            "config": self.config.key_inputs(),
+            "description": self.description,
+        }
 
 
 @record(kw_only=True)
@@ -311,8 +360,10 @@ class Project:
             if name in (spec.name, spec.tag):
                 return spec
         names = [i.name for i in self.images]
-        raise ConfigError(f"{display_path(self.path)}: no image {name!r} in this file"
-                          f"{did_you_mean(name, names)} (images: {', '.join(names)})")
+        raise ConfigError(
+            f"{display_path(self.path)}: no image {name!r} in this file"
+            f"{did_you_mean(name, names)} (images: {', '.join(names)})"
+        )
 
     def build_order(self, targets: Sequence[str] | None = None) -> list[ImageSpec]:
         """The targets (default: all) and their in-file ancestors, each after its parent."""

@@ -120,8 +120,7 @@ def default_auth_file(env: Mapping[str, str] | None = None) -> Path:
     return Path(f"/run/containers/{os.getuid()}/auth.json")
 
 
-def auth_files(auth_file: Path | None = None,
-               env: Mapping[str, str] | None = None) -> list[Path]:
+def auth_files(auth_file: Path | None = None, env: Mapping[str, str] | None = None) -> list[Path]:
     """The files credentials are looked up in, first match wins."""
     env = os.environ if env is None else env
     explicit = auth_file or explicit_auth_file(env)
@@ -130,8 +129,11 @@ def auth_files(auth_file: Path | None = None,
     home = Path(env.get("HOME") or Path.home())
     config_home = Path(env.get("XDG_CONFIG_HOME") or home / ".config")
     docker = Path(env.get("DOCKER_CONFIG") or home / ".docker")
-    return [default_auth_file(env), config_home / "containers" / "auth.json",
-            docker / "config.json"]
+    return [
+        default_auth_file(env),
+        config_home / "containers" / "auth.json",
+        docker / "config.json",
+    ]
 
 
 def normalize_key(key: str) -> str:
@@ -171,8 +173,7 @@ def decode_entry(entry: Any, where: str) -> Credentials | None:
     return None
 
 
-def lookup_credentials(registry: str, repository: str,
-                       files: list[Path]) -> Credentials | None:
+def lookup_credentials(registry: str, repository: str, files: list[Path]) -> Credentials | None:
     """Credentials for `registry`/`repository`: the first file with a matching key; within
     a file the most specific key wins ('host/ns/repo' over 'host/ns' over 'host')."""
     wanted = f"{registry}/{repository}"

@@ -1,4 +1,5 @@
-"""A client of the OCI distribution API v2 over http.client: references, TLS, auth, requests.
+"""A client of the OCI distribution API v2 over http.client: TLS, auth, requests (image
+references are sysbake.oci.reference's).
 
 Plain http is used only with --tls-verify=false or for a loopback registry (127.0.0.0/8,
 ::1, localhost) that does not speak TLS, as docker does for loopback; a loopback registry
@@ -19,7 +20,6 @@ import io
 import ipaddress
 import json
 import os
-import re
 import socket
 import ssl
 import time
@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sysbake import log
-from sysbake.oci import model as oci
 from sysbake.records import field, record
 from sysbake.registry.auth import (
     Challenge,
@@ -46,12 +45,6 @@ WINDOW_ENV = "SYSBAKE_REGISTRY_WINDOW"
 CHUNK = 1 << 20
 SEND_BLOCK = 64 << 10  # small enough that a slow but honest uplink moves a block per window
 _CERT_DIRS = (Path("/etc/containers/certs.d"), Path("/etc/docker/certs.d"))
-
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_HOST_RE = re.compile(rf"^(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]+\])(?::[0-9]+)?$")
-_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REPO_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
 class Body(Protocol):
@@ -80,8 +73,10 @@ class Limits:
         """The defaults, overridden by $SYSBAKE_REGISTRY_MIN_RATE (KiB/s) and
         $SYSBAKE_REGISTRY_WINDOW (seconds)."""
         env = os.environ if env is None else env
-        return cls(_number(env, MIN_RATE_ENV, DEFAULT_MIN_RATE, minimum=0.0),
-                   _number(env, WINDOW_ENV, DEFAULT_WINDOW, minimum=0.1))
+        return cls(
+            _number(env, MIN_RATE_ENV, DEFAULT_MIN_RATE, minimum=0.0),
+            _number(env, WINDOW_ENV, DEFAULT_WINDOW, minimum=0.1),
+        )
 
     def floor(self) -> float:
         """The fewest bytes a window must move."""
@@ -121,9 +116,11 @@ class RateWindow:
         if now < self.deadline():
             return
         if self.count == 0 or self.count < self.limits.floor():
-            raise SlowTransfer(f"the registry {self.verb} {self.count} bytes in "
-                               f"{self.limits.window:g} s (less than the minimum of "
-                               f"{self.limits.min_rate:g} KiB/s)")
+            raise SlowTransfer(
+                f"the registry {self.verb} {self.count} bytes in "
+                f"{self.limits.window:g} s (less than the minimum of "
+                f"{self.limits.min_rate:g} KiB/s)"
+            )
         self.start, self.count = now, 0
 
     def add(self, n: int) -> None:
@@ -171,66 +168,6 @@ def _response_class(limits: Limits) -> type[http.client.HTTPResponse]:
             self.fp = io.BufferedReader(_MeteredSocket(sock, limits), CHUNK)
 
     return MeteredResponse
-
-
-@record
-class Reference:
-    """An image in a registry: host[:port]/repository[:tag][@digest]."""
-
-    registry: str
-    repository: str
-    tag: str | None = None
-    digest: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> Reference:
-        """Parse 'host[:port]/repo/name[:tag][@sha256:...]'; the host part is required."""
-        rest, _, digest = text.partition("@")
-        if digest and not oci.is_digest(digest):
-            raise RegistryError(f"{text!r}: expected a sha256:<64 hex> digest after '@'")
-        host, slash, path = rest.partition("/")
-        if not slash or not ("." in host or ":" in host or host == "localhost"):
-            raise RegistryError(f"{text!r} names no registry: expected "
-                                "host[:port]/repository[:tag]")
-        repository, colon, tag = path.rpartition(":")
-        if not colon or "/" in tag:
-            repository, colon, tag = path, "", ""
-        _refuse_path_tricks(text, [host, *repository.split("/")])
-        if not _HOST_RE.match(host):
-            raise RegistryError(f"{text!r}: invalid registry host {host!r}")
-        if not _REPO_RE.match(repository):
-            raise RegistryError(f"{text!r}: invalid repository {repository!r}: expected "
-                                "lowercase [a-z0-9] components joined by . _ - and /")
-        if colon and not _TAG_RE.match(tag):
-            raise RegistryError(f"{text!r}: invalid tag {tag!r}")
-        return cls(host.lower(), repository, tag or (None if digest else "latest"),
-                   digest or None)
-
-    def __str__(self) -> str:
-        out = f"{self.registry}/{self.repository}"
-        if self.tag:
-            out += f":{self.tag}"
-        return out + (f"@{self.digest}" if self.digest else "")
-
-    @property
-    def reference(self) -> str:
-        """What goes after /manifests/: the digest when pinned, else the tag."""
-        return self.digest or self.tag or "latest"
-
-    def local_name(self) -> str:
-        """The store tag of a pulled image: its tag, or 'sha256-<hex>' when pulled by
-        digest only (the cosign convention: a store tag cannot hold '@')."""
-        tag = self.tag or (self.digest or "").replace(":", "-")
-        return f"{self.registry}/{self.repository}:{tag}"
-
-
-def _refuse_path_tricks(text: str, components: list[str]) -> None:
-    """Refuse a name with a '..', '.' or empty component: registries and stores map names
-    to paths and URLs, where such a component would climb out of its place."""
-    for part in components:
-        if part in ("", ".", "..") or ".." in part:
-            raise RegistryError(f"{text!r}: the image name has a path component {part!r}: "
-                                "'..', '.' and empty components are not allowed")
 
 
 def is_loopback(registry: str) -> bool:
@@ -283,8 +220,9 @@ def _load(fn: Any, path: Path, *args: Any, **kw: Any) -> None:
 class Response:
     """A response whose body is still to be read; `close()` drops the connection."""
 
-    def __init__(self, conn: http.client.HTTPConnection, raw: http.client.HTTPResponse,
-                 url: str) -> None:
+    def __init__(
+        self, conn: http.client.HTTPConnection, raw: http.client.HTTPResponse, url: str
+    ) -> None:
         self.conn, self.raw, self.url = conn, raw, url
         self.status = raw.status
         self.headers = raw.headers
@@ -296,11 +234,11 @@ class Response:
         except SlowTransfer as exc:
             raise RegistryError(f"{self.url}: {exc}: dropped") from exc
         except (OSError, http.client.HTTPException) as exc:
-            raise RegistryError(f"{self.url}: connection dropped while reading "
-                                f"the response ({_reason(exc)})") from exc
+            raise RegistryError(
+                f"{self.url}: connection dropped while reading the response ({_reason(exc)})"
+            ) from exc
         if len(data) > limit:
-            raise RegistryError(f"{self.url}: the response is larger than {limit} bytes: "
-                                "refused")
+            raise RegistryError(f"{self.url}: the response is larger than {limit} bytes: refused")
         return data
 
     def chunks(self) -> Iterator[bytes]:
@@ -322,8 +260,10 @@ class Response:
         body = self.read(64 << 10)
         try:
             errors = json.loads(body).get("errors") or []
-            return "; ".join(f"{e.get('code', '?')}: {e.get('message', '')}".strip()
-                             for e in errors) or f"HTTP {self.status}"
+            return (
+                "; ".join(f"{e.get('code', '?')}: {e.get('message', '')}".strip() for e in errors)
+                or f"HTTP {self.status}"
+            )
         except (ValueError, AttributeError):
             return f"HTTP {self.status} {self.raw.reason}".strip()
 
@@ -359,18 +299,19 @@ class Session:
 
     # -- connections -----------------------------------------------------------------------
 
-    def _send(self, method: str, url: str, headers: dict[str, str],
-              body: bytes | Body | None) -> Response:
+    def _send(
+        self, method: str, url: str, headers: dict[str, str], body: bytes | Body | None
+    ) -> Response:
         parts = urllib.parse.urlsplit(url)
         conn: http.client.HTTPConnection
         # The socket timeout bounds connecting and each block sent; responses are metered.
         window = self.limits.window
         if parts.scheme == "https":
-            conn = http.client.HTTPSConnection(parts.netloc, timeout=window,
-                                               context=self.context(), blocksize=SEND_BLOCK)
+            conn = http.client.HTTPSConnection(
+                parts.netloc, timeout=window, context=self.context(), blocksize=SEND_BLOCK
+            )
         else:
-            conn = http.client.HTTPConnection(parts.netloc, timeout=window,
-                                              blocksize=SEND_BLOCK)
+            conn = http.client.HTTPConnection(parts.netloc, timeout=window, blocksize=SEND_BLOCK)
         conn.response_class = _response_class(self.limits)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         log.debug(f"{method} {url}")
@@ -381,7 +322,8 @@ class Session:
             conn.close()
             raise RegistryError(
                 f"TLS verification of {parts.netloc} failed ({exc.verify_message}): pass "
-                "--cert-dir with its CA certificate, or --tls-verify=false") from exc
+                "--cert-dir with its CA certificate, or --tls-verify=false"
+            ) from exc
         except ConnectionRefusedError as exc:
             conn.close()
             raise RegistryError(f"cannot connect to {parts.netloc}: connection refused") from exc
@@ -393,15 +335,16 @@ class Session:
             raise RegistryError(f"{method} {url}: {exc}: dropped") from exc
         except TimeoutError as exc:
             # Responses are metered (SlowTransfer): a timeout is in connecting or sending.
-            doing = "accepted no data" if conn.sock is not None else \
-                "did not accept the connection"
+            doing = "accepted no data" if conn.sock is not None else "did not accept the connection"
             conn.close()
-            raise RegistryError(f"{method} {url}: the registry {doing} for {window:g} s: "
-                                "dropped") from exc
+            raise RegistryError(
+                f"{method} {url}: the registry {doing} for {window:g} s: dropped"
+            ) from exc
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise RegistryError(f"{method} {url}: connection failed or dropped "
-                                f"({_reason(exc, window)})") from exc
+            raise RegistryError(
+                f"{method} {url}: connection failed or dropped ({_reason(exc, window)})"
+            ) from exc
         return Response(conn, raw, url)
 
     def _probe(self) -> None:
@@ -415,25 +358,29 @@ class Session:
                 resp = self._send("GET", url, {}, None)
             except RegistryError as exc:
                 cause = exc.__cause__
-                plain_http = isinstance(cause, ssl.SSLError | ConnectionResetError) and \
-                    not isinstance(cause, ssl.SSLCertVerificationError)
+                plain_http = isinstance(
+                    cause, ssl.SSLError | ConnectionResetError
+                ) and not isinstance(cause, ssl.SSLCertVerificationError)
                 if scheme == "https" and plain_http and len(schemes) > 1:
                     continue  # not a TLS server: try plain http
                 if plain_http and cause is not None:
                     raise RegistryError(
                         f"TLS handshake with {self.registry} failed "
                         f"({_reason(cause, self.limits.window)}): for "
-                        "a plain-http registry pass --tls-verify=false") from exc
+                        "a plain-http registry pass --tls-verify=false"
+                    ) from exc
                 raise
             with resp:
                 resp.read(64 << 10)
                 if resp.status == 401:
                     self._challenge = pick_challenge(
-                        parse_challenges(", ".join(resp.headers.get_all("WWW-Authenticate")
-                                                   or [])))
+                        parse_challenges(", ".join(resp.headers.get_all("WWW-Authenticate") or []))
+                    )
                 elif resp.status != 200:
-                    raise RegistryError(f"{self.registry} is not an OCI registry: GET /v2/ "
-                                        f"answered HTTP {resp.status}")
+                    raise RegistryError(
+                        f"{self.registry} is not an OCI registry: GET /v2/ "
+                        f"answered HTTP {resp.status}"
+                    )
             self.scheme = scheme
             return
 
@@ -445,34 +392,38 @@ class Session:
             return {}
         if challenge.scheme == "basic":
             if self.creds is None:
-                raise RegistryError(f"{self.registry} requires authentication: pass --creds "
-                                    f"USER[:PASSWORD] or run `sysbake login {self.registry}`")
+                raise RegistryError(
+                    f"{self.registry} requires authentication: pass --creds "
+                    f"USER[:PASSWORD] or run `sysbake login {self.registry}`"
+                )
             return {"Authorization": self.creds.basic()}
         if challenge.scheme == "bearer":
             if scopes not in self._tokens:
                 self._tokens[scopes] = self._fetch_token(challenge, scopes)
             return {"Authorization": f"Bearer {self._tokens[scopes]}"}
-        raise RegistryError(f"{self.registry} asks for unsupported authentication "
-                            f"{challenge.scheme!r}")
+        raise RegistryError(
+            f"{self.registry} asks for unsupported authentication {challenge.scheme!r}"
+        )
 
     def _fetch_token(self, challenge: Challenge, scopes: tuple[str, ...]) -> str:
         realm = challenge.get("realm")
         if not realm or urllib.parse.urlsplit(realm).scheme not in ("http", "https"):
             raise RegistryError(f"{self.registry}: Bearer challenge without a usable realm")
-        query = [("service", challenge.get("service") or "")] if challenge.get("service") \
-            else []
+        query = [("service", challenge.get("service") or "")] if challenge.get("service") else []
         query += [("scope", s) for s in scopes]
         url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(query)
         withheld = self.creds is not None and not self._may_see_creds(realm)
-        headers = {"Authorization": self.creds.basic()} \
-            if self.creds is not None and not withheld else {}
+        headers = (
+            {"Authorization": self.creds.basic()} if self.creds is not None and not withheld else {}
+        )
         with self._send("GET", url, headers, None) as resp:
             if resp.status in (401, 403) and withheld:
                 raise RegistryError(
                     f"{self.registry}: the token service {realm} refused an anonymous "
                     f"request; the credentials for {self.registry} were withheld because "
                     "that realm is on another host over plain http (it must be on the "
-                    "registry's host or use https)")
+                    "registry's host or use https)"
+                )
             if resp.status in (401, 403):
                 raise self._denied(resp.status, "the token service")
             if resp.status != 200:
@@ -492,12 +443,13 @@ class Session:
 
     def _denied(self, status: int, what: str) -> RegistryError:
         if self.creds is None:
-            return RegistryError(f"{self.registry} requires authentication for {what}: pass "
-                                 f"--creds USER[:PASSWORD] or run `sysbake login "
-                                 f"{self.registry}`")
+            return RegistryError(
+                f"{self.registry} requires authentication for {what}: pass "
+                f"--creds USER[:PASSWORD] or run `sysbake login "
+                f"{self.registry}`"
+            )
         verb = "rejected the credentials of" if status == 401 else "denied access to"
-        return RegistryError(f"{self.registry} {verb} user {self.creds.username!r} "
-                             f"for {what}")
+        return RegistryError(f"{self.registry} {verb} user {self.creds.username!r} for {what}")
 
     # -- requests --------------------------------------------------------------------------
 
@@ -506,9 +458,15 @@ class Session:
             self._probe()
         return f"{self.scheme}://{self.registry}{path}"
 
-    def request(self, method: str, path: str, *, scopes: tuple[str, ...],
-                headers: dict[str, str] | None = None,
-                body: bytes | Body | None = None) -> Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        scopes: tuple[str, ...],
+        headers: dict[str, str] | None = None,
+        body: bytes | Body | None = None,
+    ) -> Response:
         """Send a request (path or absolute URL), authenticating and following redirects;
         a 401 refreshes the token once (a file body must be seekable to be sent again).
         The caller reads and closes the response."""
@@ -533,12 +491,14 @@ class Session:
                 resp = self._send(method, target, extra, None)
             if resp.status != 401 or attempt == 1 or not same_host:
                 return resp
-            challenge = pick_challenge(parse_challenges(
-                ", ".join(resp.headers.get_all("WWW-Authenticate") or [])))
+            challenge = pick_challenge(
+                parse_challenges(", ".join(resp.headers.get_all("WWW-Authenticate") or []))
+            )
             resp.close()
             known = self._challenge
-            if challenge is None or (known is not None and challenge.scheme == "basic"
-                                     and known.scheme == "basic"):
+            if challenge is None or (
+                known is not None and challenge.scheme == "basic" and known.scheme == "basic"
+            ):
                 raise self._denied(401, f"{method} {urllib.parse.urlsplit(url).path}")
             self._challenge = challenge
             self._tokens.clear()

@@ -36,10 +36,12 @@ def stage_records(image: Image, origin: Origin) -> list[StageRecord]:
     layers, prove nothing and are left out."""
     config = image.config
     labels: dict[str, Any] = (config.get("config") or {}).get("Labels") or {}
-    keys = {str(v): k.removeprefix(STAGE_LABEL) for k, v in labels.items()
-            if k.startswith(STAGE_LABEL)}
-    history = [h for h in config.get("history") or []
-               if isinstance(h, dict) and not h.get("empty_layer")]
+    keys = {
+        str(v): k.removeprefix(STAGE_LABEL) for k, v in labels.items() if k.startswith(STAGE_LABEL)
+    }
+    history = [
+        h for h in config.get("history") or [] if isinstance(h, dict) and not h.get("empty_layer")
+    ]
     if len(history) != len(image.layers):
         return []
     name = str(labels.get("io.sysbake.image") or origin.repository)
@@ -58,11 +60,15 @@ def stage_records(image: Image, origin: Origin) -> list[StageRecord]:
             continue
         claimed.add(key)
         found[key] = StageRecord(
-            key=key, image=name, stage=m[1],
+            key=key,
+            image=name,
+            stage=m[1],
             # The inputs stay on the machine that built the stage; the key stands for them.
             inputs={"cache_from": str(origin)},
-            layer=layer, created=str(entry.get("created") or config.get("created") or ""),
-            created_by=str(entry.get("created_by") or f"from {origin}"), origin=origin,
+            layer=layer,
+            created=str(entry.get("created") or config.get("created") or ""),
+            created_by=str(entry.get("created_by") or f"from {origin}"),
+            origin=origin,
         )
     return list(found.values())
 

@@ -41,9 +41,18 @@ CAPABILITIES = (
     "CAP_SYS_CHROOT",
 )
 
-_MASKED = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-           "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
-           "/sys/firmware")
+_MASKED = (
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+)
 _READONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -85,8 +94,10 @@ class BundleSpec(NamedTuple):
 def check_name(name: str) -> str:
     """`name` if usable as a container name (runtime ID, directory and host name)."""
     if not _NAME_RE.match(name):
-        raise RuntimeFailure(f"invalid container name {name!r}: expected 1-63 characters "
-                             "from [A-Za-z0-9_.-], starting with a letter or digit")
+        raise RuntimeFailure(
+            f"invalid container name {name!r}: expected 1-63 characters "
+            "from [A-Za-z0-9_.-], starting with a letter or digit"
+        )
     return name
 
 
@@ -111,28 +122,6 @@ def parse_volume(spec: str) -> BindMount:
     return BindMount(src, str(PurePosixPath(dst)), mode == "ro")
 
 
-def parse_signal(value: str | int) -> int:
-    """Signal number of 'SIGRTMIN+3', 'RTMIN+3', 'SIGTERM', 'TERM' or '37'."""
-    text = str(value).strip().upper()
-    if text.isdigit():
-        number = int(text)
-    else:
-        text = text.removeprefix("SIG")
-        match = re.fullmatch(r"RT(MIN|MAX)([+-]\d+)?", text)
-        if match:
-            base = signal.SIGRTMIN if match.group(1) == "MIN" else signal.SIGRTMAX
-            number = int(base) + int(match.group(2) or 0)
-        else:
-            try:
-                number = int(signal.Signals[f"SIG{text}"])
-            except KeyError:
-                raise RuntimeFailure(f"unknown stop signal {value!r}: expected a name such "
-                                     "as SIGRTMIN+3 or SIGTERM, or a number") from None
-    if not 0 < number <= int(signal.SIGRTMAX):
-        raise RuntimeFailure(f"stop signal {value!r} is out of range")
-    return number
-
-
 def is_init(args: Sequence[str]) -> bool:
     """Whether argv starts an init system (systemd or /sbin/init)."""
     return bool(args) and PurePosixPath(args[0]).name in ("systemd", "init")
@@ -140,10 +129,17 @@ def is_init(args: Sequence[str]) -> bool:
 
 def stop_signal(image_config: Mapping[str, Any], args: Sequence[str]) -> int:
     """The image's StopSignal, else SIGRTMIN+3 for an init and SIGTERM for anything else."""
+    from sysbake import signals
+
     value = (image_config.get("config") or {}).get("StopSignal")
-    if value:
-        return parse_signal(value)
-    return int(signal.SIGRTMIN) + 3 if is_init(args) else int(signal.SIGTERM)
+    if not value:
+        return signals.SYSTEMD_STOP if is_init(args) else int(signal.SIGTERM)
+    try:
+        return signals.parse(value)
+    except ValueError:
+        raise RuntimeFailure(
+            f"the image's StopSignal {value!r}: expected {signals.EXPECTED}"
+        ) from None
 
 
 def _env_map(items: Sequence[str]) -> dict[str, str]:
@@ -156,9 +152,14 @@ def _env_map(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def process_from_image(image_config: Mapping[str, Any], *, init: str | None,
-                       container_uuid: str, env: Sequence[str] = (),
-                       command: Sequence[str] = ()) -> ProcessSpec:
+def process_from_image(
+    image_config: Mapping[str, Any],
+    *,
+    init: str | None,
+    container_uuid: str,
+    env: Sequence[str] = (),
+    command: Sequence[str] = (),
+) -> ProcessSpec:
     """PID 1 from the image config (Entrypoint + Cmd, or `command` instead of Cmd); with
     neither, `init`. The environment gets the systemd container interface variables."""
     cfg = image_config.get("config") or {}
@@ -166,8 +167,10 @@ def process_from_image(image_config: Mapping[str, Any], *, init: str | None,
     args = entry + (list(command) or list(cfg.get("Cmd") or []))
     if not args:
         if init is None:
-            raise RuntimeFailure("the image has no Entrypoint/Cmd and no init: expected "
-                                 + " or ".join(INIT_CANDIDATES))
+            raise RuntimeFailure(
+                "the image has no Entrypoint/Cmd and no init: expected "
+                + " or ".join(INIT_CANDIDATES)
+            )
         args = [init]
     merged = {"PATH": DEFAULT_PATH, "TERM": "xterm"} | _env_map(cfg.get("Env") or [])
     merged.setdefault("container", "oci")
@@ -177,8 +180,7 @@ def process_from_image(image_config: Mapping[str, Any], *, init: str | None,
     uid_text, _, gid_text = user.partition(":")
     bad_uid = not uid_text.isdigit() and uid_text != "root"
     if bad_uid or (gid_text and not gid_text.isdigit()):
-        raise RuntimeFailure(f"image config User {user!r}: only numeric uid[:gid] is "
-                             "supported")
+        raise RuntimeFailure(f"image config User {user!r}: only numeric uid[:gid] is supported")
     uid = 0 if uid_text == "root" else int(uid_text)
     return ProcessSpec(
         args=tuple(str(a) for a in args),
@@ -191,42 +193,83 @@ def process_from_image(image_config: Mapping[str, Any], *, init: str | None,
 
 def hosts_file(hostname: str) -> str:
     """/etc/hosts content: loopback names plus the container's own name."""
-    return (f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n"
-            f"::1\tlocalhost ip6-localhost ip6-loopback\n")
+    return (
+        f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+    )
 
 
 def _tmpfs(dest: str, *options: str) -> dict[str, Any]:
-    return {"destination": dest, "type": "tmpfs", "source": "tmpfs",
-            "options": ["nosuid", "nodev", *options]}
+    return {
+        "destination": dest,
+        "type": "tmpfs",
+        "source": "tmpfs",
+        "options": ["nosuid", "nodev", *options],
+    }
 
 
 def _mounts(spec: BundleSpec) -> list[dict[str, Any]]:
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
-        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620",
-                     "gid=5"]},
-        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-         "options": ["nosuid", "noexec", "nodev"]},
-        {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-         "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {
+            "destination": "/dev",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+        },
+        {
+            "destination": "/dev/pts",
+            "type": "devpts",
+            "source": "devpts",
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+        },
+        {
+            "destination": "/dev/shm",
+            "type": "tmpfs",
+            "source": "shm",
+            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        },
+        {
+            "destination": "/dev/mqueue",
+            "type": "mqueue",
+            "source": "mqueue",
+            "options": ["nosuid", "noexec", "nodev"],
+        },
+        {
+            "destination": "/sys",
+            "type": "sysfs",
+            "source": "sysfs",
+            "options": ["nosuid", "noexec", "nodev", "ro"],
+        },
         # With a cgroup namespace the runtime mounts the container's own subtree here:
         # cgroup2 on v2 hosts, writable for systemd's slices and scopes. On v1/hybrid hosts
         # the v1 controllers stay read-only and only name=systemd is writable, as
         # systemd-nspawn does: systemd then tracks its units there without also creating
         # (and filling) a cgroup per unit in the memory, pids and devices hierarchies,
         # which made its boot ~30 ms slower.
-        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-         "options": ["nosuid", "noexec", "nodev", "relatime",
-                     "ro" if spec.systemd_cgroup else "rw"]},
-        *([{"destination": "/sys/fs/cgroup/systemd", "type": "bind",
-            "source": spec.systemd_cgroup,
-            "options": ["bind", "rprivate", "nosuid", "noexec", "nodev"]}]
-          if spec.systemd_cgroup else []),
+        {
+            "destination": "/sys/fs/cgroup",
+            "type": "cgroup",
+            "source": "cgroup",
+            "options": [
+                "nosuid",
+                "noexec",
+                "nodev",
+                "relatime",
+                "ro" if spec.systemd_cgroup else "rw",
+            ],
+        },
+        *(
+            [
+                {
+                    "destination": "/sys/fs/cgroup/systemd",
+                    "type": "bind",
+                    "source": spec.systemd_cgroup,
+                    "options": ["bind", "rprivate", "nosuid", "noexec", "nodev"],
+                }
+            ]
+            if spec.systemd_cgroup
+            else []
+        ),
         _tmpfs("/run", "mode=755"),
         _tmpfs("/run/lock", "noexec"),
         _tmpfs("/tmp"),
@@ -237,8 +280,14 @@ def _mounts(spec: BundleSpec) -> list[dict[str, Any]]:
         mounts.append(_tmpfs("/var/log/journal"))
     for bind in spec.binds:
         options = ["rbind", "rprivate"] + (["ro"] if bind.readonly else [])
-        mounts.append({"destination": bind.destination, "type": "bind",
-                       "source": bind.source, "options": options})
+        mounts.append(
+            {
+                "destination": bind.destination,
+                "type": "bind",
+                "source": bind.source,
+                "options": options,
+            }
+        )
     return mounts
 
 
@@ -249,8 +298,9 @@ def runtime_config(spec: BundleSpec) -> dict[str, Any]:
         # A fresh network namespace: runc and crun bring its loopback up.
         namespaces.insert(1, "network")
     elif spec.network != "host":
-        raise RuntimeFailure(f"unknown network mode {spec.network!r}: expected "
-                             + " or ".join(NETWORKS))
+        raise RuntimeFailure(
+            f"unknown network mode {spec.network!r}: expected " + " or ".join(NETWORKS)
+        )
     caps = list(CAPABILITIES)
     proc = spec.process
     linux: dict[str, Any] = {

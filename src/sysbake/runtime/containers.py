@@ -1,17 +1,16 @@
 """Containers without a daemon: an overlay rootfs over the image's layer trees, an OCI
 bundle (sysbake.runtime.bundle), runc or crun started detached under sysbake's monitor.
 
-A container lives in `<store>/containers/<name>/`; its state survives the sysbake
-process that started it, so any later `ps`, `stop` or `rm` manages it. Every failure
-while creating a container leaves no mount, runtime state or process behind. A container
-made for the life of one process (a build step's, `sysbake test`'s) has an owner lock
-(sysbake.runtime.owners): once that process is gone, `reap_orphans` removes it.
+A container lives in `<store>/containers/<name>/`, whose files sysbake.runtime.container_dir
+names; its state survives the sysbake process that started it, so any later `ps`, `stop`
+or `rm` manages it. Every failure while creating a container leaves no mount, runtime
+state or process behind. A container made for the life of one process (a build step's,
+`sysbake test`'s) has an owner lock (sysbake.runtime.owners): once that process is gone,
+`reap_orphans` removes it.
 """
 
 from __future__ import annotations
 
-import fcntl
-import functools
 import json
 import os
 import re
@@ -28,15 +27,15 @@ from sysbake.fsutil import atomic_write, remove_tree
 from sysbake.oci import model as oci
 from sysbake.rootfs import Root
 from sysbake.runtime import bundle, overlay, owners
+from sysbake.runtime import container_dir as cd
 from sysbake.runtime.bundle import BindMount, BundleSpec
 
 if TYPE_CHECKING:
+    from sysbake import cgroups
     from sysbake.runtime import monitor
 
 STATE_ROOT = Path("/run/sysbake")
-MONITOR_LOCK = "monitor.lock"
 RUNTIMES = {"runc": "runc", "crun": "crun"}  # name -> Debian package
-_ANSI = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\r")
 _RUNNING = ("running", "created", "paused", "starting")
 
 
@@ -62,7 +61,7 @@ class RunOptions(NamedTuple):
 
 
 class Container(NamedTuple):
-    """A container as recorded in containers/<name>/state.json."""
+    """A container as recorded in its directory's state.json (see container_dir)."""
 
     name: str
     dir: Path
@@ -78,7 +77,11 @@ class Container(NamedTuple):
 
     @property
     def rootfs(self) -> Path:
-        return self.dir / "bundle" / "rootfs"
+        return self.dir / cd.ROOTFS
+
+    @property
+    def console(self) -> Path:
+        return self.dir / cd.CONSOLE
 
     @property
     def state_root(self) -> Path:
@@ -107,37 +110,24 @@ class StopResult(NamedTuple):
 # -- host checks -------------------------------------------------------------------------
 
 
-def cgroup_mode(mounts_text: str) -> str:
-    """'v2', 'hybrid' or 'v1' from the text of /proc/self/mounts."""
-    types = {}
-    for line in mounts_text.splitlines():
-        fields = line.split()
-        if len(fields) >= 3 and fields[1].startswith("/sys/fs/cgroup"):
-            types[fields[1]] = fields[2]
-    if types.get("/sys/fs/cgroup") == "cgroup2":
-        return "v2"
-    if types.get("/sys/fs/cgroup/unified") == "cgroup2":
-        return "hybrid"
-    if "cgroup" in types.values():
-        return "v1"
-    raise RuntimeFailure("no cgroup file system is mounted under /sys/fs/cgroup")
-
-
-@functools.cache
-def host_cgroup_mode() -> str:
-    return cgroup_mode(Path("/proc/self/mounts").read_text())
-
-
 def runtime_path(name: str) -> str:
     """The runtime executable, after checking the host can run systemd containers with it."""
     if name not in RUNTIMES:
         raise RuntimeFailure(f"unknown runtime {name!r}: expected " + " or ".join(RUNTIMES))
     path = proc.require(name, RUNTIMES[name])
-    if name == "crun" and host_cgroup_mode() == "hybrid":
-        raise RuntimeFailure("crun does not support hybrid cgroups (v1 controllers plus "
-                             "cgroup2 at /sys/fs/cgroup/unified), which this host uses: "
-                             "use --runtime runc")
+    if name == "crun" and _cgroup_mode() == "hybrid":
+        raise RuntimeFailure(
+            "crun does not support hybrid cgroups (v1 controllers plus "
+            "cgroup2 at /sys/fs/cgroup/unified), which this host uses: "
+            "use --runtime runc"
+        )
     return path
+
+
+def _cgroup_mode() -> cgroups.CgroupMode:
+    from sysbake import cgroups
+
+    return cgroups.host_cgroup_mode()
 
 
 def find_init(root: Root) -> str | None:
@@ -153,7 +143,7 @@ def find_init(root: Root) -> str | None:
 
 def load(containers_dir: Path, name: str) -> Container:
     """The container `name`; ContainerNotFound if there is none."""
-    path = containers_dir / name / "state.json"
+    path = containers_dir / name / cd.STATE
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -168,8 +158,7 @@ def load(containers_dir: Path, name: str) -> Container:
 def _save(container: Container) -> None:
     data: dict[str, Any] = container._asdict()
     data["dir"] = str(container.dir)
-    atomic_write(container.dir / "state.json", json.dumps(data, indent=1).encode(),
-                 durable=False)
+    atomic_write(container.dir / cd.STATE, json.dumps(data, indent=1).encode(), durable=False)
 
 
 def all_containers(containers_dir: Path) -> list[Container]:
@@ -185,24 +174,18 @@ def all_containers(containers_dir: Path) -> list[Container]:
     return sorted(found, key=lambda c: c.created)
 
 
-def _exit_record(container: Container) -> dict[str, Any] | None:
-    try:
-        value = json.loads((container.dir / "exit.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def exit_code(container: Container) -> int | None:
     """PID 1's recorded exit code (128+N when killed by signal N); None if not recorded."""
-    record = _exit_record(container)
-    code = record.get("code") if record else None
-    return code if isinstance(code, int) else None
+    record = cd.read_exit(container.dir)
+    return record.code if record else None
 
 
 def _runtime_state(container: Container) -> dict[str, Any] | None:
-    result = proc.run([container.runtime, "--root", container.state_root, "state",
-                       container.runtime_id], check=False, what="runtime state")
+    result = proc.run(
+        [container.runtime, "--root", container.state_root, "state", container.runtime_id],
+        check=False,
+        what="runtime state",
+    )
     if result.returncode != 0:
         return None
     try:
@@ -212,37 +195,11 @@ def _runtime_state(container: Container) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def monitor_alive(cdir: Path) -> bool:
-    """Whether the monitor of the container in `cdir` still runs: it holds MONITOR_LOCK
-    for its whole life, whatever its pid became."""
-    try:
-        fd = os.open(cdir / MONITOR_LOCK, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
-def _monitor_pid(container: Container) -> int | None:
-    """The pid of the container's monitor if it still runs."""
-    if not monitor_alive(container.dir):
-        return None
-    try:
-        return int((container.dir / "monitor.pid").read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
 def _until_monitor_ends(container: Container, seconds: float) -> bool:
     """Wait until the monitor ends (after exit.json: the runtime's delete), `seconds` at
     most, woken by a pidfd rather than by polling (a stop waits for exactly this). False,
     at once, when there is no monitor to wait for."""
-    pid = _monitor_pid(container)
+    pid = cd.monitor_pid(container.dir)
     try:
         pidfd = os.pidfd_open(pid) if pid is not None else None
     except OSError:
@@ -251,7 +208,7 @@ def _until_monitor_ends(container: Container, seconds: float) -> bool:
         return False
     try:
         # Still the monitor once the pidfd is open: its lock is only released at its end.
-        if monitor_alive(container.dir):
+        if cd.monitor_alive(container.dir):
             waiter = select.poll()
             waiter.register(pidfd, select.POLLIN)
             waiter.poll(max(seconds, 0.0) * 1000)
@@ -267,25 +224,14 @@ def _runtime_known(container: Container) -> bool:
 
 def status(container: Container) -> Status:
     """The container's current status, from its exit record or the runtime."""
-    record = _exit_record(container)
+    record = cd.read_exit(container.dir)
     if record is not None:
-        return Status("exited", exit_code=record.get("code"))
+        return Status("exited", exit_code=record.code)
     state = _runtime_state(container)
     if state is None:
-        return Status("starting" if _monitor_pid(container) else "dead")
+        return Status("starting" if cd.monitor_alive(container.dir) else "dead")
     pid = int(state.get("pid") or 0) or None
     return Status(str(state.get("status", "unknown")), pid=pid if pid else None)
-
-
-def console_tail(container: Container, lines: int = 10) -> str:
-    """The last lines of the console log, without terminal escapes, joined by ' | '."""
-    try:
-        raw = (container.dir / "console.log").read_bytes()[-65536:]
-    except OSError:
-        return "no console output"
-    text = _ANSI.sub(b"", raw).decode(errors="replace")
-    kept = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
-    return " | ".join(kept) if kept else "no console output"
 
 
 # -- creating ------------------------------------------------------------------------------
@@ -297,12 +243,13 @@ def _default_name(image: str) -> str:
     return f"{base}-{os.urandom(3).hex()}"
 
 
-def _etc_binds(container_dir: Path, root: Root, hostname: str,
-               network: str) -> tuple[BindMount, ...]:
+def _etc_binds(
+    container_dir: Path, root: Root, hostname: str, network: str
+) -> tuple[BindMount, ...]:
     # Generated per container and bind-mounted, never written into the rootfs: a commit
     # of the upper dir (provisioning) must not capture them. A symlink in the image (say
     # to systemd-resolved's file) means the image manages that file itself.
-    etc = container_dir / "etc"
+    etc = container_dir / cd.ETC
     etc.mkdir()
     resolv = "# no network (sysbake --network none)\n"
     if network == "host":
@@ -310,8 +257,11 @@ def _etc_binds(container_dir: Path, root: Root, hostname: str,
             resolv = Path("/etc/resolv.conf").read_text()
         except OSError:
             resolv = ""
-    files = {"hosts": bundle.hosts_file(hostname), "hostname": f"{hostname}\n",
-             "resolv.conf": resolv}
+    files = {
+        "hosts": bundle.hosts_file(hostname),
+        "hostname": f"{hostname}\n",
+        "resolv.conf": resolv,
+    }
     binds = []
     for name, content in files.items():
         if root.is_symlink(f"etc/{name}"):
@@ -325,52 +275,45 @@ def _cgroups_path(runtime_id: str) -> str:
     # Relative on v1/hybrid: nested under the cgroup of whoever starts it, as runc does by
     # default. Absolute on v2, where a cgroup holding processes cannot have children with
     # controllers.
-    return f"/sysbake/{runtime_id}" if host_cgroup_mode() == "v2" else f"sysbake/{runtime_id}"
-
-
-def systemd_cgroup(mountinfo: str, own_cgroups: str, cgroups_path: str) -> str:
-    """The host path of the container's name=systemd cgroup on a v1/hybrid host, where runc
-    puts a relative `cgroups_path`: below the cgroup of this process (`own_cgroups`: the
-    text of /proc/self/cgroup), whose child starts runc. `mountinfo` is the text of
-    /proc/self/mountinfo: the hierarchy's mount may show a subtree (its root). "" when the
-    hierarchy is not mounted or this process's cgroup is not visible in it."""
-    mount = next((fields for fields in map(str.split, mountinfo.splitlines())
-                  if "-" in fields and fields[fields.index("-") + 1:][:1] == ["cgroup"]
-                  and "name=systemd" in fields[-1].split(",")), None)
-    own = next((line.split(":", 2)[2] for line in own_cgroups.splitlines()
-                if line.split(":", 2)[1:2] == ["name=systemd"]), None)
-    if mount is None or own is None:
-        return ""
-    root, mountpoint = mount[3].rstrip("/"), mount[4]
-    if own != root and not own.startswith(root + "/"):
-        return ""
-    parts = (part.strip("/") for part in (mountpoint, own[len(root):], cgroups_path))
-    return "/" + "/".join(part for part in parts if part)
+    v2 = _cgroup_mode() == "v2"
+    return f"/sysbake/{runtime_id}" if v2 else f"sysbake/{runtime_id}"
 
 
 def _systemd_cgroup(runtime_name: str, cgroups_path: str) -> str:
     # Only for runc: crun puts a relative path below the hierarchy's root instead, and
     # keeps the whole subtree writable (as before; crun runs on v2 and pure v1 hosts only).
-    if runtime_name != "runc" or host_cgroup_mode() == "v2":
+    if runtime_name != "runc" or _cgroup_mode() == "v2":
         return ""
-    return systemd_cgroup(Path("/proc/self/mountinfo").read_text(),
-                          Path("/proc/self/cgroup").read_text(), cgroups_path)
+    from sysbake import cgroups
+
+    return cgroups.systemd_cgroup(
+        cgroups.MOUNTINFO.read_text(errors="replace"),
+        Path("/proc/self/cgroup").read_text(),
+        cgroups_path,
+    )
 
 
 def _short_hash(text: str, length: int) -> str:
     return oci.hex_of(oci.sha256_digest(text.encode()))[:length]
 
 
-def _prepare_monitor(cdir: Path, runtime: str, runtime_name: str,
-                     runtime_id: str) -> monitor.Launch:
+def _prepare_monitor(
+    cdir: Path, runtime: str, runtime_name: str, runtime_id: str
+) -> monitor.Launch:
     """The container's monitor, forked now to get ready while the bundle is written."""
-    from sysbake.runtime import monitor  # forks a keeper: only `run` needs it, not stop/exec/ps
+    from sysbake.runtime import monitor
 
     # A short console socket path: unix socket paths are limited to 107 bytes.
     socket = STATE_ROOT / "console" / f"{_short_hash(runtime_id, 16)}.sock"
-    return monitor.prepare(monitor.MonitorSpec(
-        runtime=runtime, root=STATE_ROOT / runtime_name, id=runtime_id, dir=cdir.absolute(),
-        socket=socket))
+    return monitor.prepare(
+        monitor.MonitorSpec(
+            runtime=runtime,
+            root=STATE_ROOT / runtime_name,
+            id=runtime_id,
+            dir=cdir.absolute(),
+            socket=socket,
+        )
+    )
 
 
 # What `create` waits for in the rootfs of a systemd PID 1 (`grace` s at most): by default
@@ -385,10 +328,12 @@ def _check_alive(container: Container, grace: float, ready: str | None) -> None:
     deadline = time.monotonic() + grace
     systemd = False
     while time.monotonic() < deadline:
-        record = _exit_record(container)
+        record = cd.read_exit(container.dir)
         if record is not None:
-            raise RuntimeFailure(f"container {container.name} exited immediately with code "
-                                 f"{record.get('code')}: {console_tail(container)}")
+            raise RuntimeFailure(
+                f"container {container.name} exited immediately with code "
+                f"{record.code}: {cd.console_tail(container.dir)}"
+            )
         if ready is None:
             return
         if bundle.is_init(container.args) and container.pid:
@@ -404,10 +349,18 @@ def _check_alive(container: Container, grace: float, ready: str | None) -> None:
 _SOCKET_WAIT = 30.0  # seconds a started systemd may take to open its private socket
 
 
-def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[str, Any], *,
-           image: str, image_id: str = "", options: RunOptions | None = None,
-           require_init: bool = False, grace: float = 1.0,
-           ready: str | None = SYSTEMD_READY) -> Container:
+def create(
+    containers_dir: Path,
+    lowerdirs: Sequence[Path],
+    image_config: dict[str, Any],
+    *,
+    image: str,
+    image_id: str = "",
+    options: RunOptions | None = None,
+    require_init: bool = False,
+    grace: float = 1.0,
+    ready: str | None = SYSTEMD_READY,
+) -> Container:
     """Start a container of the image whose layer trees are `lowerdirs` (bottom to top,
     never written); return it running, detached, once the path `ready` exists in it (for
     at most `grace` s; None: at once). On failure nothing is left behind."""
@@ -415,59 +368,83 @@ def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[s
     name = bundle.check_name(options.name or _default_name(image))
     runtime = runtime_path(options.runtime)
     if options.network not in bundle.NETWORKS:
-        raise RuntimeFailure(f"unknown network {options.network!r}: expected "
-                             + " or ".join(bundle.NETWORKS))
+        raise RuntimeFailure(
+            f"unknown network {options.network!r}: expected " + " or ".join(bundle.NETWORKS)
+        )
     for bind in options.binds:
         if not os.path.exists(bind.source):
-            raise RuntimeFailure(f"-v {bind.source}:{bind.destination}: the source "
-                                 f"{bind.source} does not exist")
+            raise RuntimeFailure(
+                f"-v {bind.source}:{bind.destination}: the source {bind.source} does not exist"
+            )
     containers_dir.mkdir(parents=True, exist_ok=True)
     cdir = containers_dir / name
     try:
         cdir.mkdir()
     except FileExistsError:
-        raise RuntimeFailure(f"a container named {name!r} already exists: remove it with "
-                             f"`sysbake rm {name}` or choose another --name") from None
+        raise RuntimeFailure(
+            f"a container named {name!r} already exists: remove it with "
+            f"`sysbake rm {name}` or choose another --name"
+        ) from None
     runtime_id = f"{name}.{_short_hash(str(containers_dir.resolve()), 8)}"
     container: Container | None = None
     launch = None
     try:
-        for sub in ("upper", "work", "bundle/rootfs"):
+        for sub in (cd.UPPER, cd.WORK, cd.ROOTFS):
             (cdir / sub).mkdir(parents=True)
         launch = _prepare_monitor(cdir, runtime, options.runtime, runtime_id)
-        rootfs = cdir / "bundle" / "rootfs"
-        overlay.mount_overlay(lowerdirs, cdir / "upper", cdir / "work", rootfs)
+        rootfs = cdir / cd.ROOTFS
+        overlay.mount_overlay(lowerdirs, cdir / cd.UPPER, cdir / cd.WORK, rootfs)
         hostname = bundle.hostname_for(name)
         with Root(rootfs) as root:
             init = find_init(root)
             if require_init and init is None:
-                raise NoSystemd(f"image {image} has no systemd: neither "
-                                + " nor ".join(bundle.INIT_CANDIDATES) + " exists in it")
-            process = bundle.process_from_image(image_config, init=init,
-                                                container_uuid=os.urandom(16).hex(),
-                                                env=options.env, command=options.command)
+                raise NoSystemd(
+                    f"image {image} has no systemd: neither "
+                    + " nor ".join(bundle.INIT_CANDIDATES)
+                    + " exists in it"
+                )
+            process = bundle.process_from_image(
+                image_config,
+                init=init,
+                container_uuid=os.urandom(16).hex(),
+                env=options.env,
+                command=options.command,
+            )
             for exe in (*options.wrapper[:1], process.args[0]):
                 if exe.startswith("/") and not root.exists(exe):
-                    raise RuntimeFailure(f"image {image}: the command {exe} does not exist "
-                                         "in the image")
+                    raise RuntimeFailure(
+                        f"image {image}: the command {exe} does not exist in the image"
+                    )
             etc_binds = _etc_binds(cdir, root, hostname, options.network)
             volatile_journal = root.is_dir("var/log/journal")
         cgroups_path = _cgroups_path(runtime_id)
         spec = BundleSpec(
-            hostname=hostname, process=process._replace(args=options.wrapper + process.args),
+            hostname=hostname,
+            process=process._replace(args=options.wrapper + process.args),
             network=options.network,
             binds=etc_binds + options.binds,
             cgroups_path=cgroups_path,
             systemd_cgroup=_systemd_cgroup(options.runtime, cgroups_path),
             volatile_journal=volatile_journal,
-            annotations=(("org.sysbake.image", image), ("org.sysbake.name", name)))
-        atomic_write(cdir / "bundle" / "config.json",
-                     json.dumps(bundle.runtime_config(spec), indent=1).encode(), durable=False)
+            annotations=(("org.sysbake.image", image), ("org.sysbake.name", name)),
+        )
+        atomic_write(
+            cdir / cd.CONFIG,
+            json.dumps(bundle.runtime_config(spec), indent=1).encode(),
+            durable=False,
+        )
         container = Container(
-            name=name, dir=cdir, runtime=options.runtime, runtime_id=runtime_id,
-            image=image, image_id=image_id, created=time.time(), args=process.args,
+            name=name,
+            dir=cdir,
+            runtime=options.runtime,
+            runtime_id=runtime_id,
+            image=image,
+            image_id=image_id,
+            created=time.time(),
+            args=process.args,
             stop_signal=bundle.stop_signal(image_config, process.args),
-            network=options.network)
+            network=options.network,
+        )
         _save(container)
         try:
             pid = launch.start()
@@ -488,7 +465,7 @@ def create(containers_dir: Path, lowerdirs: Sequence[Path], image_config: dict[s
 
 
 def _teardown_dir(cdir: Path, container: Container | None) -> None:
-    rootfs = cdir / "bundle" / "rootfs"
+    rootfs = cdir / cd.ROOTFS
     try:
         if container is not None:
             _kill(container, signal.SIGKILL)
@@ -520,14 +497,24 @@ def _kill(container: Container, sig: int) -> None:
             os.close(pidfd)
         return
     # The number, not a name: runc does not know "RTMIN+3".
-    proc.run([container.runtime, "--root", container.state_root, "kill",
-              container.runtime_id, str(int(sig))], check=False, what="runtime kill")
+    proc.run(
+        [
+            container.runtime,
+            "--root",
+            container.state_root,
+            "kill",
+            container.runtime_id,
+            str(int(sig)),
+        ],
+        check=False,
+        what="runtime kill",
+    )
 
 
 def _init_pidfd(container: Container) -> int | None:
     """A pidfd of PID 1 when it is certainly PID 1: a child of the living monitor, which
     alone reaps it, so the pid cannot have been reused. None otherwise (ask the runtime)."""
-    monitor = _monitor_pid(container)
+    monitor = cd.monitor_pid(container.dir)
     if container.pid is None or monitor is None:
         return None
     try:
@@ -546,9 +533,9 @@ def _init_pidfd(container: Container) -> int | None:
 
 def _running(container: Container) -> bool:
     # Without asking the runtime when the monitor answers: it lives until PID 1 is reaped.
-    if _exit_record(container) is not None:
+    if cd.read_exit(container.dir) is not None:
         return False
-    return monitor_alive(container.dir) or status(container).running
+    return cd.monitor_alive(container.dir) or status(container).running
 
 
 def _wait_exit(container: Container, timeout: float, *, nudge: bool = False) -> bool:
@@ -563,9 +550,9 @@ def _wait_exit(container: Container, timeout: float, *, nudge: bool = False) -> 
     start = time.monotonic()
     deadline, nudged = start + timeout, start
     while True:
-        if _exit_record(container) is not None:
+        if cd.read_exit(container.dir) is not None:
             return True
-        if not monitor_alive(container.dir):
+        if not cd.monitor_alive(container.dir):
             state = _runtime_state(container) if _runtime_known(container) else None
             if state is None or state.get("status") == "stopped":
                 return True
@@ -590,12 +577,21 @@ def ended(container: Container) -> bool:
 def _teardown(container: Container) -> None:
     # Idempotent: the monitor normally did all of this already.
     _until_monitor_ends(container, 5.0)
-    pid = _monitor_pid(container)
+    pid = cd.monitor_pid(container.dir)
     if pid is not None:
         os.kill(pid, signal.SIGKILL)
     if _runtime_known(container):
-        proc.run([container.runtime, "--root", container.state_root, "delete", "--force",
-                  container.runtime_id], what=f"deleting container {container.name}")
+        proc.run(
+            [
+                container.runtime,
+                "--root",
+                container.state_root,
+                "delete",
+                "--force",
+                container.runtime_id,
+            ],
+            what=f"deleting container {container.name}",
+        )
     overlay.umount(container.rootfs)
 
 
@@ -621,7 +617,7 @@ def halt(container: Container, timeout: float = 10.0) -> StopResult:
             _kill(container, signal.SIGKILL)
             if not _wait_exit(container, 30.0):
                 raise RuntimeFailure(f"container {container.name} survived SIGKILL")
-    if _exit_record(container) is None:  # no monitor recorded the end: it did not unmount
+    if cd.read_exit(container.dir) is None:  # no monitor recorded the end: it did not unmount
         overlay.umount(container.rootfs)
     return StopResult(exit_code(container), killed)
 
@@ -630,12 +626,27 @@ def remove(container: Container, *, force: bool = False) -> None:
     """Delete the container's state and upper dir; a running one needs `force` (killed)."""
     if status(container).running:
         if not force:
-            raise RuntimeFailure(f"container {container.name} is running: stop it first "
-                                 f"or use `sysbake rm -f {container.name}`")
+            raise RuntimeFailure(
+                f"container {container.name} is running: stop it first "
+                f"or use `sysbake rm -f {container.name}`"
+            )
         _kill(container, signal.SIGKILL)
         _wait_exit(container, 30.0)
     _teardown(container)
     remove_tree(container.dir)
+
+
+def detach_upper(container: Container, dest: Path) -> Path:
+    """Move the upper dir of an ended container (all its processes wrote, in overlay form:
+    whiteouts, opaque xattrs) to `dest` on the store's file system; return `dest`. The
+    container keeps the rest until removed. Refused while PID 1 runs."""
+    if _running(container):
+        raise RuntimeFailure(
+            f"container {container.name} is running: its upper dir cannot be detached"
+        )
+    overlay.umount(container.rootfs)  # idempotent: the monitor has normally done it
+    os.rename(container.dir / cd.UPPER, dest)
+    return dest
 
 
 # -- orphans -------------------------------------------------------------------------------
@@ -659,7 +670,7 @@ def reap_orphans(containers_dir: Path) -> list[owners.Orphan]:
                 remove(container, force=True)
             _teardown_dir(cdir, None)
             if cdir.exists():
-                raise RuntimeFailure(f"{cdir / 'bundle' / 'rootfs'} is still mounted")
+                raise RuntimeFailure(f"{cdir / cd.ROOTFS} is still mounted")
         except (SysbakeError, OSError) as exc:
             found.append(orphan._replace(error=str(exc)))
             continue
@@ -671,8 +682,14 @@ def reap_orphans(containers_dir: Path) -> list[owners.Orphan]:
 # -- store glue ------------------------------------------------------------------------------
 
 
-def run_image(store: Any, ref: str, options: RunOptions, *, require_init: bool = False,
-              owner: owners.OwnerLock | None = None) -> Container:
+def run_image(
+    store: Any,
+    ref: str,
+    options: RunOptions,
+    *,
+    require_init: bool = False,
+    owner: owners.OwnerLock | None = None,
+) -> Container:
     """Resolve `ref` in `store` (a sysbake.oci.store.Store) and start a container of it;
     `owner`, the container's owner lock, is taken before it is made."""
     image = store.resolve(ref)
@@ -682,5 +699,12 @@ def run_image(store: Any, ref: str, options: RunOptions, *, require_init: bool =
     if owner is not None:
         owner.acquire()
     lowerdirs = [store.layer_tree(layer) for layer in image.layers]
-    return create(store.containers_dir, lowerdirs, image.config, image=ref,
-                  image_id=image.id, options=options, require_init=require_init)
+    return create(
+        store.containers_dir,
+        lowerdirs,
+        image.config,
+        image=ref,
+        image_id=image.id,
+        options=options,
+        require_init=require_init,
+    )

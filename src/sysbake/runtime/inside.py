@@ -10,11 +10,18 @@ from collections.abc import Sequence
 
 from sysbake import log, proc
 from sysbake.errors import CommandError, RuntimeFailure
-from sysbake.runtime.containers import Container, console_tail, exit_code, status
+from sysbake.runtime.container_dir import console_tail
+from sysbake.runtime.containers import Container, exit_code, status
 
 
-def exec_argv(container: Container, command: Sequence[str], *, tty: bool = False,
-              env: Sequence[str] = (), cwd: str | None = None) -> list[str]:
+def exec_argv(
+    container: Container,
+    command: Sequence[str],
+    *,
+    tty: bool = False,
+    env: Sequence[str] = (),
+    cwd: str | None = None,
+) -> list[str]:
     """The runtime command line that runs `command` inside the container."""
     argv = [container.runtime, "--root", str(container.state_root), "exec"]
     if tty:
@@ -46,11 +53,17 @@ def _child_setup() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def exec_capture(container: Container, command: Sequence[str], *,
-                 timeout: float | None = 60.0) -> tuple[int, str]:
+def exec_capture(
+    container: Container, command: Sequence[str], *, timeout: float | None = 60.0
+) -> tuple[int, str]:
     """Run `command` inside; (exit code, stdout+stderr text)."""
-    result = proc.run(exec_argv(container, command), check=False, timeout=timeout,
-                      die_with_parent=False, what=f"exec in {container.name}")
+    result = proc.run(
+        exec_argv(container, command),
+        check=False,
+        timeout=timeout,
+        die_with_parent=False,
+        what=f"exec in {container.name}",
+    )
     text = (result.stdout + result.stderr).decode(errors="replace")
     return result.returncode, text
 
@@ -65,16 +78,19 @@ def wait_for_boot(container: Container, timeout: float) -> str:
         # up yet). Each wait is bounded: a killed exec leaves at most a harmless systemctl.
         bound = min(_WAIT_SLICE, max(0.5, deadline - time.monotonic()))
         try:
-            _, out = exec_capture(container, ["systemctl", "is-system-running", "--wait"],
-                                  timeout=bound)
+            _, out = exec_capture(
+                container, ["systemctl", "is-system-running", "--wait"], timeout=bound
+            )
         except CommandError:
             _, out = exec_capture(container, ["systemctl", "is-system-running"], timeout=10)
         state = (out.strip().splitlines() or ["offline"])[-1].strip()
         if state in ("running", "degraded", "maintenance", "stopping"):
             return state
         if not status(container).running:
-            raise RuntimeFailure(f"container {container.name} exited during boot (code "
-                                 f"{exit_code(container)}): {console_tail(container)}")
+            raise RuntimeFailure(
+                f"container {container.name} exited during boot (code "
+                f"{exit_code(container)}): {console_tail(container.dir)}"
+            )
         if time.monotonic() >= deadline:
             return state
         time.sleep(0.02)

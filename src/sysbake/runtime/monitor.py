@@ -6,13 +6,9 @@ session, lock and console socket: off the launching process's path); once the bu
 written it is told to go. It outlives the launching process: it starts the runtime
 detached with a console socket, copies the container's console (systemd's boot output) to
 console.log, reaps PID 1 as a child subreaper to learn its exit code, then unmounts the
-rootfs, writes exit.json and deletes the runtime state. The launching process waits only
-until the container runs (or failed to start) and gets PID 1's host pid.
-
-Files in the container directory: bundle/ (config.json, rootfs), console.log,
-monitor.pid, monitor.lock (runtime.MONITOR_LOCK, held by the monitor for its whole
-life: the proof that it lives, whatever its pid became), monitor.log, init.pid,
-exit.json.
+rootfs, writes the exit record and deletes the runtime state. The launching process waits
+only until the container runs (or failed to start) and gets PID 1's host pid. The files it
+reads and writes are those of sysbake.runtime.container_dir.
 """
 
 from __future__ import annotations
@@ -20,20 +16,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
-import json
 import os
 import select
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from sysbake import proc
 from sysbake.errors import RuntimeFailure
 from sysbake.fsutil import atomic_write
+from sysbake.runtime import container_dir as cd
 from sysbake.runtime import overlay
-from sysbake.runtime.containers import MONITOR_LOCK
 
 _PR_SET_CHILD_SUBREAPER = 36
 _TIOCGPTPEER = 0x5441
@@ -68,8 +62,9 @@ class Launch:
         verdict = self._close()
         if verdict.startswith("ok "):
             return int(verdict[3:].strip())
-        raise RuntimeFailure(verdict.strip() or "the container monitor died before the "
-                             "container started")
+        raise RuntimeFailure(
+            verdict.strip() or "the container monitor died before the container started"
+        )
 
     def cancel(self) -> int | None:
         """Let go of the monitor; returns once it has ended, or has started the container
@@ -128,12 +123,12 @@ def _run_detached(spec: MonitorSpec, go: int, wfd: int) -> None:  # pragma: no c
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
     os.chdir("/")  # a long-lived process must not keep the caller's cwd busy
-    _detach_stdio(spec.dir / "monitor.log")
+    _detach_stdio(spec.dir / cd.MONITOR_LOG)
     try:
         _monitor(spec, go, wfd)
     except BaseException as exc:
         _report(wfd, f"container monitor failed: {exc}")
-        import traceback  # only on failure: start-up cost
+        import traceback
 
         traceback.print_exc()
 
@@ -157,17 +152,16 @@ def _report(wfd: int, message: str) -> None:
 
 def _monitor(spec: MonitorSpec, go: int, wfd: int) -> None:
     cdir = spec.dir
-    lock = os.open(cdir / MONITOR_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel when this process ends
+    lock = cd.lock_monitor(cdir)
     # Orphans of our descendants (PID 1 once `runc run -d` exits) become our children,
     # so waitpid gives us PID 1's exit status.
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    atomic_write(cdir / "monitor.pid", f"{os.getpid()}\n".encode(), durable=False)
+    atomic_write(cdir / cd.MONITOR_PID, f"{os.getpid()}\n".encode(), durable=False)
     listener = _listen(spec.socket)
     if os.read(go, 2) != b"go":  # cancelled, or the launching process died
         _close_listener(listener, spec.socket)
-        (cdir / "monitor.pid").unlink(missing_ok=True)
+        (cdir / cd.MONITOR_PID).unlink(missing_ok=True)
         # Now, not at exit, where the kernel may drop it after the verdict pipe's EOF:
         # `cancel` returns to a free lock.
         os.close(lock)
@@ -175,7 +169,7 @@ def _monitor(spec: MonitorSpec, go: int, wfd: int) -> None:
     os.close(go)
     master = _start(spec, listener)
     if master is None:
-        _report(wfd, (cdir / "start-error").read_text())
+        _report(wfd, (cdir / cd.START_ERROR).read_text())
         _finish(spec, None)
         return
     # Hold a slave end open ourselves: with none open, reads on the master fail with
@@ -183,9 +177,9 @@ def _monitor(spec: MonitorSpec, go: int, wfd: int) -> None:
     peer = -1
     with contextlib.suppress(OSError):
         peer = fcntl.ioctl(master, _TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
-    init_pid = int((cdir / "init.pid").read_text().strip())
+    init_pid = int((cdir / cd.INIT_PID).read_text().strip())
     _report(wfd, f"ok {init_pid}\n")
-    status = _copy_until_exit(master, cdir / "console.log", init_pid)
+    status = _copy_until_exit(master, cdir / cd.CONSOLE, init_pid)
     for fd in (master, peer):
         if fd >= 0:
             os.close(fd)
@@ -194,7 +188,7 @@ def _monitor(spec: MonitorSpec, go: int, wfd: int) -> None:
 
 def _listen(path: Path) -> Any:
     """The console socket the runtime will send the pty's master to."""
-    import socket  # here, in the forked monitor: not start-up cost of the launching process
+    import socket
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
@@ -224,13 +218,28 @@ def _start(spec: MonitorSpec, listener: Any) -> int | None:
     try:
         name = Path(spec.runtime).name
         started = proc.run(
-            [spec.runtime, "--root", spec.root, "run", "--detach", "--bundle",
-             cdir / "bundle", "--console-socket", spec.socket, "--pid-file",
-             cdir / "init.pid", spec.id],
-            check=False, timeout=120, what=f"{name} run")
+            [
+                spec.runtime,
+                "--root",
+                spec.root,
+                "run",
+                "--detach",
+                "--bundle",
+                cdir / cd.BUNDLE,
+                "--console-socket",
+                spec.socket,
+                "--pid-file",
+                cdir / cd.INIT_PID,
+                spec.id,
+            ],
+            check=False,
+            timeout=120,
+            what=f"{name} run",
+        )
         if started.returncode != 0:
-            (cdir / "start-error").write_text(
-                f"{name} run failed (exit {started.returncode}): {_message(started)}")
+            (cdir / cd.START_ERROR).write_text(
+                f"{name} run failed (exit {started.returncode}): {_message(started)}"
+            )
             return None
         # The runtime connected and sent the pty before it exited: this does not block.
         listener.settimeout(10)
@@ -238,7 +247,7 @@ def _start(spec: MonitorSpec, listener: Any) -> int | None:
         with conn:
             _, fds, _, _ = socket.recv_fds(conn, 64, 1)
         if not fds:
-            (cdir / "start-error").write_text(f"{name} sent no console")
+            (cdir / cd.START_ERROR).write_text(f"{name} sent no console")
             return None
         return int(fds[0])
     finally:
@@ -246,7 +255,7 @@ def _start(spec: MonitorSpec, listener: Any) -> int | None:
 
 
 def _message(result: subprocess.CompletedProcess[bytes]) -> str:
-    import re  # only on failure
+    import re
 
     # runc logs as `time="..." level=error msg="..."`: keep the message.
     tail = proc.tail_of(result)
@@ -307,19 +316,12 @@ def _reap(init_pid: int) -> tuple[bool, int | None]:
 def _finish(spec: MonitorSpec, status: int | None) -> None:
     # The exit record as soon as the rootfs is unmounted (what a build waits for to take
     # the upper dir), then the runtime's delete, which the record does not wait for.
-    cdir = spec.dir
-    overlay.umount(cdir / "bundle" / "rootfs")
-    code: int | None = None
-    sig: int | None = None
-    if status is not None:
-        if os.WIFSIGNALED(status):
-            sig = os.WTERMSIG(status)
-            code = 128 + sig
-        else:
-            code = os.waitstatus_to_exitcode(status)
-    record = {"code": code, "signal": sig, "finished": time.time()}
-    atomic_write(cdir / "exit.json", json.dumps(record).encode(), durable=False)
+    overlay.umount(spec.dir / cd.ROOTFS)
+    cd.write_exit(spec.dir, status)
     # Not killed with us: a delete that has begun had better finish.
-    proc.run([spec.runtime, "--root", spec.root, "delete", "--force", spec.id], check=False,
-             what=f"{Path(spec.runtime).name} delete", die_with_parent=False)
-
+    proc.run(
+        [spec.runtime, "--root", spec.root, "delete", "--force", spec.id],
+        check=False,
+        what=f"{Path(spec.runtime).name} delete",
+        die_with_parent=False,
+    )

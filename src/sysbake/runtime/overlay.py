@@ -21,8 +21,12 @@ _libc = ctypes.CDLL(None, use_errno=True)  # mount(2) itself: no mount(8) per co
 
 def _unescape(field: str) -> str:
     # /proc/self/mountinfo escapes space, tab, newline and backslash as octal.
-    return (field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-            .replace("\\134", "\\"))
+    return (
+        field.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+    )
 
 
 def mount_points() -> list[str]:
@@ -47,9 +51,11 @@ def lowerdir_option(lowerdirs: Sequence[Path]) -> str:
     top_first = dict.fromkeys(os.path.abspath(d) for d in reversed(lowerdirs))
     value = ":".join(top_first)
     if len(value) > _MAX_LOWERDIR:
-        raise RuntimeFailure(f"{len(lowerdirs)} layers are too many for one overlay mount "
-                             f"(lowerdir= would be {len(value)} bytes, at most "
-                             f"{_MAX_LOWERDIR}): squash the image")
+        raise RuntimeFailure(
+            f"{len(lowerdirs)} layers are too many for one overlay mount "
+            f"(lowerdir= would be {len(value)} bytes, at most "
+            f"{_MAX_LOWERDIR}): squash the image"
+        )
     return value
 
 
@@ -58,12 +64,13 @@ def mount_overlay(lowerdirs: Sequence[Path], upper: Path, work: Path, target: Pa
     for d in lowerdirs:
         if not Path(d).is_dir():
             raise RuntimeFailure(f"layer tree {d} is missing: expected an unpacked layer")
-    options = (f"lowerdir={lowerdir_option(lowerdirs)},upperdir={os.path.abspath(upper)},"
-               f"workdir={os.path.abspath(work)},{FEATURES}")
+    options = (
+        f"lowerdir={lowerdir_option(lowerdirs)},upperdir={os.path.abspath(upper)},"
+        f"workdir={os.path.abspath(work)},{FEATURES}"
+    )
     if _libc.mount(b"overlay", os.fsencode(target), b"overlay", 0, options.encode()) != 0:
         err = ctypes.get_errno()
-        raise RuntimeFailure(f"mounting the overlay rootfs at {target} failed: "
-                             f"{os.strerror(err)}")
+        raise RuntimeFailure(f"mounting the overlay rootfs at {target} failed: {os.strerror(err)}")
 
 
 def umount(target: Path) -> None:

@@ -70,16 +70,18 @@ class OwnerLock:
     def _link_locked(self) -> int:
         final = owner_file(self.containers_dir, self.name)
         partial = self.containers_dir / f".{self.name}{_PARTIAL}{os.getpid()}"
-        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600)
+        fd = os.open(
+            partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             os.write(fd, f"{os.getpid()}\n".encode())
             os.link(partial, final)  # fails if the name is taken: never another's lock
         except FileExistsError:
             os.close(fd)
-            raise RuntimeFailure(f"container {self.name!r} already has an owner "
-                                 f"({final})") from None
+            raise RuntimeFailure(
+                f"container {self.name!r} already has an owner ({final})"
+            ) from None
         except BaseException:
             os.close(fd)
             raise
@@ -98,8 +100,12 @@ class OwnerLock:
     def __enter__(self) -> OwnerLock:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         self.release()
 
 
@@ -177,8 +183,7 @@ def forget(containers_dir: Path, name: str) -> None:
 def owner_pid(containers_dir: Path, name: str) -> int | None:
     """The pid an owner file names; None when the container has no owner."""
     try:
-        fd = os.open(owner_file(containers_dir, name), os.O_RDONLY | os.O_NOFOLLOW
-                     | os.O_CLOEXEC)
+        fd = os.open(owner_file(containers_dir, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
     try:

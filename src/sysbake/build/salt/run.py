@@ -29,9 +29,9 @@ import os
 import re
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sysbake import log
+from sysbake import log, proc
 from sysbake.build import cache
 from sysbake.build.salt.toolchain import (
     DEFAULT_SALT_VERSION,
@@ -44,12 +44,27 @@ from sysbake.build.salt.toolchain import (
 from sysbake.errors import BuildError
 from sysbake.project.specs import read_input
 from sysbake.records import record
-from sysbake.rootfs import Root
+
+if TYPE_CHECKING:
+    from sysbake.rootfs import Root
 
 __all__ = [
-    "CONF_DIR", "DEFAULT_SALT_VERSION", "KEEP_DIR", "KEEP_WRAPPER", "PROJECT_PILLAR_ENV",
-    "SALT_MOUNT", "SaltResult", "SaltRun", "StateOutcome", "Toolchain", "ensure_toolchain",
-    "install_salt", "loader_path", "parse_result", "salt_key_inputs", "toolchain_key",
+    "CONF_DIR",
+    "DEFAULT_SALT_VERSION",
+    "KEEP_DIR",
+    "KEEP_WRAPPER",
+    "PROJECT_PILLAR_ENV",
+    "SALT_MOUNT",
+    "SaltResult",
+    "SaltRun",
+    "StateOutcome",
+    "Toolchain",
+    "ensure_toolchain",
+    "install_salt",
+    "loader_path",
+    "parse_result",
+    "salt_key_inputs",
+    "toolchain_key",
 ]
 
 RUN_DIR = "/run/sysbake"
@@ -116,9 +131,11 @@ class SaltRun:
         if not isinstance(grains, dict):
             raise BuildError(f"salt: grains {self.grains_json!r}: expected a JSON object")
         if self.project_pillar is not None and not self.toolchain.ordered_pillar:
-            raise BuildError(f"salt_version {self.toolchain.version!r} cannot merge a project "
-                             "pillar over the global one in a fixed order (it ignores "
-                             f"env_order): use {DEFAULT_SALT_VERSION}")
+            raise BuildError(
+                f"salt_version {self.toolchain.version!r} cannot merge a project "
+                "pillar over the global one in a fixed order (it ignores "
+                f"env_order): use {DEFAULT_SALT_VERSION}"
+            )
         for path in (*self.state_trees, *self.pillar, *filter(None, [self.project_pillar])):
             if not path.is_absolute():
                 raise BuildError(f"salt: {path}: expected an absolute path")
@@ -135,8 +152,7 @@ class SaltRun:
         out += [(_real(p), f"{SRV_DIR}/salt/{i}", True) for i, p in enumerate(self.state_trees)]
         out += [(_real(p), f"{SRV_DIR}/pillar/{i}", True) for i, p in enumerate(self.pillar)]
         if self.project_pillar is not None:
-            out.append((_real(self.project_pillar), f"{SRV_DIR}/pillar/{PROJECT_PILLAR_ENV}",
-                        True))
+            out.append((_real(self.project_pillar), f"{SRV_DIR}/pillar/{PROJECT_PILLAR_ENV}", True))
         return out
 
     def _project_tops(self) -> dict[str, bytes]:
@@ -157,7 +173,8 @@ class SaltRun:
     def minion_config(self) -> dict[str, Any]:
         """Salt's minion config for this run: every path Salt writes is under VAR_DIR."""
         pillar_roots: dict[str, list[str]] = {
-            "base": [f"{SRV_DIR}/pillar/{i}" for i in range(len(self.pillar))]}
+            "base": [f"{SRV_DIR}/pillar/{i}" for i in range(len(self.pillar))]
+        }
         if self.project_pillar is not None:
             gen = [f"{CONF_DIR}/pillar-top/{PROJECT_PILLAR_ENV}"] if self._project_tops() else []
             pillar_roots[PROJECT_PILLAR_ENV] = [*gen, f"{SRV_DIR}/pillar/{PROJECT_PILLAR_ENV}"]
@@ -192,18 +209,27 @@ class SaltRun:
     def custom_modules(self) -> bool:
         """Whether a state tree ships Salt modules of its own (`_modules/`, `_states/`,
         ... at its root), which highstate syncs and which may use any virtual name."""
-        return any(child.is_dir() and child.name.startswith("_")
-                   for tree in self.state_trees if tree.is_dir() for child in tree.iterdir())
+        return any(
+            child.is_dir() and child.name.startswith("_")
+            for tree in self.state_trees
+            if tree.is_dir()
+            for child in tree.iterdir()
+        )
 
     def config_files(self) -> dict[str, bytes]:
         """Container path -> content of the files to write before the run (under CONF_DIR).
         The minion config is JSON, which Salt's YAML loader reads as is."""
-        odd = [name for tree in (*self.state_trees, *self.pillar,
-                                 *filter(None, [self.project_pillar])) for name in _odd_names(tree)]
+        odd = [
+            name
+            for tree in (*self.state_trees, *self.pillar, *filter(None, [self.project_pillar]))
+            for name in _odd_names(tree)
+        ]
         if odd:
             more = f" and {len(odd) - 1} more" if len(odd) > 1 else ""
-            log.warn(f"{odd[0]}{more}: names that are not UTF-8, which Salt cannot serve: "
-                     "they are left out of the state tree or pillar")
+            log.warn(
+                f"{odd[0]}{more}: names that are not UTF-8, which Salt cannot serve: "
+                "they are left out of the state tree or pillar"
+            )
         minion = json.dumps(self.minion_config(), indent=2, sort_keys=True) + "\n"
         return {f"{CONF_DIR}/minion": minion.encode(), **self._project_tops()}
 
@@ -211,9 +237,19 @@ class SaltRun:
         """The argv that runs salt-call inside the container (stdout: Salt's JSON result)."""
         fun = ["state.apply", ",".join(self.sls)] if self.sls else ["state.apply"]
         code = boot_code(SALT_MOUNT, f"{VAR_DIR}/tmp", boot_timeout=self.boot_timeout)
-        return [*self.toolchain.argv(SALT_MOUNT), "-I", "-c", code, "--local",
-                f"--config-dir={CONF_DIR}", "--out=json", "--retcode-passthrough",
-                "--log-level=warning", *fun, *(["test=True"] if self.test else [])]
+        return [
+            *self.toolchain.argv(SALT_MOUNT),
+            "-I",
+            "-c",
+            code,
+            "--local",
+            f"--config-dir={CONF_DIR}",
+            "--out=json",
+            "--retcode-passthrough",
+            "--log-level=warning",
+            *fun,
+            *(["test=True"] if self.test else []),
+        ]
 
     def env(self) -> dict[str, str]:
         """The whole environment of the command (nothing of the host's)."""
@@ -259,8 +295,9 @@ def salt_key_inputs(run: SaltRun) -> dict[str, Any]:
         "test": run.test,
         "state_trees": [cache.hash_tree(p) for p in run.state_trees],
         "pillar": [cache.hash_tree(p) for p in run.pillar],
-        "project_pillar": (cache.hash_tree(run.project_pillar)
-                           if run.project_pillar is not None else None),
+        "project_pillar": (
+            cache.hash_tree(run.project_pillar) if run.project_pillar is not None else None
+        ),
     }
 
 
@@ -272,11 +309,17 @@ def install_salt(toolchain: Toolchain, root: Root) -> None:
     argv = [*toolchain.argv(KEEP_DIR), "-I", "-c", boot_code(KEEP_DIR, None)]
     root.mkdir(os.path.dirname(KEEP_WRAPPER))
     root.remove(root.resolve(KEEP_WRAPPER))
-    root.write_bytes(KEEP_WRAPPER, (
-        "#!/bin/sh\n"
-        f"# Installed by sysbake (keep_salt = true): Salt {toolchain.version} from {KEEP_DIR},\n"
-        "# started with that tree's own loader and libraries (it needs no Python here).\n"
-        f"exec {shlex.join(argv)} \"$@\"\n").encode(), mode=0o755)
+    root.write_bytes(
+        KEEP_WRAPPER,
+        (
+            "#!/bin/sh\n"
+            f"# Installed by sysbake (keep_salt = true): Salt {toolchain.version} "
+            f"from {KEEP_DIR},\n"
+            "# started with that tree's own loader and libraries (it needs no Python here).\n"
+            f'exec {shlex.join(argv)} "$@"\n'
+        ).encode(),
+        mode=0o755,
+    )
 
 
 @record
@@ -331,8 +374,10 @@ class SaltResult:
     def summary(self) -> str:
         if self.errors:
             return f"Salt stopped before applying states: {self.error_line()}"
-        return (f"{len(self.states)} states: {self.succeeded} succeeded, {len(self.failed)} "
-                f"failed, {self.changes} changed")
+        return (
+            f"{len(self.states)} states: {self.succeeded} succeeded, {len(self.failed)} "
+            f"failed, {self.changes} changed"
+        )
 
     def error_line(self) -> str:
         """One line for a build error: what stopped Salt, or the first failed state that is
@@ -353,8 +398,7 @@ class SaltResult:
         """Several lines for humans: the summary, then each failed state with its comment."""
         lines = [self.summary, *self.errors]
         for state in self.failed:
-            lines.append(f"  FAILED {state.id}: {state.function} {state.name!r} (sls "
-                         f"{state.sls})")
+            lines.append(f"  FAILED {state.id}: {state.function} {state.name!r} (sls {state.sls})")
             lines += [f"    {ln}" for ln in state.comment.strip().splitlines()]
         return "\n".join(lines)
 
@@ -376,12 +420,13 @@ def _logged_errors(stderr: bytes) -> list[str]:
     # messages (a render error's details are only there).
     text = stderr.decode(errors="replace")
     out = []
-    for m in re.finditer(r"^\[(ERROR|CRITICAL) *\] (.*?)(?=^\[[A-Z]+ *\] |\Z)", text,
-                         re.M | re.S):
+    for m in re.finditer(r"^\[(ERROR|CRITICAL) *\] (.*?)(?=^\[[A-Z]+ *\] |\Z)", text, re.M | re.S):
         message = m.group(2).split("Traceback (most recent call last):")[0].strip()
         if message and message != "Rendering exception occurred":
             out.append(_SEE_LOG.sub("", message))
     return out
+
+
 def _load_json(stdout: bytes) -> Any:
     text = stdout.decode(errors="replace")
     try:
@@ -391,7 +436,7 @@ def _load_json(stdout: bytes) -> Any:
     # Something printed before the result: the result is the last top-level JSON object.
     for m in reversed(list(re.finditer(r"^\{", text, re.M))):
         try:
-            return json.JSONDecoder().raw_decode(text[m.start():])[0]
+            return json.JSONDecoder().raw_decode(text[m.start() :])[0]
         except ValueError:
             continue
     return None
@@ -433,9 +478,13 @@ def parse_result(stdout: bytes, returncode: int, stderr: bytes = b"") -> SaltRes
         ret = [ret]
     if isinstance(ret, list) and ret:
         said = [_SEE_LOG.sub("", str(e)) for e in ret]
-        return SaltResult(returncode or 1, (),
-                          tuple(dict.fromkeys([*said, *(e for e in logged if e not in said)])))
-    tail = " | ".join(ln.strip() for ln in stderr.decode(errors="replace").splitlines()[-3:]
-                      if ln.strip())
-    return SaltResult(returncode or 1, (), (
-        f"salt-call printed no result (exit {returncode}): {tail or 'no output'}",))
+        return SaltResult(
+            returncode or 1,
+            (),
+            tuple(dict.fromkeys([*said, *(e for e in logged if e not in said)])),
+        )
+    return SaltResult(
+        returncode or 1,
+        (),
+        (f"salt-call printed no result (exit {returncode}): {proc.tail(stderr)}",),
+    )

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
 import shlex
 import sys
-import tarfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -26,29 +24,41 @@ from typing import Any
 from sysbake import log, proc
 from sysbake.build import bootstrap
 from sysbake.errors import BuildError, CommandError
-from sysbake.fsutil import atomic_write, remove_tree
+from sysbake.fsutil import atomic_write, publish_dir, remove_tree
 from sysbake.oci import model as oci
 from sysbake.oci.store import Store
 from sysbake.records import record
-from sysbake.rootfs import Root
 
 DEFAULT_SALT_VERSION = "3007.16"  # the newest 3007.x whose dependencies the index serves here
 RECIPE = 2  # bump when the way a toolchain is built changes: every toolchain is rebuilt
 BUILD_PACKAGES = ("python3-dev", "gcc", "libc6-dev")  # to compile sdists; removed afterwards
 _VERSION_RE = re.compile(r"^\d+(\.\d+)*(rc\d+)?$")
-_CLEAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-              "HOME": "/root", "LANG": "C.UTF-8"}
+_CLEAN_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "LANG": "C.UTF-8",
+}
 META = "sysbake/toolchain.json"
 PYTHON_WRAPPER = "sysbake/python"
 
-_LOADERS = {"amd64": "lib64/ld-linux-x86-64.so.2", "arm64": "lib/ld-linux-aarch64.so.1",
-            "armhf": "lib/ld-linux-armhf.so.3", "i386": "lib/ld-linux.so.2",
-            "ppc64el": "lib64/ld64.so.2", "s390x": "lib/ld64.so.1",
-            "riscv64": "lib/ld-linux-riscv64-lp64d.so.1"}
-_TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu",
-             "armhf": "arm-linux-gnueabihf", "i386": "i386-linux-gnu",
-             "ppc64el": "powerpc64le-linux-gnu", "s390x": "s390x-linux-gnu",
-             "riscv64": "riscv64-linux-gnu"}
+_LOADERS = {
+    "amd64": "lib64/ld-linux-x86-64.so.2",
+    "arm64": "lib/ld-linux-aarch64.so.1",
+    "armhf": "lib/ld-linux-armhf.so.3",
+    "i386": "lib/ld-linux.so.2",
+    "ppc64el": "lib64/ld64.so.2",
+    "s390x": "lib/ld64.so.1",
+    "riscv64": "lib/ld-linux-riscv64-lp64d.so.1",
+}
+_TRIPLETS = {
+    "amd64": "x86_64-linux-gnu",
+    "arm64": "aarch64-linux-gnu",
+    "armhf": "arm-linux-gnueabihf",
+    "i386": "i386-linux-gnu",
+    "ppc64el": "powerpc64le-linux-gnu",
+    "s390x": "s390x-linux-gnu",
+    "riscv64": "riscv64-linux-gnu",
+}
 
 
 def loader_path(architecture: str) -> str:
@@ -56,8 +66,10 @@ def loader_path(architecture: str) -> str:
     try:
         return _LOADERS[architecture]
     except KeyError:
-        raise BuildError(f"salt toolchain: architecture {architecture!r} is not supported "
-                         f"(expected one of {', '.join(sorted(_LOADERS))})") from None
+        raise BuildError(
+            f"salt toolchain: architecture {architecture!r} is not supported "
+            f"(expected one of {', '.join(sorted(_LOADERS))})"
+        ) from None
 
 
 BOOT_FAILED = 97  # exit code of a salt-call whose container did not boot (see boot_code)
@@ -73,17 +85,19 @@ def boot_code(prefix: str, tmpdir: str | None, *, boot_timeout: float | None = N
     to end (at most that many seconds) before any state is applied;
     if systemd ends neither running nor degraded it prints `sysbake: boot: STATE` on stderr
     and exits BOOT_FAILED."""
-    lines = ["import os, sys, tempfile, warnings",
-             # Salt imports crypt, which warns on every run (stderr noise): import it first.
-             "with warnings.catch_warnings():",
-             "    warnings.simplefilter('ignore')",
-             "    try:",
-             "        import crypt",
-             "    except ImportError:",
-             "        pass",
-             f"sys.path[:0] = [{prefix + '/opt/salt/lib'!r}]",
-             f"sys.executable = {prefix + '/' + PYTHON_WRAPPER!r}",
-             "sys.argv[0] = 'salt-call'"]
+    lines = [
+        "import os, sys, tempfile, warnings",
+        # Salt imports crypt, which warns on every run (stderr noise): import it first.
+        "with warnings.catch_warnings():",
+        "    warnings.simplefilter('ignore')",
+        "    try:",
+        "        import crypt",
+        "    except ImportError:",
+        "        pass",
+        f"sys.path[:0] = [{prefix + '/opt/salt/lib'!r}]",
+        f"sys.executable = {prefix + '/' + PYTHON_WRAPPER!r}",
+        "sys.argv[0] = 'salt-call'",
+    ]
     if tmpdir:
         lines += [f"os.makedirs({tmpdir!r}, exist_ok=True)", f"tempfile.tempdir = {tmpdir!r}"]
     if boot_timeout is not None:
@@ -159,10 +173,17 @@ class Toolchain:
     @classmethod
     def load(cls, path: Path) -> Toolchain:
         doc = json.loads((path / META).read_text())
-        return cls(path=path, version=doc["version"], suite=doc["suite"],
-                   architecture=doc["architecture"], python=doc["python"],
-                   loader=doc["loader"], library_path=tuple(doc["library_path"]),
-                   key=doc["key"], ordered_pillar=_orders_pillar_envs(path))
+        return cls(
+            path=path,
+            version=doc["version"],
+            suite=doc["suite"],
+            architecture=doc["architecture"],
+            python=doc["python"],
+            loader=doc["loader"],
+            library_path=tuple(doc["library_path"]),
+            key=doc["key"],
+            ordered_pillar=_orders_pillar_envs(path),
+        )
 
 
 def _orders_pillar_envs(path: Path) -> bool:
@@ -177,6 +198,7 @@ def _orders_pillar_envs(path: Path) -> bool:
 
 # -- building a toolchain -----------------------------------------------------------------
 
+
 def _host_release() -> tuple[str, str]:
     try:
         text = Path("/etc/os-release").read_text()
@@ -184,28 +206,37 @@ def _host_release() -> tuple[str, str]:
         text = ""
     m = re.search(r'^VERSION_CODENAME="?([a-z]+)"?', text, re.M)
     if not m:
-        raise BuildError("salt toolchain: /etc/os-release names no VERSION_CODENAME "
-                         "(the toolchain is built from the host's own suite)")
+        raise BuildError(
+            "salt toolchain: /etc/os-release names no VERSION_CODENAME "
+            "(the toolchain is built from the host's own suite)"
+        )
     return bootstrap.host_distro(), m.group(1)
 
 
 def _identity(version: str, architecture: str) -> dict[str, Any]:
     version = version or DEFAULT_SALT_VERSION
     if not _VERSION_RE.match(version):
-        raise BuildError(f"salt_version {version!r}: expected a Salt version like "
-                         f'"{DEFAULT_SALT_VERSION}"')
+        raise BuildError(
+            f'salt_version {version!r}: expected a Salt version like "{DEFAULT_SALT_VERSION}"'
+        )
     arch = architecture or bootstrap.host_architecture()
     loader_path(arch)
     distro, suite = _host_release()
-    return {"recipe": RECIPE, "version": version, "distro": distro, "suite": suite,
-            "architecture": arch, "packages": list(BUILD_PACKAGES)}
+    return {
+        "recipe": RECIPE,
+        "version": version,
+        "distro": distro,
+        "suite": suite,
+        "architecture": arch,
+        "packages": list(BUILD_PACKAGES),
+    }
 
 
 def toolchain_key(version: str = "", architecture: str = "") -> str:
     """The key of the toolchain `ensure_toolchain` gives for these arguments, known without
     building it and the same on every host of that suite: stage keys can use it, so a cache
     shared through a registry hits on another machine."""
-    return hashlib.sha256(oci.canonical_json(_identity(version, architecture))).hexdigest()
+    return oci.sha256_digest(oci.canonical_json(_identity(version, architecture)))[7:]
 
 
 def ensure_toolchain(store: Store, version: str = "", *, architecture: str = "") -> Toolchain:
@@ -213,9 +244,13 @@ def ensure_toolchain(store: Store, version: str = "", *, architecture: str = "")
     built on first use and reused afterwards (no download). Idempotent; concurrent callers
     wait for one build; a killed build leaves only staging that `clean_stale` removes."""
     ident = _identity(version, architecture)
-    version, arch, distro, suite = (ident["version"], ident["architecture"], ident["distro"],
-                                    ident["suite"])
-    key = hashlib.sha256(oci.canonical_json(ident)).hexdigest()
+    version, arch, distro, suite = (
+        ident["version"],
+        ident["architecture"],
+        ident["distro"],
+        ident["suite"],
+    )
+    key = oci.sha256_digest(oci.canonical_json(ident))[7:]
     short = key[:12]
     store.ensure()
     top = store.root / "toolchains"
@@ -225,15 +260,21 @@ def ensure_toolchain(store: Store, version: str = "", *, architecture: str = "")
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / META).is_file():
             return Toolchain.load(final)
-        with log.step(f"building the Salt {version} toolchain ({suite}, {arch}); "
-                      "once per version"), store.staging("toolchain") as stage:
+        with (
+            log.step(f"building the Salt {version} toolchain ({suite}, {arch}); once per version"),
+            store.staging("toolchain") as stage,
+        ):
             from concurrent.futures import ThreadPoolExecutor  # once per Salt version
 
             tree = stage / "tree"
             if not wheelhouse_path(store, version, arch).is_dir():
                 _check_version_exists(store, version)
-            with log.step(f"toolchain: bootstrapping python3 ({suite}) and downloading "
-                          "Salt's wheels"), ThreadPoolExecutor(max_workers=1) as pool:
+            with (
+                log.step(
+                    f"toolchain: bootstrapping python3 ({suite}) and downloading Salt's wheels"
+                ),
+                ThreadPoolExecutor(max_workers=1) as pool,
+            ):
                 # The download and the bootstrap take about as long: overlap them.
                 wheels = pool.submit(ensure_wheelhouse, store, version, arch)
                 _bootstrap(tree, distro, suite, arch, store.debs_dir)
@@ -247,7 +288,7 @@ def ensure_toolchain(store: Store, version: str = "", *, architecture: str = "")
             _write_wrapper(tree, meta)
             _smoke_test(tree, meta)
             remove_tree(final)  # a leftover without its metadata is not a toolchain
-            os.rename(tree, final)
+            publish_dir(tree, final)
     return Toolchain.load(final)
 
 
@@ -280,7 +321,7 @@ def ensure_wheelhouse(store: Store, version: str, architecture: str) -> Path:
         if not any(dest.glob("pip-*.whl")):
             _pip_download(version, ["pip"], dest)
         with contextlib.suppress(OSError):
-            os.rename(dest, final)
+            publish_dir(dest, final)
     if not final.is_dir():
         raise BuildError(f"salt_version {version!r}: could not store the wheelhouse at {final}")
     return final
@@ -297,16 +338,20 @@ def build_requirements(sdist: Path) -> list[str]:
     it has no pyproject.toml."""
     text = None
     if sdist.name.endswith(".zip"):
-        import zipfile  # rare: imported here, off every build's start-up
+        import zipfile
 
         with zipfile.ZipFile(sdist) as z:
-            names = [n for n in z.namelist() if n.count("/") == 1
-                     and n.endswith("/pyproject.toml")]
+            names = [n for n in z.namelist() if n.count("/") == 1 and n.endswith("/pyproject.toml")]
             text = z.read(names[0]).decode() if names else None
     else:
+        import tarfile
+
         with tarfile.open(sdist) as t:
-            members = [m for m in t.getmembers() if m.name.count("/") == 1
-                       and m.name.endswith("/pyproject.toml") and m.isfile()]
+            members = [
+                m
+                for m in t.getmembers()
+                if m.name.count("/") == 1 and m.name.endswith("/pyproject.toml") and m.isfile()
+            ]
             f = t.extractfile(members[0]) if members else None
             text = f.read().decode() if f else None
     default = ["setuptools>=40.8.0", "wheel"]
@@ -321,8 +366,18 @@ def build_requirements(sdist: Path) -> list[str]:
 
 
 def _pip_download(version: str, reqs: list[str], dest: Path) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
-           "--progress-bar", "off", "--dest", str(dest), *reqs]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--disable-pip-version-check",
+        "--progress-bar",
+        "off",
+        "--dest",
+        str(dest),
+        *reqs,
+    ]
     try:
         proc.run(cmd, what=f"pip download {' '.join(reqs)}")
     except CommandError as exc:
@@ -335,8 +390,9 @@ def explain_pip_failure(version: str, output: str) -> str:
     if m and m.group(1).lower().startswith("salt=="):
         return f"salt_version {version!r}: no such version on the package index"
     if m:
-        return (f"salt_version {version!r}: its dependency {m.group(1)!r} is not on the "
-                "package index")
+        return (
+            f"salt_version {version!r}: its dependency {m.group(1)!r} is not on the package index"
+        )
     if "No module named pip" in output:
         return f"salt toolchain: {sys.executable} has no pip (it downloads Salt's wheels)"
     lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
@@ -346,12 +402,26 @@ def explain_pip_failure(version: str, output: str) -> str:
 
 def _bootstrap(tree: Path, distro: str, suite: str, arch: str, debs: Path) -> None:
     plan = bootstrap.BootstrapPlan(
-        suite=suite, variant="minbase", architecture=arch, components=("main",),
+        suite=suite,
+        variant="minbase",
+        architecture=arch,
+        components=("main",),
         # usr-is-merged satisfies init-system-helpers without usrmerge and its perl.
         packages=("python3", "usr-is-merged", *BUILD_PACKAGES),
-        sources=tuple(bootstrap.source_lines(distro=distro, suite=suite, components=("main",),
-                                             mirror="", snapshot="", security=True)),
-        keyring="", snapshot="", hooks=())
+        sources=tuple(
+            bootstrap.source_lines(
+                distro=distro,
+                suite=suite,
+                components=("main",),
+                mirror="",
+                snapshot="",
+                security=True,
+            )
+        ),
+        keyring="",
+        snapshot="",
+        hooks=(),
+    )
     try:
         bootstrap.run_bootstrap(plan, tree, debs)
     except BuildError as exc:
@@ -361,28 +431,42 @@ def _bootstrap(tree: Path, distro: str, suite: str, arch: str, debs: Path) -> No
 def _chroot_script(script: str, what: str) -> None:
     # A private mount namespace: its mounts vanish with it, even if we are killed; a clean
     # environment: the host's PIP_*, SSL_CERT_FILE... must not reach the chroot.
-    proc.run([*proc.ISOLATED, "sh", "-ec", script],
-             env=_CLEAN_ENV, what=what, stream=log.debug_enabled())
+    proc.run(
+        [*proc.ISOLATED, "sh", "-ec", script], env=_CLEAN_ENV, what=what, stream=log.debug_enabled()
+    )
 
 
 def _install_salt(tree: Path, wheels: Path, version: str) -> None:
+    from sysbake.rootfs import Root
+
     pips = sorted(wheels.glob("pip-*.whl"))
     inner = "/tmp/sysbake-wheels"
     with Root(tree) as root:
         root.mkdir(inner)
-    pip = [f"/usr/bin/python3 {inner}/{pips[-1].name}/pip install", "--no-index",
-           f"--find-links {inner}", "--target /opt/salt/lib", "--no-cache-dir",
-           "--disable-pip-version-check", "--no-warn-script-location",
-           "--root-user-action=ignore", f"salt=={version}"]
-    script = (f"mount --bind -o ro {shlex.quote(str(wheels))} {shlex.quote(str(tree))}{inner}\n"
-              f"mount -t proc proc {shlex.quote(str(tree / 'proc'))}\n"
-              f"exec chroot {shlex.quote(str(tree))} {' '.join(pip)}\n")
+    pip = [
+        f"/usr/bin/python3 {inner}/{pips[-1].name}/pip install",
+        "--no-index",
+        f"--find-links {inner}",
+        "--target /opt/salt/lib",
+        "--no-cache-dir",
+        "--disable-pip-version-check",
+        "--no-warn-script-location",
+        "--root-user-action=ignore",
+        f"salt=={version}",
+    ]
+    script = (
+        f"mount --bind -o ro {shlex.quote(str(wheels))} {shlex.quote(str(tree))}{inner}\n"
+        f"mount -t proc proc {shlex.quote(str(tree / 'proc'))}\n"
+        f"exec chroot {shlex.quote(str(tree))} {' '.join(pip)}\n"
+    )
     try:
         _chroot_script(script, f"pip install salt=={version} (toolchain)")
     except CommandError as exc:
         lines = [ln for ln in exc.tail.splitlines() if re.search(r"error|ERROR", ln)]
-        raise BuildError(f"salt_version {version!r}: installing Salt into the toolchain "
-                         f"failed: {(lines or [str(exc)])[-1].strip()}") from exc
+        raise BuildError(
+            f"salt_version {version!r}: installing Salt into the toolchain "
+            f"failed: {(lines or [str(exc)])[-1].strip()}"
+        ) from exc
     with Root(tree) as root:
         root.remove(inner)
 
@@ -392,7 +476,7 @@ def _slim(tree: Path) -> None:
     script = (
         "apt-mark auto $(dpkg-query -W -f='${Package}\\n') >/dev/null\n"
         "apt-mark manual python3 $(dpkg-query -W -f='${Package} ${Essential} ${Priority}\\n'"
-        " | awk '$2==\"yes\"||$3==\"required\"{print $1}') >/dev/null\n"
+        ' | awk \'$2=="yes"||$3=="required"{print $1}\') >/dev/null\n'
         # usr-is-merged stands in for usrmerge, which would keep perl.
         "if dpkg -s usr-is-merged >/dev/null 2>&1; then\n"
         "  apt-get purge -y -qq usrmerge >/dev/null\nfi\n"
@@ -401,9 +485,13 @@ def _slim(tree: Path) -> None:
         "apt-get clean\n"
         "rm -rf /usr/share/doc/* /usr/share/man/* /usr/share/info/* /usr/share/locale/*"
         " /var/lib/apt/lists/* /var/cache/debconf/*-old /var/lib/dpkg/*-old /var/log/*"
-        " /root/.cache /tmp/* /dev/*\n")
-    proc.run(["chroot", str(tree), "sh", "-ec", script], env=_CLEAN_ENV,
-             what="removing the toolchain's build tools")
+        " /root/.cache /tmp/* /dev/*\n"
+    )
+    proc.run(
+        ["chroot", str(tree), "sh", "-ec", script],
+        env=_CLEAN_ENV,
+        what="removing the toolchain's build tools",
+    )
 
 
 def _relativize_symlinks(tree: Path) -> None:
@@ -418,63 +506,113 @@ def _relativize_symlinks(tree: Path) -> None:
 
 
 def _toolchain_python(tree: Path, suite: str) -> str:
+    from sysbake.rootfs import Root
+
     # The host's pip picks wheels for the Python it runs on: they must fit the toolchain's.
     with Root(tree) as root:
         python = root.resolve("usr/bin/python3")
     wanted = f"python{sys.version_info.major}.{sys.version_info.minor}"
     if Path(python).name != wanted:
-        raise BuildError(f"salt toolchain: the {suite} python is {Path(python).name} but "
-                         f"sysbake runs on {wanted}, whose pip chooses the wheels: run "
-                         "sysbake with the host's python3")
+        raise BuildError(
+            f"salt toolchain: the {suite} python is {Path(python).name} but "
+            f"sysbake runs on {wanted}, whose pip chooses the wheels: run "
+            "sysbake with the host's python3"
+        )
     return python
 
 
-def _describe(tree: Path, ident: dict[str, Any], key: str, python: str,
-              wheels: Path) -> dict[str, Any]:
+def _describe(
+    tree: Path, ident: dict[str, Any], key: str, python: str, wheels: Path
+) -> dict[str, Any]:
+    from sysbake.rootfs import Root
+
     arch = str(ident["architecture"])
     triplet = _TRIPLETS[arch]
     with Root(tree) as root:
-        libs = [d for d in dict.fromkeys(root.resolve(d) for d in (f"lib/{triplet}",
-                                                                   f"usr/lib/{triplet}"))
-                if root.is_dir(d)]
+        libs = [
+            d
+            for d in dict.fromkeys(
+                root.resolve(d) for d in (f"lib/{triplet}", f"usr/lib/{triplet}")
+            )
+            if root.is_dir(d)
+        ]
         loader = root.resolve(loader_path(arch))
     # The exact wheels are recorded for people; they are not in the key: a toolchain
     # rebuilt later (newer dependencies) must not invalidate every cached salt stage.
-    return {"version": ident["version"], "suite": ident["suite"], "architecture": arch,
-            "python": python, "loader": loader,
-            "library_path": libs, "key": key,
-            "identity": ident, "wheels": sorted(p.name for p in wheels.iterdir())}
+    return {
+        "version": ident["version"],
+        "suite": ident["suite"],
+        "architecture": arch,
+        "python": python,
+        "loader": loader,
+        "library_path": libs,
+        "key": key,
+        "identity": ident,
+        "wheels": sorted(p.name for p in wheels.iterdir()),
+    }
 
 
 def _write_wrapper(tree: Path, meta: dict[str, Any]) -> None:
+    from sysbake.rootfs import Root
+
     # Relocatable: the toolchain root is two levels above the script, wherever it is mounted.
     libs = ":".join(f'"$root/{d}"' for d in meta["library_path"])
     with Root(tree) as root:
         root.mkdir(os.path.dirname(PYTHON_WRAPPER))
-        root.write_bytes(PYTHON_WRAPPER, (
-            "#!/bin/sh\n# sysbake: the toolchain's python, with the toolchain's loader and "
-            "libraries\n"
-            'root="${0%/*/*}"\n'
-            f'exec "$root/{meta["loader"]}" --library-path {libs} "$root/{meta["python"]}" '
-            '"$@"\n').encode(), mode=0o755)
+        root.write_bytes(
+            PYTHON_WRAPPER,
+            (
+                "#!/bin/sh\n# sysbake: the toolchain's python, with the toolchain's loader and "
+                "libraries\n"
+                'root="${0%/*/*}"\n'
+                f'exec "$root/{meta["loader"]}" --library-path {libs} "$root/{meta["python"]}" '
+                '"$@"\n'
+            ).encode(),
+            mode=0o755,
+        )
     atomic_write(tree / META, json.dumps(meta, indent=1, sort_keys=True).encode())
 
 
 def _smoke_test(tree: Path, meta: dict[str, Any]) -> None:
     # Run from its build path: proves the loader trick and relocation before it is used.
-    toolchain = Toolchain(path=tree, version=meta["version"], suite=meta["suite"],
-                          architecture=meta["architecture"], python=meta["python"],
-                          loader=meta["loader"], library_path=tuple(meta["library_path"]),
-                          key=meta["key"])
-    code = (f"import sys; sys.path[:0] = [{str(tree / 'opt/salt/lib')!r}]; "
-            "import ssl, ctypes, sqlite3, zlib, salt.version; print(salt.version.__version__)")
-    out = proc.run([*toolchain.argv(str(tree)), "-I", "-c", code], env=_CLEAN_ENV,
-                   what="salt toolchain smoke test").stdout.decode().strip()
+    toolchain = Toolchain(
+        path=tree,
+        version=meta["version"],
+        suite=meta["suite"],
+        architecture=meta["architecture"],
+        python=meta["python"],
+        loader=meta["loader"],
+        library_path=tuple(meta["library_path"]),
+        key=meta["key"],
+    )
+    code = (
+        f"import sys; sys.path[:0] = [{str(tree / 'opt/salt/lib')!r}]; "
+        "import ssl, ctypes, sqlite3, zlib, salt.version; print(salt.version.__version__)"
+    )
+    out = (
+        proc.run(
+            [*toolchain.argv(str(tree)), "-I", "-c", code],
+            env=_CLEAN_ENV,
+            what="salt toolchain smoke test",
+        )
+        .stdout.decode()
+        .strip()
+    )
     if out != meta["version"]:
-        raise BuildError(f"salt toolchain: built Salt reports version {out!r}, expected "
-                         f"{meta['version']!r}")
-    prefix = proc.run([str(tree / PYTHON_WRAPPER), "-I", "-c", "import sys; print(sys.prefix)"],
-                      env=_CLEAN_ENV, what="salt toolchain smoke test").stdout.decode().strip()
+        raise BuildError(
+            f"salt toolchain: built Salt reports version {out!r}, expected {meta['version']!r}"
+        )
+    prefix = (
+        proc.run(
+            [str(tree / PYTHON_WRAPPER), "-I", "-c", "import sys; print(sys.prefix)"],
+            env=_CLEAN_ENV,
+            what="salt toolchain smoke test",
+        )
+        .stdout.decode()
+        .strip()
+    )
     if prefix != str(tree / "usr"):
-        raise BuildError(f"salt toolchain: its python wrapper found the prefix {prefix!r}, "
-                         f"expected {str(tree / 'usr')!r}")
+        raise BuildError(
+            f"salt toolchain: its python wrapper found the prefix {prefix!r}, "
+            f"expected {str(tree / 'usr')!r}"
+        )

@@ -153,7 +153,7 @@ class Extractor:
             return
         if base.startswith(WH_META):
             return  # aufs bookkeeping (.wh..wh.plnk...): nothing to apply
-        target = join(head, base[len(WH_PREFIX):])
+        target = join(head, base[len(WH_PREFIX) :])
         if not self._parents(info, target, create=self.overlay):
             return  # its directory is not there: nothing to delete
         if target in self.created:
@@ -185,15 +185,16 @@ class Extractor:
             if was_whited:
                 self._hide_lower(rel)  # the whiteout deleted the lower directory
         elif info.isreg():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600)
+            fd = os.open(
+                path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
             try:
                 left = info.size
                 while left > 0 and data is not None and (chunk := data.read(min(CHUNK, left))):
                     left -= len(chunk)
                     view = memoryview(chunk)
                     while view:
-                        view = view[os.write(fd, view):]
+                        view = view[os.write(fd, view) :]
                 self._meta(fd, info)
             finally:
                 os.close(fd)
@@ -213,14 +214,16 @@ class Extractor:
     def _link_target(self, info: tarfile.TarInfo) -> str:
         target = clean_name(info.linkname)  # EntryCheck vouched for it
         if not self._parents(info, target, create=False) or not os.path.lexists(
-                os.path.join(self.dest, target)):
+            os.path.join(self.dest, target)
+        ):
             raise self._error(info, f"hardlink target {target} does not exist")
         if self._is_dir(target):
             raise self._error(info, f"hardlink target {target} is a directory")
         return target
 
-    def _meta(self, target: str | int, info: tarfile.TarInfo, *, link: bool = False,
-              replace: bool = False) -> None:
+    def _meta(
+        self, target: str | int, info: tarfile.TarInfo, *, link: bool = False, replace: bool = False
+    ) -> None:
         """Owner, mode, xattrs, mtime, in the order that keeps each (chown drops setuid
         bits and file capabilities). `link`: no chmod (symlinks; dirs get theirs later)."""
         by_path = not isinstance(target, int)
@@ -241,6 +244,18 @@ class Extractor:
         if not info.isdir():
             mtime_ns = _mtime_ns(info)
             os.utime(target, ns=(mtime_ns, mtime_ns), follow_symlinks=not by_path)
+
+
+class _LayerPass:
+    """What a Flattener collects while reading one layer, merged into its state after."""
+
+    def __init__(self) -> None:
+        self.gone: set[str] = set()
+        self.masked: set[str] = set()
+        self.implied: set[str] = set()
+        self.written: dict[str, bool] = {}  # this layer's paths: written, or hidden from above
+        self.reread: dict[str, list[Entry]] = {}  # hidden targets of this layer's hardlinks
+        self.pending: dict[str, list[Entry]] = {}  # hardlink targets left to lower layers
 
 
 class Flattener:
@@ -280,14 +295,19 @@ class Flattener:
         return False
 
     def _entry(self, info: tarfile.TarInfo, name: str) -> Entry:
-        meta = Meta(info.mode, info.uid, info.gid, clamp(info.mtime, self.mtime),
-                     tar_xattrs(info))
+        meta = Meta(info.mode, info.uid, info.gid, clamp(info.mtime, self.mtime), tar_xattrs(info))
         if info.islnk():
             return Entry(name, tarfile.LNKTYPE, meta, linkname=clean_name(info.linkname))
         kind = tarfile.REGTYPE if info.isreg() else info.type
         dev = (info.devmajor, info.devminor) if info.ischr() or info.isblk() else (0, 0)
-        return Entry(name, kind, meta, size=info.size if info.isreg() else 0,
-                      linkname=info.linkname if info.issym() else "", dev=dev)
+        return Entry(
+            name,
+            kind,
+            meta,
+            size=info.size if info.isreg() else 0,
+            linkname=info.linkname if info.issym() else "",
+            dev=dev,
+        )
 
     def _links(self, links: list[Entry], target: str) -> None:
         for link in links:
@@ -296,71 +316,94 @@ class Flattener:
     def _serve(self, info: tarfile.TarInfo, data: Readable | None, links: list[Entry]) -> None:
         """Write a hidden file under the name of the first link that still needs it."""
         if info.isdir() or info.islnk():
-            raise LayerError(f"hardlink {links[0].name} -> {info.name}: a "
-                             f"{'directory' if info.isdir() else 'chain of links'}")
+            raise LayerError(
+                f"hardlink {links[0].name} -> {info.name}: a "
+                f"{'directory' if info.isdir() else 'chain of links'}"
+            )
         self.writer.entry(self._entry(info, links[0].name), data)
         self._links(links[1:], links[0].name)
 
     def _layer(self, opener: LayerOpener) -> None:
         check = EntryCheck(allow_devices=self.allow_devices)
-        gone: set[str] = set()
-        masked: set[str] = set()
-        implied: set[str] = set()
-        written: dict[str, bool] = {}  # this layer's paths: written, or hidden from above
-        reread: dict[str, list[Entry]] = {}
-        pending: dict[str, list[Entry]] = {}
+        layer = _LayerPass()
         with opener() as stream:
             for info, data in read_entries(stream):
                 rel = check.entry(info)
-                head, _, base = rel.rpartition("/")
-                if not rel:
-                    continue
-                if base.startswith(WH_PREFIX):
-                    if base == WH_OPAQUE:
-                        masked.add(head)
-                    elif not base.startswith(WH_META):
-                        gone.add(join(head, base[len(WH_PREFIX):]))
-                        masked.add(join(head, base[len(WH_PREFIX):]))
-                    continue
-                wanted = self.pending.pop(rel, []) if rel not in written else []
-                hidden = self._hidden(rel, self.gone, self.masked)
-                written[rel] = not hidden
-                if not hidden:
-                    gone.add(rel)
-                    if not info.isdir():
-                        self._not_implied(rel, info)
-                        masked.add(rel)
-                    self._imply(head, implied)
-                if info.islnk():
-                    target = clean_name(info.linkname)
-                    links = wanted + ([] if hidden else [self._entry(info, rel)])
-                    if target not in written:
-                        pending.setdefault(target, []).extend(links)
-                    elif written[target]:
-                        self._links(links, target)
-                    else:
-                        reread.setdefault(target, []).extend(links)
-                elif not hidden:
-                    self.writer.entry(self._entry(info, rel), data)
-                    self._links(wanted, rel)
-                elif wanted:
-                    self._serve(info, data, wanted)
-        if reread:
-            self._reread(opener, reread)
+                if rel and not self._note_whiteout(rel, layer):
+                    self._place(info, data, rel, layer)
+        if layer.reread:
+            self._reread(opener, layer.reread)
+        self._merge(layer)
+
+    @staticmethod
+    def _note_whiteout(rel: str, layer: _LayerPass) -> bool:
+        """Note the whiteout `rel` in `layer` (an opaque one masks its dir, a plain one
+        removes its path); False when `rel` is no whiteout."""
+        head, _, base = rel.rpartition("/")
+        if not base.startswith(WH_PREFIX):
+            return False
+        if base == WH_OPAQUE:
+            layer.masked.add(head)
+        elif not base.startswith(WH_META):
+            layer.gone.add(join(head, base[len(WH_PREFIX) :]))
+            layer.masked.add(join(head, base[len(WH_PREFIX) :]))
+        return True
+
+    def _place(
+        self, info: tarfile.TarInfo, data: Readable | None, rel: str, layer: _LayerPass
+    ) -> None:
+        """Write the entry `rel` unless upper layers hide it (then serve only the upper
+        hardlinks that wait for it), and note it in `layer`."""
+        wanted = self.pending.pop(rel, []) if rel not in layer.written else []
+        hidden = self._hidden(rel, self.gone, self.masked)
+        layer.written[rel] = not hidden
+        if not hidden:
+            layer.gone.add(rel)
+            if not info.isdir():
+                self._not_implied(rel, info)
+                layer.masked.add(rel)
+            self._imply(rel.rpartition("/")[0], layer.implied)
+        if info.islnk():
+            self._hardlink(
+                clean_name(info.linkname),
+                wanted + ([] if hidden else [self._entry(info, rel)]),
+                layer,
+            )
+        elif not hidden:
+            self.writer.entry(self._entry(info, rel), data)
+            self._links(wanted, rel)
+        elif wanted:
+            self._serve(info, data, wanted)
+
+    def _hardlink(self, target: str, links: list[Entry], layer: _LayerPass) -> None:
+        """Hardlinks `links` to `target`: written now if this layer wrote the target, served
+        by a second read if this layer holds it hidden, else left to the layers below."""
+        if target not in layer.written:
+            layer.pending.setdefault(target, []).extend(links)
+        elif layer.written[target]:
+            self._links(links, target)
+        else:
+            layer.reread.setdefault(target, []).extend(links)
+
+    def _merge(self, layer: _LayerPass) -> None:
+        """Add what `layer` hides, implies and leaves pending to the merge's state; refuses
+        an upper hardlink whose target this layer deleted."""
         for target, links in self.pending.items():
-            if self._hidden(target, gone, masked):
+            if self._hidden(target, layer.gone, layer.masked):
                 raise LayerError(f"hardlink {links[0].name} -> {target}: deleted before it")
-        self.gone |= gone
-        self.masked |= masked
-        self.implied |= implied
-        for target, links in pending.items():
+        self.gone |= layer.gone
+        self.masked |= layer.masked
+        self.implied |= layer.implied
+        for target, links in layer.pending.items():
             self.pending.setdefault(target, []).extend(links)
 
     def _not_implied(self, rel: str, info: tarfile.TarInfo) -> None:
         if rel in self.implied:
             kind = "symlink" if info.issym() else "file"
-            raise LayerError(f"layer entry {info.name!r}: a {kind}, but an upper layer writes "
-                             "into it as a directory")
+            raise LayerError(
+                f"layer entry {info.name!r}: a {kind}, but an upper layer writes "
+                "into it as a directory"
+            )
 
     def _imply(self, head: str, implied: set[str]) -> None:
         """Note `head` and its parents as directories this layer writes into."""

@@ -47,9 +47,20 @@ from sysbake.oci.layers.tar import (
     write_all,
 )
 
-__all__ = ["STANDARD_DEVICES", "EntryCheck", "HashingWriter", "LayerOpener", "clamp_mtimes",
-           "clean_name", "extract", "flatten", "keep_xattr", "validate_layer",
-           "write_overlay_diff", "write_tree_tar"]
+__all__ = [
+    "STANDARD_DEVICES",
+    "EntryCheck",
+    "HashingWriter",
+    "LayerOpener",
+    "clamp_mtimes",
+    "clean_name",
+    "extract",
+    "flatten",
+    "keep_xattr",
+    "validate_layer",
+    "write_overlay_diff",
+    "write_tree_tar",
+]
 
 # overlayfs features whose upper dir alone does not describe the change.
 _UNSUPPORTED_OVERLAY = ("redirect", "metacopy")
@@ -116,8 +127,9 @@ def write_overlay_diff(upper: Path, out: Writable, *, mtime: int | None) -> bool
     return _Archiver(Path(upper), TarWriter(out), mtime, None, diff=True).run()
 
 
-def validate_layer(src: Readable, what: str, *, diff_id: str | None = None,
-                   allow_devices: bool = True) -> None:
+def validate_layer(
+    src: Readable, what: str, *, diff_id: str | None = None, allow_devices: bool = True
+) -> None:
     """Read the uncompressed layer tar `src` to its end through the EntryCheck that
     extraction and flattening apply; raise LayerError "<what>: ..." if it is not a tar,
     holds an entry they would refuse, or (given `diff_id`) does not hash to `diff_id`."""
@@ -133,8 +145,9 @@ def validate_layer(src: Readable, what: str, *, diff_id: str | None = None,
     except tarfile.TarError as exc:
         raise LayerError(f"{what}: not a valid tar ({exc})") from exc
     if diff_id is not None and hashed.digest != diff_id:
-        raise LayerError(f"{what}: its content hashes to {hashed.digest}, not to its diff_id "
-                         f"{diff_id}")
+        raise LayerError(
+            f"{what}: its content hashes to {hashed.digest}, not to its diff_id {diff_id}"
+        )
 
 
 class _HashingReader:
@@ -154,8 +167,14 @@ class _HashingReader:
         return "sha256:" + self._hash.hexdigest()
 
 
-def extract(src: Readable, dest: Path, *, overlay: bool, allow_devices: bool = True,
-            diff_id: str | None = None) -> None:
+def extract(
+    src: Readable,
+    dest: Path,
+    *,
+    overlay: bool,
+    allow_devices: bool = True,
+    diff_id: str | None = None,
+) -> None:
     """Apply the uncompressed layer tar `src` onto `dest`, never writing outside it.
 
     overlay=False applies whiteouts to what `dest` holds; overlay=True writes them in
@@ -174,12 +193,12 @@ def extract(src: Readable, dest: Path, *, overlay: bool, allow_devices: bool = T
         raise LayerError(f"not a valid tar ({exc})") from exc
     extractor.finish()
     if diff_id is not None and hashed.digest != diff_id:
-        raise LayerError(f"its content hashes to {hashed.digest}, not to its diff_id "
-                         f"{diff_id}")
+        raise LayerError(f"its content hashes to {hashed.digest}, not to its diff_id {diff_id}")
 
 
-def flatten(layers: Sequence[LayerOpener], out: Writable, *, mtime: int | None,
-            allow_devices: bool = True) -> None:
+def flatten(
+    layers: Sequence[LayerOpener], out: Writable, *, mtime: int | None, allow_devices: bool = True
+) -> None:
     """Merge uncompressed layer tars (bottom to top) into one rootfs tar, streaming.
 
     Layers are read top-down and an entry is written unless an upper layer replaced or
@@ -194,8 +213,15 @@ def flatten(layers: Sequence[LayerOpener], out: Writable, *, mtime: int | None,
 class _Archiver:
     """Walks a tree in canonical order and writes its entries."""
 
-    def __init__(self, root: Path, writer: TarWriter, mtime: int | None,
-                 exclude: Callable[[str], bool] | None, *, diff: bool) -> None:
+    def __init__(
+        self,
+        root: Path,
+        writer: TarWriter,
+        mtime: int | None,
+        exclude: Callable[[str], bool] | None,
+        *,
+        diff: bool,
+    ) -> None:
         self.root = os.fspath(root)
         self.writer = writer
         self.mtime = mtime
@@ -218,8 +244,9 @@ class _Archiver:
                 try:
                     descend = self._add(*item)
                 except OSError as exc:
-                    raise LayerError(f"cannot archive {self.root}/{item[0]}: "
-                                     f"{exc.strerror or exc}") from exc
+                    raise LayerError(
+                        f"cannot archive {self.root}/{item[0]}: {exc.strerror or exc}"
+                    ) from exc
                 if descend:
                     stack.append(self._children(item[0]))
         self.writer.close()
@@ -248,14 +275,17 @@ class _Archiver:
         if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
             return True
         # Kernels >= 6.7 may also mark whiteouts as empty files with an xattr.
-        return stat.S_ISREG(st.st_mode) and st.st_size == 0 and any(
-            name.endswith("overlay.whiteout") for name in read_xattrs(path))
+        return (
+            stat.S_ISREG(st.st_mode)
+            and st.st_size == 0
+            and any(name.endswith("overlay.whiteout") for name in read_xattrs(path))
+        )
 
     def _meta(self, st: os.stat_result, xattrs: dict[str, bytes] | None = None) -> Meta:
-        kept = tuple(sorted((k, v) for k, v in xattrs.items() if keep_xattr(k))) \
-            if xattrs else ()
-        return Meta(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                     clamp(st.st_mtime, self.mtime), kept)
+        kept = tuple(sorted((k, v) for k, v in xattrs.items() if keep_xattr(k))) if xattrs else ()
+        return Meta(
+            stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, clamp(st.st_mtime, self.mtime), kept
+        )
 
     def _whiteout(self, rel: str, st: os.stat_result) -> None:
         self.writer.entry(Entry(rel, tarfile.REGTYPE, self._meta(st)))
@@ -271,10 +301,13 @@ class _Archiver:
         if stat.S_ISSOCK(mode):
             return False
         xattrs = read_xattrs(path)
-        if self.diff and any(k.startswith(OVERLAY_XATTRS) and k.endswith(_UNSUPPORTED_OVERLAY)
-                             for k in xattrs):
-            raise LayerError(f"{path}: overlayfs redirect/metacopy xattrs in the upper dir; "
-                             "mount the overlay with redirect_dir=off,metacopy=off")
+        if self.diff and any(
+            k.startswith(OVERLAY_XATTRS) and k.endswith(_UNSUPPORTED_OVERLAY) for k in xattrs
+        ):
+            raise LayerError(
+                f"{path}: overlayfs redirect/metacopy xattrs in the upper dir; "
+                "mount the overlay with redirect_dir=off,metacopy=off"
+            )
         meta = self._meta(st, xattrs)
         if stat.S_ISDIR(mode):
             self.writer.entry(Entry(rel, tarfile.DIRTYPE, meta))
@@ -303,4 +336,3 @@ class _Archiver:
         elif stat.S_ISFIFO(mode):
             self.writer.entry(Entry(rel, tarfile.FIFOTYPE, meta))
         return False
-

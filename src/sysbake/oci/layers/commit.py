@@ -6,9 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sysbake.oci import compress
 from sysbake.oci import model as oci
-from sysbake.oci.layers import archive as layers
 from sysbake.oci.model import Layer
 from sysbake.oci.store import Store
 
@@ -23,19 +21,29 @@ def source_date_epoch() -> int | None:
     return int(value) if value.isdigit() else None
 
 
-def commit_tree(store: Store, tree: Path, *, compression: str = "gzip",
-                mtime: int | None = None, overlay_upper: bool = False) -> Layer:
+def commit_tree(
+    store: Store,
+    tree: Path,
+    *,
+    compression: str = "gzip",
+    mtime: int | None = None,
+    overlay_upper: bool = False,
+) -> Layer:
     """Write `tree` as a layer blob; with `overlay_upper`, `tree` is an overlayfs upper dir
     and the layer is its diff (whiteouts for deletions). The same tree gives the same layer,
     marked as checked in the store when it passes (see Store.check_layer). With `mtime`,
     the tree's later mtimes are clamped first: it equals its layer after."""
+    from sysbake.oci import compress
+    from sysbake.oci.layers import archive as layers
+
     if mtime is not None:
         # Kept as the layer's tree, it is what containers see and what exports re-read.
         layers.clamp_mtimes(tree, mtime)
     writer = store.blob_writer()
     try:
-        with compress.compressor(compression, writer,
-                                 level=LAYER_LEVELS.get(compression)) as packed:
+        with compress.compressor(
+            compression, writer, level=LAYER_LEVELS.get(compression)
+        ) as packed:
             plain = layers.HashingWriter(packed)
             if overlay_upper:
                 passes = layers.write_overlay_diff(tree, plain, mtime=mtime)

@@ -23,8 +23,17 @@ OPAQUE_XATTR = "trusted.overlay.opaque"
 OVERLAY_XATTRS = ("trusted.overlay.", "user.overlay.")
 _DROPPED_XATTRS = ("security.selinux", "system.nfs4_acl")
 _XATTR_RECORD = "SCHILY.xattr."
-_TYPES = {tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE,
-          tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE}
+_TYPES = {
+    tarfile.REGTYPE,
+    tarfile.AREGTYPE,
+    tarfile.CONTTYPE,
+    tarfile.DIRTYPE,
+    tarfile.SYMTYPE,
+    tarfile.LNKTYPE,
+    tarfile.CHRTYPE,
+    tarfile.BLKTYPE,
+    tarfile.FIFOTYPE,
+}
 
 
 def fsencode(name: str) -> bytes:
@@ -63,8 +72,16 @@ def _canonical(name: str) -> tuple[str, str]:
 
 # The pseudo devices a root file system may carry (mmdebstrap creates them in /dev): they
 # grant nothing. Any other node (a disk, /dev/mem, a 0:0 overlay whiteout) is refused.
-STANDARD_DEVICES = {(1, 3): "null", (1, 5): "zero", (1, 7): "full", (1, 8): "random",
-                    (1, 9): "urandom", (5, 0): "tty", (5, 1): "console", (5, 2): "ptmx"}
+STANDARD_DEVICES = {
+    (1, 3): "null",
+    (1, 5): "zero",
+    (1, 7): "full",
+    (1, 8): "random",
+    (1, 9): "urandom",
+    (5, 0): "tty",
+    (5, 1): "console",
+    (5, 2): "ptmx",
+}
 
 
 class EntryCheck:
@@ -122,7 +139,7 @@ class EntryCheck:
     def _whiteout(info: tarfile.TarInfo, base: str) -> None:
         if base == WH_OPAQUE or base.startswith(WH_META):
             return  # an opaque marker hides lower layers only; aufs bookkeeping: nothing
-        if base[len(WH_PREFIX):] in ("", ".", ".."):
+        if base[len(WH_PREFIX) :] in ("", ".", ".."):
             raise _refused(info, "not a valid whiteout name")
         # Nothing else to note: a whiteout spares what its own layer writes.
 
@@ -132,8 +149,11 @@ class EntryCheck:
         number = (info.devmajor, info.devminor)
         if not info.ischr() or number not in STANDARD_DEVICES:
             kind = "character" if info.ischr() else "block"
-            raise _refused(info, f"{kind} device {number[0]}:{number[1]} is not allowed in "
-                                 "a layer (only " + ", ".join(STANDARD_DEVICES.values()) + ")")
+            raise _refused(
+                info,
+                f"{kind} device {number[0]}:{number[1]} is not allowed in "
+                "a layer (only " + ", ".join(STANDARD_DEVICES.values()) + ")",
+            )
 
     def _hardlink(self, info: tarfile.TarInfo, rel: str) -> None:
         target, problem = _canonical(info.linkname)
@@ -204,27 +224,39 @@ class Entry(NamedTuple):
         meta = self.meta
         uid, gid, size, mtime = meta.uid, meta.gid, self.size, meta.mtime
         # The common case first (~10k entries a rootfs): everything fits the ustar block.
-        if len(name) <= 100 and len(link) <= 100 and name.isascii() and link.isascii() \
-                and not meta.xattrs and 0 <= uid <= _MAX7 and 0 <= gid <= _MAX7 \
-                and 0 <= size <= _MAX11 and 0 <= mtime <= _MAX11:
-            return _ustar(name, self.kind, meta.mode & 0o7777, uid, gid, size, mtime, link,
-                          *self.dev)
+        if (
+            len(name) <= 100
+            and len(link) <= 100
+            and name.isascii()
+            and link.isascii()
+            and not meta.xattrs
+            and 0 <= uid <= _MAX7
+            and 0 <= gid <= _MAX7
+            and 0 <= size <= _MAX11
+            and 0 <= mtime <= _MAX11
+        ):
+            return _ustar(
+                name, self.kind, meta.mode & 0o7777, uid, gid, size, mtime, link, *self.dev
+            )
         records: list[tuple[bytes, bytes]] = []
         if len(name) > 100 or not name.isascii():
             records.append((b"path", name))
         if len(link) > 100 or not link.isascii():
             records.append((b"linkpath", link))
         numbers = []
-        for key, value, limit in ((b"uid", uid, _MAX7), (b"gid", gid, _MAX7),
-                                  (b"size", size, _MAX11), (b"mtime", mtime, _MAX11)):
+        for key, value, limit in (
+            (b"uid", uid, _MAX7),
+            (b"gid", gid, _MAX7),
+            (b"size", size, _MAX11),
+            (b"mtime", mtime, _MAX11),
+        ):
             if not 0 <= value <= limit:
                 records.append((key, b"%d" % value))
                 value = 0
             numbers.append(value)
         records += [(b"SCHILY.xattr." + os.fsencode(k), v) for k, v in meta.xattrs]
         uid, gid, size, mtime = numbers
-        block = _ustar(name, self.kind, meta.mode & 0o7777, uid, gid, size, mtime, link,
-                       *self.dev)
+        block = _ustar(name, self.kind, meta.mode & 0o7777, uid, gid, size, mtime, link, *self.dev)
         if not records:
             return block
         payload = b"".join(_pax_record(key, value) for key, value in records)
@@ -237,16 +269,35 @@ _MAX7, _MAX11 = 0o7777777, 0o77777777777  # the largest numbers 8- and 12-byte f
 _USTAR = struct.Struct("100s8s8s8s12s12s8sc100s8s64s8s8s167s")
 
 
-def _ustar(name: bytes, kind: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
-           link: bytes, major: int, minor: int) -> bytes:
-    fields = (name[:100], b"%07o" % mode, b"%07o" % uid, b"%07o" % gid, b"%011o" % size,
-              b"%011o" % mtime, kind, link[:100], b"ustar\x0000", (b"%07o" % major)[:8],
-              (b"%07o" % minor)[:8])
+def _ustar(
+    name: bytes,
+    kind: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    mtime: int,
+    link: bytes,
+    major: int,
+    minor: int,
+) -> bytes:
+    fields = (
+        name[:100],
+        b"%07o" % mode,
+        b"%07o" % uid,
+        b"%07o" % gid,
+        b"%011o" % size,
+        b"%011o" % mtime,
+        kind,
+        link[:100],
+        b"ustar\x0000",
+        (b"%07o" % major)[:8],
+        (b"%07o" % minor)[:8],
+    )
     # The checksum counts its own field as 8 spaces (256); the zero padding adds nothing,
     # so the fields' bytes are summed rather than the 512-byte block.
     checksum = 256 + sum(map(sum, fields))
-    return _USTAR.pack(*fields[:6], b"%06o\0 " % checksum, *fields[6:9], b"", *fields[9:],
-                       b"")
+    return _USTAR.pack(*fields[:6], b"%06o\0 " % checksum, *fields[6:9], b"", *fields[9:], b"")
 
 
 def _pax_record(key: bytes, value: bytes) -> bytes:
@@ -257,10 +308,18 @@ def _pax_record(key: bytes, value: bytes) -> bytes:
 
 
 def tar_xattrs(info: tarfile.TarInfo) -> tuple[tuple[str, bytes], ...]:
-    found = ((key[len(_XATTR_RECORD):], value) for key, value in info.pax_headers.items()
-             if key.startswith(_XATTR_RECORD))
-    return tuple(sorted((key, value.encode("utf-8", "surrogateescape"))
-                        for key, value in found if keep_xattr(key)))
+    found = (
+        (key[len(_XATTR_RECORD) :], value)
+        for key, value in info.pax_headers.items()
+        if key.startswith(_XATTR_RECORD)
+    )
+    return tuple(
+        sorted(
+            (key, value.encode("utf-8", "surrogateescape"))
+            for key, value in found
+            if keep_xattr(key)
+        )
+    )
 
 
 def clamp(value: float, limit: int | None) -> int:
@@ -273,7 +332,7 @@ def write_all(out: Writable, data: bytes) -> None:
     if isinstance(written, int) and 0 <= written < len(data):
         view = memoryview(data)[written:]
         while view:
-            view = view[out.write(view.tobytes()):]
+            view = view[out.write(view.tobytes()) :]
 
 
 _SPLICE_MIN = 64 << 10  # files from this size on are sent by the kernel (see TarWriter)
@@ -326,8 +385,9 @@ class TarWriter:
                     raise
                 break
             if not count:
-                raise LayerError(f"{info.name}: {info.size - sent} bytes short (did it change "
-                                 "while read?)")
+                raise LayerError(
+                    f"{info.name}: {info.size - sent} bytes short (did it change while read?)"
+                )
             sent += count
         self._sendfile = sent == info.size
         return sent
@@ -396,4 +456,3 @@ def is_opaque(xattrs: dict[str, bytes]) -> bool:
 
 def join(head: str, name: str) -> str:
     return f"{head}/{name}" if head else name
-
