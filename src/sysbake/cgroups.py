@@ -1,6 +1,7 @@
-"""The host's cgroup layout, read from /proc/self/mountinfo: the one probe of the cgroup
-version (what the runtime and the docker/podman flags depend on) and of the name=systemd
-hierarchy that v1 and hybrid hosts give systemd.
+"""The host's mounts and cgroup layout, read from /proc/self/mountinfo: its one parser
+(`mounts`, which the overlay code asks too) and the one probe of the cgroup version (what
+the runtime and the docker/podman flags depend on) and of the name=systemd hierarchy that
+v1 and hybrid hosts give systemd.
 
   v2      cgroup2 mounted at /sys/fs/cgroup
   hybrid  v1 controllers under /sys/fs/cgroup, plus cgroup2 at /sys/fs/cgroup/unified

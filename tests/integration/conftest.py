@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from helpers import EXAMPLE, TEST_ROOT, new_store, sysbake
-from services import docker_daemon, fixture, podman_store
+from services import RegistryService, docker_daemon, fixture, podman_store, registry_server
 
 NEEDS_ROOT = "integration tests need root (they bootstrap, mount and boot containers)"
 
@@ -57,3 +57,16 @@ def base_image(first_build: subprocess.CompletedProcess[str]) -> str:
 
 dockerd = fixture(docker_daemon, scope="session", name="dockerd")
 podman = fixture(podman_store, scope="session", name="podman")
+
+
+@pytest.fixture(scope="module")
+def registry() -> Iterator[RegistryService]:
+    """A docker-registry on loopback for the tests of one module (stopped by pid)."""
+    with registry_server() as service:
+        yield service
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """The environment of sysbake: a private auth.json, never the host's."""
+    return {**os.environ, "REGISTRY_AUTH_FILE": str(tmp_path / "auth.json")}

@@ -132,6 +132,15 @@ tmp = false  # what the files steps wrote inside the image (its /var/tmp/...) st
     )
 
 
+def _build(store: Path, host: Path, tmp: Path, steps: str, before: object) -> None:
+    """Build the hostile project with `steps` as hostile:latest: it must succeed, and
+    leave the planted host files as they were (`before`)."""
+    project = _project(tmp / "proj", host, steps)
+    result = sysbake("build", "-t", "hostile", project, store=store, check=False)
+    assert _fingerprint(host) == before, result.stderr
+    assert result.returncode == 0, result.stderr
+
+
 FILES_STEPS = """
 [[images.hostile.provision]]
 type = "files"
@@ -164,10 +173,7 @@ def test_symlinks_to_host_paths_in_a_parent_never_reach_the_host(
 ) -> None:
     before = _fingerprint(host_dir)
     state = StoreState.of(shared_store)
-    project = _project(tmp_path / "proj", host_dir, FILES_STEPS)
-    result = sysbake("build", "-t", "hostile", project, store=shared_store, check=False)
-    assert _fingerprint(host_dir) == before, result.stderr
-    assert result.returncode == 0, result.stderr
+    _build(shared_store, host_dir, tmp_path, FILES_STEPS, before)
     # The writes went inside the image, where its symlinks lead there.
     out = tmp_path / "rootfs.tar"
     sysbake(
@@ -207,10 +213,7 @@ def test_a_booted_step_and_run_of_a_hostile_parent_never_reach_the_host(
 ) -> None:
     before = _fingerprint(host_dir)
     state = StoreState.of(shared_store)
-    project = _project(tmp_path / "proj", host_dir, BOOT_STEPS)
-    result = sysbake("build", "-t", "hostile", project, store=shared_store, check=False)
-    assert _fingerprint(host_dir) == before, result.stderr
-    assert result.returncode == 0, result.stderr
+    _build(shared_store, host_dir, tmp_path, BOOT_STEPS, before)
     name = f"hostile-{uuid.uuid4().hex[:6]}"
     run = sysbake("run", "-d", "--name", name, "hostile:latest", store=shared_store, check=False)
     try:

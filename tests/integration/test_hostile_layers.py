@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from helpers import new_store, sysbake
-from services import RegistryService, registry_server
+from services import RegistryService
 
 from sysbake.oci import model as oci
 from sysbake.oci.model import Image, Layer
@@ -197,20 +197,13 @@ def _push(registry: RegistryService, repo: str, case: Case) -> str:
     return layer
 
 
-@pytest.fixture(scope="module")
-def registry() -> Iterator[RegistryService]:
-    with registry_server() as service:
-        yield service
-
-
 @pytest.mark.parametrize("name", sorted(_cases(Path("/nonexistent"))))
 def test_a_pulled_hostile_layer_is_refused_and_tags_nothing(
-    name: str, registry: RegistryService, planted: Path, tmp_path: Path
+    name: str, registry: RegistryService, planted: Path, tmp_path: Path, env: dict[str, str]
 ) -> None:
     case = _cases(planted)[name]
     digest = _push(registry, f"lay-hostile-{name}", case)
     path = new_store(tmp_path / "store")
-    env = {**os.environ, "REGISTRY_AUTH_FILE": str(tmp_path / "auth.json")}
     result = sysbake(
         "pull", f"{registry.address}/lay-hostile-{name}:1", store=path, check=False, env=env
     )
@@ -226,7 +219,7 @@ def test_a_pulled_hostile_layer_is_refused_and_tags_nothing(
 
 
 def test_a_pulled_setuid_file_is_out_of_other_users_reach(
-    registry: RegistryService, tmp_path: Path
+    registry: RegistryService, tmp_path: Path, env: dict[str, str]
 ) -> None:
     """Setuid files are allowed in layers; the closed store keeps them root's."""
     plain = crafted_tar(
@@ -241,7 +234,6 @@ def test_a_pulled_setuid_file_is_out_of_other_users_reach(
     _push(registry, "lay-setuid", case)
     path = new_store(tmp_path / "store")
     os.chmod(path, 0o755)  # as stores were made before: the first command closes it
-    env = {**os.environ, "REGISTRY_AUTH_FILE": str(tmp_path / "auth.json")}
     sysbake("pull", f"{registry.address}/lay-setuid:1", store=path, env=env)
     assert stat.S_IMODE(path.stat().st_mode) == 0o700
     store = Store(path)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import signal
 import socket
@@ -31,18 +30,6 @@ from tests.unit.conftest import files_tar, noise, put_image, put_layer
 
 pytestmark = pytest.mark.integration
 TINY = "tiny:latest"
-
-
-@pytest.fixture(scope="module")
-def registry() -> Iterator[RegistryService]:
-    with registry_server() as service:
-        yield service
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    """The environment of sysbake: a private auth.json, never the host's."""
-    return {**os.environ, "REGISTRY_AUTH_FILE": str(tmp_path / "auth.json")}
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,16 @@ names with `--cache-from` may stand in for a stage, and `--explain` names it."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
 
 import pytest
 from helpers import EXAMPLE, new_store, sysbake
-from services import RegistryService, registry_server
+from services import RegistryService
 
 from sysbake.build.cache import StageCache
 from sysbake.oci.model import Layer
@@ -29,18 +27,6 @@ from tests.unit.conftest import files_tar, noise, put_image, put_layer
 
 pytestmark = pytest.mark.integration
 PLANTED = "etc/reg-planted"
-
-
-@pytest.fixture(scope="module")
-def registry() -> Iterator[RegistryService]:
-    with registry_server() as service:
-        yield service
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    """The environment of sysbake: a private auth.json, never the host's."""
-    return {**os.environ, "REGISTRY_AUTH_FILE": str(tmp_path / "auth.json")}
 
 
 def _bootstrap_key(first_build: subprocess.CompletedProcess[str]) -> str:

@@ -32,7 +32,15 @@ from sysbake.fsutil import raise_if_no_space
 from sysbake.oci import model as oci
 from sysbake.oci.model import Layer
 from sysbake.oci.store import Store
-from sysbake.project.specs import FilesStep, ImageSpec, ProjectStep, SaltStep, ScriptStep, Step
+from sysbake.project.specs import (
+    DEFAULT_STOP_SIGNAL,
+    FilesStep,
+    ImageSpec,
+    ProjectStep,
+    SaltStep,
+    ScriptStep,
+    Step,
+)
 from sysbake.records import field, record
 from sysbake.runtime import owners
 
@@ -148,7 +156,7 @@ def _step_config(spec: ImageSpec) -> dict[str, object]:
     return {
         "config": {
             "Cmd": ["/lib/systemd/systemd"],
-            "StopSignal": "SIGRTMIN+3",
+            "StopSignal": DEFAULT_STOP_SIGNAL,
             "Env": [f"PATH={_PATH}", f"container={spec.config.container}"],
         }
     }

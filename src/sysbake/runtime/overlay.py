@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from sysbake.cgroups import MOUNTINFO, mounts
 from sysbake.errors import RuntimeFailure
 
 # Renamed directories and metadata-only copy-ups would be recorded in xattrs that an OCI
@@ -19,20 +20,9 @@ _MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)  # mount(2) itself: no mount(8) per container
 
 
-def _unescape(field: str) -> str:
-    # /proc/self/mountinfo escapes space, tab, newline and backslash as octal.
-    return (
-        field.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
-    )
-
-
 def mount_points() -> list[str]:
     """Every mount point of this mount namespace, in mount order."""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        return [_unescape(line.split()[4]) for line in f if line.strip()]
+    return [m.point for m in mounts(MOUNTINFO.read_text(errors="replace"))]
 
 
 def is_mounted(path: Path) -> bool:
