@@ -202,10 +202,11 @@ def _prepare(step: Step, store: Store, where: str) -> tuple[Inputs, Callable[[],
 def _prepare_salt(
     step: SaltStep | ProjectStep, store: Store, where: str
 ) -> tuple[Inputs, Callable[[], StepPlan]]:
-    from sysbake.build.salt import run as salt
     from sysbake.build.salt import toolchain as salt_toolchain
 
     def salt_plan() -> StepPlan:
+        from sysbake.build.salt import run as salt  # only on a miss (start-up cost)
+
         # Built (once per Salt version) only when the step really runs: a cache hit needs
         # only the toolchain's key, which is known without building it.
         try:
@@ -245,8 +246,8 @@ def _prepare_salt(
 
     # Trees, pillars, SLS list and grains are in the step's own inputs already.
     key: Inputs = {
-        "schema": salt.RUN_SCHEMA,
-        "salt_version": step.salt_version or salt.DEFAULT_SALT_VERSION,
+        "schema": salt_toolchain.RUN_SCHEMA,
+        "salt_version": step.salt_version or salt_toolchain.DEFAULT_SALT_VERSION,
         "toolchain": salt_toolchain.toolchain_key(step.salt_version),
     }
     return key, salt_plan

@@ -35,6 +35,7 @@ from sysbake import log, proc
 from sysbake.build import cache
 from sysbake.build.salt.toolchain import (
     DEFAULT_SALT_VERSION,
+    RUN_SCHEMA,
     Toolchain,
     boot_code,
     ensure_toolchain,
@@ -76,7 +77,6 @@ PROJECT_PILLAR_ENV = "project"
 MINION_ID = "sysbake"
 KEEP_DIR = "/opt/sysbake/salt"
 KEEP_WRAPPER = "/usr/local/sbin/salt-call"
-RUN_SCHEMA = 1  # bump when the generated config or command changes what a run does
 
 # Without custom modules in the state trees, two of Salt's defaults only cost time (~1 s
 # of a 2.5 s run): the sync of `_modules/` & co. before every highstate (20 module types,
