@@ -39,7 +39,7 @@ def main() -> None:
     (store / "debs").symlink_to(debs)
 
     # Warm the .deb cache for both sides.
-    sysbake(store, "build", "-t", "base", EXAMPLE)
+    sysbake(store, "build", "--target", "base", EXAMPLE)
 
     spec = load_project(EXAMPLE).image("base").bootstrap
     assert spec is not None, "the example's base image bootstraps"
@@ -59,7 +59,7 @@ def main() -> None:
         shutil.rmtree(cold, ignore_errors=True)
         cold.mkdir()
         (cold / "debs").symlink_to(debs)
-        sysbake(cold, "build", "-t", "base", EXAMPLE)
+        sysbake(cold, "build", "--target", "base", EXAMPLE)
 
     anchors: list[float] = []
     builds: list[float] = []
@@ -106,7 +106,7 @@ def main() -> None:
 
     podman_build()  # fill podman's cache
     anchor = timed(podman_build, repeat=3)
-    ours = timed(lambda: sysbake(store, "build", "-t", "base", EXAMPLE), repeat=3)
+    ours = timed(lambda: sysbake(store, "build", "--target", "base", EXAMPLE), repeat=3)
     report("no-op rebuild", ours, anchor, "podman build (cached)", 0.5)
     subprocess.run([*podman, "rmi", "-af"], env=env, capture_output=True, check=False)
 

@@ -32,7 +32,7 @@ def main() -> None:
         store.mkdir(exist_ok=True)
         (WORK / "debs").mkdir(exist_ok=True)
         (store / "debs").symlink_to(WORK / "debs")
-    sysbake(store, "build", "-t", "base", EXAMPLE)
+    sysbake(store, "build", "--target", "base", EXAMPLE)
     info = json.loads(sysbake(store, "inspect", "base").stdout)
     tree = store / "trees" / info["Layers"][0]["diff_id"].split(":")[1]
     out = WORK / "export"

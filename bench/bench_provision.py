@@ -162,7 +162,7 @@ def podman_build(podman: Podman, ctx: Path, tag: str) -> float:
 
 def sysbake_build(store: Path, project: Path, target: str) -> float:
     start = time.perf_counter()
-    run([*SYSBAKE, "--store", store, "-q", "build", "-t", target, project])
+    run([*SYSBAKE, "--store", store, "-q", "build", "--target", target, project])
     return time.perf_counter() - start
 
 

@@ -119,7 +119,7 @@ def bench_store() -> Path:
 
 def ensure_base(store: Path) -> str:
     """The example base, built (or found in the cache) in `store`."""
-    sysbake(store, "build", "-t", "base", EXAMPLE)
+    sysbake(store, "build", "--target", "base", EXAMPLE)
     return "base:latest"
 
 
@@ -128,7 +128,7 @@ def ensure_big(store: Path) -> str:
     project = WORK / "big-project"
     project.mkdir(parents=True, exist_ok=True)
     (project / "sysbake.toml").write_text(BIG_PROJECT)
-    sysbake(store, "build", "-t", "big", project)
+    sysbake(store, "build", "--target", "big", project)
     return "big:latest"
 
 

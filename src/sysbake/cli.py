@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sysbake import __version__, log
-from sysbake.commands import all_command_modules, first_command, modules_for, touches_store
+from sysbake.commands import (
+    COMMANDS,
+    all_command_modules,
+    first_command,
+    modules_for,
+    touches_store,
+)
 from sysbake.errors import Interrupted, SysbakeError
 
 if TYPE_CHECKING:
@@ -35,6 +41,7 @@ class Context(NamedTuple):
     json: bool
     debug: bool
     reaped: tuple[Orphan, ...] = ()
+    rootless: bool = False  # runs in the user's namespace (sysbake.userns)
 
     def emit(self, value: Any) -> None:
         """Print a machine-readable result (used when --json is given)."""
@@ -60,7 +67,8 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
         "--store",
         type=Path,
         default=default(None),
-        help="store directory (default: $SYSBAKE_STORE or /var/lib/sysbake)",
+        help="store directory (default: $SYSBAKE_STORE, else /var/lib/sysbake for root, "
+        "~/.local/share/sysbake for other users)",
     )
     parser.add_argument(
         "--json",
@@ -82,9 +90,10 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser for `argv`: the parsers of its command's module only, every module's when
     `argv` is None or names no known command."""
-    parser = _Parser(
+    parser = _TopParser(
         prog="sysbake",
         description="Bake, run, test and publish OCI system-container images (systemd as PID 1).",
+        epilog="Run `sysbake COMMAND --help` for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"sysbake {__version__}")
     _global_options(parser, top=True)
@@ -102,6 +111,51 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
+
+
+# The titles of `sysbake --help`'s groups of commands, one per command module.
+GROUP_TITLES = {
+    "project": "Projects",
+    "build": "Building",
+    "images": "Images",
+    "runtime": "Containers",
+    "registry": "Registries",
+    "host": "Docker and podman on this host",
+    "supply": "Supply chain",
+    "help": "Shell completion and manuals",
+}
+
+
+def command_groups() -> list[tuple[str, tuple[str, ...]]]:
+    """(title, commands) of every group, in help order (a module without a title in
+    GROUP_TITLES is titled by its name)."""
+    return [
+        (GROUP_TITLES.get(module, module.capitalize()), names) for module, names in COMMANDS.items()
+    ]
+
+
+class _TopParser(_Parser):
+    """The top-level parser: its help lists the commands in groups, as podman's does."""
+
+    def format_help(self) -> str:
+        subparsers = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subparsers:
+            return super().format_help()
+        helps = {a.dest: a for a in subparsers[0]._choices_actions}
+        formatter = self._get_formatter()
+        formatter.add_usage(self.usage, self._actions, self._mutually_exclusive_groups)
+        formatter.add_text(self.description)
+        for title, names in command_groups():
+            shown = [helps[n] for n in names if n in helps]
+            if shown:
+                formatter.start_section(title)
+                formatter.add_arguments(shown)
+                formatter.end_section()
+        formatter.start_section("Options")
+        formatter.add_arguments([a for a in self._actions if a.option_strings])
+        formatter.end_section()
+        formatter.add_text(self.epilog)
+        return formatter.format_help()
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -125,6 +179,16 @@ def _columns() -> int:
     with contextlib.suppress(AttributeError, ValueError, OSError):
         return os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
     return 80
+
+
+def default_store() -> Path:
+    """The store without --store or $SYSBAKE_STORE: root's /var/lib/sysbake, a user's own
+    under $XDG_DATA_HOME (sysbake.userns.user_store)."""
+    if os.geteuid() == 0:
+        return DEFAULT_STORE
+    from sysbake import userns
+
+    return userns.user_store()
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -152,11 +216,23 @@ def reap_orphans(ctx: Context, command: str | None) -> Context:
     return ctx._replace(reaped=reaped)
 
 
+def _rootless(ctx: Context, command: str | None, args: argparse.Namespace) -> Context:
+    """A non-root user's store command goes on as root of the user's own user namespace
+    (sysbake.userns), after its up-front checks; `flags` without an image reads no store
+    and stays as it is."""
+    if command == "flags" and not getattr(args, "image", None):
+        return ctx
+    from sysbake import userns
+
+    userns.prepare(command or "", ctx.store_path)
+    return ctx._replace(rootless=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    store = args.store or Path(os.environ.get("SYSBAKE_STORE") or DEFAULT_STORE)
+    store = args.store or Path(os.environ.get("SYSBAKE_STORE") or default_store())
     ctx = Context(store_path=store.absolute(), json=bool(args.json), debug=bool(args.debug))
     log.configure(quiet=bool(args.quiet) or (ctx.json and not ctx.debug), debug=ctx.debug)
     handler: Handler = args.handler
@@ -164,7 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         # Not args.command: a sub-command's own `command` argument (exec's) shadows it.
-        ctx = reap_orphans(ctx, first_command(argv))
+        command = first_command(argv)
+        if os.geteuid() != 0 and touches_store(command):
+            ctx = _rootless(ctx, command, args)
+        if os.geteuid() == 0:  # root, or rootless inside the user's namespace
+            ctx = reap_orphans(ctx, command)
         return handler(ctx, args)
     except KeyboardInterrupt:
         if ctx.debug:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sysbake import log, proc
+from sysbake import log, proc, signals
 from sysbake.errors import RuntimeFailure, SysbakeError
 from sysbake.records import field, record, replace
 from sysbake.runtime import containers as rt
@@ -282,11 +282,12 @@ def _stop_check(container: rt.Container) -> CheckResult:
         return CheckResult(
             "stop",
             False,
-            f"still running {_STOP_TIMEOUT:.0f}s after signal {container.stop_signal}: killed",
+            f"still running {_STOP_TIMEOUT:.0f}s after {signals.name(container.stop_signal)}: "
+            "killed",
         )
     if result.exit_code != 0:
         return CheckResult("stop", False, f"PID 1 exited with code {result.exit_code}")
-    return CheckResult("stop", True, f"exit 0 after signal {container.stop_signal}")
+    return CheckResult("stop", True, f"exit 0 after {signals.name(container.stop_signal)}")
 
 
 def run_test(

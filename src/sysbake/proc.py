@@ -67,11 +67,16 @@ def run(
     cwd: str | Path | None = None,
     timeout: float | None = None,
     die_with_parent: bool = True,
+    setup: Callable[[], None] | None = None,
+    on_line: Callable[[str], None] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run `cmd`; on failure raise CommandError naming `what` with the output's last lines.
 
     `stream=True` copies output to stderr as it comes (progress for long steps) while
     keeping its tail for the error message; otherwise stdout and stderr are captured.
+    `setup` runs in the child before it execs (a mount namespace of its own, say).
+    `on_line` is called with each line of either as it comes (sysbake.progress reads
+    them), both still captured whole and apart.
     """
     import subprocess
 
@@ -79,7 +84,11 @@ def run(
     label = what or os.path.basename(argv[0])
     log.debug("run: " + " ".join(argv))
     preexec = die_with_parent_hook() if die_with_parent else None
-    if stream:
+    if setup is not None:
+        preexec = _then(preexec, setup)
+    if on_line is not None:
+        result = _run_watched(argv, label, on_line, input, env, cwd, timeout, preexec)
+    elif stream:
         last: deque[str] = deque(maxlen=_TAIL_LINES)
         with subprocess.Popen(
             argv,
@@ -126,6 +135,74 @@ def run(
             tail=tail(output, _TAIL_LINES, sep="\n", empty=""),
         )
     return result
+
+
+def _then(first: Callable[[], None] | None, then: Callable[[], None]) -> Callable[[], None]:
+    def both() -> None:
+        if first is not None:
+            first()
+        then()
+
+    return both
+
+
+def _run_watched(
+    argv: list[str],
+    label: str,
+    on_line: Callable[[str], None],
+    input: bytes | None,
+    env: Mapping[str, str] | None,
+    cwd: str | Path | None,
+    timeout: float | None,
+    preexec: Callable[[], None] | None,
+) -> subprocess.CompletedProcess[bytes]:
+    """`run` with stdout and stderr read as they come: each line goes to `on_line`."""
+    import selectors
+    import subprocess
+    import time
+
+    try:
+        child = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=None if env is None else dict(env),
+            cwd=cwd,
+            preexec_fn=preexec,
+        )
+    except FileNotFoundError as exc:
+        raise CommandError(f"{label}: command not found: {argv[0]}") from exc
+    with child:
+        if input is not None and child.stdin is not None:
+            child.stdin.write(input)  # small inputs only, as with `run`
+            child.stdin.close()
+        assert child.stdout is not None and child.stderr is not None
+        fds = (child.stdout.fileno(), child.stderr.fileno())
+        kept: dict[int, list[bytes]] = {fd: [] for fd in fds}
+        partial = dict.fromkeys(kept, b"")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            for fd in kept:
+                sel.register(fd, selectors.EVENT_READ)
+            while sel.get_map():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    child.kill()
+                    raise CommandError(f"{label}: timed out after {timeout:.0f}s")
+                for key, _ in sel.select(left):
+                    chunk = os.read(key.fd, 1 << 16)
+                    if not chunk:
+                        sel.unregister(key.fd)
+                        chunk = b"\n" if partial[key.fd] else b""
+                    else:
+                        kept[key.fd].append(chunk)
+                    *lines, partial[key.fd] = (partial[key.fd] + chunk).split(b"\n")
+                    for line in lines:
+                        on_line(line.decode(errors="replace").rstrip("\r"))
+        rc = child.wait()
+    out, err = (b"".join(kept[fd]) for fd in fds)
+    return subprocess.CompletedProcess(argv, rc, out, err)
 
 
 def tail(output: str | bytes, lines: int = 3, *, sep: str = " | ", empty: str = "no output") -> str:

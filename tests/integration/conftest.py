@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from builder_fixtures import builder_store, builders  # noqa: F401 (the builder, once per run)
 from helpers import EXAMPLE, TEST_ROOT, new_store, sysbake
 from services import RegistryService, docker_daemon, fixture, podman_store, registry_server
 
@@ -47,7 +48,7 @@ def shared_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def first_build(shared_store: Path) -> subprocess.CompletedProcess[str]:
     """`sysbake build` of the example's base image from nothing (once per run)."""
-    return sysbake("build", "--json", "-t", "base", EXAMPLE, store=shared_store)
+    return sysbake("build", "--json", "--target", "base", EXAMPLE, store=shared_store)
 
 
 @pytest.fixture(scope="session")

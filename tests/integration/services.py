@@ -478,8 +478,9 @@ def bcrypt_hash(password: str) -> str:
     return str(hashed.decode())
 
 
-def _self_signed(root: Path) -> tuple[Path, Path, Path]:
-    """A certificate for 127.0.0.1, its key, and a certs dir holding it as ca.crt."""
+def _self_signed(root: Path, names: Sequence[str] = ()) -> tuple[Path, Path, Path]:
+    """A certificate for 127.0.0.1 (and the DNS `names`), its key, and a certs dir holding
+    it as ca.crt."""
     cert, key, certs = root / "registry.crt", root / "registry.key", root / "certs"
     run(
         [
@@ -496,7 +497,8 @@ def _self_signed(root: Path) -> tuple[Path, Path, Path]:
             "-subj",
             "/CN=127.0.0.1",
             "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "subjectAltName="
+            + ",".join(["IP:127.0.0.1", "DNS:localhost", *(f"DNS:{n}" for n in names)]),
             "-keyout",
             key,
             "-out",
@@ -511,11 +513,17 @@ def _self_signed(root: Path) -> tuple[Path, Path, Path]:
 
 @contextlib.contextmanager
 def registry_server(
-    base: Path | None = None, *, auth: bool = False, tls: bool = False, timeout: float = 30
+    base: Path | None = None,
+    *,
+    auth: bool = False,
+    tls: bool = False,
+    tls_names: Sequence[str] = (),
+    timeout: float = 30,
 ) -> Iterator[RegistryService]:
     """docker-registry (distribution 2.8) on 127.0.0.1:<free port>, filesystem storage,
     optionally with htpasswd auth (user "sysbake", random password) and a self-signed TLS
-    certificate (`ca_cert`; `certs_dir` holds it as ca.crt for skopeo --cert-dir)."""
+    certificate (`ca_cert`; `certs_dir` holds it as ca.crt for skopeo --cert-dir), also
+    valid for the host names `tls_names`."""
     if not os.access(REGISTRY, os.X_OK):
         raise ServiceError(f"{REGISTRY} missing: install the Debian package 'docker-registry'")
     root = scratch_dir("registry-", base)
@@ -537,7 +545,7 @@ def registry_server(
             config["auth"] = {"htpasswd": {"realm": "sysbake-test", "path": str(root / "htpasswd")}}
         ca_cert = certs_dir = None
         if tls:
-            ca_cert, key, certs_dir = _self_signed(root)
+            ca_cert, key, certs_dir = _self_signed(root, tls_names)
             config["http"]["tls"] = {"certificate": str(ca_cert), "key": str(key)}
         logfile = root / "registry.log"
         for attempt in range(3):  # someone may take the port between free_port() and bind

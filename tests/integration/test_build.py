@@ -35,13 +35,13 @@ def test_first_build_bootstraps_and_tags(
 def test_second_build_rebuilds_nothing(
     first_build: subprocess.CompletedProcess[str], shared_store: Path
 ) -> None:
-    again = sysbake("build", "--json", "-t", "base", EXAMPLE, store=shared_store)
+    again = sysbake("build", "--json", "--target", "base", EXAMPLE, store=shared_store)
     assert all(s["reused"] for s in _stages(again))
     assert (
         json.loads(again.stdout)["images"][0]["id"]
         == json.loads(first_build.stdout)["images"][0]["id"]
     )
-    explained = sysbake("build", "--explain", "-t", "base", EXAMPLE, store=shared_store)
+    explained = sysbake("build", "--explain", "--target", "base", EXAMPLE, store=shared_store)
     assert explained.stdout.strip() == "base: bootstrap: reused"
 
 

@@ -39,7 +39,9 @@ def tiny_store(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_a_bootstrap_into_a_full_store_is_one_line(tiny_store: Path) -> None:
-    result = sysbake("build", "-t", "base", EXAMPLE, store=tiny_store, check=False, timeout=1800)
+    result = sysbake(
+        "build", "--target", "base", EXAMPLE, store=tiny_store, check=False, timeout=1800
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     errors = _errors(result)

@@ -136,7 +136,7 @@ def _build(store: Path, host: Path, tmp: Path, steps: str, before: object) -> No
     """Build the hostile project with `steps` as hostile:latest: it must succeed, and
     leave the planted host files as they were (`before`)."""
     project = _project(tmp / "proj", host, steps)
-    result = sysbake("build", "-t", "hostile", project, store=store, check=False)
+    result = sysbake("build", "--target", "hostile", project, store=store, check=False)
     assert _fingerprint(host) == before, result.stderr
     assert result.returncode == 0, result.stderr
 

@@ -205,7 +205,7 @@ def test_pillar_secrets_are_nowhere_in_the_store_or_exports(
             "pillar['db_password'] | sha256 }} {{ pillar['site']['api_token'] | sha256 "
             '}}"\n'
         )
-    sysbake("build", "-t", "web", project, store=shared_store)
+    sysbake("build", "--target", "web", project, store=shared_store)
     digests = " ".join(
         hashlib.sha256(s.encode()).hexdigest() for s in (secrets["global"], secrets["project"])
     )
@@ -589,9 +589,11 @@ def test_a_systemd_that_ends_at_once_fails_the_salt_step_clearly(
             "salt/ok.sls": "fine:\n  test.succeed_without_changes: []\n",
         },
     )
-    sysbake("build", "-t", "broken", project, store=shared_store)
+    sysbake("build", "--target", "broken", project, store=shared_store)
     before = StoreState.of(shared_store)
-    result = sysbake("build", "-t", "bad", project, store=shared_store, check=False, timeout=300)
+    result = sysbake(
+        "build", "--target", "bad", project, store=shared_store, check=False, timeout=300
+    )
     assert result.returncode == 1, result.stderr
     errors = error_lines(result)
     assert len(errors) == 1, result.stderr

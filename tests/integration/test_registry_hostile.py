@@ -79,7 +79,9 @@ def test_a_pulled_image_never_poisons_the_stage_cache(
     # The victim pulls the image for any reason, then builds their own project.
     victim = new_store(tmp_path / "victim")
     sysbake("pull", poison_ref, store=victim, env=env)
-    built = sysbake("build", "--json", "--explain", "-t", "base", EXAMPLE, store=victim, env=env)
+    built = sysbake(
+        "build", "--json", "--explain", "--target", "base", EXAMPLE, store=victim, env=env
+    )
     bootstrap = _stages(built)["bootstrap"]
     assert bootstrap["key"] == key
     assert bootstrap["reused"] is False, built.stdout
@@ -106,7 +108,15 @@ def test_cache_from_a_named_source_is_reused_and_explained(
     )["digest"]
     store = new_store(tmp_path / "store")
     explained = sysbake(
-        "build", "--explain", "--cache-from", source, "-t", "base", EXAMPLE, store=store, env=env
+        "build",
+        "--explain",
+        "--cache-from",
+        source,
+        "--target",
+        "base",
+        EXAMPLE,
+        store=store,
+        env=env,
     )
     assert (
         f"base: bootstrap: reused: from {registry.address}/reg-cache@{pushed}\n" in explained.stdout

@@ -195,8 +195,9 @@ def test_boot_exec_stop_leaves_nothing(images: RuntimeImages) -> None:
     assert mine and mine[0]["status"] == "running" and mine[0]["pid"] == running.pid
     assert mine[0]["image"] == images.systemd
     table = cli(images, "ps").stdout.splitlines()
-    assert table[0].split() == ["NAME", "IMAGE", "STATUS", "CREATED", "PID"]
-    assert any(line.split()[0] == name for line in table[1:])
+    header = "CONTAINER ID IMAGE COMMAND CREATED STATUS PORTS NAMES"
+    assert table[0].split() == header.split()
+    assert any(line.split()[-1] == name and " Up " in line for line in table[1:])
     journal = cli(images, "logs", name, "-n", "50").stdout
     assert "Startup finished" in journal or "Reached target" in journal
 
@@ -246,7 +247,7 @@ def test_harness_passes_a_clean_image(images: RuntimeImages) -> None:
         {
             "name": "stop",
             "passed": True,
-            "detail": f"exit 0 after signal {int(signal.SIGRTMIN) + 3}",
+            "detail": "exit 0 after SIGRTMIN+3",
         }
     ]
     assert not (images.containers / report["container"]).exists()
@@ -415,7 +416,7 @@ def test_killed_sysbake_leaves_a_manageable_container(images: RuntimeImages) -> 
     assert "exit code 0" in cli(images, "stop", name).stdout
     assert running.leftovers() == []
     # `runc exec` (orphaned when sysbake died) ends with its command, a moment later.
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30  # a bound on liveness, generous for a loaded machine
     while processes_mentioning("sleep\0" + "100"):
         assert time.monotonic() < deadline, "the exec'd command outlived the container"
         time.sleep(0.1)

@@ -23,14 +23,16 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "sysbake.rootfs",
         "sysbake.errors",
         "sysbake.log",
+        "sysbake.progress",
         "sysbake.records",
         "sysbake.signals",
         "sysbake.cgroups",
+        "sysbake.userns",
     ),
     ("sysbake.oci",),
     ("sysbake.project", "sysbake.runtime", "sysbake.engines"),
-    ("sysbake.build",),
-    ("sysbake.imagetest", "sysbake.registry"),
+    ("sysbake.build", "sysbake.supply"),
+    ("sysbake.imagetest", "sysbake.registry", "sysbake.verify"),
     ("sysbake.cli", "sysbake.commands"),
 )
 

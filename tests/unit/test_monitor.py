@@ -225,7 +225,8 @@ def test_the_cli_reaps_before_a_store_command_and_ps_says_so(
     ]
     assert os.listdir(containers) == []
     assert cli.main(["--store", str(store), "ps"]) == 0
-    assert capsys.readouterr().out.split() == ["NAME", "IMAGE", "STATUS", "CREATED", "PID"]
+    header = ["CONTAINER", "ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"]
+    assert capsys.readouterr().out.split() == header
 
 
 def test_every_store_command_reaps_first(

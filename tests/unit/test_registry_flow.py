@@ -322,8 +322,12 @@ def test_unknown_tag_and_lying_registry(registry: tuple[str, State], tmp_path: P
         pull(b, pinned, ConnectOptions())
 
 
-def test_connection_dropped_mid_blob(registry: tuple[str, State], tmp_path: Path) -> None:
+def test_connection_dropped_mid_blob(
+    registry: tuple[str, State], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     address, state = registry
+    # Not tried again (a download resumes: tests/unit/test_registry_network_units.py).
+    monkeypatch.setenv("SYSBAKE_REGISTRY_RETRIES", "0")
     a = Store(tmp_path / "a").ensure()
     _image(a)
     push(a, "web", Reference.parse(f"{address}/web:1"), ConnectOptions())

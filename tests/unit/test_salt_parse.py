@@ -281,11 +281,11 @@ def test_minion_config_keeps_every_write_under_run(tmp_path: Path) -> None:
         "cachedir",
         "pki_dir",
         "sock_dir",
-        "log_file",
         "pidfile",
         "extension_modules",
     ):
         assert config[key].startswith("/run/sysbake/var"), key
+    assert config["log_file"] == "/run/sysbake/conf/salt.log"  # followed from the host
     assert config["id"] == "sysbake" and config["file_client"] == "local"
     assert config["grains"] == {"role": "web"}
     assert config["file_roots"] == {"base": ["/run/sysbake/srv/salt/0"]}

@@ -49,6 +49,7 @@ _RUNTIME = frozenset(
         "sysbake",
         "sysbake.cli",
         "sysbake.commands",
+        "sysbake.commands.formats",  # ps: docker's columns and wording
         "sysbake.commands.runtime",
         "sysbake.errors",
         "sysbake.fsutil",

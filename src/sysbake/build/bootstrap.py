@@ -11,23 +11,29 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import math
 import os
 import re
 import shlex
+import stat
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sysbake import log, proc
 from sysbake.build import finalize
 from sysbake.build.cache import hash_tree
 from sysbake.build.context import BuildContext, Stage
-from sysbake.errors import BuildError, CommandError
+from sysbake.errors import BuildError, CommandError, SysbakeError
 from sysbake.fsutil import no_space_line, raise_disk
 from sysbake.oci.layers.commit import source_date_epoch
 from sysbake.oci.model import Layer
-from sysbake.project.specs import BootstrapSpec
+from sysbake.project.specs import BootstrapSpec, ImageSpec
 from sysbake.records import record
+
+if TYPE_CHECKING:
+    from sysbake.rootfs import Root
 
 # Packages every system-container base needs to boot systemd as PID 1.
 BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus")
@@ -186,6 +192,7 @@ class BootstrapPlan:
     keyring: str
     snapshot: str
     hooks: tuple[Path, ...]
+    distro: str = "debian"  # whose archive key it needs (check_host); the sources say the rest
 
     def key_inputs(self) -> dict[str, object]:
         return {
@@ -222,6 +229,7 @@ def plan_for(spec: BootstrapSpec) -> BootstrapPlan:
         keyring=str(spec.keyring or ""),
         snapshot=spec.snapshot,
         hooks=tuple(Path(h) for h in spec.hooks),
+        distro=spec.distro,
     )
 
 
@@ -238,9 +246,10 @@ def bootstrap_stage(
         "cleanup": cleanup.key_inputs(),
         "container_ready": finalize.container_ready_inputs(cleanup),
         "compression": compression,
-        "mtime": source_date_epoch(),
+        "epoch": epoch_rule(plan),
     }
     store = ctx.store
+    found: list[int] = []  # the epoch produce() chose, for the layer's history
 
     def produce() -> Layer:
         # Only a cache miss makes a layer: a no-op build never loads these (start-up cost).
@@ -249,20 +258,110 @@ def bootstrap_stage(
 
         with store.staging("bootstrap") as staging:
             tree = staging / "rootfs"
+            check_host(plan, image)  # a missing key or suite: seconds, not mmdebstrap's minutes
             with log.step(
                 f"{image}: mmdebstrap {plan.suite} ({plan.variant}, {plan.architecture})"
             ):
                 run_bootstrap(plan, tree, store.debs_dir)
             with Root(tree) as root:
+                epoch = choose_epoch(plan, root, image)  # before clean_tree drops the lists
                 finalize.make_container_ready(root, cleanup)
-                finalize.clean_tree(root, cleanup)
+                finalize.clean_tree(root, cleanup, epoch=epoch)
             with log.step(f"{image}: committing the base layer"):
-                layer = commit_tree(store, tree, compression=compression, mtime=source_date_epoch())
+                layer = commit_tree(store, tree, compression=compression, mtime=epoch)
             # The tree we just tarred is this layer unpacked: keep it for containers.
             store.adopt_tree(layer.diff_id, tree)
+        found.append(epoch)
         return layer
 
-    return Stage("bootstrap", inputs, f"sysbake bootstrap {plan.suite} {plan.variant}", produce)
+    created_by = f"sysbake bootstrap {plan.suite} {plan.variant}"
+    return Stage(
+        "bootstrap", inputs, created_by, produce, epoch=lambda: found[-1] if found else None
+    )
+
+
+# Where apt keeps the Release file of each source it read (InRelease when signed inline).
+_RELEASE_FILES = ("var/lib/apt/lists/*_InRelease", "var/lib/apt/lists/*_Release")
+_RELEASE_MAX = 16 << 20  # far beyond any archive's Release file: larger ones are not read
+_RELEASE_DATE = re.compile(rb"^Date:[ \t]*(.+?)[ \t\r]*$", re.M)
+# What the key says of an epoch known only once the bootstrap has read the mirror.
+RELEASE_RULE = "newest Release Date"
+
+
+def epoch_rule(plan: BootstrapPlan) -> int | str:
+    """The bootstrap's epoch as its stage key knows it: SOURCE_DATE_EPOCH, else the
+    snapshot's time, else the rule that choose_epoch applies to the mirror's Release files."""
+    epoch = source_date_epoch()
+    if epoch is None:
+        epoch = snapshot_epoch(plan.snapshot)
+    return RELEASE_RULE if epoch is None else epoch
+
+
+def choose_epoch(plan: BootstrapPlan, root: Root, image: str) -> int:
+    """The epoch of a bootstrap just made in `root` (README, "Reproducible builds"):
+    epoch_rule's number, else the newest Date of the Release files apt left in the tree,
+    else 0 (with a warning: the tree then says nothing of the mirror's state)."""
+    rule = epoch_rule(plan)
+    if isinstance(rule, int):
+        return rule
+    epoch = release_epoch(root)
+    if epoch is None:
+        log.warn(
+            f"{image}: no Release file with a Date in the bootstrap's apt lists: its epoch "
+            "is 0 (1970-01-01); set SOURCE_DATE_EPOCH or a snapshot to choose one"
+        )
+        return 0
+    return epoch
+
+
+def snapshot_epoch(snapshot: str) -> int | None:
+    """The time a snapshot id names ("20250520T000000Z", UTC); None for "" or another form."""
+    import calendar
+    import time
+
+    try:
+        return calendar.timegm(time.strptime(snapshot, "%Y%m%dT%H%M%SZ"))
+    except ValueError:
+        return None
+
+
+def release_epoch(root: Root) -> int | None:
+    """The newest `Date` of the apt Release files in the image tree `root` (each source's
+    state when the tree was made); None when none has one. Only regular files are read,
+    never through a symlink, and none larger than 16 MiB."""
+    dates = []
+    for pattern in _RELEASE_FILES:
+        for path in root.glob(pattern):
+            st = root.lstat(path)
+            if st is None or not stat.S_ISREG(st.st_mode) or st.st_size > _RELEASE_MAX:
+                continue
+            try:
+                data = root.read_bytes(path)
+            except (OSError, SysbakeError):
+                continue  # swapped meanwhile for something that is not a regular file
+            date = release_date(data)
+            if date is not None:
+                dates.append(date)
+    return max(dates, default=None)
+
+
+def release_date(text: bytes) -> int | None:
+    """The `Date` field of a Release or InRelease file, as seconds since 1970; None when
+    it has none or it is not an RFC 2822 date (as apt writes: "Sat, 17 May 2025 09:12:41
+    UTC")."""
+    from datetime import UTC
+    from email.utils import parsedate_to_datetime
+
+    match = _RELEASE_DATE.search(text)
+    if match is None:
+        return None
+    try:
+        when = parsedate_to_datetime(match.group(1).decode("ascii"))
+    except (ValueError, TypeError, UnicodeDecodeError):
+        return None
+    if when.tzinfo is None:  # "-0000": UTC, its offset unknown to the writer
+        when = when.replace(tzinfo=UTC)
+    return math.floor(when.timestamp())
 
 
 def mmdebstrap_command(plan: BootstrapPlan, target: Path, debs: Path) -> list[str]:
@@ -271,6 +370,8 @@ def mmdebstrap_command(plan: BootstrapPlan, target: Path, debs: Path) -> list[st
     cache = shlex.quote(str(debs))
     cmd = [
         "mmdebstrap",
+        # apt's and dpkg's lines, which sysbake.progress counts packages by.
+        "--verbose",
         "--mode=root",
         f"--variant={plan.variant}",
         f"--architectures={plan.architecture}",
@@ -279,11 +380,14 @@ def mmdebstrap_command(plan: BootstrapPlan, target: Path, debs: Path) -> list[st
         # The persistent .deb cache: apt downloads into it and mmdebstrap must not empty it.
         "--skip=download/empty",
         "--skip=essential/unlink",
+        # The lists stay for choose_epoch (their Release files' dates); clean_tree drops them.
+        "--skip=cleanup/apt/lists",
         f'--setup-hook=mkdir -p "$1"/var/cache/apt/archives && '
         f'mount -o bind {cache} "$1"/var/cache/apt/archives',
         '--customize-hook=umount "$1"/var/cache/apt/archives',
     ]
-    if EATMYDATA_HOOKS.is_dir():
+    # The hook runs dpkg-architecture (dpkg-dev), which a slim host (the builder) lacks.
+    if EATMYDATA_HOOKS.is_dir() and proc.which("dpkg-architecture"):
         cmd.append(f"--hook-dir={EATMYDATA_HOOKS}")
     if plan.snapshot:
         cmd.append('--aptopt=Acquire::Check-Valid-Until "false"')
@@ -338,12 +442,12 @@ def run_bootstrap(plan: BootstrapPlan, target: Path, debs: Path) -> None:
         return
     cmd = mmdebstrap_command(plan, target, debs)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("APT_", "DEBIAN_"))}
-    with _cache_lock(debs):
+    from sysbake import progress
+
+    with _cache_lock(debs), progress.AptWatch() as watch:
         try:
             # Not checked by proc: the whole output is searched, not only its tail.
-            result = proc.run(
-                cmd, what="mmdebstrap", stream=log.debug_enabled(), env=env, check=False
-            )
+            result = proc.run(cmd, what="mmdebstrap", on_line=watch.line, env=env, check=False)
         except CommandError as exc:
             raise BuildError(f"bootstrap {plan.suite}: {exc}") from exc
     if result.returncode != 0:
@@ -386,3 +490,120 @@ def _debootstrap(plan: BootstrapPlan, target: Path, debs: Path) -> None:
         output = (result.stdout + b"\n" + result.stderr).decode(errors="replace")
         raise BuildError(failure_message(plan.suite, output, target, debs))
     proc.run(["chroot", str(target), "apt-get", "clean"], what="apt-get clean", check=False)
+
+
+# -- what the host and the mirror must offer, checked before mmdebstrap runs -------------------
+
+# The archive key of each distro where mmdebstrap looks for it, and the Debian package
+# that installs it there.
+ARCHIVE_KEYS = {
+    "debian": ("/usr/share/keyrings/debian-archive-keyring.gpg", "debian-archive-keyring"),
+    "ubuntu": (
+        "/usr/share/keyrings/ubuntu-archive-keyring.gpg",
+        "ubuntu-archive-keyring (Debian 13 on; Ubuntu's ubuntu-keyring)",
+    ),
+}
+MIRROR_TIMEOUT = 5.0  # seconds a mirror has to answer for one Release file
+
+
+def check_host(plan: BootstrapPlan, image: str) -> None:
+    """Refuse, in one line naming the image, a bootstrap that cannot work here: its
+    distro's archive key is missing (see `keyring_problem`), or a mirror answers that it
+    has no such suite. A mirror that does not answer is left to mmdebstrap (apt may reach
+    it through its own proxy settings)."""
+    problem = keyring_problem(plan, image)
+    if problem is None:
+        problem = next(iter(mirror_problems(plan, strict=False)), None)
+    if problem is not None:
+        raise BuildError(f"{image}: {problem}")
+
+
+def keyring_problem(plan: BootstrapPlan, image: str, this_distro: str | None = None) -> str | None:
+    """What keeps apt from trusting `plan`'s archive, or None. With no `keyring` set and
+    a distro other than the host's (whose apt trusts its own archive), mmdebstrap needs
+    the distro's archive key file (ARCHIVE_KEYS)."""
+    host = this_distro if this_distro is not None else host_distro()
+    if plan.keyring or plan.distro == host or plan.distro not in ARCHIVE_KEYS:
+        return None
+    path, package = ARCHIVE_KEYS[plan.distro]
+    if os.path.exists(path):
+        return None
+    return (
+        f"bootstrap.keyring: distro {plan.distro!r} needs its archive key {path}, which "
+        f"this host lacks: install the Debian package {package}, or set keyring = "
+        f'"FILE" in [images.{image}.bootstrap] to a keyring holding that key'
+    )
+
+
+def mirror_problems(plan: BootstrapPlan, *, strict: bool) -> list[str]:
+    """For each apt source of `plan` whose mirror lacks the suite (no dists/SUITE/InRelease
+    nor Release), a line saying so; with `strict`, also for a mirror that cannot be asked
+    (no answer in MIRROR_TIMEOUT, an error status)."""
+    problems = []
+    for line in plan.sources:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        uri, suite = parts[1], parts[2]
+        verdict, detail = suite_status(uri, suite)
+        if verdict == "missing":
+            problems.append(
+                f"bootstrap.mirror: {uri} has no suite {suite!r} "
+                f"(dists/{suite}/InRelease and Release: {detail})"
+            )
+        elif verdict == "unknown" and strict:
+            problems.append(f"bootstrap.mirror: {uri}: cannot tell if it has {suite!r}: {detail}")
+    return problems
+
+
+def suite_status(uri: str, suite: str, timeout: float = MIRROR_TIMEOUT) -> tuple[str, str]:
+    """("present", ""), ("missing", why) or ("unknown", why): whether the apt mirror `uri`
+    has the suite, by a HEAD of dists/SUITE/InRelease, then Release (file:// mirrors: the
+    files themselves). Other schemes are not asked ("present")."""
+    names = [f"dists/{suite}/{name}" for name in ("InRelease", "Release")]
+    if uri.startswith("file://"):
+        base = uri.removeprefix("file://")
+        if any(os.path.isfile(os.path.join(base, name)) for name in names):
+            return "present", ""
+        return "missing", "no such file"
+    if not uri.startswith(("http://", "https://")):
+        return "present", ""
+    import urllib.error
+    import urllib.request
+
+    detail = ""
+    for name in names:
+        request = urllib.request.Request(f"{uri.rstrip('/')}/{name}", method="HEAD")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout):
+                return "present", ""
+        except urllib.error.HTTPError as exc:
+            if exc.code not in (404, 410):
+                return "unknown", f"{name}: HTTP {exc.code} {exc.reason}"
+            detail = f"HTTP {exc.code} {exc.reason}"
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            return "unknown", f"no answer ({reason})"
+    return "missing", detail
+
+
+def online_problems(images: Iterable[ImageSpec]) -> list[str]:
+    """`validate --online`: for each bootstrapped image of `images`, what the build's
+    check_host would refuse, and a mirror that cannot be asked; one line each, named by
+    the image's key (`images.NAME.bootstrap.mirror: ...`)."""
+    from sysbake.project.reader import join_key
+
+    problems = []
+    for spec in images:
+        if spec.bootstrap is None:
+            continue
+        key = join_key("images", spec.name)
+        try:
+            plan = plan_for(spec.bootstrap)
+        except BuildError as exc:  # no mirror and no usable apt source of the host
+            problems.append(f"{key}.{exc}")
+            continue
+        keyring = keyring_problem(plan, spec.name)
+        found = [keyring] if keyring else []
+        problems += [f"{key}.{p}" for p in found + mirror_problems(plan, strict=True)]
+    return problems

@@ -14,7 +14,7 @@ import re
 import stat
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sysbake import __version__
 from sysbake.errors import BuildError
@@ -176,6 +176,19 @@ class StageRecord:
         )
 
 
+class StageSource(Protocol):
+    """A cache source the user named for one build that is asked per stage key (a
+    registry's stage cache, sysbake.registry.stagecache): `offer` answers the record of
+    `key`, its layer blob already fetched into the store and checked, naming its origin;
+    None when it has none (or a problem it reported itself)."""
+
+    def offer(self, key: str) -> StageRecord | None: ...
+
+
+# What a build's cache sources offer: records already known, or sources asked per key.
+Offer = StageRecord | StageSource
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
@@ -190,9 +203,10 @@ class StageCache:
         self.stages_dir = store.cache_dir / "stages"
         self.last_dir = store.cache_dir / "last"
 
-    def lookup(self, key: str, offered: Iterable[StageRecord] = ()) -> StageRecord | None:
+    def lookup(self, key: str, offered: Iterable[Offer] = ()) -> StageRecord | None:
         """The record of stage `key`: this store's own first, else one of `offered` (the
-        stages of this build's cache sources, each naming its origin)."""
+        stages of this build's cache sources, each naming its origin; a StageSource is
+        asked only here, after this store missed, in the order the user named them)."""
         path = self.stages_dir / f"{key}.json"
         try:
             record = StageRecord.from_json(json.loads(path.read_bytes()))
@@ -205,12 +219,14 @@ class StageCache:
         ):
             return record
         for offer in offered:
+            found = offer if isinstance(offer, StageRecord) else offer.offer(key)
             if (
-                offer.key == key
-                and offer.origin is not None
-                and self.store.has_blob(offer.layer.blob.digest)
+                found is not None
+                and found.key == key
+                and found.origin is not None
+                and self.store.has_blob(found.layer.blob.digest)
             ):
-                return offer
+                return found
         return None
 
     def save(self, record: StageRecord) -> None:
@@ -257,7 +273,12 @@ class StageCache:
 
     def prune(self, *, all_records: bool = False) -> tuple[int, int, int]:
         """Drop records (all, or those superseded: not the last build of their stage and
-        not in a tagged image), then GC the store. Returns (records, blobs, bytes)."""
+        not in a tagged image), then GC the store. Returns (records, blobs, bytes). Waits
+        for the builds using the store: their records count (Store.collecting)."""
+        with self.store.collecting():
+            return self._prune(all_records)
+
+    def _prune(self, all_records: bool) -> tuple[int, int, int]:
         tagged = {layer.diff_id for t in self.store.tags() for layer in t.image.layers}
         last = set()
         if self.last_dir.is_dir():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sysbake.build.cache import StageCache, StageRecord, stage_key
+from sysbake.build.cache import Offer, StageCache, stage_key
 from sysbake.oci.model import Layer
 from sysbake.oci.store import Store
 from sysbake.project.specs import Project
@@ -34,8 +34,10 @@ class BuildOptions:
     explain: bool = False  # the reporter says why each stage was reused or rebuilt
     keep_failed: bool = False  # keep the container of a failed booted step
     compression: str = "gzip"  # of the layers committed
-    # Stages offered by the cache sources the user named (--cache-from), for this build.
-    cache_from: tuple[StageRecord, ...] = ()
+    jobs: int = 1  # images built at once, each in a process of its own (-j)
+    # The cache sources the user named (--cache-from, [build] cache_from), for this build:
+    # stage records, or sources asked per stage key (sysbake.build.cache.StageSource).
+    cache_from: tuple[Offer, ...] = ()
 
 
 @record
@@ -72,6 +74,11 @@ def no_report(result: StageResult) -> None:
     """The reporter of a build nobody listens to."""
 
 
+def never() -> bool:
+    """The `stopping` of a build that is never asked to stop early."""
+    return False
+
+
 @record
 class BuildContext:
     """One build: its project, store, stage cache, options and reporter."""
@@ -81,6 +88,8 @@ class BuildContext:
     cache: StageCache
     options: BuildOptions
     report: Reporter = no_report
+    # Whether to stop before the next stage (-j N: another image failed).
+    stopping: Callable[[], bool] = never
 
 
 @record
@@ -93,6 +102,9 @@ class Stage:
     inputs: Inputs
     created_by: str
     produce: Callable[[], Layer]
+    # The layer's time (seconds since 1970) for its history, asked after `produce`: the
+    # build's epoch (sysbake.build.bootstrap.choose_epoch); None: SOURCE_DATE_EPOCH's or now.
+    epoch: Callable[[], int | None] | None = None
 
     @property
     def key(self) -> str:

@@ -4,8 +4,9 @@ image config (systemd's container interface: https://systemd.io/CONTAINER_INTERF
 from __future__ import annotations
 
 import os
+import re
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from sysbake import __version__, signals
@@ -127,23 +128,15 @@ def make_container_ready(root: Root, cleanup: Cleanup) -> None:
         root.write_bytes("etc/hosts", _HOSTS.encode())
 
 
-def clean_tree(root: Root, cleanup: Cleanup) -> None:
-    """Remove caches, logs, keys and identities from a tree before it is committed."""
-    patterns: list[str] = []
+def clean_tree(root: Root, cleanup: Cleanup, *, epoch: int | None = None) -> None:
+    """Remove caches, logs, keys and identities from a tree before it is committed; with
+    `epoch` (the build's), also bring the dates a build writes into files down to it
+    (`normalise`). What varies from one build to the next: README, "Reproducible builds"."""
     if cleanup.apt_lists:
         root.clear_dir("var/lib/apt/lists", keep=("lock", "partial"))
         root.clear_dir("var/lib/apt/lists/partial")
-    if cleanup.apt_cache:
-        patterns += [
-            "var/cache/apt/*.bin",
-            "var/cache/apt/archives/*.deb",
-            "var/cache/apt/archives/partial/*",
-            "var/cache/debconf/*-old",
-        ]
     if cleanup.logs:
         _clean_logs(root)
-    if cleanup.ssh_host_keys:
-        patterns.append("etc/ssh/ssh_host_*")
     if cleanup.machine_id:
         if root.is_symlink("etc/machine-id"):
             root.unlink("etc/machine-id")
@@ -152,25 +145,100 @@ def clean_tree(root: Root, cleanup: Cleanup) -> None:
     if cleanup.tmp:
         root.clear_dir("tmp")
         root.clear_dir("var/tmp")
+    for pattern in removed_patterns(cleanup):
+        for hit in root.glob(pattern):
+            root.remove(hit)
+    if epoch is not None:
+        normalise(root, epoch)
+
+
+def removed_patterns(cleanup: Cleanup) -> list[str]:
+    """The shell patterns of what clean_tree removes outright, given the switches of
+    `cleanup` (the lists, logs, machine IDs and tmp dirs it empties aside)."""
+    patterns: list[str] = []
+    if cleanup.apt_cache:
+        patterns += [
+            "var/cache/apt/*.bin",
+            "var/cache/apt/archives/*.deb",
+            "var/cache/apt/archives/partial/*",
+            "var/cache/debconf/*-old",
+        ]
+    if cleanup.ssh_host_keys:
+        patterns.append("etc/ssh/ssh_host_*")
     if cleanup.salt:
-        for name in (
+        patterns += [
             "etc/salt/pki",
             "etc/salt/minion_id",
             "var/cache/salt",
             "var/log/salt",
             "var/run/salt",
-        ):
-            root.remove(name)
-    # Traces of a boot during the build: seeds, timer stamps, shell history.
-    patterns += [
-        *cleanup.remove,
-        "root/.bash_history",
-        "var/lib/systemd/random-seed",
-        "var/lib/systemd/timers/stamp-*",
+        ]
+    return [*patterns, *cleanup.remove, *BUILD_TRACES]
+
+
+# Traces of a build that differ from one build to the next and that nothing needs: the
+# boot's seeds and timer stamps, shell history, ldconfig's cache of inode numbers and
+# ctimes (mmdebstrap drops it too).
+BUILD_TRACES = (
+    "root/.bash_history",
+    "var/lib/systemd/random-seed",
+    "var/lib/systemd/timers/stamp-*",
+    "var/cache/ldconfig/aux-cache",
+)
+
+
+def normalise(root: Root, epoch: int) -> None:
+    """Bring the dates that tools write into files down to `epoch` where they are later
+    (as mtimes are clamped): the day of each password change in /etc/shadow (and its
+    backup), and the /usr timestamp that systemd-update-done writes to /etc/.updated and
+    /var/.updated."""
+    day = epoch // 86400
+    for name in ("etc/shadow", "etc/shadow-"):
+        _rewrite(root, name, lambda text: _clamp_shadow(text, day))
+    for name in ("etc/.updated", "var/.updated"):
+        _rewrite(root, name, lambda text: _clamp_updated(text, epoch * 1_000_000_000))
+
+
+def drop_bytecode(root: Root, top: str) -> None:
+    """Remove every __pycache__ directory under `top` in `root`: bytecode compiled where
+    the files came from records their mtimes there (which the layer's clamp changes) and
+    is not the same from one machine to the next; Python compiles it again when needed."""
+    caches = [
+        f"{here}/{name}"
+        for here, dirs, _files, _fd in root.walk(top)
+        for name in dirs
+        if name == "__pycache__"
     ]
-    for pattern in patterns:
-        for hit in root.glob(pattern):
-            root.remove(hit)
+    for path in caches:
+        root.remove(path)
+
+
+def _rewrite(root: Root, path: str, change: Callable[[bytes], bytes]) -> None:
+    """Apply `change` to the regular file `path` (not a symlink) if it exists."""
+    st = root.lstat(path)
+    if st is None or not stat.S_ISREG(st.st_mode):
+        return
+    _write_if_changed(root, path, change(root.read_bytes(path)))
+
+
+def _clamp_shadow(text: bytes, day: int) -> bytes:
+    """/etc/shadow with each entry's last-change day (the third field) at most `day`."""
+    lines = text.split(b"\n")
+    for i, line in enumerate(lines):
+        fields = line.split(b":")
+        if len(fields) > 2 and fields[2].isdigit() and int(fields[2]) > day:
+            fields[2] = str(day).encode()
+            lines[i] = b":".join(fields)
+    return b"\n".join(lines)
+
+
+def _clamp_updated(text: bytes, limit_ns: int) -> bytes:
+    """A systemd-update-done stamp file with its TIMESTAMP_NSEC at most `limit_ns`."""
+
+    def clamp(match: re.Match[bytes]) -> bytes:
+        return b"TIMESTAMP_NSEC=" + str(min(int(match.group(1)), limit_ns)).encode()
+
+    return re.sub(rb"^TIMESTAMP_NSEC=(\d+)", clamp, text, flags=re.M)
 
 
 def _clean_logs(root: Root) -> None:
@@ -203,6 +271,17 @@ def _write_if_changed(root: Root, path: str, data: bytes) -> None:
         root.write_bytes(path, data)
 
 
+_OWN_LABELS = "io.sysbake."
+
+
+def _labels(settings: OciConfigSpec, labels: Mapping[str, str]) -> dict[str, str]:
+    """An image's labels, sorted: those of `labels` (its parent's, and sysbake's own
+    io.sysbake.*), the project's [config] labels over the parent's, sysbake's over both."""
+    own = {k: v for k, v in labels.items() if k.startswith(_OWN_LABELS)}
+    merged = {**labels, **dict(settings.labels), **own, "io.sysbake.version": __version__}
+    return dict(sorted(merged.items()))
+
+
 def image_config(
     settings: OciConfigSpec,
     *,
@@ -222,9 +301,7 @@ def image_config(
         "Cmd": list(settings.cmd),
         "StopSignal": signals.canonical(settings.stop_signal),
         "WorkingDir": settings.workdir,
-        "Labels": dict(
-            sorted({**dict(settings.labels), **labels, "io.sysbake.version": __version__}.items())
-        ),
+        "Labels": _labels(settings, labels),
     }
     if settings.entrypoint:
         config["Entrypoint"] = list(settings.entrypoint)

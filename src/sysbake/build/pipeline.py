@@ -13,8 +13,9 @@ logged, timed and reported. An image is tagged only when all of its stages succe
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from sysbake import log
 from sysbake.build import bootstrap, finalize, steps
@@ -27,12 +28,13 @@ from sysbake.build.context import (
     StageResult,
     no_report,
 )
-from sysbake.errors import BuildError
+from sysbake.errors import BuildError, ImageNotFound
 from sysbake.oci import model as oci
-from sysbake.oci.layers.commit import source_date_epoch
-from sysbake.oci.model import Image, Layer
+from sysbake.oci.layers.commit import epoch_stamp, source_date_epoch, stamp_epoch
+from sysbake.oci.model import Descriptor, Image, Layer
+from sysbake.oci.reference import InvalidReference, Reference
 from sysbake.oci.store import Store
-from sysbake.project.specs import ImageSpec, Project
+from sysbake.project.specs import SQUASH_STAGE, ImageSpec, Project
 from sysbake.records import field, record, replace
 
 # A history entry of an image config (created, created_by, comment, empty_layer...).
@@ -75,19 +77,77 @@ class PartialImage:
 def build_project(
     project: Project, store: Store, options: BuildOptions, report: Reporter = no_report
 ) -> list[BuildResult]:
-    """Build the targets of `project` (default: all images) and their in-file parents."""
-    store.ensure()
+    """Build the targets of `project` (default: all images) and their in-file parents;
+    with options.jobs > 1, images whose parents are built at once (`_build_at_once`)."""
+    store.hold()  # no GC until this build ends: what it adds is unreachable at first
     store.clean_stale()
     ctx = BuildContext(
         project=project, store=store, cache=StageCache(store), options=options, report=report
     )
+    order = project.build_order(list(options.targets) or None)
+    if options.jobs > 1 and len(order) > 1:
+        return _build_at_once(ctx, order)
     built: dict[str, Image] = {}
     results = []
-    for spec in project.build_order(list(options.targets) or None):
+    for spec in order:
         result = build_image(ctx, spec, built)
         built[spec.name] = result.image
         results.append(result)
     return results
+
+
+def _build_at_once(ctx: BuildContext, order: list[ImageSpec]) -> list[BuildResult]:
+    """-j N: each image built in a process of its own (sysbake.build.schedule) once its
+    in-file parent is built, N at a time; its stages' results come back as events, its
+    image by its manifest digest. The same images as one at a time."""
+    from sysbake.build import schedule
+
+    specs = {spec.name: spec for spec in order}
+    built: dict[str, Image] = {}  # as each job is forked, it holds the parents it needs
+    results: dict[str, list[StageResult]] = {spec.name: [] for spec in order}
+
+    def work(name: str, job: schedule.Job) -> schedule.Json:
+        def send(result: StageResult) -> None:
+            job.send({"event": _stage_json(result)})
+
+        mine = replace(ctx, report=send, stopping=job.stopping)
+        result = build_image(mine, specs[name], built)
+        return {"ref": result.ref, "manifest": result.image.manifest.to_json()}
+
+    def on_event(name: str, event: schedule.Json) -> None:
+        result = _stage_from_json(event)
+        results[name].append(result)
+        ctx.report(result)
+
+    def finish(name: str, done: schedule.Json) -> BuildResult:
+        image = ctx.store.load_image(Descriptor.from_json(done["manifest"]))
+        built[name] = image
+        return BuildResult(name, str(done["ref"]), image, tuple(results[name]))
+
+    deps = {
+        spec.name: [spec.parent] if spec.parent_is_local and spec.parent else [] for spec in order
+    }
+    launcher = schedule.ForkLauncher(work, on_event, finish)
+    done = schedule.run_graph(deps, launcher, ctx.options.jobs)
+    return [done[spec.name] for spec in order]
+
+
+def _stage_json(result: StageResult) -> dict[str, object]:
+    """A stage's result as a job sends it: StageResult.to_json with its layer whole."""
+    return {**result.to_json(), "blob": result.layer.blob.to_json(), "seconds": result.seconds}
+
+
+def _stage_from_json(doc: Mapping[str, Any]) -> StageResult:
+    return StageResult(
+        image=str(doc["image"]),
+        stage=str(doc["stage"]),
+        key=str(doc["key"]),
+        reused=bool(doc["reused"]),
+        reason=str(doc["reason"]),
+        layer=Layer(Descriptor.from_json(doc["blob"]), str(doc["diff_id"])),
+        seconds=float(doc["seconds"]),
+        origin=str(doc["origin"]),
+    )
 
 
 def build_image(ctx: BuildContext, spec: ImageSpec, built: Mapping[str, Image]) -> BuildResult:
@@ -103,14 +163,23 @@ def build_image(ctx: BuildContext, spec: ImageSpec, built: Mapping[str, Image]) 
     else:
         image = _from_parent(ctx, spec, built)
     for step in spec.provision:
-        image = run_stage(ctx, image, steps.provision_stage(ctx, spec, step, image.layers))
+        stage = steps.provision_stage(ctx, spec, step, image.layers, epoch=_epoch(image))
+        image = run_stage(ctx, image, stage)
+    if spec.squash:
+        image = _squashed(ctx, image)
     stored = _store_image(ctx, spec, image)
     ref = _tag(ctx, spec, stored)
     return BuildResult(spec.name, ref, stored, image.results)
 
 
 def _from_parent(ctx: BuildContext, spec: ImageSpec, built: Mapping[str, Image]) -> PartialImage:
-    """The image's start when it has no bootstrap: its parent's layers, history, labels."""
+    """The image's start when it has no bootstrap: its parent's layers, history, labels;
+    or, `from = "rootfs:FILE"`, the stage importing that tarball."""
+    if spec.rootfs is not None:
+        from sysbake.build.imported import rootfs_stage
+
+        base = PartialImage(spec.name, bootstrap.host_architecture())
+        return run_stage(ctx, base, rootfs_stage(ctx, spec))
     if spec.parent is None:
         raise BuildError(f"{spec.name}: neither a bootstrap nor a parent")
     parent = built[spec.parent] if spec.parent_is_local else ctx.store.resolve(spec.parent)
@@ -125,19 +194,50 @@ def _from_parent(ctx: BuildContext, spec: ImageSpec, built: Mapping[str, Image])
     )
 
 
+def _squashed(ctx: BuildContext, image: PartialImage) -> PartialImage:
+    """The image as one layer (`squash = true`): a stage like the others, keyed by the
+    layers it merges, whose layer replaces them; their history entries stay, marked
+    empty (sysbake.build.squash)."""
+    from sysbake.build.squash import SQUASH_BY, emptied
+
+    layers = image.layers
+    inputs: dict[str, object] = {
+        "stage": SQUASH_STAGE,
+        "layers": oci.chain_id([layer.diff_id for layer in layers]),
+        "compression": ctx.options.compression,
+    }
+
+    def produce() -> Layer:
+        from sysbake.build.squash import squash_layers
+
+        return squash_layers(ctx.store, layers, compression=ctx.options.compression)
+
+    epoch = _epoch(image)  # its history's date, as every stage's (reproducible builds)
+    created_by = f"{SQUASH_BY} ({len(layers)} layers)"
+    stage = Stage(SQUASH_STAGE, inputs, created_by, produce, epoch=lambda: epoch)
+    return run_stage(ctx, replace(image, layers=(), history=emptied(image.history)), stage)
+
+
 def run_stage(ctx: BuildContext, image: PartialImage, stage: Stage) -> PartialImage:
     """Run `stage` on top of `image`: reuse its cached layer when its key matches, else
     produce one and record it (only once the layer blob is committed). The image with
     that layer on top; the stage's result goes to the reporter."""
     started = time.monotonic()
+    if ctx.stopping():
+        raise BuildError(f"{image.name}: stopped before {stage.name}: another image failed")
     key = stage.key
     cached = _cached(ctx, image.name, stage.name, key)
+    if cached is None:
+        # Made once per store: a build making the same stage (another image of this build,
+        # another process on this store) goes first, and this one then reuses its layer.
+        with ctx.store.exclusive(f"stage-{key}", lambda: _waiting(image.name, stage.name)):
+            cached = _cached(ctx, image.name, stage.name, key)
+            if cached is None:
+                rec, reason = _produce(ctx, image.name, stage, key)
     if cached is not None:
         rec, reason = cached, "all inputs unchanged"
         if not ctx.options.explain:  # --explain says it on stdout
             log.info(f"==> {image.name}: {stage.name}: cached")
-    else:
-        rec, reason = _produce(ctx, image.name, stage, key)
     result = StageResult(
         image.name,
         stage.name,
@@ -161,6 +261,10 @@ def run_stage(ctx: BuildContext, image: PartialImage, stage: Stage) -> PartialIm
         records=(*image.records, rec),
         results=(*image.results, result),
     )
+
+
+def _waiting(image: str, stage: str) -> None:
+    log.info(f"==> {image}: {stage}: waiting for another build of the same stage")
 
 
 def _cached(ctx: BuildContext, image: str, stage: str, key: str) -> StageRecord | None:
@@ -197,7 +301,7 @@ def _produce(ctx: BuildContext, image: str, stage: Stage, key: str) -> tuple[Sta
         stage=stage.name,
         inputs=stage.inputs,
         layer=layer,
-        created=_now(),
+        created=_now(stage),
         created_by=stage.created_by,
     )
     ctx.cache.save(rec)
@@ -227,15 +331,44 @@ def _tag(ctx: BuildContext, spec: ImageSpec, image: Image) -> str:
 
 
 def _created(image: PartialImage) -> str:
-    """The image's creation time: SOURCE_DATE_EPOCH's, else its newest stage's."""
+    """The image's creation time: its epoch (see _epoch), never the wall clock."""
+    return epoch_stamp(_epoch(image))
+
+
+def _epoch(image: PartialImage) -> int:
+    """The epoch of an image being built (README, "Reproducible builds"): SOURCE_DATE_EPOCH,
+    else the newest `created` of its history so far (its bootstrap's epoch, or its parent
+    image's; none before 1970, as Go's zero time some images carry), else 0."""
     epoch = source_date_epoch()
     if epoch is not None:
-        return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    stamps = [r.created for r in image.records] or [
-        str(h.get("created", "")) for h in image.history
-    ]
-    return max(stamps) if stamps else _now()
+        return epoch
+    stamps = [stamp_epoch(h.get("created")) for h in image.history]
+    return max((s for s in stamps if s is not None and s >= 0), default=0)
 
 
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _now(stage: Stage) -> str:
+    """The `created` of the layer `stage` just made: its epoch, else SOURCE_DATE_EPOCH's,
+    else the wall clock (a stage that knows no epoch)."""
+    epoch = stage.epoch() if stage.epoch is not None else None
+    if epoch is None:
+        epoch = source_date_epoch()
+    if epoch is None:
+        return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return epoch_stamp(epoch)
+
+
+def missing_parents(project: Project, store: Store, targets: Sequence[str] = ()) -> list[str]:
+    """The `from` images of a build of `targets` (default: all) that name a registry
+    (host[:port]/repository...) and that the store lacks: `build` pulls them first."""
+    missing: list[str] = []
+    for spec in project.build_order(list(targets) or None):
+        if spec.parent is None or spec.parent_is_local or spec.parent in missing:
+            continue
+        try:
+            Reference.parse(spec.parent, need_registry=True)
+            store.resolve(spec.parent)
+        except InvalidReference:
+            continue  # a store name or an image ID: the build says so when it is missing
+        except ImageNotFound:
+            missing.append(spec.parent)
+    return missing

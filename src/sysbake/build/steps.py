@@ -41,7 +41,7 @@ from sysbake.project.specs import (
     ScriptStep,
     Step,
 )
-from sysbake.records import field, record
+from sysbake.records import field, record, replace
 from sysbake.runtime import owners
 
 if TYPE_CHECKING:
@@ -74,10 +74,11 @@ class StepPlan:
 
 
 def provision_stage(
-    ctx: BuildContext, spec: ImageSpec, step: Step, layers: Sequence[Layer]
+    ctx: BuildContext, spec: ImageSpec, step: Step, layers: Sequence[Layer], *, epoch: int
 ) -> Stage:
     """The stage of provision step `step` of image `spec`, on top of `layers` (the image
-    so far, bottom to top)."""
+    so far, bottom to top); the layer's mtimes are clamped to the image's `epoch`, which
+    the step sees as SOURCE_DATE_EPOCH."""
     where = f"{spec.name}: {step.name}"
     plan_inputs, make_plan = _prepare(step, ctx.store, where)
     inputs: Inputs = {
@@ -89,12 +90,16 @@ def provision_stage(
         "plan": plan_inputs,
         "cleanup": spec.finalize.key_inputs(),
         "compression": ctx.options.compression,
+        "epoch": epoch,
     }
 
     def produce() -> Layer:
-        return _provision(ctx, spec, step, tuple(layers), make_plan(), where)
+        plan = make_plan()
+        plan = replace(plan, env={**plan.env, "SOURCE_DATE_EPOCH": str(epoch)})
+        return _provision(ctx, spec, step, tuple(layers), plan, where, epoch)
 
-    return Stage(step.name, inputs, f"sysbake {step.type} {step.name} ({step.mode})", produce)
+    created_by = f"sysbake {step.type} {step.name} ({step.mode})"
+    return Stage(step.name, inputs, created_by, produce, epoch=lambda: epoch)
 
 
 def _provision(
@@ -104,9 +109,11 @@ def _provision(
     layers: tuple[Layer, ...],
     plan: StepPlan,
     where: str,
+    epoch: int,
 ) -> Layer:
-    """Run the step on the layers' trees, clean what it changed and commit it as a layer
-    whose tree (the upper dir, in overlay form) the store keeps."""
+    """Run the step on the layers' trees, clean what it changed and commit it, mtimes
+    clamped to `epoch`, as a layer whose tree (the upper dir, in overlay form) the store
+    keeps."""
     # Only a cache miss makes a layer: a no-op build never loads these (start-up cost).
     from sysbake.oci.layers.commit import commit_tree
     from sysbake.rootfs import Root
@@ -119,7 +126,7 @@ def _provision(
             upper.mkdir()
             work.mkdir()
             with _mounted(lowerdirs, upper, work, staging / "root") as top, Root(top) as root:
-                _copy_files(step, root, where)
+                _copy_files(step, root, where, epoch)
         elif step.mode == "chroot":
             _run_chroot(plan, lowerdirs, staging, step.network, where)
         else:
@@ -134,16 +141,18 @@ def _provision(
                 keep_failed=ctx.options.keep_failed,
             )
         with _mounted(lowerdirs, upper, work, staging / "root") as top, Root(top) as root:
-            finalize.clean_tree(root, cleanup)
+            finalize.clean_tree(root, cleanup, epoch=epoch)
             if plan.keep_salt is not None:
                 from sysbake.build.salt import run as salt
 
                 salt.install_salt(plan.keep_salt, root)
+                finalize.drop_bytecode(root, salt.KEEP_DIR)
         # Unmounted: copy-ups equal to what the parent has (Salt's included) go.
-        prune_copy_ups(upper, lowerdirs)
+        with _parent_view(lowerdirs, staging) as view:
+            prune_copy_ups(upper, lowerdirs, view=view)
         with log.step(f"{where}: committing the layer"):
             layer = commit_tree(
-                store, upper, compression=ctx.options.compression, overlay_upper=True
+                store, upper, compression=ctx.options.compression, mtime=epoch, overlay_upper=True
             )
         # The upper dir is this layer in overlay form (whiteouts as 0/0 devices, opaque
         # xattrs): keep it as the layer's tree so containers need not unpack the blob.
@@ -282,9 +291,10 @@ def _judge_salt(rc: int, out: bytes, err: bytes, where: str) -> None:
     raise BuildError(f"{where}: salt: {result.error_line()}")
 
 
-def _copy_files(step: FilesStep, root: Root, where: str) -> None:
+def _copy_files(step: FilesStep, root: Root, where: str, epoch: int) -> None:
     """The `files` step: `source` copied to `dest` inside the image (symlinks in it copied
-    as symlinks), then given the step's owner, group and file mode."""
+    as symlinks), then given the step's owner, group and file mode, and `epoch` as mtime
+    (the key hashes no mtime: a fresh checkout must give the same layer)."""
     dest = step.dest
     if not step.source.is_dir() and (dest.endswith("/") or root.is_dir(dest)):
         dest = f"{dest.rstrip('/')}/{step.source.name}"
@@ -298,6 +308,7 @@ def _copy_files(step: FilesStep, root: Root, where: str) -> None:
             st = root.lstat(path)
             if step.file_mode is not None and st is not None and stat.S_ISREG(st.st_mode):
                 root.chmod(path, step.file_mode)
+            root.utime(path, (epoch * 1_000_000_000, epoch * 1_000_000_000))
     except OSError as exc:
         raise BuildError(
             f"{where}: copying {step.source} to {step.dest}: {exc.strerror or exc}"
@@ -317,12 +328,13 @@ def _image_id(root: Root, table: str, name: str, what: str) -> int:
     raise BuildError(f"{what} {name!r}: not in the image's /{table}")
 
 
-def prune_copy_ups(upper: Path, lowerdirs: list[Path]) -> None:
+def prune_copy_ups(upper: Path, lowerdirs: list[Path], *, view: Path | None = None) -> None:
     """Drop what overlayfs copied up without a change (a file opened for writing, a parent
     dir of a file created and removed again): files identical to those they shadow, then
     directories left empty whose mode and owner match the lower ones. The layer then holds
-    only real changes."""
-    shadows = _Shadows(upper, lowerdirs)
+    only real changes. `view`, an overlay of `lowerdirs` alone, is where the kernel looks
+    up what a path shadows (the cost then follows what changed, not the image's depth)."""
+    shadows = _Shadows(upper, lowerdirs, view)
     for dirpath, _dirs, files in os.walk(upper, topdown=False):
         here = Path(dirpath)
         for name in files:
@@ -338,10 +350,11 @@ class _Shadows:
     """What the paths of an overlay's upper dir shadow in its lower dirs (given bottom
     first), as overlayfs resolves them."""
 
-    def __init__(self, upper: Path, lowerdirs: list[Path]) -> None:
+    def __init__(self, upper: Path, lowerdirs: list[Path], view: Path | None = None) -> None:
         from sysbake.oci.layers.tar import is_opaque, read_xattrs
 
         self.tops = list(reversed(lowerdirs))
+        self.view = view
         # The upper's opaque dirs (a dir removed and made again), read before the pruning
         # drops the marks that hide nothing: through them no lower file shows.
         self.opaque = {
@@ -353,6 +366,8 @@ class _Shadows:
         whiteout, a non-directory or an opaque dir hides it."""
         if self.opaque.intersection(rel.parents):
             return None
+        if self.view is not None:  # the lower layers merged: whiteouts show nothing
+            return self.view / rel if os.path.lexists(self.view / rel) else None
         ancestors = list(reversed(rel.parents))[1:]  # "a", "a/b" for "a/b/c"
         for lower in self.tops:
             found, final = _look_in(lower, rel, ancestors)
@@ -410,7 +425,7 @@ def _xattrs(path: Path) -> dict[str, bytes]:
     return {
         n: os.getxattr(path, n, follow_symlinks=False)
         for n in names
-        if not n.startswith("trusted.overlay.")
+        if not n.startswith(("trusted.overlay.", "user.overlay."))  # user.: rootless
     }
 
 
@@ -440,6 +455,19 @@ def _mounted(lowerdirs: list[Path], upper: Path, work: Path, target: Path) -> It
         yield target
     finally:
         overlay.umount(target)
+
+
+@contextlib.contextmanager
+def _parent_view(lowerdirs: list[Path], staging: Path) -> Iterator[Path]:
+    """The parent image's layers merged, to read (runtime.overlay.view; its upper dir
+    stays empty)."""
+    from sysbake.runtime import overlay
+
+    upper, work, target = (staging / n for n in ("view-upper", "view-work", "view"))
+    for d in (upper, work, target):
+        d.mkdir()
+    with overlay.view(lowerdirs, upper, work, target) as view:
+        yield view
 
 
 def _write_files(files: dict[str, bytes], conf: Path) -> None:
@@ -627,7 +655,14 @@ def _run_booted(
     with _booted(
         plan, store, lowerdirs, config, staging, network, where, keep_failed=keep_failed
     ) as booted:
-        with log.step(f"{where}: running in the booted container"):
+        from sysbake import progress
+        from sysbake.build.salt.run import SALT_LOG
+
+        followed = [booted.conf / n for n in (_STEP_OUT, _STEP_ERR, Path(SALT_LOG).name)]
+        with (
+            log.step(f"{where}: running in the booted container"),
+            progress.StepWatch(where).follow(followed),
+        ):
             rc, out, err = _step_result(booted, where)
             if plan.judge is not None:
                 plan.judge(rc, out, err)
@@ -642,7 +677,9 @@ def _run_chroot(
     plan: StepPlan, lowerdirs: list[Path], staging: Path, network: bool, where: str
 ) -> None:
     """Run the step with chroot in a private mount namespace (its mounts die with it),
-    services suppressed by policy-rc.d; the upper dir stays in staging."""
+    services suppressed by policy-rc.d; the upper dir stays in staging. The overlay is
+    mounted in the child's own mount namespace before it execs (runtime.overlay: any
+    number of layers), so it goes with the step's processes, however they end."""
     from sysbake.runtime import overlay
 
     upper, work, root, conf = (staging / n for n in ("upper", "work", "root", "conf"))
@@ -652,8 +689,6 @@ def _run_chroot(
     binds = [(str(conf), CONF_DIR, False)] + [(str(h), d, True) for h, d in plan.mounts]
     lines = [
         "set -e",
-        f"mount -t overlay overlay -o lowerdir={overlay.lowerdir_option(lowerdirs)},"
-        f"upperdir={upper},workdir={work},{overlay.FEATURES} {root}",
         f"r={shlex.quote(str(root))}",
         # Mounts go on the image's own top-level dirs only: a symlink there (say /proc
         # -> /etc) would be followed on the host. Everything else is written under the
@@ -706,9 +741,14 @@ def _run_chroot(
     if not network:
         unshare.append("--net")
     cmd = [*unshare, "sh", "-c", "\n".join(lines), "sysbake-step", *env, *plan.command]
-    with log.step(f"{where}: running in a chroot"):
+    mount = overlay.in_own_namespace(lowerdirs, upper, work, root)
+    from sysbake import progress
+    from sysbake.build.salt.run import SALT_LOG
+
+    watch = progress.StepWatch(where)
+    with log.step(f"{where}: running in a chroot"), watch.follow([conf / Path(SALT_LOG).name]):
         try:
-            result = proc.run(cmd, check=False, what=where)
+            result = proc.run(cmd, check=False, what=where, setup=mount, on_line=watch.line)
         except CommandError as exc:
             raise BuildError(f"{where}: {exc}") from exc
         if plan.judge is not None:

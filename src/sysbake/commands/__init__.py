@@ -29,14 +29,44 @@ from types import ModuleType
 COMMANDS: dict[str, tuple[str, ...]] = {
     "project": ("init", "validate"),
     "build": ("build",),
-    "images": ("images", "inspect", "tag", "rmi", "export", "cache"),
-    "runtime": ("run", "shell", "exec", "stop", "ps", "logs", "rm", "test"),
-    "host": ("flags", "apparmor", "load"),
+    "images": (
+        "images",
+        "inspect",
+        "history",
+        "tag",
+        "rmi",
+        "squash",
+        "import",
+        "export",
+        "verify",
+        "cache",
+    ),
+    "runtime": (
+        "run",
+        "shell",
+        "exec",
+        "stop",
+        "start",
+        "restart",
+        "kill",
+        "ps",
+        "logs",
+        "cp",
+        "diff",
+        "rm",
+        "test",
+    ),
+    "host": ("flags", "apparmor", "load", "setup-rootless"),
     "registry": ("push", "pull", "login", "logout"),
+    "supply": ("sbom", "provenance", "key"),
+    "help": ("completion", "man"),
 }
 
 # Commands that never open the store: the only ones that do not reap orphans first.
-STORELESS = frozenset({"init", "validate", "apparmor", "login", "logout"})
+STORELESS = frozenset(
+    {"init", "validate", "apparmor", "login", "logout", "completion", "man", "key"}
+    | {"setup-rootless"}
+)
 
 
 def touches_store(command: str | None) -> bool:

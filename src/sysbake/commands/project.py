@@ -81,6 +81,14 @@ def _init(ctx: Context, args: argparse.Namespace) -> int:
 
 def _validate(ctx: Context, args: argparse.Namespace) -> int:
     project = config.load_project(args.path)
+    if args.online:  # what a bootstrap needs of this host and its mirrors
+        from sysbake.build.bootstrap import online_problems
+        from sysbake.project.reader import display_path
+
+        problems = online_problems(project.images)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ConfigError(f"{display_path(project.path)}: {problems[0]}{more}")
     if ctx.json:
         ctx.emit(project.to_json())
     else:
@@ -128,6 +136,12 @@ def register(
         type=Path,
         default=None,
         help="the file, or a directory with a sysbake.toml (default: .)",
+    )
+    validate.add_argument(
+        "--online",
+        action="store_true",
+        help="also check what the bootstraps need of this host and the network: each "
+        "distro's archive key, and that each mirror has the suite (dists/SUITE/Release)",
     )
     add_globals(validate)
     validate.set_defaults(handler=_validate)

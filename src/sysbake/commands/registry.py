@@ -89,6 +89,7 @@ def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -
     )
     p.add_argument("image")
     p.add_argument("dest", nargs="?", default=None)
+    _supply_options(p)
     connection_options(p)
     add_globals(p)
     p.set_defaults(handler=cmd_push)
@@ -98,7 +99,9 @@ def register(sub: Any, add_globals: Callable[[argparse.ArgumentParser], None]) -
         help="pull an image from an OCI registry",
         description="Pull REF (host[:port]/repository[:tag|@digest]) into the "
         "store. A pulled image never feeds the stage cache: to reuse its "
-        "stages, name it with `sysbake build --cache-from REF`.",
+        "stages, name it with `sysbake build --cache-from REF`. REF may also be "
+        "docker-daemon:NAME or containers-storage:NAME: an image of the local docker or "
+        "podman (saved by it, then read as `load -i` reads an archive).",
     )
     p.add_argument("ref")
     p.add_argument(
@@ -206,17 +209,76 @@ def _platform(text: str | None) -> tuple[str, str, str | None] | None:
     return parts[0], parts[1], (parts[2] if len(parts) == 3 else None)
 
 
+def _supply_options(p: argparse.ArgumentParser) -> None:
+    """push's options for what it attaches and signs (sysbake.registry.attach)."""
+    p.add_argument(
+        "--sign-by",
+        type=Path,
+        default=None,
+        metavar="KEY",
+        help="sign the image (and its SBOM and provenance) with this sigstore private key "
+        "(`sysbake key generate`): a sha256-<digest>.sig tag podman, skopeo and cosign verify",
+    )
+    p.add_argument(
+        "--sign-passphrase-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the key's passphrase: this file's first line (default: $SYSBAKE_KEY_PASSPHRASE, "
+        "else asked)",
+    )
+    p.add_argument(
+        "--sbom",
+        choices=("spdx-json", "cyclonedx-json", "none"),
+        default="spdx-json",
+        help="attach the image's SBOM in this format as an OCI artifact (default: spdx-json)",
+    )
+    p.add_argument(
+        "--no-provenance",
+        dest="provenance",
+        action="store_false",
+        help="do not attach the provenance (an in-toto statement, SLSA v1)",
+    )
+
+
 def cmd_push(ctx: Any, args: argparse.Namespace) -> int:
     from sysbake.registry.transfer import Reference, push
 
+    key = None
+    if args.sign_by is not None:  # before the push: a wrong passphrase pushes nothing
+        from sysbake.commands.supply import load_key
+
+        key = load_key(args.sign_by, args.sign_passphrase_file)
     dest = Reference.parse(args.dest, need_registry=True) if args.dest is not None else None
-    result = push(ctx.store(), args.image, dest, connect_options(args))
-    return _done(ctx, result.to_json(), f"{result.ref} {result.digest}")
+    options = connect_options(args)
+    store = ctx.store()
+    result = push(store, args.image, dest, options)
+    value = result.to_json()
+    sbom = None if args.sbom == "none" else args.sbom
+    if key is not None or sbom is not None or args.provenance:
+        from sysbake.registry import attach
+
+        extra = attach.publish_supply(
+            store,
+            args.image,
+            Reference.parse(result.ref),
+            options,
+            sbom_format=sbom,
+            provenance=args.provenance,
+            key=key,
+        )
+        value |= extra.to_json()
+    return _done(ctx, value, f"{result.ref} {result.digest}")
 
 
 def cmd_pull(ctx: Any, args: argparse.Namespace) -> int:
+    from sysbake.registry.sources import engine_source, pull_engine
     from sysbake.registry.transfer import Reference, pull
 
+    if engine_source(args.ref) is not None:  # docker-daemon:NAME, containers-storage:NAME
+        loaded = pull_engine(ctx.store(), args.ref, tag=args.tag)
+        value = [{"source": args.ref, "ref": i.ref, "id": i.image.id} for i in loaded]
+        return _done(ctx, {"images": value}, "\n".join(f"{i.ref} {i.image.id}" for i in loaded))
     source = Reference.parse(args.ref, need_registry=True)
     result = pull(
         ctx.store(), source, connect_options(args), tag=args.tag, wanted=_platform(args.platform)

@@ -33,7 +33,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from sysbake import log, proc
+from sysbake import log, proc, progress
 from sysbake.errors import CommandError, SysbakeError
 from sysbake.fsutil import atomic_file, publish_dir, remove_tree
 from sysbake.oci import compress
@@ -173,15 +173,17 @@ class _Checked:
 
 
 @contextlib.contextmanager
-def _layer_stream(store: Store, layer: Layer) -> Iterator[Readable]:
-    """The uncompressed tar of `layer`, checked against its diff_id once read."""
-    with (
-        store.open_blob(layer.blob.digest) as raw,
-        compress.decompressor(layer.compression, raw) as plain,
-    ):
-        checked = _Checked(plain, layer.diff_id, f"layer {layer.blob.digest} uncompressed")
-        yield checked
-        checked.finish()
+def _layer_stream(
+    store: Store, layer: Layer, meter: progress.Meter | None = None
+) -> Iterator[Readable]:
+    """The uncompressed tar of `layer`, checked against its diff_id once read; the blob's
+    bytes counted on `meter`."""
+    with store.open_blob(layer.blob.digest) as blob:
+        raw: Readable = blob if meter is None else meter.reader(blob)
+        with compress.decompressor(layer.compression, raw) as plain:
+            checked = _Checked(plain, layer.diff_id, f"layer {layer.blob.digest} uncompressed")
+            yield checked
+            checked.finish()
 
 
 @contextlib.contextmanager
@@ -275,7 +277,11 @@ def _recompress(store: Store, layer: Layer, kind: str, workdir: Path) -> tuple[D
     fd, path = tempfile.mkstemp(dir=workdir, prefix="layer-")
     with os.fdopen(fd, "wb") as f:
         packed = layers.HashingWriter(f)
-        with _layer_stream(store, layer) as plain, compress.compressor(kind, packed) as sink:
+        with (
+            progress.Meter(f"re-compressing ({kind})", layer.blob.size) as meter,
+            _layer_stream(store, layer, meter) as plain,
+            compress.compressor(kind, packed) as sink,
+        ):
             shutil.copyfileobj(plain, sink, _CHUNK)
     return Descriptor(
         oci.LAYER_MEDIA_TYPE[kind], packed.digest, packed.size, layer.blob.annotations
@@ -514,19 +520,27 @@ def export_rootfs(store: Store, ref: str, out: BinaryIO, compression: str = "xz"
     kind = check_options("rootfs", compression)
     assert kind is not None
     src = _resolve(store, ref, None)
-    openers = [functools.partial(_layer_stream, store, layer) for layer in src.image.layers]
-    with log.step(f"exporting the root filesystem of {src.label} as a tar ({kind})"):
+    # Progress: the bytes read of the layer blobs (or of the tree), as a part of all.
+    label = f"compressing ({kind})" if kind != "none" else "writing"
+    meter = progress.Meter(label, sum(la.blob.size for la in src.image.layers))
+    openers = [functools.partial(_layer_stream, store, layer, meter) for layer in src.image.layers]
+    with (
+        log.step(f"exporting the root filesystem of {src.label} as a tar ({kind})"),
+        meter,
+    ):
         if len(openers) == 1:
             tree = store.tree_path(src.image.layers[0].diff_id)
             if tree.is_dir():
                 # The tree is the layer (commit_tree clamps it; see store.adopt_tree): our
                 # deterministic writer gives the layer's bytes back, faster than inflating
                 # the gzip blob on one core.
+                if meter.status.mode != "off":
+                    meter.total = progress.tree_bytes(tree)
                 with compress.compressor(kind, out) as sink:
-                    layers.write_tree_tar(tree, sink, mtime=None)
+                    layers.write_tree_tar(tree, meter.writer(sink), mtime=None)
                 return
             # One layer is already the whole tree (no whiteouts to apply): pipe it through.
-            if _piped_rootfs(store, src.image.layers[0], out, kind):
+            if _piped_rootfs(store, src.image.layers[0], out, kind, meter):
                 return
         with compress.compressor(kind, out) as sink:
             if len(openers) == 1:
@@ -536,7 +550,24 @@ def export_rootfs(store: Store, ref: str, out: BinaryIO, compression: str = "xz"
                 layers.flatten(openers, sink, mtime=source_date_epoch())
 
 
-def _piped_rootfs(store: Store, layer: Layer, out: BinaryIO, kind: str) -> bool:
+@contextlib.contextmanager
+def _checked_blob(path: Path, expected: str) -> Iterator[BinaryIO]:
+    """Blob file `path` open at its start, once its content was checked against `expected`."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+        if f"sha256:{digest.hexdigest()}" != expected:
+            raise ExportError(
+                f"blob {expected} has digest sha256:{digest.hexdigest()} (the store is corrupt)"
+            )
+        f.seek(0)
+        yield f
+
+
+def _piped_rootfs(
+    store: Store, layer: Layer, out: BinaryIO, kind: str, meter: progress.Meter
+) -> bool:
     """Fast path of a one-layer rootfs export: decompressor | compressor joined by an OS
     pipe, writing straight into `out`, with no Python copy in between. The blob is checked
     against its digest first, which vouches for the diff_id committed with it. False when
@@ -547,25 +578,22 @@ def _piped_rootfs(store: Store, layer: Layer, out: BinaryIO, kind: str) -> bool:
     out_fd = compress.file_descriptor(out)
     if out_fd is None:
         return False
-    path = store.blob_path(layer.blob.digest)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    if f"sha256:{digest.hexdigest()}" != layer.blob.digest:
-        raise ExportError(
-            f"blob {layer.blob.digest} has digest sha256:{digest.hexdigest()} "
-            "(the store is corrupt)"
-        )
     level = compress.DEFAULT_LEVELS[kind]
-    decode = [tools[layer.compression], "-d", "-c", str(path)]
+    decode = [tools[layer.compression], "-d", "-c"]
     encode = [tools[kind], f"-{level}", "-c", *(["-n"] if kind == "gzip" else ["-T0", "-q"])]
-    with subprocess.Popen(
-        decode,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        preexec_fn=proc.die_with_parent_hook(),
-    ) as dec:
+    # The blob checked, then given to the decoder as its stdin: the offset it shares with
+    # us is the progress.
+    with (
+        _checked_blob(store.blob_path(layer.blob.digest), layer.blob.digest) as blob,
+        progress.file_position(meter, blob.fileno()),
+        subprocess.Popen(
+            decode,
+            stdin=blob,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            preexec_fn=proc.die_with_parent_hook(),
+        ) as dec,
+    ):
         with subprocess.Popen(
             encode,
             stdin=dec.stdout,

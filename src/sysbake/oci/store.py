@@ -9,6 +9,7 @@ Layout under the store root::
     debs/               the persistent .deb cache shared by bootstraps
     containers/<name>/  state of containers (see sysbake.runtime.containers)
     tmp/                staging; an entry whose owner died is removed by `clean_stale`
+    locks/              flock files: gc, tmp, and one per named lock (`exclusive`)
 
 Every write is atomic (temp file + fsync + rename) and idempotent: writing a blob that
 is present is a no-op, so an interrupted write never leaves a referenced partial blob.
@@ -23,6 +24,20 @@ A layer counts as checked when its marker checked/<hex> exists: written atomical
 `check_layer` or an extraction (`layer_tree`: the same EntryCheck, and the diff ID) passed,
 or by commit_tree for a layer this store wrote from a directory walk that the check would
 pass. A tree alone proves nothing: a build adopts its trees without checking them.
+
+Several processes may share one store (two builds, a build and `cache prune`, builder
+containers on one volume): every lock is a flock, which the kernel drops however its
+holder dies, and which works across mount and PID namespaces on one file system.
+- `lock()` (the file `lock`): read-modify-write of index.json, and the sweep of GC.
+- locks/gc: held shared by every process that adds blobs or trees (`hold`, taken by the
+  writers themselves and by a build for its whole length), exclusive while GC decides what
+  is unreachable and sweeps it (`collecting`): GC never removes what a live writer has
+  added but not yet tagged or recorded.
+- locks/tmp: held shared while a staging entry or a blob's temp file is made and locked,
+  exclusive while `clean_stale` looks for dead ones: it never takes a live entry that is
+  not locked yet for a dead one.
+- locks/<name>.lock (`exclusive`): a build holds stage-<key> while it makes that stage, so
+  that two builds of one stage make it once: the second waits, then reuses it.
 """
 
 from __future__ import annotations
@@ -32,10 +47,11 @@ import fcntl
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
+from sysbake import log
 from sysbake.errors import CommandError, ImageNotFound, LayerError, StoreError
 from sysbake.fsutil import atomic_write, fsync_dir, publish_dir, raise_disk, remove_tree
 from sysbake.oci import model as oci
@@ -58,10 +74,11 @@ class BlobWriter:
         import tempfile
 
         self._store = store
-        fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="blob-")
+        with store._tmp_guard(fcntl.LOCK_SH):
+            fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="blob-")
+            fcntl.flock(fd, fcntl.LOCK_EX)  # tells clean_stale this temp file is live
         self._path = Path(name)
         self._file: IO[bytes] = os.fdopen(fd, "wb")
-        fcntl.flock(fd, fcntl.LOCK_EX)  # tells clean_stale this temp file is live
         self._hash = hashlib.sha256()
         self.size = 0
 
@@ -86,13 +103,14 @@ class BlobWriter:
             self._file.flush()
             os.fchmod(self._file.fileno(), 0o644)
             os.fsync(self._file.fileno())
-            self._file.close()
+            # Moved (or dropped) while still open: its lock tells clean_stale it is live.
             final = self._store.blob_path(self.digest)
             if final.exists():
                 self._path.unlink()
             else:
                 os.rename(self._path, final)
                 fsync_dir(final.parent)
+            self._file.close()
         except OSError as exc:
             raise_disk(exc, f"committing a blob into {self._store.blobs_dir}")
         return Descriptor(media_type, self.digest, self.size)
@@ -102,6 +120,62 @@ class BlobWriter:
             self._file.close()
         with contextlib.suppress(FileNotFoundError):
             self._path.unlink()
+
+
+def _lock(fd: int, mode: int, waiting: Callable[[], None] | None) -> None:
+    """flock `fd` in `mode`, calling `waiting` first when another holder makes us wait."""
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if waiting is not None:
+            waiting()
+        fcntl.flock(fd, mode)
+
+
+def _guard_of(staging: Path) -> Path:
+    """The lock file of a staging directory: its name plus ".lock" (the name may hold dots)."""
+    return staging.with_name(f"{staging.name}.lock")
+
+
+def _waiting_for_writers() -> None:
+    log.info("    waiting for the builds and pulls using the store to end")
+
+
+def _open_lock(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+class _GcLock:
+    """This process's hold on a store's locks/gc: shared while it may add blobs or trees,
+    exclusive while it collects garbage. One open file per store and process (a flock
+    conflicts with another open file of the same lock, even in one process: a `cache prune`
+    after a write must not wait for itself); forked build jobs share it."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = _open_lock(path)
+        self.shared = False
+        self.collecting = 0  # nesting depth of `exclusive`
+
+    def share(self, waiting: Callable[[], None]) -> None:
+        if not self.shared and not self.collecting:
+            _lock(self.fd, fcntl.LOCK_SH, waiting)
+        self.shared = True
+
+    @contextlib.contextmanager
+    def exclusive(self, waiting: Callable[[], None]) -> Iterator[None]:
+        if not self.collecting:
+            # Converting a shared lock drops it first: a process never waits for itself.
+            _lock(self.fd, fcntl.LOCK_EX, waiting)
+        self.collecting += 1
+        try:
+            yield
+        finally:
+            self.collecting -= 1
+            if not self.collecting:
+                fcntl.flock(self.fd, fcntl.LOCK_SH if self.shared else fcntl.LOCK_UN)
+
+
+_GC_LOCKS: dict[Path, _GcLock] = {}  # by store root: see _GcLock
 
 
 class Tagged(NamedTuple):
@@ -138,6 +212,7 @@ class Store:
         self.containers_dir = root / "containers"
         self.tmp_dir = root / "tmp"
         self.checked_dir = root / "checked"
+        self.locks_dir = root / "locks"
         self._ready = False
         self._close_top()
 
@@ -169,17 +244,33 @@ class Store:
                 self.containers_dir,
                 self.tmp_dir,
                 self.checked_dir,
+                self.locks_dir,
             ):
                 d.mkdir(parents=True, exist_ok=True)
             layout = self.oci_dir / "oci-layout"
             if not layout.exists():
                 atomic_write(layout, oci.canonical_json({"imageLayoutVersion": "1.0.0"}))
-            if not (self.oci_dir / "index.json").exists():
-                self._write_index([])
+            self._first_index()
         except OSError as exc:
             raise_disk(exc, f"creating the store at {self.root}")
         self._ready = True
         return self
+
+    def _first_index(self) -> None:
+        """Write an empty index.json unless there is one: by a link, which never replaces
+        the index another process has meanwhile made and tagged into."""
+        index = self.oci_dir / "index.json"
+        if index.exists():
+            return
+        doc = {"schemaVersion": 2, "mediaType": oci.MT_INDEX, "manifests": []}
+        new = self.oci_dir / f".index.json.{os.getpid()}.{os.urandom(6).hex()}"
+        atomic_write(new, json.dumps(doc, indent=2).encode() + b"\n")
+        try:
+            os.link(new, index)
+        except FileExistsError:
+            pass
+        finally:
+            new.unlink()
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -192,6 +283,68 @@ class Store:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
+    def hold(self) -> Store:
+        """Keep garbage collection (`collecting`) out of this store until this process
+        ends: what it adds is unreachable until it is tagged or recorded. Taken by every
+        writer of blobs and trees, and by a build before it looks up its first stage.
+        Waits while a GC runs. Idempotent."""
+        self.ensure()
+        self._gc_lock().share(lambda: log.info("    waiting for a garbage collection"))
+        return self
+
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator[None]:
+        """Exclusive against every process that `hold`s the store (a build, a pull), for
+        deciding what is unreachable and removing it; reentrant."""
+        self.ensure()
+        with self._gc_lock().exclusive(_waiting_for_writers):
+            yield
+
+    def _gc_lock(self) -> _GcLock:
+        root = self.root.absolute()
+        if root not in _GC_LOCKS:
+            _GC_LOCKS[root] = _GcLock(self.locks_dir / "gc")
+        return _GC_LOCKS[root]
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str, waiting: Callable[[], None] | None = None) -> Iterator[None]:
+        """The lock `name` (a file name: "stage-<key>"), exclusive across the processes and
+        builder containers sharing this store; `waiting` is called if another holds it.
+        Its file goes when it is released."""
+        self.ensure()
+        path = self.locks_dir / f"{name}.lock"
+        while True:
+            fd = _open_lock(path)
+            try:
+                _lock(fd, fcntl.LOCK_EX, waiting)
+                waiting = None
+                # The holder we waited for removed the file: ours is then a lock on a
+                # name nobody else will open again; open the name anew.
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _tmp_guard(self, mode: int) -> Iterator[None]:
+        """locks/tmp: shared while a tmp/ entry is made and locked, exclusive while
+        `clean_stale` judges entries (see the module docstring)."""
+        fd = _open_lock(self.locks_dir / "tmp")
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)
+
     @contextlib.contextmanager
     def staging(self, prefix: str) -> Iterator[Path]:
         """A private directory under tmp/, removed afterwards; flock-ed while in use so
@@ -199,39 +352,60 @@ class Store:
         import tempfile
 
         self.ensure()
-        path = Path(tempfile.mkdtemp(dir=self.tmp_dir, prefix=f"{prefix}-"))
-        with open(path.with_suffix(".lock"), "a+b") as f:
+        with self._tmp_guard(fcntl.LOCK_SH):
+            path = Path(tempfile.mkdtemp(dir=self.tmp_dir, prefix=f"{prefix}-"))
+            f = open(_guard_of(path), "a+b")  # noqa: SIM115 - closed below
             fcntl.flock(f, fcntl.LOCK_EX)
+        with f:
             try:
                 yield path
             finally:
                 remove_tree(path)
                 with contextlib.suppress(FileNotFoundError):
-                    path.with_suffix(".lock").unlink()
+                    _guard_of(path).unlink()
 
     def clean_stale(self) -> list[str]:
         """Remove tmp/ entries left by killed processes (their lock is free). Idempotent."""
         if not self.tmp_dir.exists():
             return []
-        removed = []
-        for entry in sorted(self.tmp_dir.iterdir()):
-            if entry.suffix == ".lock":
-                continue
-            # Directories are guarded by a sibling .lock file, blob temp files by a lock
-            # on themselves: a lock we can take means its owner is gone.
-            guard = entry.with_suffix(".lock") if entry.is_dir() else entry
+        self.ensure()
+        dead: list[tuple[Path, int]] = []
+        with self._tmp_guard(fcntl.LOCK_EX):  # no live entry is between made and locked
+            for entry in sorted(self.tmp_dir.iterdir()):
+                fd = self._take_if_dead(entry)
+                if fd is not None:
+                    dead.append((entry, fd))
+        # Removed outside the guard (a tree may be large): their locks are ours now.
+        for entry, fd in dead:
             try:
-                with open(guard, "a+b") as f:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    remove_tree(entry)
-            except BlockingIOError:
-                continue
-            except FileNotFoundError:
-                pass
-            with contextlib.suppress(FileNotFoundError):
-                entry.with_suffix(".lock").unlink()
-            removed.append(entry.name)
-        return removed
+                remove_tree(entry)
+                if entry.suffix != ".lock":
+                    _guard_of(entry).unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+        return [entry.name for entry, _fd in dead]
+
+    def _take_if_dead(self, entry: Path) -> int | None:
+        """The lock of tmp/ entry `entry`, taken, if its owner is gone; else None. A
+        directory is guarded by its sibling .lock file, a blob's temp file by itself; a
+        .lock file alone is left by an owner killed between removing its directory and it.
+        Caller holds locks/tmp exclusively."""
+        if entry.suffix == ".lock":
+            if entry.with_name(entry.name.removesuffix(".lock")).exists():
+                return None  # judged with its directory
+            guard = entry
+        else:
+            guard = _guard_of(entry) if entry.is_dir() else entry
+        try:
+            fd = _open_lock(guard)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
 
     # -- blobs -------------------------------------------------------------------------
 
@@ -242,12 +416,12 @@ class Store:
         return self.blob_path(digest).is_file()
 
     def blob_writer(self) -> BlobWriter:
-        self.ensure()
+        self.hold()
         return BlobWriter(self)
 
     def put_bytes(self, data: bytes, media_type: str) -> Descriptor:
         """Store `data` as a blob; idempotent."""
-        self.ensure()
+        self.hold()
         digest = oci.sha256_digest(data)
         if not self.has_blob(digest):
             atomic_write(self.blob_path(digest), data)
@@ -400,6 +574,7 @@ class Store:
     def adopt_tree(self, diff_id: str, tree: Path) -> Path:
         """Move an already-built directory into place as the unpacked tree of `diff_id`
         (the caller guarantees it matches the layer, as when a stage just built it)."""
+        self.hold()
         final = self.tree_path(diff_id)
         publish_dir(tree, final)  # an existing tree of `diff_id` is the same tree
         return final
@@ -480,8 +655,9 @@ class Store:
     ) -> tuple[int, int]:
         """Delete blobs and trees that no tag and no cache record (`extra_roots`: blob
         digests, `extra_trees`: tree names) reaches. Returns (blobs removed, bytes freed).
-        Idempotent."""
-        with self.lock():
+        Idempotent. Waits for the processes that `hold` the store (builds, pulls): what
+        they have added is reachable only once they are done."""
+        with self.collecting(), self.lock():
             roots = set(extra_roots or ()) | {desc.digest for desc in self._read_index()}
             keep_blobs, keep_trees = self._reachable(roots)
             removed, freed = self._sweep_blobs(keep_blobs)
@@ -528,8 +704,10 @@ class Store:
                 remove_tree(tree)
         if self.checked_dir.is_dir():
             for marker in self.checked_dir.iterdir():
-                if marker.name not in keep:
-                    marker.unlink()
+                # A hidden name is the temp file of a marker being written: markers are
+                # written by readers too (`check_layer`), which do not hold the store.
+                if marker.name not in keep and not marker.name.startswith("."):
+                    marker.unlink(missing_ok=True)
 
 
 def _tree_in_use(tree: Path) -> bool:
@@ -538,4 +716,8 @@ def _tree_in_use(tree: Path) -> bool:
         mounts = Path("/proc/self/mountinfo").read_text()
     except OSError:
         return True
-    return str(tree) in mounts
+    # A legacy overlay mount names it by a short link, a prefix of its name
+    # (sysbake.runtime.overlay): a relative lowerdir that is one keeps it too.
+    short = re.findall(r"[,\s]lowerdir=([^,\s]*)", mounts)
+    names = {n for value in short for n in value.split(":") if n and "/" not in n}
+    return str(tree) in mounts or any(tree.name.startswith(n) for n in names)

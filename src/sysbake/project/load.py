@@ -14,12 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from sysbake.errors import ConfigError
+from sysbake.oci.reference import InvalidReference, Reference
 from sysbake.project import reader as check
 from sysbake.project.reader import Reader, Source, display_path, got, join_key, rel_path
 from sysbake.project.specs import (
     DEFAULT_CMD,
     DEFAULT_STOP_SIGNAL,
+    SQUASH_STAGE,
     BootstrapSpec,
+    BuildSettings,
     FilesStep,
     FinalizeSpec,
     ImageSpec,
@@ -30,6 +33,7 @@ from sysbake.project.specs import (
     ScriptStep,
     Step,
     TestSpec,
+    cache_repository,
 )
 
 __all__ = [
@@ -67,9 +71,20 @@ VARIANTS = (
     "standard",
 )
 STEP_TYPES = ("salt", "project", "script", "files")
+ROOTFS_PREFIX = "rootfs:"  # `from = "rootfs:FILE"`: a root filesystem tarball as the base
 MODES = ("boot", "chroot")
 
-_IMAGE_KEYS = ("tag", "from", "description", "bootstrap", "config", "finalize", "provision", "test")
+_IMAGE_KEYS = (
+    "tag",
+    "from",
+    "description",
+    "bootstrap",
+    "config",
+    "finalize",
+    "provision",
+    "test",
+    "squash",
+)
 _BOOTSTRAP_KEYS = (
     "distro",
     "suite",
@@ -108,6 +123,7 @@ _FINALIZE_KEYS = (
     "remove",
 )
 _TEST_KEYS = ("timeout", "commands", "units", "ports", "idempotence")
+_BUILD_KEYS = ("cache_from", "cache_to")
 _STEP = ("type", "name", "mode", "network", "env")
 _SALTY = ("grains", "salt_version", "keep_salt")
 _STEP_KEYS = {
@@ -215,7 +231,7 @@ def _check_nesting(display: str, text: str) -> None:
 
 
 def _project(src: Source, file: Path, data: dict[str, Any]) -> Project:
-    top = Reader(src, "", data, ("project", "images"))
+    top = Reader(src, "", data, ("project", "images", "build"))
     name = top.table("project", ("name",)).string("name", src.root.name, _nonempty)
     images = top.get("images", (dict,), "at least one [images.<name>] table", {})
     if not images:
@@ -226,13 +242,44 @@ def _project(src: Source, file: Path, data: dict[str, Any]) -> Project:
     table = top.table("images", names)
     specs = tuple(_image(table.table(n, _IMAGE_KEYS), n, names) for n in names)
     _check_graph(src, specs)
-    return Project(path=file, root=src.root, name=name, images=specs)
+    build = _build(top.table("build", _BUILD_KEYS))
+    return Project(path=file, root=src.root, name=name, images=specs, build=build)
+
+
+def _build(r: Reader) -> BuildSettings:
+    return BuildSettings(
+        cache_from=r.items("cache_from", _cache_source, what="a registry reference"),
+        cache_to=r.string("cache_to", "", _cache_to),
+    )
+
+
+def _cache_source(value: str) -> str:
+    """An image or cache repository in a registry, kept as written."""
+    try:
+        Reference.parse(value, need_registry=True)
+    except InvalidReference as exc:
+        raise check.Invalid(f"{exc.problem}, got {got(value)}") from None
+    return value
+
+
+def _cache_to(value: str) -> str:
+    try:
+        cache_repository(value)
+    except InvalidReference as exc:
+        raise check.Invalid(f"{exc.problem}, got {got(value)}") from None
+    return value
 
 
 def _image(r: Reader, name: str, names: list[str]) -> ImageSpec:
     if r.has("from") == r.has("bootstrap"):
         raise r.src.error(r.key, "needs exactly one of 'from' and 'bootstrap'")
     parent = r.string("from", None, _nonempty) if r.has("from") else None
+    rootfs = None
+    if parent is not None and parent.startswith(ROOTFS_PREFIX):
+        # A tarball of the project (or named outside it explicitly), as other inputs.
+        named = parent.removeprefix(ROOTFS_PREFIX)
+        rootfs = r.checked(r.at("from"), named, check.existing(r.src.root, "file"))
+        parent = None
     local = parent is not None and not any(c in parent for c in ":@/")
     if parent is not None and local and parent not in names:
         hint = (
@@ -253,10 +300,25 @@ def _image(r: Reader, name: str, names: list[str]) -> ImageSpec:
         bootstrap=_bootstrap(r.table("bootstrap", _BOOTSTRAP_KEYS)) if r.has("bootstrap") else None,
         config=_config(r.table("config", _CONFIG_KEYS)),
         finalize=_finalize(r.table("finalize", _FINALIZE_KEYS)),
-        provision=_steps(r),
+        provision=(steps := _steps(r)),
         test=_test(r.table("test", _TEST_KEYS)),
         description=r.string("description"),
+        squash=_squash(r, steps),
+        rootfs=rootfs,
     )
+
+
+def _squash(r: Reader, steps: tuple[Step, ...]) -> bool:
+    """`squash = true`: the image is one layer; its last stage is then called "squash"."""
+    squash = r.boolean("squash", False)
+    for step in steps if squash else ():
+        if step.name == SQUASH_STAGE:
+            raise r.src.error(
+                f"{r.at('provision')}[{step.index}].name",
+                f"{SQUASH_STAGE!r} names the last stage of an image with squash = true: "
+                "expected another name",
+            )
+    return squash
 
 
 def _bootstrap(r: Reader) -> BootstrapSpec:

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from sysbake import signals
 from sysbake.errors import ConfigError
+from sysbake.oci.reference import InvalidReference, Reference
 from sysbake.project.reader import Pairs, did_you_mean, display_path, escaping_link, rel_path
 from sysbake.records import field, fields, is_record, record
 
@@ -316,6 +317,9 @@ class FilesStep(_StepBase):
 Step = SaltStep | ProjectStep | ScriptStep | FilesStep
 
 
+SQUASH_STAGE = "squash"  # the stage of a `squash = true` image that merges its layers
+
+
 @record(kw_only=True)
 class ImageSpec:
     """One image of the project: its parent (or bootstrap), steps, clean-up and config."""
@@ -330,11 +334,13 @@ class ImageSpec:
     provision: tuple[Step, ...]
     test: TestSpec
     description: str = ""
+    squash: bool = False  # the image carries one layer: its stages' result, merged
+    rootfs: Path | None = None  # `from = "rootfs:FILE"`: the tarball it starts from
 
     def key_inputs(self) -> dict[str, object]:
         """Everything that shapes the image (not its tag, name or tests); a local parent is
         named here and stands for its digest in the cache's own key."""
-        return {
+        inputs: dict[str, object] = {
             "parent": self.parent,
             "parent_is_local": self.parent_is_local,
             "bootstrap": self.bootstrap.key_inputs() if self.bootstrap else None,
@@ -342,7 +348,35 @@ class ImageSpec:
             "finalize": self.finalize.key_inputs(),
             "config": self.config.key_inputs(),
             "description": self.description,
+            "squash": self.squash,
         }
+        if self.rootfs is not None:  # named here; its content keys the import stage
+            inputs["rootfs"] = self.rootfs.name
+        return inputs
+
+
+def cache_repository(text: str) -> Reference:
+    """`text` as the repository a build's stages are pushed to (`--cache-to`,
+    `[build] cache_to`): host[:port]/repository, without a tag or digest (each stage is
+    tagged there by its key); InvalidReference saying what was expected otherwise."""
+    ref = Reference.parse(text, need_registry=True)
+    last = text.partition("@")[0].rsplit("/", 1)[-1]
+    if ref.digest or ":" in last:
+        raise InvalidReference(
+            text,
+            "expected host[:port]/repository without a tag or digest "
+            "(stages are tagged there by their keys)",
+        )
+    return ref
+
+
+@record(kw_only=True)
+class BuildSettings:
+    """The project's [build] table: the registry stage caches its builds read and write
+    (the command line's --cache-from and --cache-to replace them)."""
+
+    cache_from: tuple[str, ...] = ()  # images or cache repositories, as written
+    cache_to: str = ""  # a cache repository (see cache_repository), "" for none
 
 
 @record(kw_only=True)
@@ -353,6 +387,7 @@ class Project:
     root: Path  # its directory; relative paths in the file are relative to it
     name: str
     images: tuple[ImageSpec, ...]
+    build: BuildSettings = field(default_factory=BuildSettings)
 
     def image(self, name: str) -> ImageSpec:
         """The image called `name` (or tagged `name`); ConfigError when there is none."""

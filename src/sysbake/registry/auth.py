@@ -1,4 +1,4 @@
-"""Registry credentials: `WWW-Authenticate` challenges and auth.json files.
+"""Registry credentials: `WWW-Authenticate` challenges, auth.json files, credential helpers.
 
 auth.json is podman's and docker's format, ``{"auths": {"host:port": {"auth":
 base64("user:pass")}}}``. `sysbake login` writes podman's default file: $REGISTRY_AUTH_FILE,
@@ -6,6 +6,16 @@ else ``$XDG_RUNTIME_DIR/containers/auth.json``, else ``/run/containers/<uid>/aut
 Credentials are read from that file, then ``$XDG_CONFIG_HOME/containers/auth.json`` and
 docker's ``$DOCKER_CONFIG/config.json`` (default ``~/.docker/config.json``); an explicit
 file (--authfile or $REGISTRY_AUTH_FILE) is the only one read.
+
+Credential helpers, as docker and podman use them: in each file, in this order, the helper
+``credHelpers`` names for the registry's host, the file's own ``auths`` entry, then the
+default helper ``credsStore``; the first that knows the registry wins, and the next file is
+read only when none did. A helper is the program ``docker-credential-NAME`` on $PATH, run
+as ``docker-credential-NAME get`` with the registry ("host[:port]") on its stdin; it
+prints ``{"ServerURL", "Username", "Secret"}``, or says "credentials not found". A
+Username of ``<token>`` makes the Secret an identity token (exchanged for access tokens,
+sysbake.registry.client). A helper that credHelpers names but that is not installed is an
+error; a missing credsStore helper is a warning (docker's configs often name one).
 """
 
 from __future__ import annotations
@@ -24,6 +34,11 @@ from sysbake.errors import SysbakeError
 from sysbake.fsutil import atomic_write
 from sysbake.records import record
 
+HELPER_PREFIX = "docker-credential-"
+HELPER_TIMEOUT = 60.0  # seconds: a helper may ask a keyring that asks the user
+IDENTITY_TOKEN_USER = "<token>"
+_HELPER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
 
 class RegistryError(SysbakeError):
     """Talking to a registry failed: refused, dropped, denied, not found or lied to."""
@@ -35,6 +50,11 @@ class Credentials:
 
     username: str
     password: str
+
+    @property
+    def identity_token(self) -> bool:
+        """Whether the password is an identity token (a helper's "<token>" user)."""
+        return self.username == IDENTITY_TOKEN_USER
 
     def basic(self) -> str:
         """The value of an `Authorization: Basic` header."""
@@ -117,7 +137,9 @@ def default_auth_file(env: Mapping[str, str] | None = None) -> Path:
     runtime = env.get("XDG_RUNTIME_DIR", "")
     if runtime:
         return Path(runtime) / "containers" / "auth.json"
-    return Path(f"/run/containers/{os.getuid()}/auth.json")
+    from sysbake.userns import login_uid  # rootless: the user's, not the namespace's 0
+
+    return Path(f"/run/containers/{login_uid()}/auth.json")
 
 
 def auth_files(auth_file: Path | None = None, env: Mapping[str, str] | None = None) -> list[Path]:
@@ -143,16 +165,6 @@ def normalize_key(key: str) -> str:
     return key.rstrip("/")
 
 
-def read_auths(path: Path) -> dict[str, Any]:
-    """The "auths" map of an auth file ({} when the file is missing)."""
-    auths = _read_doc(path).get("auths")
-    if auths is None:
-        return {}
-    if not isinstance(auths, dict):
-        raise RegistryError(f"{path}: key 'auths' must be an object")
-    return auths
-
-
 def decode_entry(entry: Any, where: str) -> Credentials | None:
     """Credentials of one auths entry: its base64 "auth", or "username"/"password"; None
     for an entry without either (docker's credential helpers keep them elsewhere)."""
@@ -169,25 +181,115 @@ def decode_entry(entry: Any, where: str) -> Credentials | None:
         return Credentials(user, password)
     if entry.get("username"):
         return Credentials(str(entry["username"]), str(entry.get("password", "")))
-    log.debug(f"{where}: no credentials in the entry (credential helpers are not supported)")
+    log.debug(f"{where}: no credentials in the entry (a credential helper may have them)")
     return None
 
 
 def lookup_credentials(registry: str, repository: str, files: list[Path]) -> Credentials | None:
-    """Credentials for `registry`/`repository`: the first file with a matching key; within
-    a file the most specific key wins ('host/ns/repo' over 'host/ns' over 'host')."""
-    wanted = f"{registry}/{repository}"
+    """Credentials for `registry`/`repository` from `files`, in order (see the module
+    docstring for helpers); within a file's auths the most specific key wins
+    ('host/ns/repo' over 'host/ns' over 'host')."""
     for path in files:
-        found: list[tuple[int, Credentials]] = []
-        for key, entry in read_auths(path).items():
-            norm = normalize_key(key)
-            if norm == registry or wanted == norm or wanted.startswith(norm + "/"):
-                creds = decode_entry(entry, f"{path}: auths.{key}")
-                if creds is not None:
-                    found.append((len(norm), creds))
-        if found:
-            return max(found, key=lambda item: item[0])[1]
+        doc = _read_doc(path)
+        helper, key = _cred_helper(doc, registry, path)
+        if helper:
+            creds = helper_credentials(helper, registry, f"{path}: credHelpers.{key}")
+            if creds is not None:
+                return creds
+        creds = _inline_credentials(doc, registry, repository, path)
+        if creds is not None:
+            return creds
+        store = doc.get("credsStore")
+        if store is not None and not isinstance(store, str):
+            raise RegistryError(f"{path}: key 'credsStore' must be a string")
+        if store:
+            creds = helper_credentials(store, registry, f"{path}: credsStore", required=False)
+            if creds is not None:
+                return creds
     return None
+
+
+def _cred_helper(doc: dict[str, Any], registry: str, path: Path) -> tuple[str, str]:
+    """The helper a file's credHelpers names for `registry`, and its key ("" when none)."""
+    helpers = doc.get("credHelpers", {})
+    if not isinstance(helpers, dict):
+        raise RegistryError(f"{path}: key 'credHelpers' must be an object")
+    for key, helper in helpers.items():
+        if normalize_key(str(key)) == registry:
+            if not isinstance(helper, str):
+                raise RegistryError(f"{path}: credHelpers.{key} must be a string")
+            return helper, str(key)
+    return "", ""
+
+
+def _inline_credentials(
+    doc: dict[str, Any], registry: str, repository: str, path: Path
+) -> Credentials | None:
+    auths = doc.get("auths")
+    if auths is None:
+        return None
+    if not isinstance(auths, dict):
+        raise RegistryError(f"{path}: key 'auths' must be an object")
+    wanted = f"{registry}/{repository}"
+    found: list[tuple[int, Credentials]] = []
+    for key, entry in auths.items():
+        norm = normalize_key(key)
+        if norm == registry or wanted == norm or wanted.startswith(norm + "/"):
+            creds = decode_entry(entry, f"{path}: auths.{key}")
+            if creds is not None:
+                found.append((len(norm), creds))
+    return max(found, key=lambda item: item[0])[1] if found else None
+
+
+def helper_credentials(
+    helper: str, server: str, where: str, *, required: bool = True
+) -> Credentials | None:
+    """What `docker-credential-HELPER get` knows of `server`; None when it knows nothing
+    (or, unless `required`, when the helper is not installed: a warning)."""
+    from sysbake import proc
+    from sysbake.errors import CommandError
+
+    if not _HELPER_NAME.match(helper):
+        raise RegistryError(f"{where}: {helper!r} is not a credential helper name")
+    program = proc.which(HELPER_PREFIX + helper)
+    if program is None:
+        message = f"{where}: {HELPER_PREFIX}{helper} is not on $PATH"
+        if required:
+            raise RegistryError(f"{message}: install it, or remove the entry")
+        log.warn(f"{message}: its credentials are not used")
+        return None
+    try:
+        result = proc.run(
+            [program, "get"],
+            what=f"{HELPER_PREFIX}{helper}",
+            input=server.encode(),
+            check=False,
+            timeout=HELPER_TIMEOUT,
+        )
+    except CommandError as exc:
+        raise RegistryError(f"{where}: {exc}") from exc
+    said = (result.stdout or b"").decode(errors="replace").strip()
+    if result.returncode != 0:
+        if "credentials not found" in said.lower():
+            return None  # docker's helpers' own wording for "not stored here"
+        raise RegistryError(
+            f"{where}: {HELPER_PREFIX}{helper} get failed (exit {result.returncode}): "
+            f"{proc.tail_of(result, lines=1)}"
+        )
+    return _helper_answer(said, f"{where}: {HELPER_PREFIX}{helper} get")
+
+
+def _helper_answer(text: str, where: str) -> Credentials | None:
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise RegistryError(f"{where}: expected a JSON object with Username and Secret")
+    secret, user = doc.get("Secret"), doc.get("Username")
+    if not isinstance(secret, str) or not isinstance(user, str | None):
+        raise RegistryError(f"{where}: expected a JSON object with Username and Secret")
+    return Credentials(user or "", secret) if secret else None
 
 
 def _write_private(path: Path, doc: dict[str, Any]) -> None:

@@ -2,7 +2,8 @@
 
 Push: every blob is checked with HEAD and skipped when present, mounted from another
 repository of the same registry when one is known to hold it, else uploaded streamed from
-its store file; the manifest goes last, so a tag never names a half-pushed image.
+its store file (in chunks, resumed or started over: registry.client's `upload_blob`); the
+manifest goes last, so a tag never names a half-pushed image.
 Pull: the manifest (an index or Docker manifest list picks linux/<host architecture>), then
 each missing blob streamed into the store and verified against its digest before it is
 committed; the image is tagged last, so a failed pull tags nothing and leaves no partial blob.
@@ -23,10 +24,9 @@ import http.client
 import json
 import os
 import platform
-import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from sysbake import log
 from sysbake.build.cache import Origin, StageRecord
@@ -35,11 +35,12 @@ from sysbake.oci import model as oci
 from sysbake.oci.model import Descriptor, Image
 from sysbake.oci.reference import InvalidReference, Reference
 from sysbake.oci.store import Store
+from sysbake.progress import Blob as _Progress
+from sysbake.progress import transfer as transfer_progress
 from sysbake.records import field, record
 from sysbake.registry.auth import Credentials, RegistryError, auth_files, lookup_credentials
 from sysbake.registry.client import (
     Limits,
-    RateWindow,
     Session,
     SlowTransfer,
     TlsOptions,
@@ -49,6 +50,7 @@ from sysbake.registry.seed import blob_repositories, remember_blobs, stage_recor
 __all__ = [
     "ConnectOptions",
     "Limits",
+    "ManifestNotFound",
     "PullResult",
     "PushResult",
     "Reference",
@@ -59,6 +61,7 @@ __all__ = [
     "host_platform",
     "pull",
     "push",
+    "push_blob",
     "select_platform",
 ]
 
@@ -77,6 +80,10 @@ _MACHINE_ARCH = {
     "s390x": ("s390x", None),
     "riscv64": ("riscv64", None),
 }
+
+
+class ManifestNotFound(RegistryError):
+    """The registry has no manifest by that tag or digest (it answered 404)."""
 
 
 @record
@@ -141,60 +148,6 @@ def _short(digest: str) -> str:
     return digest.removeprefix("sha256:")[:12]
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "kB", "MB"):
-        if n < 1000:
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1000
-    return f"{n:.1f}GB"
-
-
-class _Progress:
-    """Log a blob's transfer every few seconds (on stderr, through sysbake.log)."""
-
-    def __init__(self, verb: str, desc: Descriptor) -> None:
-        self.verb, self.desc, self.done = verb, desc, 0
-        self.start = self.last = time.monotonic()
-
-    def add(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.last >= 5 and self.desc.size:
-            self.last = now
-            log.info(
-                f"    {self.verb} {_short(self.desc.digest)}: "
-                f"{self.done * 100 // self.desc.size}% of {_size(self.desc.size)}"
-            )
-
-    def finish(self, what: str) -> None:
-        secs = time.monotonic() - self.start
-        log.info(f"    {_short(self.desc.digest)}: {what} ({_size(self.desc.size)}, {secs:.1f}s)")
-
-
-class _Reader:
-    """A store blob as an upload body: read in chunks (never whole), progress counted; a
-    registry that takes the chunks slower than the minimum rate is a SlowTransfer."""
-
-    def __init__(self, f: BinaryIO, progress: _Progress, limits: Limits) -> None:
-        self.f, self.progress = f, progress
-        self.window = RateWindow(limits, "accepted")
-
-    def read(self, n: int = -1) -> bytes:
-        # Called by http.client for each block once the previous one was sent.
-        self.window.check()
-        data = self.f.read(n)
-        self.progress.add(len(data))
-        self.window.add(len(data))
-        return data
-
-    def tell(self) -> int:
-        return self.f.tell()
-
-    def seek(self, pos: int) -> int:
-        self.progress.done = pos
-        return self.f.seek(pos)
-
-
 # -- push -------------------------------------------------------------------------------------
 
 
@@ -218,8 +171,9 @@ def push(store: Store, source: str, dest: Reference | None, options: ConnectOpti
     counts = {"uploaded": 0, "present": 0, "mounted": 0}
     blobs = [layer.blob for layer in image.layers] + [image.config_descriptor]
     with log.step(f"pushing {source} to {dest}"):
-        for desc in blobs:
-            counts[_push_blob(store, session, dest.path, desc, scopes)] += 1
+        with transfer_progress("pushing", blobs):
+            for desc in blobs:
+                counts[_push_blob(store, session, dest.path, desc, scopes)] += 1
         media_type = json.loads(manifest).get("mediaType") or oci.MT_MANIFEST
         path = f"/v2/{dest.path}/manifests/{dest.reference}"
         resp = session.request(
@@ -236,6 +190,14 @@ def push(store: Store, source: str, dest: Reference | None, options: ConnectOpti
             )
     remember_blobs(store, dest.domain, dest.path, [b.digest for b in blobs])
     return PushResult(str(dest), image.manifest.digest, **counts)
+
+
+def push_blob(
+    store: Store, session: Session, repo: str, desc: Descriptor, scopes: tuple[str, ...]
+) -> str:
+    """Push the store blob `desc` to `repo` as push does (skipped when present, mounted
+    when known elsewhere); "present", "mounted" or "uploaded"."""
+    return _push_blob(store, session, repo, desc, scopes)
 
 
 def _push_blob(
@@ -268,26 +230,12 @@ def _push_blob(
             if resp.status == 202:  # not mountable: the registry opened an upload instead
                 location = urllib.parse.urljoin(resp.url, resp.headers.get("Location") or "")
                 break
-    if location is None:
-        resp = session.request("POST", f"/v2/{repo}/blobs/uploads/", scopes=scopes, body=b"")
-        if resp.status != 202 or not resp.headers.get("Location"):
-            raise session.fail(resp, f"starting the upload of blob {desc.digest}")
-        with resp:
-            resp.read(64 << 10)
-            location = urllib.parse.urljoin(resp.url, resp.headers["Location"])
-    location += ("&" if "?" in location else "?") + urllib.parse.urlencode({"digest": desc.digest})
+    # Chunked and resumed where the registry allows, started over when it must be.
     progress = _Progress("pushing", desc)
     with store.open_blob(desc.digest) as f:
-        resp = session.request(
-            "PUT",
-            location,
-            scopes=scopes,
-            body=_Reader(f, progress, session.limits),
-            headers={"Content-Type": "application/octet-stream", "Content-Length": str(desc.size)},
+        session.upload_blob(
+            repo, desc.digest, desc.size, f, scopes=scopes, location=location, sent=progress
         )
-    if resp.status not in (201, 204):
-        raise session.fail(resp, f"uploading blob {desc.digest}")
-    resp.close()
     progress.finish("pushed")
     return "uploaded"
 
@@ -343,7 +291,7 @@ def _get_manifest(
     )
     if resp.status == 404:
         with resp:
-            raise RegistryError(f"{where} not found in the registry ({resp.error_text()})")
+            raise ManifestNotFound(f"{where} not found in the registry ({resp.error_text()})")
     if resp.status != 200:
         raise session.fail(resp, f"GET manifest {where}")
     with resp:
@@ -386,13 +334,15 @@ def _free_bytes(store: Store) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def _check_sizes(store: Store, config: Descriptor, blobs: list[Descriptor], where: str) -> None:
+def _check_sizes(
+    store: Store, config: Descriptor | None, blobs: list[Descriptor], where: str
+) -> None:
     """Refuse, before any download, declared sizes that are nonsense or that the store's
-    file system cannot hold (the blobs still missing, together)."""
+    file system cannot hold (the blobs still missing, together); `config` is capped."""
     for desc in blobs:
         if desc.size < 0:
             raise RegistryError(f"pull {where}: blob {desc.digest} declares a negative size")
-    if config.size > MAX_CONFIG:
+    if config is not None and config.size > MAX_CONFIG:
         raise RegistryError(
             f"pull {where}: config {config.digest} declares {config.size} "
             f"bytes (at most {MAX_CONFIG} are accepted): refused"
@@ -593,7 +543,8 @@ def pull(
         data, media_type = _resolve_manifest(session, repo, source, scopes, wanted, where)
         doc, config, layers = _parse_manifest(data, where)
         _check_sizes(store, config, [config, *layers], where)
-        fetched, present = _fetch_blobs(store, session, repo, [config, *layers], scopes, where)
+        with transfer_progress("pulling", [config, *layers]):
+            fetched, present = _fetch_blobs(store, session, repo, [config, *layers], scopes, where)
         _verify_diff_ids(store, layers, store.read_json(config.digest), where)
         manifest = _store_manifest(store, data, media_type, doc, where)
         try:

@@ -207,6 +207,28 @@ def _tmpfs(dest: str, *options: str) -> dict[str, Any]:
     }
 
 
+def _sysfs(spec: BundleSpec) -> dict[str, Any]:
+    """/sys: a sysfs of the container's network namespace; rootless on the host's network
+    (sysbake.userns), the host's bound read-only (sysfs mounts only in a network
+    namespace of one's own user namespace)."""
+    if spec.network == "host":
+        from sysbake import userns
+
+        if userns.inside():
+            return {
+                "destination": "/sys",
+                "type": "bind",
+                "source": "/sys",
+                "options": ["rbind", "nosuid", "noexec", "nodev", "ro"],
+            }
+    return {
+        "destination": "/sys",
+        "type": "sysfs",
+        "source": "sysfs",
+        "options": ["nosuid", "noexec", "nodev", "ro"],
+    }
+
+
 def _mounts(spec: BundleSpec) -> list[dict[str, Any]]:
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
@@ -234,12 +256,7 @@ def _mounts(spec: BundleSpec) -> list[dict[str, Any]]:
             "source": "mqueue",
             "options": ["nosuid", "noexec", "nodev"],
         },
-        {
-            "destination": "/sys",
-            "type": "sysfs",
-            "source": "sysfs",
-            "options": ["nosuid", "noexec", "nodev", "ro"],
-        },
+        _sysfs(spec),
         # With a cgroup namespace the runtime mounts the container's own subtree here:
         # cgroup2 on v2 hosts, writable for systemd's slices and scopes. On v1/hybrid hosts
         # the v1 controllers stay read-only and only name=systemd is writable, as

@@ -11,17 +11,18 @@ state or process behind. A container made for the life of one process (a build s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import select
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sysbake import log, proc
+from sysbake import log, proc, signals
 from sysbake.errors import RuntimeFailure, SysbakeError
 from sysbake.fsutil import atomic_write, remove_tree
 from sysbake.oci import model as oci
@@ -31,8 +32,11 @@ from sysbake.runtime import container_dir as cd
 from sysbake.runtime.bundle import BindMount, BundleSpec
 
 if TYPE_CHECKING:
+    import socket
+
     from sysbake import cgroups
     from sysbake.runtime import monitor
+    from sysbake.runtime.ports import Publish
 
 STATE_ROOT = Path("/run/sysbake")
 RUNTIMES = {"runc": "runc", "crun": "crun"}  # name -> Debian package
@@ -58,6 +62,9 @@ class RunOptions(NamedTuple):
     command: tuple[str, ...] = ()
     # PID 1 starts as this program, which must exec its arguments: the image's command.
     wrapper: tuple[str, ...] = ()
+    ports: tuple[Publish, ...] = ()  # published on the host (sysbake.runtime.ports)
+    auto_remove: bool = False  # removed once PID 1 ends (`run -d --rm`)
+    stop_signal: int | None = None  # instead of the image's
 
 
 class Container(NamedTuple):
@@ -74,6 +81,11 @@ class Container(NamedTuple):
     stop_signal: int
     network: str
     pid: int | None = None
+    id: str = ""  # 64 hex digits, as docker's container IDs
+    lowerdirs: tuple[str, ...] = ()  # the image's layer trees, bottom to top (for `start`)
+    ports: tuple[str, ...] = ()  # published ports, as sysbake.runtime.ports.Publish prints
+    auto_remove: bool = False
+    started: float = 0.0  # when PID 1 last started (seconds since the epoch)
 
     @property
     def rootfs(self) -> Path:
@@ -85,7 +97,7 @@ class Container(NamedTuple):
 
     @property
     def state_root(self) -> Path:
-        return STATE_ROOT / self.runtime
+        return state_root() / self.runtime
 
 
 class Status(NamedTuple):
@@ -108,6 +120,14 @@ class StopResult(NamedTuple):
 
 
 # -- host checks -------------------------------------------------------------------------
+
+
+def state_root() -> Path:
+    """Where the runtime and the console sockets keep state: STATE_ROOT, or a rootless
+    user's own directory (sysbake.userns.runtime_dir)."""
+    from sysbake import userns
+
+    return userns.runtime_dir(STATE_ROOT)
 
 
 def runtime_path(name: str) -> str:
@@ -142,17 +162,39 @@ def find_init(root: Root) -> str | None:
 
 
 def load(containers_dir: Path, name: str) -> Container:
-    """The container `name`; ContainerNotFound if there is none."""
+    """The container named `name`, or whose ID starts with `name` (3 hex digits or more,
+    one container only); ContainerNotFound if there is none."""
     path = containers_dir / name / cd.STATE
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
+        if _ID_PREFIX.fullmatch(name) and "/" not in name:
+            return _by_id(containers_dir, name)
         raise ContainerNotFound(f"no container {name!r} in {containers_dir}") from None
     except (OSError, ValueError) as exc:
         raise RuntimeFailure(f"{path}: unreadable container state ({exc})") from None
-    data["dir"] = Path(data["dir"])
-    data["args"] = tuple(data["args"])
-    return Container(**data)
+    known = {k: v for k, v in data.items() if k in Container._fields}
+    known["dir"] = Path(data["dir"])
+    for key in ("args", "lowerdirs", "ports"):
+        known[key] = tuple(data.get(key) or ())
+    container = Container(**known)
+    if not container.id:  # recorded before containers had IDs: one derived from its own
+        container = container._replace(
+            id=oci.hex_of(oci.sha256_digest(container.runtime_id.encode()))
+        )
+    return container
+
+
+_ID_PREFIX = re.compile(r"[0-9a-f]{3,64}")
+
+
+def _by_id(containers_dir: Path, prefix: str) -> Container:
+    hits = [c for c in all_containers(containers_dir) if c.id.startswith(prefix)]
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        raise ContainerNotFound(f"container ID prefix {prefix!r} is ambiguous")
+    raise ContainerNotFound(f"no container {prefix!r} in {containers_dir}")
 
 
 def _save(container: Container) -> None:
@@ -234,6 +276,13 @@ def status(container: Container) -> Status:
     return Status(str(state.get("status", "unknown")), pid=pid if pid else None)
 
 
+def describe_port(text: str) -> str:
+    """A published port as docker's PORTS column shows it ("127.0.0.1:8080->80/tcp"),
+    from the form a container records ("127.0.0.1:8080:80/tcp")."""
+    host, _, inside = text.rpartition(":")
+    return f"{host}->{inside}"
+
+
 # -- creating ------------------------------------------------------------------------------
 
 
@@ -274,8 +323,11 @@ def _etc_binds(
 def _cgroups_path(runtime_id: str) -> str:
     # Relative on v1/hybrid: nested under the cgroup of whoever starts it, as runc does by
     # default. Absolute on v2, where a cgroup holding processes cannot have children with
-    # controllers.
-    v2 = _cgroup_mode() == "v2"
+    # controllers. Rootless, relative on v2 too: runc puts it beside its own cgroup, in
+    # the user's delegated subtree (sysbake.userns).
+    from sysbake import userns
+
+    v2 = _cgroup_mode() == "v2" and not userns.inside()
     return f"/sysbake/{runtime_id}" if v2 else f"sysbake/{runtime_id}"
 
 
@@ -298,20 +350,22 @@ def _short_hash(text: str, length: int) -> str:
 
 
 def _prepare_monitor(
-    cdir: Path, runtime: str, runtime_name: str, runtime_id: str
+    cdir: Path, runtime: str, runtime_name: str, runtime_id: str, remove: bool = False
 ) -> monitor.Launch:
-    """The container's monitor, forked now to get ready while the bundle is written."""
+    """The container's monitor, forked now to get ready while the bundle is written;
+    `remove`: it removes the container's directory once PID 1 has ended."""
     from sysbake.runtime import monitor
 
     # A short console socket path: unix socket paths are limited to 107 bytes.
-    socket = STATE_ROOT / "console" / f"{_short_hash(runtime_id, 16)}.sock"
+    console = state_root() / "console" / f"{_short_hash(runtime_id, 16)}.sock"
     return monitor.prepare(
         monitor.MonitorSpec(
             runtime=runtime,
-            root=STATE_ROOT / runtime_name,
+            root=state_root() / runtime_name,
             id=runtime_id,
             dir=cdir.absolute(),
-            socket=socket,
+            socket=console,
+            remove=remove,
         )
     )
 
@@ -367,6 +421,9 @@ def create(
     options = options or RunOptions()
     name = bundle.check_name(options.name or _default_name(image))
     runtime = runtime_path(options.runtime)
+    from sysbake import userns
+
+    userns.require_boot(image)  # rootless: a cgroup to boot in, said before anything starts
     if options.network not in bundle.NETWORKS:
         raise RuntimeFailure(
             f"unknown network {options.network!r}: expected " + " or ".join(bundle.NETWORKS)
@@ -388,51 +445,23 @@ def create(
     runtime_id = f"{name}.{_short_hash(str(containers_dir.resolve()), 8)}"
     container: Container | None = None
     launch = None
+    bound: list[tuple[Publish, socket.socket]] = []
     try:
         for sub in (cd.UPPER, cd.WORK, cd.ROOTFS):
             (cdir / sub).mkdir(parents=True)
-        launch = _prepare_monitor(cdir, runtime, options.runtime, runtime_id)
+        launch = _prepare_monitor(cdir, runtime, options.runtime, runtime_id, options.auto_remove)
+        bound = _bind_ports(options.ports)
         rootfs = cdir / cd.ROOTFS
         overlay.mount_overlay(lowerdirs, cdir / cd.UPPER, cdir / cd.WORK, rootfs)
-        hostname = bundle.hostname_for(name)
-        with Root(rootfs) as root:
-            init = find_init(root)
-            if require_init and init is None:
-                raise NoSystemd(
-                    f"image {image} has no systemd: neither "
-                    + " nor ".join(bundle.INIT_CANDIDATES)
-                    + " exists in it"
-                )
-            process = bundle.process_from_image(
-                image_config,
-                init=init,
-                container_uuid=os.urandom(16).hex(),
-                env=options.env,
-                command=options.command,
-            )
-            for exe in (*options.wrapper[:1], process.args[0]):
-                if exe.startswith("/") and not root.exists(exe):
-                    raise RuntimeFailure(
-                        f"image {image}: the command {exe} does not exist in the image"
-                    )
-            etc_binds = _etc_binds(cdir, root, hostname, options.network)
-            volatile_journal = root.is_dir("var/log/journal")
-        cgroups_path = _cgroups_path(runtime_id)
-        spec = BundleSpec(
-            hostname=hostname,
-            process=process._replace(args=options.wrapper + process.args),
-            network=options.network,
-            binds=etc_binds + options.binds,
-            cgroups_path=cgroups_path,
-            systemd_cgroup=_systemd_cgroup(options.runtime, cgroups_path),
-            volatile_journal=volatile_journal,
-            annotations=(("org.sysbake.image", image), ("org.sysbake.name", name)),
-        )
+        spec = _bundle_spec(cdir, image, image_config, options, name, require_init)
+        spec = spec._replace(cgroups_path=_cgroups_path(runtime_id))
+        spec = spec._replace(systemd_cgroup=_systemd_cgroup(options.runtime, spec.cgroups_path))
         atomic_write(
             cdir / cd.CONFIG,
             json.dumps(bundle.runtime_config(spec), indent=1).encode(),
             durable=False,
         )
+        args = spec.process.args[len(options.wrapper) :]
         container = Container(
             name=name,
             dir=cdir,
@@ -441,20 +470,21 @@ def create(
             image=image,
             image_id=image_id,
             created=time.time(),
-            args=process.args,
-            stop_signal=bundle.stop_signal(image_config, process.args),
+            args=args,
+            stop_signal=options.stop_signal or bundle.stop_signal(image_config, args),
             network=options.network,
+            id=os.urandom(32).hex(),
+            lowerdirs=tuple(str(d) for d in lowerdirs),
+            ports=tuple(str(port) for port, _ in bound),
+            auto_remove=options.auto_remove,
         )
         _save(container)
-        try:
-            pid = launch.start()
-        except RuntimeFailure as exc:
-            raise RuntimeFailure(f"starting container {name} failed: {exc}") from None
-        container = container._replace(pid=pid)
-        _save(container)
+        container = _launch(container, launch, bound)
         _check_alive(container, grace, ready)
         return container
     except BaseException:
+        for _, sock in bound:
+            sock.close()
         try:
             started = launch.cancel() if launch is not None else None
             if started is not None and container is not None:
@@ -462,6 +492,76 @@ def create(
         finally:
             _teardown_dir(cdir, container)
         raise
+
+
+def _bundle_spec(
+    cdir: Path,
+    image: str,
+    image_config: dict[str, Any],
+    options: RunOptions,
+    name: str,
+    require_init: bool,
+) -> BundleSpec:
+    """The bundle of a new container whose rootfs is mounted in `cdir` (its per-container
+    /etc files written), without its cgroup paths."""
+    hostname = bundle.hostname_for(name)
+    with Root(cdir / cd.ROOTFS) as root:
+        init = find_init(root)
+        if require_init and init is None:
+            raise NoSystemd(
+                f"image {image} has no systemd: neither "
+                + " nor ".join(bundle.INIT_CANDIDATES)
+                + " exists in it"
+            )
+        process = bundle.process_from_image(
+            image_config,
+            init=init,
+            container_uuid=os.urandom(16).hex(),
+            env=options.env,
+            command=options.command,
+        )
+        for exe in (*options.wrapper[:1], process.args[0]):
+            if exe.startswith("/") and not root.exists(exe):
+                raise RuntimeFailure(
+                    f"image {image}: the command {exe} does not exist in the image"
+                )
+        etc_binds = _etc_binds(cdir, root, hostname, options.network)
+        volatile_journal = root.is_dir("var/log/journal")
+    return BundleSpec(
+        hostname=hostname,
+        process=process._replace(args=options.wrapper + process.args),
+        network=options.network,
+        binds=etc_binds + options.binds,
+        volatile_journal=volatile_journal,
+        annotations=(("org.sysbake.image", image), ("org.sysbake.name", name)),
+    )
+
+
+def _bind_ports(ports: Sequence[Publish]) -> list[tuple[Publish, socket.socket]]:
+    # Before anything starts: a port in use is an error of `run`, not a broken container.
+    if not ports:
+        return []
+    from sysbake.runtime import ports as publishing
+
+    return publishing.bind(ports)
+
+
+def _launch(
+    container: Container, launch: monitor.Launch, bound: Sequence[tuple[Publish, socket.socket]]
+) -> Container:
+    """Have the prepared monitor start `container`; then forward its published ports.
+    The container, with PID 1's host pid and start time, saved."""
+    try:
+        pid = launch.start()
+    except RuntimeFailure as exc:
+        raise RuntimeFailure(f"starting container {container.name} failed: {exc}") from None
+    container = container._replace(pid=pid, started=time.time())
+    _save(container)
+    if bound:
+        from sysbake.runtime import ports as publishing
+
+        publishing.start_forwarder(container.dir, bound, pid)
+    return container
 
 
 def _teardown_dir(cdir: Path, container: Container | None) -> None:
@@ -531,6 +631,46 @@ def _init_pidfd(container: Container) -> int | None:
     return pidfd
 
 
+def open_root(container: Container) -> Root:
+    """The file system of the running `container` as its processes see it (its tmpfs and
+    bind mounts included), through PID 1's root; every path resolves inside it.
+    RuntimeFailure when it does not run."""
+    pidfd = _init_pidfd(container)
+    if pidfd is None:
+        raise RuntimeFailure(f"container {container.name} is not running")
+    try:
+        root = Root(f"/proc/{container.pid}/root")
+        # PID 1 still alive once the root is open: it is its root, not a reused pid's.
+        if select.select([pidfd], [], [], 0)[0]:
+            root.close()
+            raise RuntimeFailure(f"container {container.name} is not running")
+        return root
+    finally:
+        os.close(pidfd)
+
+
+@contextlib.contextmanager
+def files_of(container: Container) -> Iterator[Root]:
+    """The container's file system: as its processes see it while it runs (`open_root`),
+    else its overlay (image and upper dir) mounted for the while."""
+    if _running(container):
+        with open_root(container) as root:
+            yield root
+        return
+    _check_restartable(container, "its files cannot be reached")
+    overlay.mount_overlay(
+        [Path(d) for d in container.lowerdirs],
+        container.dir / cd.UPPER,
+        container.dir / cd.WORK,
+        container.rootfs,
+    )
+    try:
+        with Root(container.rootfs) as root:
+            yield root
+    finally:
+        overlay.umount(container.rootfs)
+
+
 def _running(container: Container) -> bool:
     # Without asking the runtime when the monitor answers: it lives until PID 1 is reaped.
     if cd.read_exit(container.dir) is not None:
@@ -576,6 +716,7 @@ def ended(container: Container) -> bool:
 
 def _teardown(container: Container) -> None:
     # Idempotent: the monitor normally did all of this already.
+    _stop_forwarder(container)
     _until_monitor_ends(container, 5.0)
     pid = cd.monitor_pid(container.dir)
     if pid is not None:
@@ -595,6 +736,14 @@ def _teardown(container: Container) -> None:
     overlay.umount(container.rootfs)
 
 
+def _stop_forwarder(container: Container) -> None:
+    # Ends with PID 1 by itself; ended here too, so that the host ports are free at once.
+    if container.ports:
+        from sysbake.runtime import ports
+
+        ports.stop_forwarder(container.dir)
+
+
 def stop(container: Container, timeout: float = 10.0) -> StopResult:
     """Stop with the image's stop signal, SIGKILL after `timeout` s; delete the runtime
     state and unmount the rootfs. Idempotent."""
@@ -609,7 +758,7 @@ def halt(container: Container, timeout: float = 10.0) -> StopResult:
     Idempotent."""
     killed = False
     if _running(container):
-        log.info(f"stopping {container.name} (signal {container.stop_signal})")
+        log.info(f"stopping {container.name} ({signals.name(container.stop_signal)})")
         _kill(container, container.stop_signal)
         if not _wait_exit(container, timeout, nudge=True):
             log.warn(f"{container.name} did not stop within {timeout:.0f}s: killing it")
@@ -634,6 +783,88 @@ def remove(container: Container, *, force: bool = False) -> None:
         _wait_exit(container, 30.0)
     _teardown(container)
     remove_tree(container.dir)
+
+
+def start(
+    container: Container, *, grace: float = 1.0, ready: str | None = SYSTEMD_READY
+) -> Container:
+    """Start the ended `container` again (`sysbake start`): its rootfs (the image's layer
+    trees and its own upper dir) mounted again and PID 1 run from its bundle, its ports
+    published again; returned running, as `create` returns a new one. A running container
+    is returned as it is. On failure it is left ended, as it was."""
+    if _running(container):
+        return container
+    _check_restartable(container)
+    runtime = runtime_path(container.runtime)
+    _teardown(container)  # the runtime's state, a mount or a forwarder a crash left
+    for name in (cd.EXIT, cd.INIT_PID, cd.START_ERROR):
+        (container.dir / name).unlink(missing_ok=True)
+    container = container._replace(pid=None)
+    launch = None
+    bound: list[tuple[Publish, socket.socket]] = []
+    try:
+        launch = _prepare_monitor(
+            container.dir, runtime, container.runtime, container.runtime_id, container.auto_remove
+        )
+        bound = _bind_ports(_published(container))
+        lowerdirs = [Path(d) for d in container.lowerdirs]
+        overlay.mount_overlay(
+            lowerdirs, container.dir / cd.UPPER, container.dir / cd.WORK, container.rootfs
+        )
+        container = _launch(container, launch, bound)
+        _check_alive(container, grace, ready)
+        return container
+    except BaseException:
+        for _, sock in bound:
+            sock.close()
+        started = launch.cancel() if launch is not None else None
+        _end_failed_start(container._replace(pid=started or container.pid))
+        raise
+
+
+def _check_restartable(container: Container, what: str = "it cannot be started again") -> None:
+    if not container.lowerdirs:  # recorded before containers kept their layer trees
+        raise RuntimeFailure(
+            f"container {container.name}: {what} (made by an older sysbake): "
+            f"remove it and run {container.image} anew"
+        )
+    for tree in container.lowerdirs:
+        if not os.path.isdir(tree):
+            raise RuntimeFailure(
+                f"container {container.name}: the layer tree {tree} of its image "
+                f"{container.image} is gone (pruned): remove it and run the image anew"
+            )
+
+
+def _published(container: Container) -> list[Publish]:
+    if not container.ports:
+        return []
+    from sysbake.runtime import ports
+
+    return [port for text in container.ports for port in ports.parse(text)]
+
+
+def _end_failed_start(container: Container) -> None:
+    """Kill and tear down what a failed `start` began; the container stays, ended."""
+    try:
+        _kill(container, signal.SIGKILL)
+        _wait_exit(container, 10.0)
+        _teardown(container)
+    finally:
+        overlay.umount(container.rootfs)
+        if cd.read_exit(container.dir) is None:
+            cd.write_exit(container.dir, None)
+
+
+def restart(container: Container, timeout: float = 10.0) -> Container:
+    """Stop `container` (if it runs; `stop`'s `timeout`), then `start` it again."""
+    if container.auto_remove:
+        raise RuntimeFailure(
+            f"container {container.name} is removed when it stops (run --rm): "
+            "it cannot be restarted"
+        )
+    stop(container, timeout)
+    return start(container)
 
 
 def detach_upper(container: Container, dest: Path) -> Path:

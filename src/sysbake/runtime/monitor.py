@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 from sysbake import proc
 from sysbake.errors import RuntimeFailure
-from sysbake.fsutil import atomic_write
+from sysbake.fsutil import atomic_write, remove_tree
 from sysbake.runtime import container_dir as cd
 from sysbake.runtime import overlay
 
@@ -35,13 +35,15 @@ _TIOCGPTPEER = 0x5441
 
 class MonitorSpec(NamedTuple):
     """What the monitor runs: the runtime executable, its state root, the container's
-    runtime ID, its directory and the console socket path (at most 107 bytes)."""
+    runtime ID, its directory and the console socket path (at most 107 bytes); `remove`:
+    remove the directory once PID 1 has ended (`run -d --rm`)."""
 
     runtime: str
     root: Path
     id: str
     dir: Path
     socket: Path
+    remove: bool = False
 
 
 class Launch:
@@ -223,6 +225,7 @@ def _start(spec: MonitorSpec, listener: Any) -> int | None:
                 "--root",
                 spec.root,
                 "run",
+                *_keyring_flags(),
                 "--detach",
                 "--bundle",
                 cdir / cd.BUNDLE,
@@ -252,6 +255,13 @@ def _start(spec: MonitorSpec, listener: Any) -> int | None:
         return int(fds[0])
     finally:
         _close_listener(listener, spec.socket)
+
+
+def _keyring_flags() -> list[str]:
+    """Inside a container ($container set, the systemd interface: the builder image sets
+    it), the engine already gave us a session keyring of our own, and docker's seccomp
+    profile refuses keyctl: runc must not make one per nested container (it would fail)."""
+    return ["--no-new-keyring"] if "container" in os.environ else []
 
 
 def _message(result: subprocess.CompletedProcess[bytes]) -> str:
@@ -325,3 +335,5 @@ def _finish(spec: MonitorSpec, status: int | None) -> None:
         what=f"{Path(spec.runtime).name} delete",
         die_with_parent=False,
     )
+    if spec.remove:
+        remove_tree(spec.dir)

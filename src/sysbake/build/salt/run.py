@@ -55,6 +55,7 @@ __all__ = [
     "KEEP_DIR",
     "KEEP_WRAPPER",
     "PROJECT_PILLAR_ENV",
+    "SALT_LOG",
     "SALT_MOUNT",
     "SaltResult",
     "SaltRun",
@@ -75,6 +76,9 @@ VAR_DIR = f"{RUN_DIR}/var"  # Salt's cache, pki, sockets, logs and temp files
 SRV_DIR = f"{RUN_DIR}/srv"  # state trees and pillar roots, read-only
 PROJECT_PILLAR_ENV = "project"
 MINION_ID = "sysbake"
+# Salt's log file: in the conf dir, which is on the host too, where sysbake.progress follows
+# the states done while a step runs.
+SALT_LOG = f"{CONF_DIR}/salt.log"
 KEEP_DIR = "/opt/sysbake/salt"
 KEEP_WRAPPER = "/usr/local/sbin/salt-call"
 
@@ -188,7 +192,7 @@ class SaltRun:
             "pki_dir": f"{VAR_DIR}/pki",
             "sock_dir": f"{VAR_DIR}/sock",
             "pidfile": f"{VAR_DIR}/salt-minion.pid",
-            "log_file": f"{VAR_DIR}/log/minion",
+            "log_file": SALT_LOG,
             "log_level_logfile": "info",
             "file_roots": {"base": [f"{SRV_DIR}/salt/{i}" for i in range(len(self.state_trees))]},
             "pillar_roots": pillar_roots,
@@ -242,6 +246,9 @@ class SaltRun:
             "-I",
             "-c",
             code,
+            # salt-call writes no log file unless told so here (its config's log_file is
+            # not enough); the states it logs there are the build's progress.
+            f"--log-file={SALT_LOG}",
             "--local",
             f"--config-dir={CONF_DIR}",
             "--out=json",

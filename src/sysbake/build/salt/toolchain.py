@@ -18,14 +18,16 @@ import re
 import shlex
 import sys
 import tomllib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from sysbake import log, proc
 from sysbake.build import bootstrap
-from sysbake.errors import BuildError, CommandError
+from sysbake.errors import BuildError, CommandError, LayerError, SysbakeError
 from sysbake.fsutil import atomic_write, publish_dir, remove_tree
 from sysbake.oci import model as oci
+from sysbake.oci.model import Layer
 from sysbake.oci.store import Store
 from sysbake.records import record
 
@@ -192,11 +194,15 @@ class Toolchain:
 def _orders_pillar_envs(path: Path) -> bool:
     # Salt merges pillar envs in set order (random per run) unless its pillar compiler
     # knows env_order: 3006.30, 3007.16 and 3008 do, 3007.1 to 3007.10 do not.
+    from sysbake.rootfs import Root
+
+    # Through Root: a toolchain fetched from a cache source is read as an image is.
     try:
-        source = (path / "opt/salt/lib/salt/pillar/__init__.py").read_text(errors="replace")
-    except OSError:
+        with Root(path) as root:
+            source = root.read_bytes("opt/salt/lib/salt/pillar/__init__.py")
+    except (OSError, SysbakeError):
         return False
-    return "env_order" in source
+    return b"env_order" in source
 
 
 # -- building a toolchain -----------------------------------------------------------------
@@ -253,14 +259,8 @@ def ensure_toolchain(store: Store, version: str = "", *, architecture: str = "")
         ident["distro"],
         ident["suite"],
     )
-    key = oci.sha256_digest(oci.canonical_json(ident))[7:]
-    short = key[:12]
-    store.ensure()
-    top = store.root / "toolchains"
-    final = top / f"salt-{version}-{short}"
-    top.mkdir(exist_ok=True)
-    with open(top / f".{final.name}.lock", "a+b") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    key, final = _place(store, ident)
+    with _locked(final):
         if (final / META).is_file():
             return Toolchain.load(final)
         with (
@@ -293,6 +293,153 @@ def ensure_toolchain(store: Store, version: str = "", *, architecture: str = "")
             remove_tree(final)  # a leftover without its metadata is not a toolchain
             publish_dir(tree, final)
     return Toolchain.load(final)
+
+
+def _place(store: Store, ident: dict[str, Any]) -> tuple[str, Path]:
+    """The key of the toolchain `ident` describes and its directory in the store."""
+    key = oci.sha256_digest(oci.canonical_json(ident))[7:]
+    store.ensure()
+    top = store.root / "toolchains"
+    top.mkdir(exist_ok=True)
+    return key, top / f"salt-{ident['version']}-{key[:12]}"
+
+
+@contextlib.contextmanager
+def _locked(final: Path) -> Iterator[None]:
+    """Hold the lock of toolchain directory `final`: one builder or fetcher at a time."""
+    with open(final.parent / f".{final.name}.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def installed(store: Store, version: str = "", *, architecture: str = "") -> Toolchain | None:
+    """The toolchain `ensure_toolchain` would give, when the store already has it."""
+    _key, final = _place(store, _identity(version, architecture))
+    return Toolchain.load(final) if (final / META).is_file() else None
+
+
+# -- a toolchain travelling through a registry (sysbake.registry.stagecache) ---------------
+
+
+def artifact_config(toolchain: Toolchain, diff_id: str) -> dict[str, Any]:
+    """What describes a toolchain's layer in a registry: its key and identity, and the
+    diff ID its layer must unpack to (pure). Its wheels stay on the machine that built it."""
+    return {
+        "key": toolchain.key,
+        "version": toolchain.version,
+        "suite": toolchain.suite,
+        "architecture": toolchain.architecture,
+        "diff_id": diff_id,
+    }
+
+
+def commit_layer(store: Store, toolchain: Toolchain) -> Layer:
+    """The toolchain's tree as a layer blob of the store (zstd: it unpacks several times
+    faster than gzip, and a toolchain is most of what a fresh runner fetches)."""
+    from sysbake.oci.layers.commit import commit_tree
+
+    return commit_tree(store, toolchain.path, compression="zstd")
+
+
+def adopt_layer(
+    store: Store, layer: Layer, origin: str, version: str = "", *, architecture: str = ""
+) -> Toolchain:
+    """Install the toolchain of `version` from `layer` (a blob of the store, fetched from
+    cache source `origin`) instead of building it: unpacked through the one layer check and
+    extractor (sysbake.oci.layers.archive.extract: EntryCheck, content = its diff ID, no
+    device nodes), its metadata checked against the key this host computes, then published
+    where `ensure_toolchain` finds it. Nothing of it runs on the host. LayerError or
+    BuildError (nothing installed) when it is not that toolchain."""
+    from sysbake.oci import compress
+    from sysbake.oci.layers import archive
+
+    ident = _identity(version, architecture)
+    key, final = _place(store, ident)
+    with _locked(final):
+        if (final / META).is_file():
+            return Toolchain.load(final)
+        with store.staging("toolchain") as stage:
+            tree = stage / "tree"
+            tree.mkdir()
+            what = f"toolchain layer {layer.blob.digest}"
+            try:
+                with (
+                    store.open_blob(layer.blob.digest) as raw,
+                    compress.decompressor(layer.compression, raw) as plain,
+                ):
+                    archive.extract(
+                        plain, tree, overlay=False, allow_devices=False, diff_id=layer.diff_id
+                    )
+            except LayerError as exc:
+                raise LayerError(f"{what}: {exc}") from exc
+            except CommandError as exc:
+                raise LayerError(f"{what}: not a valid {layer.compression} stream") from exc
+            store.mark_checked(layer.diff_id)
+            check_metadata(tree, ident, key, what)
+            remove_tree(final)  # a leftover without its metadata is not a toolchain
+            publish_dir(tree, final)
+        atomic_write(_origin_path(store, key), origin.encode())
+    return Toolchain.load(final)
+
+
+def origin_of(store: Store, toolchain: Toolchain) -> str:
+    """The cache source the toolchain was fetched from ("": built in this store)."""
+    try:
+        return _origin_path(store, toolchain.key).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _origin_path(store: Store, key: str) -> Path:
+    return store.cache_dir / "toolchains" / f"{key}.origin"
+
+
+_META_PATHS = ("python", "loader")
+
+
+def check_metadata(tree: Path, ident: dict[str, Any], key: str, what: str) -> None:
+    """Refuse (BuildError) a toolchain tree whose metadata is not that of `ident` and `key`,
+    or whose python, loader and library paths are not relative paths inside it that lead
+    to files (directories) of the tree: read only through rootfs.Root, as an image is."""
+    from sysbake.rootfs import Root
+
+    with Root(tree) as root:
+        try:
+            meta = json.loads(root.read_bytes(META))
+        except (OSError, ValueError, SysbakeError) as exc:
+            raise BuildError(f"{what}: no readable {META} ({exc})") from None
+        if not isinstance(meta, dict):
+            raise BuildError(f"{what}: {META} is not a JSON object")
+        for name, wanted in (("key", key), *((k, ident[k]) for k in ("version", "suite"))):
+            if meta.get(name) != wanted:
+                raise BuildError(
+                    f"{what}: {META} names {name} {meta.get(name)!r}, expected {wanted!r}"
+                )
+        paths = meta.get("library_path")
+        if not isinstance(paths, list) or not paths:
+            raise BuildError(f"{what}: {META} names no library_path")
+        for name, value in [
+            *((n, meta.get(n)) for n in _META_PATHS),
+            *(("library_path", p) for p in paths),
+        ]:
+            if not _inside(value):
+                raise BuildError(f"{what}: {META}: {name} {value!r} is not a path inside it")
+            is_there = root.is_dir if name == "library_path" else root.is_file
+            if not is_there(str(value)):
+                raise BuildError(f"{what}: {META}: {name} {value!r} is missing from it")
+        if not root.is_file(PYTHON_WRAPPER):
+            raise BuildError(f"{what}: {PYTHON_WRAPPER} is missing from it")
+
+
+def _inside(value: object) -> bool:
+    # Relative, without '..': the toolchain is mounted at a prefix in images.
+    return (
+        isinstance(value, str)
+        and bool(value)
+        and not value.startswith("/")
+        and ".." not in value.split("/")
+        and "\0" not in value
+    )
 
 
 def wheelhouse_path(store: Store, version: str, architecture: str) -> Path:
@@ -431,11 +578,15 @@ def _bootstrap(tree: Path, distro: str, suite: str, arch: str, debs: Path) -> No
         raise BuildError(f"salt toolchain: {exc}") from exc
 
 
-def _chroot_script(script: str, what: str) -> None:
+def _chroot_script(script: str, what: str, on_line: Callable[[str], None] | None = None) -> None:
     # A private mount namespace: its mounts vanish with it, even if we are killed; a clean
     # environment: the host's PIP_*, SSL_CERT_FILE... must not reach the chroot.
     proc.run(
-        [*proc.ISOLATED, "sh", "-ec", script], env=_CLEAN_ENV, what=what, stream=log.debug_enabled()
+        [*proc.ISOLATED, "sh", "-ec", script],
+        env=_CLEAN_ENV,
+        what=what,
+        stream=log.debug_enabled(),
+        on_line=None if log.debug_enabled() else on_line,
     )
 
 
@@ -462,8 +613,11 @@ def _install_salt(tree: Path, wheels: Path, version: str) -> None:
         f"mount -t proc proc {shlex.quote(str(tree / 'proc'))}\n"
         f"exec chroot {shlex.quote(str(tree))} {' '.join(pip)}\n"
     )
+    from sysbake import progress
+
     try:
-        _chroot_script(script, f"pip install salt=={version} (toolchain)")
+        with progress.PipWatch(len(list(wheels.iterdir()))) as watch:
+            _chroot_script(script, f"pip install salt=={version} (toolchain)", watch.line)
     except CommandError as exc:
         lines = [ln for ln in exc.tail.splitlines() if re.search(r"error|ERROR", ln)]
         raise BuildError(

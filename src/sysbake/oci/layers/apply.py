@@ -16,7 +16,6 @@ from pathlib import Path
 from sysbake.errors import LayerError
 from sysbake.oci.compress import CHUNK, Readable
 from sysbake.oci.layers.tar import (
-    OPAQUE_XATTR,
     WH_META,
     WH_OPAQUE,
     WH_PREFIX,
@@ -136,7 +135,11 @@ class Extractor:
 
     def _hide_lower(self, rel: str) -> None:
         if self.overlay:
-            os.setxattr(os.path.join(self.dest, rel), OPAQUE_XATTR, b"y", follow_symlinks=False)
+            from sysbake.userns import overlay_xattr  # rootless: user.overlay.opaque
+
+            os.setxattr(
+                os.path.join(self.dest, rel), overlay_xattr("opaque"), b"y", follow_symlinks=False
+            )
         else:
             self._clear_lower(rel)
 

@@ -3,9 +3,11 @@ tar -> sha256 (diff ID) -> compressor -> sha256 (blob digest) -> blob file."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
+from sysbake.errors import ConfigError
 from sysbake.oci import model as oci
 from sysbake.oci.model import Layer
 from sysbake.oci.store import Store
@@ -15,10 +17,46 @@ from sysbake.oci.store import Store
 LAYER_LEVELS = {"gzip": 1, "zstd": 3, "none": None}
 
 
+# The last second that an OCI `created` stamp (four-digit years) can name.
+_LAST_EPOCH = 253402300799
+
+
 def source_date_epoch() -> int | None:
-    """SOURCE_DATE_EPOCH from the environment (reproducible-builds convention), if set."""
+    """SOURCE_DATE_EPOCH from the environment (reproducible-builds convention), if set and
+    not empty; a value that is not whole seconds since 1970 is a ConfigError (the
+    convention asks builds to fail rather than guess)."""
     value = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
-    return int(value) if value.isdigit() else None
+    if not value:
+        return None
+    if not value.isascii() or not value.isdigit() or int(value) > _LAST_EPOCH:
+        raise ConfigError(
+            f"SOURCE_DATE_EPOCH: expected whole seconds since 1970 (up to {_LAST_EPOCH}), "
+            f"got {value[:40]!r}"
+        )
+    return int(value)
+
+
+def epoch_stamp(epoch: int) -> str:
+    """The OCI `created` form of `epoch` (seconds since 1970, UTC): "2025-05-20T08:14:03Z"."""
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def stamp_epoch(stamp: object) -> int | None:
+    """The whole seconds since 1970 of an OCI `created` value (RFC 3339, any offset; Go's
+    nanoseconds too); None when it is not one."""
+    from datetime import datetime
+
+    if not isinstance(stamp, str):
+        return None
+    try:
+        when = datetime.fromisoformat(stamp.strip())
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        return None  # RFC 3339 requires an offset: without one it names no instant
+    return math.floor(when.timestamp())
 
 
 def commit_tree(
