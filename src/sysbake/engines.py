@@ -11,7 +11,7 @@ import contextlib
 import os
 import re
 import shlex
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -201,20 +201,30 @@ def _podman_flags(host: HostFacts) -> tuple[list[str], list[str]]:
 
 def select_flags(engine: Engine, host: HostFacts, image: ImageFacts | None = None) -> RunFlags:
     """The minimal unprivileged `<engine> run` flags that boot systemd on `host`."""
-    if engine == "docker":
-        flags, notes = _docker_flags(host, image)
-    elif engine == "podman":
-        flags, notes = _podman_flags(host)
-    else:
-        raise HostError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
-    if host.apparmor:
-        flags += ["--security-opt", f"apparmor={PROFILE_NAME}"]
-        if not host.apparmor_profile_loaded:
-            notes.append(
-                f"AppArmor profile {PROFILE_NAME} is not loaded: run "
-                "`sysbake apparmor --install` first"
-            )
+    _check_known(engine)
+    flags, notes = _docker_flags(host, image) if engine == "docker" else _podman_flags(host)
+    _add_apparmor(host, flags, notes, builder=False)
     return RunFlags(engine=engine, flags=tuple(flags), notes=tuple(notes))
+
+
+def _check_known(engine: str) -> None:
+    """HostError unless `engine` is docker or podman."""
+    if engine not in ENGINES:
+        raise HostError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
+
+
+def _add_apparmor(host: HostFacts, flags: list[str], notes: list[str], *, builder: bool) -> None:
+    """On an AppArmor host, add to `flags` the one naming the sysbake profile (`builder`:
+    the builder's), and to `notes` how to load it when it is not loaded."""
+    if not host.apparmor:
+        return
+    name = profile_name(builder=builder)
+    flags += ["--security-opt", f"apparmor={name}"]
+    if not (host.builder_profile_loaded if builder else host.apparmor_profile_loaded):
+        install = (
+            "sysbake apparmor --builder --install" if builder else "sysbake apparmor --install"
+        )
+        notes.append(f"AppArmor profile {name} is not loaded: run `{install}` first")
 
 
 # -- AppArmor ------------------------------------------------------------------------------
@@ -230,19 +240,10 @@ _PROFILE = """\
 # systemd 252 builds under /run/systemd/unit-root. Mount rules matter only when the
 # container has CAP_SYS_ADMIN; without it systemd skips sandboxing.
 
-#include <tunables/global>
-
-profile {name} flags=(attach_disconnected,mediate_deleted) {{
-  #include <abstractions/base>
-
-  network,
-  capability,
-  file,
+{opening}
   umount,
 
-  signal (receive) peer=unconfined,
-  signal (send,receive) peer={name},
-  ptrace (trace,read,tracedby,readby) peer={name},
+{peers}
 
   # API file systems systemd mounts itself when they are missing.
   mount fstype=tmpfs -> /{{run,run/lock,tmp,dev/shm}}/,
@@ -269,7 +270,23 @@ profile {name} flags=(attach_disconnected,mediate_deleted) {{
 {denies}}}
 """
 
-# Both profiles: what no container may write (or read) of the host's kernel.
+# Both profiles: how they open (what any process may use), the peers a confined process
+# may signal and trace, what no container may write (or read) of the host's kernel.
+_OPENING = """\
+#include <tunables/global>
+
+profile {name} flags=(attach_disconnected,mediate_deleted) {{
+  #include <abstractions/base>
+
+  network,
+  capability,
+  file,"""
+
+_PEERS = """\
+  signal (receive) peer=unconfined,
+  signal (send,receive) peer={name},
+  ptrace (trace,read,tracedby,readby) peer={name},"""
+
 _DENIES = """\
   # Host-wide kernel settings; /proc/sys/net and kernel/shm* are per-namespace.
   deny @{PROC}/sys/{abi,debug,dev,fs,user,vm}/** wklx,
@@ -297,14 +314,7 @@ _BUILDER_PROFILE = """\
 # refuse all of that. The images it boots run under this profile too. What no container may
 # touch of the host's kernel stays denied, as do file systems no build needs.
 
-#include <tunables/global>
-
-profile {name} flags=(attach_disconnected,mediate_deleted) {{
-  #include <abstractions/base>
-
-  network,
-  capability,
-  file,
+{opening}
   unix,
   dbus,
 
@@ -313,9 +323,7 @@ profile {name} flags=(attach_disconnected,mediate_deleted) {{
   umount,
   pivot_root,
 
-  signal (receive) peer=unconfined,
-  signal (send,receive) peer={name},
-  ptrace (trace,read,tracedby,readby) peer={name},
+{peers}
 
   deny mount fstype=(debugfs,tracefs,securityfs,efivarfs,configfs,fusectl,binfmt_misc,bpf,pstore),
 
@@ -331,7 +339,13 @@ def apparmor_profile(*, builder: bool = False) -> str:
     template, name = (
         (_BUILDER_PROFILE, BUILDER_PROFILE_NAME) if builder else (_PROFILE, PROFILE_NAME)
     )
-    return template.format(name=name, version=__version__, denies=_DENIES)
+    return template.format(
+        name=name,
+        version=__version__,
+        opening=_OPENING.format(name=name),
+        peers=_PEERS.format(name=name),
+        denies=_DENIES,
+    )
 
 
 def profile_name(*, builder: bool = False) -> str:
@@ -465,8 +479,7 @@ def select_builder_flags(
 ) -> RunFlags:
     """The least-privilege `<engine> run` flags of the sysbake-builder container on `host`;
     under docker they name the seccomp profile file `seccomp_profile`."""
-    if engine not in ENGINES:
-        raise HostError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    _check_known(engine)
     flags = ["--cgroupns=private", "--cap-drop=ALL"]
     flags += [f"--cap-add={cap}" for cap in builder_capabilities()]
     notes: list[str] = []
@@ -479,13 +492,7 @@ def select_builder_flags(
             "no CAP_SYS_RESOURCE here: podman cannot raise the open-file and process "
             "limits it sets by default; set default_ulimits = [] in containers.conf"
         )
-    if host.apparmor:
-        flags += ["--security-opt", f"apparmor={BUILDER_PROFILE_NAME}"]
-        if not host.builder_profile_loaded:
-            notes.append(
-                f"AppArmor profile {BUILDER_PROFILE_NAME} is not loaded: run "
-                "`sysbake apparmor --builder --install` first"
-            )
+    _add_apparmor(host, flags, notes, builder=True)
     if host.rootless:
         notes.append(
             "the builder needs a rootful engine: mmdebstrap makes device nodes and files "
@@ -497,16 +504,22 @@ def select_builder_flags(
 # -- load into docker / podman ---------------------------------------------------------------
 
 
-def client_command(engine: Engine, host: str | None = None) -> list[str]:
-    """The client argv prefix for `engine`, talking to `host` when given."""
-    if engine not in ENGINES:
-        raise HostError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
+def find_client(engine: str, missing: Callable[[str], SysbakeError]) -> str:
+    """The path of the client of `engine` (docker or podman); when it is not on PATH,
+    `missing(remedy)` is raised, `remedy` naming the Debian package to install."""
     client = proc.which(engine)
     if client is None:
-        raise HostError(
-            f"{engine} is not installed (no '{engine}' on PATH): install the "
-            f"Debian package '{_CLIENT_PACKAGE[engine]}'"
-        )
+        raise missing(f"install the Debian package '{_CLIENT_PACKAGE[engine]}'")
+    return client
+
+
+def client_command(engine: Engine, host: str | None = None) -> list[str]:
+    """The client argv prefix for `engine`, talking to `host` when given."""
+    _check_known(engine)
+    client = find_client(
+        engine,
+        lambda remedy: HostError(f"{engine} is not installed (no '{engine}' on PATH): {remedy}"),
+    )
     if host is None:
         return [client]
     return [client, "-H", host] if engine == "docker" else [client, "--url", host]

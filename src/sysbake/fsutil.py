@@ -1,12 +1,13 @@
 """File-system primitives shared by the store and everything that keeps state on disk:
 atomic replacement of a file, atomic publication of a finished tree, removal of a tree,
-disk errors as one clear line. Kept apart from the store so that light commands (stop,
-exec, ps) do not import it."""
+disk errors as one clear line, whether a process holds a lock file. Kept apart from the
+store so that light commands (stop, exec, ps) do not import it."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,22 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def lock_held(path: Path) -> bool:
+    """Whether a process holds an exclusive flock on `path` (False when it does not exist);
+    asking never takes the lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def raise_disk(exc: OSError, what: str) -> NoReturn:

@@ -90,18 +90,8 @@ def run(
         result = _run_watched(argv, label, on_line, input, env, cwd, timeout, preexec)
     elif stream:
         last: deque[str] = deque(maxlen=_TAIL_LINES)
-        with subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=None if env is None else dict(env),
-            cwd=cwd,
-            preexec_fn=preexec,
-        ) as proc:
-            if input is not None and proc.stdin is not None:
-                proc.stdin.write(input)
-                proc.stdin.close()
+        with _popen(argv, input, subprocess.STDOUT, env, cwd, preexec) as proc:
+            _feed(proc, input)
             assert proc.stdout is not None
             for raw in proc.stdout:
                 line = raw.decode(errors="replace").rstrip("\n")
@@ -146,6 +136,37 @@ def _then(first: Callable[[], None] | None, then: Callable[[], None]) -> Callabl
     return both
 
 
+def _popen(
+    argv: list[str],
+    input: bytes | None,
+    stderr: int,
+    env: Mapping[str, str] | None,
+    cwd: str | Path | None,
+    preexec: Callable[[], None] | None,
+) -> subprocess.Popen[bytes]:
+    """`argv` started with its stdout piped and its stderr to `stderr` (a pipe, or
+    stdout); its stdin a pipe when there is `input` (for `_feed`), else /dev/null."""
+    import subprocess
+
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        env=None if env is None else dict(env),
+        cwd=cwd,
+        preexec_fn=preexec,
+    )
+
+
+def _feed(child: subprocess.Popen[bytes], input: bytes | None) -> None:
+    """Write `input` to the stdin of `child` and close it, before any output is read
+    (so small inputs only)."""
+    if input is not None and child.stdin is not None:
+        child.stdin.write(input)
+        child.stdin.close()
+
+
 def _run_watched(
     argv: list[str],
     label: str,
@@ -162,21 +183,11 @@ def _run_watched(
     import time
 
     try:
-        child = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=None if env is None else dict(env),
-            cwd=cwd,
-            preexec_fn=preexec,
-        )
+        child = _popen(argv, input, subprocess.PIPE, env, cwd, preexec)
     except FileNotFoundError as exc:
         raise CommandError(f"{label}: command not found: {argv[0]}") from exc
     with child:
-        if input is not None and child.stdin is not None:
-            child.stdin.write(input)  # small inputs only, as with `run`
-            child.stdin.close()
+        _feed(child, input)
         assert child.stdout is not None and child.stderr is not None
         fds = (child.stdout.fileno(), child.stderr.fileno())
         kept: dict[int, list[bytes]] = {fd: [] for fd in fds}

@@ -82,7 +82,8 @@ def _parts(path: str) -> list[str]:
     return [p for p in path.split("/") if p not in ("", ".")]
 
 
-def _kind(mode: int) -> str:
+def kind_name(mode: int) -> str:
+    """What a stat mode is, for a message: "a directory", "a symlink", ..., "a regular file"."""
     for test, name in (
         (stat.S_ISDIR, "a directory"),
         (stat.S_ISLNK, "a symlink"),
@@ -219,7 +220,7 @@ class Root:
         if not stat.S_ISREG(before.st_mode):
             raise ImageTreeError(
                 f"image path /{path.lstrip('/')}: expected a regular file, "
-                f"found {_kind(before.st_mode)}"
+                f"found {kind_name(before.st_mode)}"
             )
         fd = self.open(path, flags | os.O_NONBLOCK)
         after = os.fstat(fd)
@@ -266,7 +267,7 @@ class Root:
                     os.close(fd)
             elif not stat.S_ISDIR(st.st_mode):
                 raise ImageTreeError(
-                    f"image path /{here}: expected a directory, found {_kind(st.st_mode)}"
+                    f"image path /{here}: expected a directory, found {kind_name(st.st_mode)}"
                 )
 
     def symlink(self, target: str, path: str) -> None:
@@ -411,7 +412,7 @@ class Root:
                 if stat.S_ISDIR(old.st_mode):
                     raise ImageTreeError(
                         f"image path /{target}: a directory, not replaced by "
-                        f"{src} ({_kind(st.st_mode)})"
+                        f"{src} ({kind_name(st.st_mode)})"
                     )
                 os.unlink(name, dir_fd=fd)
             if stat.S_ISLNK(st.st_mode):
@@ -420,7 +421,7 @@ class Root:
                 _copy_data(src, fd, name)
             else:
                 raise ImageTreeError(
-                    f"{src}: {_kind(st.st_mode)} is not copied into an image "
+                    f"{src}: {kind_name(st.st_mode)} is not copied into an image "
                     "(only files, directories and symlinks)"
                 )
             self._set_meta(fd, name, st, keep_owner)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -168,8 +170,16 @@ def test_cp_both_ways_never_through_a_hostile_symlink(
     """The container holds /evil -> HOST (an absolute path of a host directory) and a
     symlink to a host secret: what cp reads or writes through them is the container's."""
     names.append("hhab-cp")
-    host = tmp_path / "host"
-    host.mkdir()
+    # Not under /tmp: the container's /tmp is a tmpfs, gone once it stops, and the stopped
+    # container's copy below reads through /evil to the directory of this host path.
+    host = Path(tempfile.mkdtemp(prefix="hhab-cp-", dir="/var/tmp"))
+    try:
+        _cp_both_ways(shared_store, base_image, host, tmp_path)
+    finally:
+        shutil.rmtree(host)
+
+
+def _cp_both_ways(shared_store: Path, base_image: str, host: Path, tmp_path: Path) -> None:
     (host / "secret").write_text("host secret\n")
     before = sorted(os.listdir(host))
     sysbake("run", "-d", "--name", "hhab-cp", base_image, store=shared_store)

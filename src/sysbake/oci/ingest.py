@@ -26,7 +26,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import posixpath
 import stat
 import sys
@@ -61,7 +60,6 @@ _SOURCE_LAYERS = {
     oci.MT_DOCKER_LAYER_GZIP: "gzip",
     "application/vnd.docker.image.rootfs.diff.tar": "none",
 }
-_OCI_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}
 
 
 class IngestError(SysbakeError):
@@ -667,7 +665,7 @@ def _media_type(data: bytes, desc: Descriptor, where: str) -> str:
 
 def _platform_entry(index: Any, where: str) -> Any:
     """The entry of a multi-platform index for linux on this host's architecture."""
-    arch = _OCI_ARCH.get(platform.machine(), platform.machine())
+    arch = oci.host_platform()[1]
     entries = index.get("manifests") if isinstance(index, dict) else None
     for entry in entries if isinstance(entries, list) else []:
         plat = entry.get("platform") if isinstance(entry, dict) else None

@@ -1,4 +1,5 @@
-"""OCI image-spec values: media types, descriptors, canonical JSON, chain IDs."""
+"""OCI image-spec values: media types, descriptors, canonical JSON, chain IDs, this host's
+platform."""
 
 from __future__ import annotations
 
@@ -75,6 +76,29 @@ def chain_id(diff_ids: list[str] | tuple[str, ...]) -> str:
     for diff_id in diff_ids:
         chain = diff_id if not chain else sha256_digest(f"{chain} {diff_id}".encode())
     return chain
+
+
+# platform.machine() -> (architecture, variant) in OCI terms; other machines keep their name.
+_MACHINE_ARCH = {
+    "x86_64": ("amd64", None),
+    "aarch64": ("arm64", None),
+    "armv7l": ("arm", "v7"),
+    "armv6l": ("arm", "v6"),
+    "i686": ("386", None),
+    "i386": ("386", None),
+    "ppc64le": ("ppc64le", None),
+    "s390x": ("s390x", None),
+    "riscv64": ("riscv64", None),
+}
+
+
+def host_platform() -> tuple[str, str, str | None]:
+    """(os, architecture, variant) of this machine in OCI terms."""
+    import platform  # only where an index is read: every command loads this module
+
+    machine = platform.machine()
+    arch, variant = _MACHINE_ARCH.get(machine, (machine, None))
+    return "linux", arch, variant
 
 
 class Descriptor(NamedTuple):

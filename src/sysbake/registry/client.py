@@ -1168,16 +1168,29 @@ class Session:
     ) -> None:
         """The blob in one streamed PUT."""
         body = _Section(f, 0, size, self.limits, sent)
+        self._close_upload(location, digest, scopes, body, size, f"uploading blob {digest}")
+
+    def _close_upload(
+        self,
+        location: str,
+        digest: str,
+        scopes: tuple[str, ...],
+        body: bytes | Body,
+        length: int,
+        what: str,
+    ) -> None:
+        """The PUT that closes the upload at `location` as blob `digest`, sending `body`
+        (`length` bytes: the whole blob, or none after the chunks); `what` names it."""
         resp = self._upload_request(
             "PUT",
             _with_digest(location, digest),
             scopes,
-            {"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            {"Content-Type": "application/octet-stream", "Content-Length": str(length)},
             body,
-            f"uploading blob {digest}",
+            what,
         )
         if resp.status not in (201, 204):
-            raise self.fail(resp, f"uploading blob {digest}")
+            raise self.fail(resp, what)
         resp.close()
 
     def _upload_chunks(
@@ -1230,17 +1243,7 @@ class Session:
             raise self.fail(resp, f"uploading blob {digest}")
         if sent is not None:
             sent.done = size
-        resp = self._upload_request(
-            "PUT",
-            _with_digest(location, digest),
-            scopes,
-            {"Content-Type": "application/octet-stream", "Content-Length": "0"},
-            b"",
-            f"closing the upload of blob {digest}",
-        )
-        if resp.status not in (201, 204):
-            raise self.fail(resp, f"closing the upload of blob {digest}")
-        resp.close()
+        self._close_upload(location, digest, scopes, b"", 0, f"closing the upload of blob {digest}")
         return True
 
     def _upload_status(self, location: str, scopes: tuple[str, ...], why: str) -> tuple[str, int]:

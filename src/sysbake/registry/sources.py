@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sysbake import log, proc
+from sysbake.engines import find_client
 from sysbake.oci.ingest import Loaded, load_archive
 from sysbake.oci.reference import Reference
 from sysbake.oci.store import Store
@@ -21,7 +22,6 @@ from sysbake.registry.transfer import ConnectOptions, PullResult, pull
 
 # The prefix of an engine's source -> the engine whose `save` gives its images.
 ENGINE_SOURCES = {"docker-daemon:": "docker", "containers-storage:": "podman"}
-_PACKAGES = {"docker": "docker.io", "podman": "podman"}
 
 
 class SourceError(RegistryError):
@@ -57,12 +57,12 @@ def pull_engine(store: Store, text: str, *, tag: str | None = None) -> list[Load
     engine, name = found
     if not name or name.startswith("-"):
         raise SourceError(f"pull {text}: expected an image name after the colon")
-    client = proc.which(engine)
-    if client is None:
-        raise SourceError(
-            f"pull {text}: no {engine} on PATH, so no {engine} images to read: install the "
-            f"Debian package '{_PACKAGES[engine]}'"
-        )
+    client = find_client(
+        engine,
+        lambda remedy: SourceError(
+            f"pull {text}: no {engine} on PATH, so no {engine} images to read: {remedy}"
+        ),
+    )
     store.ensure()
     with store.staging("engine") as staging:
         archive = staging / "image.tar"

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sysbake import log
 from sysbake.build.cache import Origin, StageRecord
@@ -60,6 +60,8 @@ from sysbake.registry.transfer import (
 
 if TYPE_CHECKING:
     from sysbake.build.salt.toolchain import Toolchain
+
+_T = TypeVar("_T")
 
 STAGE_TAG = "sysbake-stage-"
 TOOLCHAIN_TAG = "sysbake-toolchain-"
@@ -210,11 +212,26 @@ class RegistryCache:
             return self._answers[key]
 
     def _offer(self, key: str) -> StageRecord | None:
-        try:
+        def fetch() -> StageRecord | None:
             found = self.image_offers.get(key) or self._tagged_stage(key)
             return None if found is None else self._fetched(found)
-        except LayerError as exc:
-            log.warn(f"--cache-from {self.source}: stage {key[:16]}: {exc}: refused, building it")
+
+        return self._unless_failed(fetch, (LayerError,), f"stage {key[:16]}: ", "building it")
+
+    def _unless_failed(
+        self,
+        fetch: Callable[[], _T | None],
+        refused: tuple[type[SysbakeError], ...],
+        what: str,
+        instead: str,
+    ) -> _T | None:
+        """`fetch()`, or None when it fails: an error of `refused` is one warning (`what`
+        prefixes it, `instead` says what the build does); any other error but an
+        interruption gives this source up."""
+        try:
+            return fetch()
+        except refused as exc:
+            log.warn(f"--cache-from {self.source}: {what}{exc}: refused, {instead}")
             return None
         except Interrupted:
             raise
@@ -229,12 +246,10 @@ class RegistryCache:
     def _tagged_stage(self, key: str) -> StageRecord | None:
         """The stage the tag of `key` holds, when the registry has it and it proves `key`."""
         where = f"{self.source.name}:{stage_tag(key)}"
-        try:
-            data, media_type = _get_manifest(
-                self._session(), self.repo, stage_tag(key), self.scopes, where
-            )
-        except ManifestNotFound:
+        found = self._tagged_manifest(self._session(), stage_tag(key), where)
+        if found is None:
             return None
+        data, media_type = found
         if media_type not in (oci.MT_MANIFEST, oci.MT_DOCKER_MANIFEST):
             raise RegistryError(f"{where}: expected an image manifest, got {media_type}")
         image = self._image(data, media_type, where)
@@ -243,6 +258,14 @@ class RegistryCache:
         if len(image.layers) != 1 or not records:
             raise RegistryError(f"{where}: its labels and history do not prove stage {key}")
         return records[0]
+
+    def _tagged_manifest(self, session: Session, tag: str, where: str) -> tuple[bytes, str] | None:
+        """The manifest the tag `tag` of the cache repository holds, and its media type;
+        None when there is no such tag."""
+        try:
+            return _get_manifest(session, self.repo, tag, self.scopes, where)
+        except ManifestNotFound:
+            return None
 
     def _fetched(self, rec: StageRecord) -> StageRecord:
         """`rec` once its layer blob is in the store and passed the layer check."""
@@ -273,7 +296,8 @@ class RegistryCache:
                 return None
             key = salt.toolchain_key(version)
             where = f"{self.source.name}:{toolchain_tag(key)}"
-            try:
+
+            def fetch() -> tuple[Toolchain, Origin] | None:
                 found = self._toolchain_layer(key, where)
                 if found is None:
                     return None
@@ -283,25 +307,19 @@ class RegistryCache:
                 finally:
                     if fetched:  # unpacked into toolchains/: the blob is not kept twice
                         _drop_blob(self.store, layer.blob.digest)
-            except (LayerError, BuildError) as exc:
-                log.warn(f"--cache-from {self.source}: {exc}: refused, built if a step needs it")
-                return None
-            except Interrupted:
-                raise
-            except SysbakeError as exc:
-                self._give_up(exc)
-                return None
+
+            return self._unless_failed(
+                fetch, (LayerError, BuildError), "", "built if a step needs it"
+            )
 
     def _toolchain_layer(self, key: str, where: str) -> tuple[Layer, Origin, bool] | None:
         """The toolchain artifact of `key`: its layer fetched into the store (whether it
         was fetched now), its origin; None when the registry has none."""
         session = self._session()
-        try:
-            data, media_type = _get_manifest(
-                session, self.repo, toolchain_tag(key), self.scopes, where
-            )
-        except ManifestNotFound:
+        found = self._tagged_manifest(session, toolchain_tag(key), where)
+        if found is None:
             return None
+        data, media_type = found
         _doc, config, layers = _parse_manifest(data, where)
         if media_type != oci.MT_MANIFEST or config.media_type != MT_TOOLCHAIN or len(layers) != 1:
             raise RegistryError(f"{where}: not a sysbake toolchain artifact")
@@ -451,8 +469,6 @@ def push_cache(
 ) -> CachePush:
     """Push `records` (each under the architecture of its image in `architectures`, else
     the host's) and `toolchains` to cache repository `dest`: what it lacks, stages first."""
-    from sysbake.registry.transfer import host_platform
-
     target = CacheTarget(store, dest, options)
     pushed = present = 0
     seen: set[str] = set()
@@ -461,7 +477,7 @@ def push_cache(
             if rec.key in seen:
                 continue
             seen.add(rec.key)
-            arch = architectures.get(rec.image) or host_platform()[1]
+            arch = architectures.get(rec.image) or oci.host_platform()[1]
             if target.push_stage(rec, arch):
                 pushed += 1
             else:

@@ -23,7 +23,6 @@ import hashlib
 import http.client
 import json
 import os
-import platform
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from sysbake import log
 from sysbake.build.cache import Origin, StageRecord
 from sysbake.oci import compress
 from sysbake.oci import model as oci
-from sysbake.oci.model import Descriptor, Image
+from sysbake.oci.model import Descriptor, Image, host_platform
 from sysbake.oci.reference import InvalidReference, Reference
 from sysbake.oci.store import Store
 from sysbake.progress import Blob as _Progress
@@ -69,17 +68,6 @@ MAX_MANIFEST = 4 << 20  # bytes: what docker and containerd accept for a manifes
 MAX_CONFIG = 8 << 20  # bytes: an image config (labels, history) is kilobytes in practice
 MANIFEST_TYPES = (oci.MT_MANIFEST, oci.MT_INDEX, oci.MT_DOCKER_MANIFEST, oci.MT_DOCKER_LIST)
 _OCI_LAYER_OF = {oci.MT_DOCKER_LAYER_GZIP: oci.MT_LAYER_GZIP}
-_MACHINE_ARCH = {
-    "x86_64": ("amd64", None),
-    "aarch64": ("arm64", None),
-    "armv7l": ("arm", "v7"),
-    "armv6l": ("arm", "v6"),
-    "i686": ("386", None),
-    "i386": ("386", None),
-    "ppc64le": ("ppc64le", None),
-    "s390x": ("s390x", None),
-    "riscv64": ("riscv64", None),
-}
 
 
 class ManifestNotFound(RegistryError):
@@ -241,13 +229,6 @@ def _push_blob(
 
 
 # -- pull -------------------------------------------------------------------------------------
-
-
-def host_platform() -> tuple[str, str, str | None]:
-    """(os, architecture, variant) of this machine in OCI terms."""
-    machine = platform.machine()
-    arch, variant = _MACHINE_ARCH.get(machine, (machine, None))
-    return "linux", arch, variant
 
 
 def select_platform(

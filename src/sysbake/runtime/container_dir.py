@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from sysbake import proc
-from sysbake.fsutil import atomic_write
+from sysbake.fsutil import atomic_write, lock_held
 
 STATE = "state.json"
 BUNDLE = "bundle"
@@ -69,17 +69,7 @@ def lock_monitor(cdir: Path) -> int:
 
 def monitor_alive(cdir: Path) -> bool:
     """Whether the monitor of the container in `cdir` still runs (holds MONITOR_LOCK)."""
-    try:
-        fd = os.open(cdir / MONITOR_LOCK, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return lock_held(cdir / MONITOR_LOCK)
 
 
 def monitor_pid(cdir: Path) -> int | None:

@@ -483,8 +483,7 @@ def create(
         _check_alive(container, grace, ready)
         return container
     except BaseException:
-        for _, sock in bound:
-            sock.close()
+        _close_sockets(bound)
         try:
             started = launch.cancel() if launch is not None else None
             if started is not None and container is not None:
@@ -564,13 +563,24 @@ def _launch(
     return container
 
 
+def _close_sockets(bound: Sequence[tuple[Publish, socket.socket]]) -> None:
+    """Close the ports `_bind_ports` bound for a start that failed (none is forwarded)."""
+    for _, sock in bound:
+        sock.close()
+
+
+def _end_init(container: Container) -> None:
+    """Kill the PID 1 of a start that failed, wait for it (10 s at most), tear it down."""
+    _kill(container, signal.SIGKILL)
+    _wait_exit(container, 10.0)
+    _teardown(container)
+
+
 def _teardown_dir(cdir: Path, container: Container | None) -> None:
     rootfs = cdir / cd.ROOTFS
     try:
         if container is not None:
-            _kill(container, signal.SIGKILL)
-            _wait_exit(container, 10.0)
-            _teardown(container)
+            _end_init(container)
     finally:
         overlay.umount(rootfs)
         # Never through a mounted rootfs: that would delete files of the image's view.
@@ -815,8 +825,7 @@ def start(
         _check_alive(container, grace, ready)
         return container
     except BaseException:
-        for _, sock in bound:
-            sock.close()
+        _close_sockets(bound)
         started = launch.cancel() if launch is not None else None
         _end_failed_start(container._replace(pid=started or container.pid))
         raise
@@ -847,9 +856,7 @@ def _published(container: Container) -> list[Publish]:
 def _end_failed_start(container: Container) -> None:
     """Kill and tear down what a failed `start` began; the container stays, ended."""
     try:
-        _kill(container, signal.SIGKILL)
-        _wait_exit(container, 10.0)
-        _teardown(container)
+        _end_init(container)
     finally:
         overlay.umount(container.rootfs)
         if cd.read_exit(container.dir) is None:

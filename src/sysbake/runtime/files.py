@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 from sysbake import log
 from sysbake.errors import SysbakeError
-from sysbake.rootfs import ImageTreeError, Root
+from sysbake.rootfs import ImageTreeError, Root, kind_name
 
 _STRIPPED = stat.S_ISUID | stat.S_ISGID  # never carried out of a container
 
@@ -228,7 +228,7 @@ def _write_out(
     """Write the container entry `name` of `src_dir` (a file or symlink) as `dest` of the
     host dir `dirfd`, replacing a non-directory there; other kinds are skipped."""
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-        log.warn(f"{shown}: {_kind_name(st.st_mode)} not copied (only files, dirs and symlinks)")
+        log.warn(f"{shown}: {kind_name(st.st_mode)} not copied (only files, dirs and symlinks)")
         return
     with contextlib.suppress(FileNotFoundError):
         old = os.stat(dest, dir_fd=dirfd, follow_symlinks=False)
@@ -257,18 +257,6 @@ def _copy_file_out(src_dir: int, name: str, dirfd: int, dest: str, st: os.stat_r
             os.close(fout)
     finally:
         os.close(fin)
-
-
-def _kind_name(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return name
-    return "an unknown kind of file"
 
 
 # -- changes -------------------------------------------------------------------------------------

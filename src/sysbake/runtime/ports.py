@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from sysbake.errors import RuntimeFailure
+from sysbake.fsutil import lock_held
 
 LOCK = "ports.lock"  # flocked by the forwarder for its whole life
 PID = "ports.pid"  # its pid (meaningful while the lock is held)
@@ -154,17 +155,7 @@ def _bind_one(port: Publish) -> tuple[Publish, socket.socket]:
 
 def forwarder_alive(cdir: Path) -> bool:
     """Whether the forwarder of the container in `cdir` runs (holds its lock)."""
-    try:
-        fd = os.open(cdir / LOCK, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return lock_held(cdir / LOCK)
 
 
 def stop_forwarder(cdir: Path, timeout: float = 5.0) -> None:

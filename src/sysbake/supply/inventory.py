@@ -31,7 +31,7 @@ from sysbake import log
 from sysbake.oci.model import Image
 from sysbake.oci.store import Store
 from sysbake.records import field, record
-from sysbake.rootfs import ImageTreeError, Root
+from sysbake.rootfs import ImageTreeError, Root, kind_name
 from sysbake.supply import SupplyError
 from sysbake.supply.licences import Licence, debian_licence, python_licence
 from sysbake.supply.packages import (
@@ -118,7 +118,7 @@ def read_capped(root: Root, path: str, kind: str, *, follow: bool) -> bytes | No
     if st is None:
         return None
     if not stat.S_ISREG(st.st_mode):
-        raise SupplyError(f"{where}: expected a regular file, found {_kind(st.st_mode)}")
+        raise SupplyError(f"{where}: expected a regular file, found {kind_name(st.st_mode)}")
     limit = LIMITS[kind]
     if st.st_size > limit:
         raise SupplyError(
@@ -133,20 +133,6 @@ def read_capped(root: Root, path: str, kind: str, *, follow: bool) -> bytes | No
     if len(data) > limit:
         raise SupplyError(f"{where}: grew past {limit} bytes while read")
     return data
-
-
-def _kind(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISLNK, "a symlink"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return name
-    return "a regular file"
 
 
 def read_status(root: Root) -> list[DebPackage]:
