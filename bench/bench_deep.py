@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from common import (
     Podman,
     bench_store,
     ensure_base,
+    exit_on_failed_command,
     median,
     podman_store,
     print_summary,
@@ -166,7 +166,7 @@ def main() -> None:
     args = parser.parse_args()
     store = bench_store()
     project = WORK / "deep-project"
-    try:
+    with exit_on_failed_command():
         ensure_base(store)
         write_project(project)
         sysbake(store, "build", project)
@@ -174,13 +174,6 @@ def main() -> None:
             boot(store, args.boots)
         if args.only != "boot":
             cold_build(store, project, args.repeat)
-    except subprocess.CalledProcessError as exc:
-        err = (
-            exc.stderr.decode(errors="replace")
-            if isinstance(exc.stderr, bytes)
-            else str(exc.stderr or "")
-        )
-        sys.exit(f"{' '.join(map(str, exc.cmd))[:300]} failed ({exc.returncode}):\n{err[-3000:]}")
     print_summary("bench_deep", NOTES)
 
 

@@ -18,7 +18,6 @@ import argparse
 import io
 import json
 import os
-import subprocess
 import sys
 import tarfile
 import time
@@ -34,6 +33,7 @@ from common import (
     bench_store,
     ensure_base,
     ensure_big,
+    exit_on_failed_command,
     median,
     podman_store,
     print_summary,
@@ -374,18 +374,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="measured runs per side")
     args = parser.parse_args()
     store = bench_store()
-    try:
+    with exit_on_failed_command():
         ensure_base(store)
         ensure_big(store)
         pillar_rebuild(store, args.repeat)
         capture(store, args.repeat)
-    except subprocess.CalledProcessError as exc:
-        err = (
-            exc.stderr.decode(errors="replace")
-            if isinstance(exc.stderr, bytes)
-            else str(exc.stderr or "")
-        )
-        sys.exit(f"{' '.join(map(str, exc.cmd))[:300]} failed ({exc.returncode}):\n{err[-3000:]}")
     print_summary("bench_provision", NOTES)
 
 

@@ -132,6 +132,19 @@ def ensure_big(store: Path) -> str:
     return "big:latest"
 
 
+@contextlib.contextmanager
+def exit_on_failed_command() -> Iterator[None]:
+    """A command that fails ends the benchmark with its command line and the end of its
+    stderr, not a traceback."""
+    try:
+        yield
+    except subprocess.CalledProcessError as exc:
+        err = exc.stderr
+        text = err.decode(errors="replace") if isinstance(err, bytes) else str(err or "")
+        cmd = " ".join(map(str, exc.cmd))[:300]
+        sys.exit(f"{cmd} failed ({exc.returncode}):\n{text[-3000:]}")
+
+
 def median(values: Sequence[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
